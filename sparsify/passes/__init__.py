@@ -1,0 +1,16 @@
+"""Registry of pass types by name: the YAML ``type`` key selects the class."""
+
+from __future__ import annotations
+
+from sparsify.passes.base import LayerPass, PassConfig
+from sparsify.passes.prune import PruneConfig, PrunePass
+
+PASSES: dict[str, type[LayerPass]] = {"prune": PrunePass}
+CONFIGS: tuple[type[PassConfig], ...] = (PruneConfig,)
+
+
+def build_pass(config: PassConfig, index: int) -> LayerPass:
+    return PASSES[config.type](config, index)
+
+
+__all__ = ["CONFIGS", "PASSES", "LayerPass", "PassConfig", "PruneConfig", "build_pass"]

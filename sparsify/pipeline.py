@@ -1,0 +1,287 @@
+"""Orchestration: model folder + recipe → compressed folder + report. One code path for every command."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsify import __version__
+from sparsify.arch import Arch, find_layers, is_encoder, lookup
+from sparsify.calibration import InMemoryLayers, LayerwiseRunner, RunOutput
+from sparsify.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    KeyMap,
+    SafetensorsWriter,
+    TensorSource,
+    atomic_dir,
+    build_skeleton,
+    check_output_path,
+    copy_aux_files,
+    materialize,
+    open_model,
+    release,
+    set_tensor,
+)
+from sparsify.data import load_text, sample_windows, tokenize
+from sparsify.evaluate import evaluate, load_tokenizer
+from sparsify.passes import build_pass
+from sparsify.progress import NoProgress, Progress
+from sparsify.recipe import Recipe
+from sparsify.report import build_report, write_report
+from sparsify.targets import select_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    """Run settings that are not part of the recipe (they do not change the result's meaning)."""
+
+    overwrite: bool = False
+    dtype: torch.dtype = torch.float32  # compute dtype for calibration forwards and the maths
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    eval_data: str | None = None  # perplexity before/after on this text
+    eval_seq_len: int = 512
+    eval_max_windows: int | None = None
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    progress: Progress = field(default_factory=NoProgress)
+
+
+class LazyLayers:
+    """Provider that reads each layer from the checkpoint and writes it out when the loop is done."""
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        layers_path: str,
+        source: TensorSource,
+        keymap: KeyMap,
+        writer: SafetensorsWriter | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.layers, self.layers_path = layers, layers_path
+        self.source, self.keymap, self.writer = source, keymap, writer
+        self.dtype, self.device = dtype, device
+        self.stored: dict[str, torch.dtype] = {}
+        self.written: set[str] = set()
+
+    def load(self, index: int) -> nn.Module:
+        layer = self.layers[index]
+        names = [n for n, _ in layer.named_parameters()]
+        prefix = f"{self.layers_path}.{index}"
+        self.stored = materialize(layer, prefix, names, self.source, self.keymap, self.dtype, self.device)
+        return layer
+
+    @torch.no_grad()
+    def round_to_storage(self, index: int, layer: nn.Module) -> None:
+        """Make the weights the loop propagates with exactly the ones that will be saved."""
+        for name, p in layer.named_parameters():
+            stored = self.stored[name]
+            if p.is_floating_point() and stored != p.dtype:
+                p.copy_(p.to(stored).to(p.dtype))
+
+    def finish(self, index: int, layer: nn.Module, write: bool) -> None:
+        if write and self.writer is not None:
+            for name, p in layer.named_parameters():
+                key = self.keymap.to_ckpt[f"{self.layers_path}.{index}.{name}"]
+                self.writer.write(key, p)
+                self.written.add(key)
+        release(layer)
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise RuntimeError("module not found under root")
+
+
+@dataclass
+class _Plan:
+    arch: Arch | None
+    layers_path: str
+    layers: nn.ModuleList
+    passes: list[Any]
+    targets: list[dict[int, dict[str, nn.Module]]]
+    notes: list[str]
+
+
+def _plan(model: nn.Module, model_type: str, recipe: Recipe) -> _Plan:
+    arch = lookup(model_type)
+    explicit = all(p.targets is not None for p in recipe.passes)
+    if arch is None and not explicit:
+        select_targets(model, None, "", 0, None, [], model_type)  # raises the "pass --targets" error
+    layers_path, layers = find_layers(model, arch)
+    notes: list[str] = []
+    if arch is None:
+        notes.append(f"model_type {model_type!r} is not in the architecture table; layers found at {layers_path}")
+    passes, targets = [], []
+    for index, cfg in enumerate(recipe.passes):
+        selection = select_targets(model, arch, layers_path, len(layers), cfg.targets, cfg.ignore, model_type)
+        if selection.outside_layers:
+            notes.append(
+                f"pass {index} ({cfg.type}): not applied to {', '.join(selection.outside_layers)}:"
+                " outside the decoder layers (lm_head and embeddings are never compressed)"
+            )
+        passes.append(build_pass(cfg, index))
+        targets.append(selection.per_layer)
+    return _Plan(arch, layers_path, layers, passes, targets, notes)
+
+
+def _calibration_tokens(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, str]:
+    cal = recipe.calibration
+    text = load_text(cal.data)
+    return sample_windows(tokenize(text, tokenizer), cal.samples, cal.seq_len, cal.seed), text.name
+
+
+def _execute(plan: _Plan, runner: LayerwiseRunner) -> RunOutput:
+    for p in plan.passes:
+        p.prepare(runner, plan.targets[p.index])
+    output = runner.run(plan.passes, plan.targets)
+    for record in output.records:
+        record["rel_error"] = output.errors.get(record["name"]) if record.get("status") == "pruned" else None
+    for p in plan.passes:
+        ratios = getattr(p, "outlier_ratios", None)
+        if ratios is not None:
+            plan.notes.append(
+                f"pass {p.index}: OWL layer sparsities "
+                + ", ".join(f"{s:.3f}" for s in p.layer_sparsity)
+                + " (outlier ratios "
+                + ", ".join(f"{r:.4f}" for r in ratios)
+                + ")"
+            )
+    skipped = [r["name"] for r in output.records if r.get("status", "").startswith("skipped")]
+    if skipped:
+        plan.notes.append(f"{len(skipped)} Linear(s) skipped, see their status: {', '.join(skipped[:5])}")
+    return output
+
+
+def compress_model(
+    model: nn.Module,
+    recipe: Recipe,
+    tokens: torch.Tensor,
+    progress: Progress | None = None,
+) -> tuple[RunOutput, list[str]]:
+    """Compress an in-memory model in place with the same loop as :func:`compress` (for tests, notebooks)."""
+    plan = _plan(model, model.config.model_type, recipe)
+    device = next(model.parameters()).device
+    runner = LayerwiseRunner(
+        model.base_model,
+        plan.layers,
+        InMemoryLayers(plan.layers),
+        tokens,
+        recipe.calibration.batch_size,
+        progress,
+        device,
+    )
+    return _execute(plan, runner), plan.notes
+
+
+def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: Options | None = None) -> dict[str, Any]:
+    """Run ``recipe`` on the model at ``model_path`` layer by layer and write the result to ``out``.
+
+    The input is never modified; ``out`` appears only when complete. Returns the report.
+    """
+    opts = options or Options()
+    t_start = time.perf_counter()
+    md = open_model(model_path)
+    out = Path(out).expanduser()
+    check_output_path(md.path, out, opts.overwrite)
+    config = md.load_config(opts.trust_remote_code)
+    tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
+    tokens, calib_name = _calibration_tokens(recipe, tokenizer)
+
+    eval_before = None
+    if opts.eval_data is not None:
+        eval_before = evaluate(
+            md.path,
+            opts.eval_data,
+            opts.eval_seq_len,
+            opts.eval_max_windows,
+            opts.dtype,
+            opts.trust_remote_code,
+            opts.progress,
+        )
+
+    model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
+    plan = _plan(model, config.model_type, recipe)
+    keymap = KeyMap(model, md.source)
+    base_path = _module_path(model, model.base_model)
+    base_prefix = f"{base_path}." if base_path else ""
+    outside = [
+        n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(plan.layers_path + ".")
+    ]
+    device = torch.device(opts.device)
+    materialize(model, "", outside, md.source, keymap, opts.dtype, device)
+    for name, buffer in list(model.named_buffers()):
+        set_tensor(model, name, buffer.to(device))
+
+    plan_tensors = [(k, md.source.info(k)) for k in md.source.keys()]
+    with atomic_dir(out, opts.overwrite) as tmp:
+        writer = SafetensorsWriter(tmp, plan_tensors, opts.max_shard_bytes)
+        try:
+            provider = LazyLayers(plan.layers, plan.layers_path, md.source, keymap, writer, opts.dtype, device)
+            runner = LayerwiseRunner(
+                model.base_model, plan.layers, provider, tokens, recipe.calibration.batch_size, opts.progress, device
+            )
+            output = _execute(plan, runner)
+            totals = _copy_rest(md.source, writer, provider.written)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        copy_aux_files(md.path, tmp)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        eval_info = None
+        if eval_before is not None:
+            after = evaluate(
+                tmp,
+                opts.eval_data,
+                opts.eval_seq_len,
+                opts.eval_max_windows,
+                opts.dtype,
+                opts.trust_remote_code,
+                opts.progress,
+            )
+            eval_info = {**after, "before": eval_before["perplexity"], "after": after.pop("perplexity")}
+            eval_info.pop("perplexity", None)
+        report = build_report(
+            version=__version__,
+            model=str(model_path),
+            output=str(out),
+            model_type=config.model_type,
+            recipe=recipe,
+            calibration={"text": calib_name, "windows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
+            records=output.records,
+            totals={
+                **totals,
+                "bytes": writer.total_bytes,
+                "wall_seconds": time.perf_counter() - t_start,
+                "peak_rss_bytes": peak_rss_bytes(),
+            },
+            eval_info=eval_info,
+            notes=plan.notes,
+        )
+        write_report(report, tmp / "sparsify_report.json")
+    return report
+
+
+def _copy_rest(source: TensorSource, writer: SafetensorsWriter, written: set[str]) -> dict[str, int]:
+    """Copy every tensor the loop did not write (embeddings, norms, heads) and count all parameters."""
+    for key in source.keys():
+        if key not in written:
+            writer.write(key, source.get_many([key])[key])
+    return {"parameters": writer.parameters, "nonzeros": writer.nonzeros}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,74 @@
+"""The recipe: a YAML document validated by pydantic; unknown keys fail with their key path.
+
+```yaml
+calibration: {samples: 128, seq_len: 512, seed: 0}      # data: optional path
+passes:
+  - type: prune
+    method: sparsegpt
+    pattern: "2:4"
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import Field, ValidationError
+
+from sparsify.errors import SparsifyError
+from sparsify.passes import CONFIGS
+from sparsify.passes.base import StrictModel
+
+PassUnion = Annotated[Union[CONFIGS], Field(discriminator="type")] if len(CONFIGS) > 1 else CONFIGS[0]  # noqa: UP007
+
+
+class Calibration(StrictModel):
+    data: str | None = Field(None, description="text file/folder; default: embedded pydoc topics")
+    samples: int = Field(128, gt=0, description="number of calibration windows")
+    seq_len: int = Field(512, gt=0, description="tokens per window")
+    seed: int = Field(0, description="seed for window sampling")
+    batch_size: int = Field(8, gt=0, description="windows per forward")
+
+
+class Recipe(StrictModel):
+    calibration: Calibration = Calibration()
+    passes: list[PassUnion] = Field(min_length=1)  # type: ignore[valid-type]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def format_validation_error(e: ValidationError, where: str) -> str:
+    """One line: ``where: key.path: message (got value)`` for each problem."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        parts.append(f"{loc or '<root>'}: {msg}{shown}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise SparsifyError(f"{where}: expected a mapping with 'passes', got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise SparsifyError(format_validation_error(e, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise SparsifyError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SparsifyError(f"{p.name}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return parse_recipe(data, p.name)

@@ -1,0 +1,186 @@
+"""The report: built once as plain data, written as JSON, rendered as Markdown or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from sparsify.errors import SparsifyError
+
+REPORT_FILE = "sparsify_report.json"
+
+
+def build_report(
+    *,
+    version: str,
+    model: str,
+    output: str,
+    model_type: str,
+    recipe: Any,
+    calibration: dict[str, Any],
+    records: list[dict[str, Any]],
+    totals: dict[str, Any],
+    eval_info: dict[str, Any] | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    pruned = [r for r in records if r.get("status") == "pruned"]
+    target_params = sum(r["shape"][0] * r["shape"][1] for r in pruned)
+    target_zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pruned)
+    return {
+        "sparsify_version": version,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": model,
+        "output": output,
+        "model_type": model_type,
+        "recipe": recipe.model_dump(mode="json"),
+        "seed": recipe.calibration.seed,
+        "calibration": calibration,
+        "layers": records,
+        "totals": {
+            **totals,
+            "target_parameters": target_params,
+            "target_sparsity": target_zeros / target_params if target_params else 0.0,
+            "overall_sparsity": 1 - totals["nonzeros"] / totals["parameters"] if totals.get("parameters") else 0.0,
+        },
+        "eval": eval_info,
+        "notes": notes,
+    }
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_report(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / REPORT_FILE if Path(folder).is_dir() else Path(folder)
+    if not path.is_file():
+        raise SparsifyError(f"no {REPORT_FILE} in {folder}; is it a sparsify output folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SparsifyError(f"{path} is not valid JSON: {e}") from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1%}"
+
+
+def _err(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    t = report["totals"]
+    rows = [
+        ("model", f"{report['model']} ({report['model_type']})"),
+        ("output", report["output"]),
+        ("passes", "; ".join(_describe_pass(p) for p in report["recipe"]["passes"])),
+        (
+            "calibration",
+            f"{report['calibration']['windows']} × {report['calibration']['seq_len']} tokens of "
+            f"{report['calibration']['text']} (seed {report['seed']})",
+        ),
+        ("target Linears", f"{sum(1 for r in report['layers'] if r.get('status') == 'pruned')} pruned"),
+        ("target sparsity", _pct(t["target_sparsity"])),
+        ("parameters", f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {_pct(t['overall_sparsity'])} zeros)"),
+        ("size on disk", _fmt_bytes(t["bytes"])),
+        ("wall time", f"{t['wall_seconds']:.1f} s"),
+        ("peak memory (RSS)", _fmt_bytes(t["peak_rss_bytes"])),
+    ]
+    ev = report.get("eval")
+    if ev:
+        rows.append(
+            (
+                "perplexity",
+                f"{ev['before']:.3f} → {ev['after']:.3f} ({ev['text']}, {ev['windows']} × {ev['seq_len']} tokens,"
+                f" stride {ev['stride']})",
+            )
+        )
+    if baseline:
+        rows.append(
+            ("baseline", f"{baseline['path']}: {baseline['parameters']:,} parameters, {_fmt_bytes(baseline['bytes'])}")
+        )
+        rows.append(("non-zeros vs baseline", f"{t['nonzeros'] / max(baseline['nonzeros'], 1):.3f}×"))
+    return rows
+
+
+def _describe_pass(p: dict[str, Any]) -> str:
+    if p["type"] == "prune":
+        amount = p["pattern"] if p["pattern"] != "unstructured" else f"{p['sparsity']:.0%} unstructured"
+        return f"prune {p['method']} {amount}" + (" (OWL)" if p.get("profile") == "owl" else "")
+    return p["type"]
+
+
+def render_markdown(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
+    lines = ["# sparsify report", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(report, baseline)]
+    lines += ["", "## Layers", "", "| Linear | shape | method | pattern | sparsity | rel. error | time | status |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in report["layers"]:
+        lines.append(
+            f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']} | {r['pattern']} | {_pct(r.get('sparsity'))}"
+            f" | {_err(r.get('rel_error'))} | {r.get('seconds', 0):.2f} s | {r.get('status', '')} |"
+        )
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _svg_bars(values: list[float | None], labels: list[str], title: str, fmt: str) -> str:
+    width, height, pad = 720, 220, 40
+    vals = [v or 0.0 for v in values]
+    top = max([*vals, 1e-12])
+    bar_w = (width - 2 * pad) / max(len(vals), 1)
+    bars = []
+    for i, (v, label) in enumerate(zip(vals, labels, strict=True)):
+        h = (height - 2 * pad) * v / top
+        x = pad + i * bar_w
+        bars.append(
+            f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{max(bar_w - 1, 1):.1f}" height="{h:.1f}" fill="#4c78a8">'
+            f"<title>{html.escape(label)}: {format(v, fmt)}</title></rect>"
+        )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{title}">'
+        f'<text x="{pad}" y="20" font-size="14">{html.escape(title)} (max {format(top, fmt)})</text>'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>'
+        + "".join(bars)
+        + f'<text x="{pad}" y="{height - 10}" font-size="11">Linears in layer order (hover for names)</text></svg>'
+    )
+
+
+def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary_rows(report, baseline)
+    )
+    layers = report["layers"]
+    labels = [r["name"] for r in layers]
+    table = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r['shape'][0]}×{r['shape'][1]}</td><td>{r['method']}</td>"
+        f"<td>{r['pattern']}</td><td>{_pct(r.get('sparsity'))}</td><td>{_err(r.get('rel_error'))}</td>"
+        f"<td>{html.escape(r.get('status', ''))}</td></tr>"
+        for r in layers
+    )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sparsify report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left;font-size:13px}}</style></head><body>
+<h1>sparsify report</h1><table>{rows}</table>
+<h2>Per-layer sparsity</h2>{_svg_bars([r.get("sparsity") for r in layers], labels, "sparsity", ".1%")}
+<h2>Per-layer reconstruction error</h2>{_svg_bars([r.get("rel_error") for r in layers], labels, "relative output error", ".4f")}
+<h2>Layers</h2><table><tr><th>Linear</th><th>shape</th><th>method</th><th>pattern</th><th>sparsity</th>
+<th>rel. error</th><th>status</th></tr>{table}</table>
+{"<h2>Notes</h2><ul>" + notes + "</ul>" if notes else ""}
+</body></html>
+"""

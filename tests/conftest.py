@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from tests import zoo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: a saved tiny model folder per family (and dtype), built once per session."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, dtype: torch.dtype = torch.float32) -> Path:
+        key = (family, str(dtype))
+        if key not in made:
+            made[key] = zoo.save(family, tmp_path_factory.mktemp(f"{family}-{str(dtype)[6:]}"), dtype=dtype)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(zoo.training_text()))
+    return path
