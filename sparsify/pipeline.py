@@ -217,6 +217,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     keymap = KeyMap(model, md.source)
     base_path = _module_path(model, model.base_model)
     base_prefix = f"{base_path}." if base_path else ""
+    # Everything the loop will read must be there: fail before any work, not at layer 17.
+    keymap.require([n for n, _ in model.named_parameters() if n.startswith(base_prefix)])
     outside = [
         n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(plan.layers_path + ".")
     ]
@@ -260,7 +262,13 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
             output=str(out),
             model_type=config.model_type,
             recipe=recipe,
-            calibration={"text": calib_name, "windows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
+            calibration={
+                "text": calib_name,
+                "windows": int(tokens.shape[0]),
+                "seq_len": int(tokens.shape[1]),
+                # rel_error is measured on the first calibration batch only
+                "error_tokens": int(min(recipe.calibration.batch_size, tokens.shape[0]) * tokens.shape[1]),
+            },
             records=output.records,
             totals={
                 **totals,

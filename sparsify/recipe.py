@@ -43,8 +43,12 @@ class Recipe(StrictModel):
 def format_validation_error(e: ValidationError, where: str) -> str:
     """One line: ``where: key.path: message (got value)`` for each problem."""
     parts = []
+    tags = {c.model_fields["type"].default for c in CONFIGS}
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        raw = err["loc"]
+        # Drop pydantic's union tag ("passes.0.prune.x" -> "passes.0.x") and validator wrappers.
+        kept = [x for i, x in enumerate(raw) if not (x in tags and i and isinstance(raw[i - 1], int))]
+        loc = ".".join(str(x) for x in kept if not str(x).startswith("function-after"))
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
         shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"

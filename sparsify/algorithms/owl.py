@@ -19,8 +19,8 @@ def outlier_ratio(scores: list[Tensor], threshold: float) -> float:
 def owl_layer_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
     """Per-layer sparsities averaging ``sparsity``; layers with more outliers get less sparsity.
 
-    Ratios are min-max scaled to ``[0, 2*lam]``, centred, and subtracted from the target, so every
-    layer's sparsity lies in ``[sparsity - lam, sparsity + lam]`` and their mean is ``sparsity``.
+    Ratios are min-max scaled to ``[0, 2*lam]``, centred, and subtracted from the target (as the
+    OWL reference code does): the sparsities span ``2*lam`` and their mean is ``sparsity``.
     """
     r = torch.tensor(ratios, dtype=torch.float64)  # (L,)
     span = r.max() - r.min()

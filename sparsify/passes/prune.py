@@ -45,7 +45,9 @@ class PruneConfig(PassConfig):
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N non-zeros in every M inputs)")
     profile: Literal["uniform", "owl"] = "uniform"
     owl_threshold: float = Field(5.0, gt=0, description="OWL outlier threshold M: score > M x layer mean")
-    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="OWL: layer sparsities stay within +-lambda")
+    owl_lambda: float = Field(
+        0.08, ge=0.0, lt=0.5, description="OWL: layer sparsities span 2 x lambda around the target"
+    )
     blocksize: int = Field(128, gt=0, description="SparseGPT: columns solved per block")
     dampening: float = Field(0.01, gt=0.0, description="SparseGPT: fraction of mean diag(H) added to H")
 
