@@ -155,7 +155,7 @@ def test_error_ordering_sparsegpt_le_wanda_le_magnitude(seed, nm):
 def test_sparsegpt_handles_dead_inputs_and_reports_bad_hessian():
     W, X = _uneven_layer(8)
     X[:, 3] = 0.0  # a feature never active in calibration
-    out, keep = sparsegpt_prune(W, X.T @ X, 0.5)
+    out, _ = sparsegpt_prune(W, X.T @ X, 0.5)
     assert torch.isfinite(out).all() and (out[:, 3] == 0).all()
     with pytest.raises(ValueError, match="dampening"):
         sparsegpt_prune(W, -torch.eye(64), 0.5, dampening=0.01)

@@ -85,7 +85,7 @@ def test_eval_report_inspect(model_dir, tmp_path, calib_file):
     assert info.exit_code == 0
     data = json.loads(info.stdout)
     assert data["layers_path"] == "transformer.h" and data["num_layers"] == 2
-    assert [t["name"] for t in data["targets_per_layer"]][0] == "transformer.h.0.attn.c_attn"
+    assert data["targets_per_layer"][0]["name"] == "transformer.h.0.attn.c_attn"
     assert data["targets_per_layer"][0]["shape"] == [192, 64]  # (out, in) even though Conv1D stores (in, out)
 
 
