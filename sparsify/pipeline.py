@@ -217,11 +217,21 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     keymap = KeyMap(model, md.source)
     base_path = _module_path(model, model.base_model)
     base_prefix = f"{base_path}." if base_path else ""
-    # Everything the loop will read must be there: fail before any work, not at layer 17.
-    keymap.require([n for n, _ in model.named_parameters() if n.startswith(base_prefix)])
+    # Every layer tensor must be there: fail before any work, not at layer 17. A tensor outside the
+    # layers that the checkpoint lacks (a BERT pooler under an MLM checkpoint) is not written and
+    # does not influence the layers; it is zero-filled for the forward and reported.
+    layer_prefix = plan.layers_path + "."
+    keymap.require([n for n, _ in model.named_parameters() if n.startswith(layer_prefix)])
     outside = [
-        n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(plan.layers_path + ".")
+        n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)
     ]
+    absent = [n for n in outside if n not in keymap.to_ckpt]
+    if absent:
+        plan.notes.append(f"not in the checkpoint, zero-filled for calibration and not written: {', '.join(absent)}")
+        for name in absent:
+            p = model.get_parameter(name)
+            set_tensor(model, name, torch.zeros(p.shape, dtype=opts.dtype))
+        outside = [n for n in outside if n not in absent]
     device = torch.device(opts.device)
     materialize(model, "", outside, md.source, keymap, opts.dtype, device)
     for name, buffer in list(model.named_buffers()):
