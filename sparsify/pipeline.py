@@ -222,9 +222,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     # does not influence the layers; it is zero-filled for the forward and reported.
     layer_prefix = plan.layers_path + "."
     keymap.require([n for n, _ in model.named_parameters() if n.startswith(layer_prefix)])
-    outside = [
-        n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)
-    ]
+    outside = [n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)]
     absent = [n for n in outside if n not in keymap.to_ckpt]
     if absent:
         plan.notes.append(f"not in the checkpoint, zero-filled for calibration and not written: {', '.join(absent)}")
