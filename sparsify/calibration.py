@@ -29,6 +29,7 @@ from sparsify.progress import NoProgress, Progress
 log = logging.getLogger(__name__)
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # positional args after hidden_states, kwargs
+ERROR_WINDOWS = 2  # calibration windows on which each Linear's output error is measured
 
 
 @dataclass
@@ -134,6 +135,11 @@ class LayerwiseRunner:
         self.progress = progress or NoProgress()
         self.device = torch.device(device)
 
+    def _batches(self) -> list[Tensor]:
+        """The first batch holds ``ERROR_WINDOWS`` windows: output errors are measured on it alone."""
+        head, rest = self.tokens[:ERROR_WINDOWS], self.tokens[ERROR_WINDOWS:]
+        return [head, *rest.split(self.batch_size)] if rest.numel() else [head]
+
     @torch.no_grad()
     def _capture(self) -> _Captured:
         store = _Captured(hidden=[], calls=[[] for _ in self.layers])
@@ -141,7 +147,7 @@ class LayerwiseRunner:
         try:
             for i in range(len(originals)):
                 self.layers[i] = _InputRecorder(i, store)
-            for batch in self.tokens.split(self.batch_size):
+            for batch in self._batches():
                 self.backbone(input_ids=batch.to(self.device), use_cache=False)
         finally:
             for i, layer in enumerate(originals):
@@ -230,9 +236,9 @@ class LayerwiseRunner:
         calls: list[LayerCall],
         errors: dict[str, float],
     ) -> list[Tensor]:
-        """Run the compressed layer over every batch; on the first batch also measure each Linear's
-        relative output error ``||y - y_dense||^2 / ||y_dense||^2`` (one extra matmul per Linear on
-        one batch, instead of on all of them)."""
+        """Run the compressed layer over every batch; on the first batch (``ERROR_WINDOWS`` windows)
+        also measure each Linear's relative output error ``||y - y_dense||^2 / ||y_dense||^2``: one
+        extra matmul per Linear on a few windows rather than on all of them."""
         sums = {fqn: [0.0, 0.0] for fqn in touched}
 
         def hook(fqn: str) -> Callable:

@@ -14,7 +14,7 @@ from torch import nn
 
 from sparsify import __version__
 from sparsify.arch import Arch, find_layers, is_encoder, lookup
-from sparsify.calibration import InMemoryLayers, LayerwiseRunner, RunOutput
+from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, RunOutput
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
     KeyMap,
@@ -274,8 +274,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
                 "text": calib_name,
                 "windows": int(tokens.shape[0]),
                 "seq_len": int(tokens.shape[1]),
-                # rel_error is measured on the first calibration batch only
-                "error_tokens": int(min(recipe.calibration.batch_size, tokens.shape[0]) * tokens.shape[1]),
+                # rel_error is measured on the first ERROR_WINDOWS calibration windows only
+                "error_tokens": int(min(ERROR_WINDOWS, tokens.shape[0]) * tokens.shape[1]),
             },
             records=output.records,
             totals={

