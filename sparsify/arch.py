@@ -33,11 +33,16 @@ class Arch:
     model_type: str = field(default="", compare=False)
 
     @property
+    def stages(self) -> list[tuple[str, ...]]:
+        """Target Linears (relative to a layer) in data-flow order: attention in, attention out, MLP in, MLP out."""
+        attn = [tuple(f"{self.attention}.{n}" for n in group) for group in (self.attn_in, (self.attn_out,))]
+        mlp = [tuple(f"{self.mlp}.{n}" if self.mlp else n for n in group) for group in (self.mlp_in, (self.mlp_out,))]
+        return attn + mlp
+
+    @property
     def targets(self) -> tuple[str, ...]:
         """Default target Linears, relative to a layer."""
-        attn = tuple(f"{self.attention}.{n}" for n in (*self.attn_in, self.attn_out))
-        mlp = tuple(f"{self.mlp}.{n}" if self.mlp else n for n in (*self.mlp_in, self.mlp_out))
-        return attn + mlp
+        return tuple(name for stage in self.stages for name in stage)
 
 
 _LLAMA_LIKE = Arch(

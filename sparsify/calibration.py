@@ -211,11 +211,10 @@ class LayerwiseRunner:
                 layer_targets = pass_targets[i]
                 if not layer_targets:
                     continue
-                stats = (
-                    self._collect(layer, layer_targets, hidden, cap.calls[i], p.needs_hessian) if p.needs_data else {}
-                )
-                output.records.extend(p.compress(i, layer_targets, stats))
-                self.provider.round_to_storage(i, layer)
+                for stage in p.stages(layer_targets):
+                    stats = self._collect(layer, stage, hidden, cap.calls[i], p.needs_hessian) if p.needs_data else {}
+                    output.records.extend(p.compress(i, stage, stats))
+                    self.provider.round_to_storage(i, layer)
                 for fqn, m in layer_targets.items():
                     if not torch.isfinite(m.weight).all():
                         raise SparsifyError(

@@ -132,7 +132,7 @@ def _plan(model: nn.Module, model_type: str, recipe: Recipe) -> _Plan:
                 f"pass {index} ({cfg.type}): not applied to {', '.join(selection.outside_layers)}:"
                 " outside the decoder layers (lm_head and embeddings are never compressed)"
             )
-        passes.append(build_pass(cfg, index))
+        passes.append(build_pass(cfg, index, arch.stages if arch else None))
         targets.append(selection.per_layer)
     return _Plan(arch, layers_path, layers, passes, targets, notes)
 

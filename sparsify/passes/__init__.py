@@ -9,8 +9,8 @@ PASSES: dict[str, type[LayerPass]] = {"prune": PrunePass}
 CONFIGS: tuple[type[PassConfig], ...] = (PruneConfig,)
 
 
-def build_pass(config: PassConfig, index: int) -> LayerPass:
-    return PASSES[config.type](config, index)
+def build_pass(config: PassConfig, index: int, stages: list[tuple[str, ...]] | None = None) -> LayerPass:
+    return PASSES[config.type](config, index, stages)
 
 
 __all__ = ["CONFIGS", "PASSES", "LayerPass", "PassConfig", "PruneConfig", "build_pass"]

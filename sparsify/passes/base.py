@@ -22,6 +22,15 @@ class PassConfig(StrictModel):
     type: str
     targets: list[str] | None = None  # None: the architecture table's defaults
     ignore: list[str] = []
+    sequential: bool = False  # true-sequential: calibrate each stage of a layer after the stages before it
+
+
+def stage_of(fqn: str, stages: list[tuple[str, ...]]) -> int:
+    """Index of the stage whose layer-relative names end ``fqn``; unknown names go last."""
+    for index, names in enumerate(stages):
+        if any(fqn.endswith("." + name) for name in names):
+            return index
+    return len(stages)
 
 
 class LayerPass(ABC):
@@ -31,9 +40,23 @@ class LayerPass(ABC):
     needs_data: ClassVar[bool] = True
     needs_hessian: bool = False
 
-    def __init__(self, config: PassConfig, index: int):
+    def __init__(self, config: PassConfig, index: int, stages: list[tuple[str, ...]] | None = None):
         self.config = config
         self.index = index  # position in the recipe
+        self._stages = stages or []  # layer-relative Linear names in data-flow order (from the arch table)
+
+    def stages(self, targets: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
+        """The groups compressed one after another inside a layer, each calibrated after the last.
+
+        One group by default (every target sees the dense layer's inputs); with ``sequential: true``
+        the table's data-flow order (q/k/v, o, gate/up, down), as GPTQ's "true sequential".
+        """
+        if not self.config.sequential or not self._stages:
+            return [targets]
+        groups: dict[int, dict[str, nn.Module]] = {}
+        for fqn, module in targets.items():
+            groups.setdefault(stage_of(fqn, self._stages), {})[fqn] = module
+        return [groups[k] for k in sorted(groups)]
 
     def prepare(self, runner: LayerwiseRunner, targets: dict[int, dict[str, nn.Module]]) -> None:  # noqa: B027
         """Optional whole-model work before the compressing sweep (e.g. OWL's outlier statistics)."""

@@ -84,8 +84,8 @@ class PrunePass(LayerPass):
     config_cls = PruneConfig
     config: PruneConfig
 
-    def __init__(self, config: PruneConfig, index: int):
-        super().__init__(config, index)
+    def __init__(self, config: PruneConfig, index: int, stages: list[tuple[str, ...]] | None = None):
+        super().__init__(config, index, stages)
         self.needs_data = config.method != "magnitude"  # type: ignore[misc]
         self.needs_hessian = config.method == "sparsegpt"
         self.layer_sparsity: list[float] | None = None  # set by OWL
