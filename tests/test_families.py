@@ -95,3 +95,32 @@ def test_target_key_lookup_is_not_vacuous(model_dir):
     assert "transformer.h.0.attn.c_attn.weight" in keys
     with safe_open(str(model_dir("llama") / "model.safetensors"), "pt") as f:
         assert "model.layers.1.mlp.down_proj.weight" in f.keys()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "bert"])
+def test_true_sequential_stages(family, model_dir, tmp_path):
+    """sequential: true calibrates q/k/v, o, gate/up, down one after another; same guarantees hold."""
+    src = model_dir(family)
+    step = {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "sequential": True}
+    recipe = parse_recipe({"calibration": {"samples": 8, "seq_len": 32, "batch_size": 4}, "passes": [step]})
+    report = compress(src, recipe, tmp_path / "seq")
+    compress(src, _recipe("sparsegpt", "unstructured", 0.5), tmp_path / "plain")
+    order = [r["name"] for r in report["layers"]]
+    arch = lookup(zoo.CONFIGS[family]().model_type)
+    prefix = order[0][: order[0].index(arch.stages[0][0])]
+    assert order[: len(arch.targets)] == [prefix + t for t in arch.targets]  # data-flow order
+    for r in report["layers"]:
+        assert abs(r["sparsity"] - 0.5) <= 1.0 / r["shape"][1]
+    seq_w, plain_w = _weights(tmp_path / "seq"), _weights(tmp_path / "plain")
+    first = arch.stages[0][0]
+    later = arch.stages[-1][0]
+    first_key, later_key = f"{prefix}{first}.weight", f"{prefix}{later}.weight"
+    assert torch.equal(seq_w[first_key], plain_w[first_key])  # the first stage sees the same inputs
+    assert not torch.equal(seq_w[later_key], plain_w[later_key])  # later stages see pruned upstream
+    memory_model = _load(family, src)
+    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(src)), 8, 32, 0)
+    compress_model(memory_model, recipe, tokens)
+    ids = tokens[:2]
+    torch.testing.assert_close(
+        _outputs(_load(family, tmp_path / "seq"), ids), _outputs(memory_model, ids), rtol=0, atol=1e-6
+    )
