@@ -266,29 +266,45 @@ def eval_cmd(
     data: Annotated[str | None, typer.Option(help="text file; default: embedded held-out text")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per window (stride = seq-len)", min=2)] = 512,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many windows", min=1)] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="encoders: dense model to compare mean-pooled embeddings with")
+    ] = None,
     dtype: DTypeOpt = DType.float32,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Perplexity on held-out text."""
+    """Perplexity on held-out text (causal LMs), or embedding similarity to --baseline (encoders)."""
+    from sparsify.arch import is_encoder
     from sparsify.checkpoint import open_model
-    from sparsify.evaluate import evaluate
+    from sparsify.evaluate import embedding_similarity, evaluate
     from sparsify.progress import RichProgress
 
     md = open_model(model)
-    result = evaluate(
-        md.path, _eval_path(data), seq_len, max_windows, _dtype(dtype), trust_remote_code, RichProgress(err_console)
-    )
+    if is_encoder(md.load_config(trust_remote_code).model_type):
+        if baseline is None:
+            raise SparsifyError("this is an encoder: pass --baseline DENSE_MODEL to measure embedding similarity")
+        result = embedding_similarity(
+            md.path, open_model(baseline).path, _eval_path(data), seq_len, dtype=_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        line = (
+            f"embedding cosine to baseline {result['cosine_mean']:.4f} mean, {result['cosine_min']:.4f} min"
+            f"  ({result['texts']} paragraphs of {result['text']})"
+        )
+    else:
+        result = evaluate(
+            md.path, _eval_path(data), seq_len, max_windows, _dtype(dtype), trust_remote_code,
+            RichProgress(err_console),
+        )  # fmt: skip
+        line = (
+            f"perplexity {result['perplexity']:.3f}  ({result['text']}, {result['windows']} × {result['seq_len']}"
+            f" tokens, stride {result['stride']}, {result['dtype']})"
+        )
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        out_console.print(
-            f"perplexity {result['perplexity']:.3f}  ({result['text']}, {result['windows']} × {result['seq_len']} tokens,"
-            f" stride {result['stride']}, {result['dtype']})",
-            markup=False,
-            highlight=False,
-        )
+        out_console.print(line, markup=False, highlight=False)
 
 
 @app.command(epilog="Example: sparsify report ./model-wanda50 --format html > report.html")

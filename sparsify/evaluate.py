@@ -54,6 +54,56 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def _embed(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    hidden = model(**batch).last_hidden_state  # (B, T, H)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H) mean-pooled
+
+
+def embedding_similarity(
+    path: Path,
+    baseline: Path,
+    data: str | None,
+    seq_len: int = 128,
+    max_texts: int = 256,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Encoders: cosine similarity of mean-pooled embeddings to the ``baseline`` model on held-out paragraphs."""
+    from transformers import AutoModel
+
+    tokenizer = load_tokenizer(baseline, trust_remote_code)
+    text = load_text(data, default=BUILTIN_EVAL)
+    paragraphs = [p.strip() for doc in text.documents for p in doc.split("\n\n") if len(p.strip()) > 40][:max_texts]
+    if not paragraphs:
+        raise SparsifyError(f"{text.name} has no paragraphs to embed")
+    models = []
+    for p in (path, baseline):
+        try:
+            models.append(AutoModel.from_pretrained(p, dtype=dtype, trust_remote_code=trust_remote_code).eval())
+        except Exception as e:
+            raise SparsifyError(f"transformers cannot load {p}: {e}") from e
+    seq_len = min(seq_len, getattr(models[1].config, "max_position_embeddings", seq_len))
+    sims = []
+    for start in range(0, len(paragraphs), 16):
+        batch = tokenizer(
+            paragraphs[start : start + 16], padding=True, truncation=True, max_length=seq_len, return_tensors="pt"
+        )
+        a, b = (_embed(m, dict(batch)) for m in models)
+        sims.append(F.cosine_similarity(a.float(), b.float(), dim=-1))
+    cos = torch.cat(sims)  # (N,)
+    return {
+        "metric": "cosine",
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "text": text.name,
+        "texts": len(paragraphs),
+        "seq_len": seq_len,
+        "baseline": str(baseline),
+    }
+
+
 def evaluate(
     path: Path,
     data: str | None,

@@ -30,7 +30,7 @@ from sparsify.checkpoint import (
     set_tensor,
 )
 from sparsify.data import load_text, sample_windows, tokenize
-from sparsify.evaluate import evaluate, load_tokenizer
+from sparsify.evaluate import embedding_similarity, evaluate, load_tokenizer
 from sparsify.passes import build_pass
 from sparsify.progress import NoProgress, Progress
 from sparsify.recipe import Recipe
@@ -200,8 +200,9 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
     tokens, calib_name = _calibration_tokens(recipe, tokenizer)
 
+    encoder = is_encoder(config.model_type)
     eval_before = None
-    if opts.eval_data is not None:
+    if opts.eval_data is not None and not encoder:
         eval_before = evaluate(
             md.path,
             opts.eval_data,
@@ -212,7 +213,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
             opts.progress,
         )
 
-    model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
+    model = build_skeleton(config, encoder, opts.trust_remote_code, opts.dtype)
     plan = _plan(model, config.model_type, recipe)
     keymap = KeyMap(model, md.source)
     base_path = _module_path(model, model.base_model)
@@ -252,7 +253,9 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         copy_aux_files(md.path, tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         eval_info = None
-        if eval_before is not None:
+        if opts.eval_data is not None and encoder:
+            eval_info = embedding_similarity(tmp, md.path, opts.eval_data, dtype=opts.dtype)
+        elif eval_before is not None:
             after = evaluate(
                 tmp,
                 opts.eval_data,
@@ -263,7 +266,6 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
                 opts.progress,
             )
             eval_info = {**after, "before": eval_before["perplexity"], "after": after.pop("perplexity")}
-            eval_info.pop("perplexity", None)
         report = build_report(
             version=__version__,
             model=str(model_path),

@@ -99,7 +99,15 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
         ("peak memory (RSS)", _fmt_bytes(t["peak_rss_bytes"])),
     ]
     ev = report.get("eval")
-    if ev:
+    if ev and ev.get("metric") == "cosine":
+        rows.append(
+            (
+                "embedding similarity",
+                f"cosine to dense {ev['cosine_mean']:.4f} mean, {ev['cosine_min']:.4f} min"
+                f" ({ev['texts']} paragraphs of {ev['text']}, ≤{ev['seq_len']} tokens, mean-pooled)",
+            )
+        )
+    elif ev:
         rows.append(
             (
                 "perplexity",

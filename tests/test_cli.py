@@ -278,3 +278,15 @@ def test_input_is_never_modified(model_dir, tmp_path):
     snapshot = {p.name: p.read_bytes() for p in src.iterdir()}
     assert run("prune", src, "-o", tmp_path / "out", "--method", "sparsegpt", "--pattern", "2:4", *FAST).exit_code == 0
     assert {p.name: p.read_bytes() for p in src.iterdir()} == snapshot
+
+
+def test_encoder_eval_is_embedding_similarity(model_dir, tmp_path, calib_file):
+    out = tmp_path / "out"
+    r = run("prune", model_dir("bert"), "-o", out, "--method", "sparsegpt", "--sparsity", "0.5", *FAST,
+            "--eval", "heldout", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)["eval"]
+    assert ev["metric"] == "cosine" and 0.0 < ev["cosine_mean"] < 1.0 and ev["texts"] > 10
+    same = run("eval", model_dir("bert"), "--baseline", model_dir("bert"), "--json")
+    assert same.exit_code == 0 and json.loads(same.stdout)["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert_user_error(run("eval", out), None, "--baseline")
