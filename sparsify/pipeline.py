@@ -18,6 +18,7 @@ from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner,
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
     KeyMap,
+    ModelDir,
     SafetensorsWriter,
     TensorSource,
     atomic_dir,
@@ -186,34 +187,21 @@ def compress_model(
     return _execute(plan, runner), plan.notes
 
 
-def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: Options | None = None) -> dict[str, Any]:
-    """Run ``recipe`` on the model at ``model_path`` layer by layer and write the result to ``out``.
+def _perplexity(path: Path, opts: Options) -> dict[str, Any]:
+    return evaluate(
+        path,
+        opts.eval_data,
+        opts.eval_seq_len,
+        opts.eval_max_windows,
+        opts.dtype,
+        opts.trust_remote_code,
+        opts.progress,
+    )
 
-    The input is never modified; ``out`` appears only when complete. Returns the report.
-    """
-    opts = options or Options()
-    t_start = time.perf_counter()
-    md = open_model(model_path)
-    out = Path(out).expanduser()
-    check_output_path(md.path, out, opts.overwrite)
-    config = md.load_config(opts.trust_remote_code)
-    tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
-    tokens, calib_name = _calibration_tokens(recipe, tokenizer)
 
-    encoder = is_encoder(config.model_type)
-    eval_before = None
-    if opts.eval_data is not None and not encoder:
-        eval_before = evaluate(
-            md.path,
-            opts.eval_data,
-            opts.eval_seq_len,
-            opts.eval_max_windows,
-            opts.dtype,
-            opts.trust_remote_code,
-            opts.progress,
-        )
-
-    model = build_skeleton(config, encoder, opts.trust_remote_code, opts.dtype)
+def _skeleton(md: ModelDir, config, recipe: Recipe, opts: Options) -> tuple[nn.Module, _Plan, KeyMap]:
+    """The model on the meta device with only the tensors outside its layers read in."""
+    model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
     plan = _plan(model, config.model_type, recipe)
     keymap = KeyMap(model, md.source)
     base_path = _module_path(model, model.base_model)
@@ -228,18 +216,35 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     if absent:
         plan.notes.append(f"not in the checkpoint, zero-filled for calibration and not written: {', '.join(absent)}")
         for name in absent:
-            p = model.get_parameter(name)
-            set_tensor(model, name, torch.zeros(p.shape, dtype=opts.dtype))
-        outside = [n for n in outside if n not in absent]
+            set_tensor(model, name, torch.zeros(model.get_parameter(name).shape, dtype=opts.dtype))
     device = torch.device(opts.device)
-    materialize(model, "", outside, md.source, keymap, opts.dtype, device)
+    materialize(model, "", [n for n in outside if n not in absent], md.source, keymap, opts.dtype, device)
     for name, buffer in list(model.named_buffers()):
         set_tensor(model, name, buffer.to(device))
+    return model, plan, keymap
 
-    plan_tensors = [(k, md.source.info(k)) for k in md.source.keys()]
+
+def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: Options | None = None) -> dict[str, Any]:
+    """Run ``recipe`` on the model at ``model_path`` layer by layer and write the result to ``out``.
+
+    The input is never modified; ``out`` appears only when complete. Returns the report.
+    """
+    opts = options or Options()
+    t_start = time.perf_counter()
+    md = open_model(model_path)
+    out = Path(out).expanduser()
+    check_output_path(md.path, out, opts.overwrite)
+    config = md.load_config(opts.trust_remote_code)
+    encoder = is_encoder(config.model_type)
+    tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
+    tokens, calib_name = _calibration_tokens(recipe, tokenizer)
+    eval_before = _perplexity(md.path, opts) if opts.eval_data is not None and not encoder else None
+    model, plan, keymap = _skeleton(md, config, recipe, opts)
+
     with atomic_dir(out, opts.overwrite) as tmp:
-        writer = SafetensorsWriter(tmp, plan_tensors, opts.max_shard_bytes)
+        writer = SafetensorsWriter(tmp, [(k, md.source.info(k)) for k in md.source.keys()], opts.max_shard_bytes)
         try:
+            device = torch.device(opts.device)
             provider = LazyLayers(plan.layers, plan.layers_path, md.source, keymap, writer, opts.dtype, device)
             runner = LayerwiseRunner(
                 model.base_model, plan.layers, provider, tokens, recipe.calibration.batch_size, opts.progress, device
@@ -256,15 +261,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         if opts.eval_data is not None and encoder:
             eval_info = embedding_similarity(tmp, md.path, opts.eval_data, dtype=opts.dtype)
         elif eval_before is not None:
-            after = evaluate(
-                tmp,
-                opts.eval_data,
-                opts.eval_seq_len,
-                opts.eval_max_windows,
-                opts.dtype,
-                opts.trust_remote_code,
-                opts.progress,
-            )
+            after = _perplexity(tmp, opts)
             eval_info = {**after, "before": eval_before["perplexity"], "after": after.pop("perplexity")}
         report = build_report(
             version=__version__,
