@@ -38,18 +38,22 @@ class LinearStats:
 
     sq_norm: Tensor  # (in,)  sum over tokens of x_j^2
     hessian: Tensor | None  # (in, in)  X^T X, when asked for
+    cross: Tensor | None = None  # (in, in)  X_dense^T X: dense-model inputs against these inputs
     tokens: int = 0
 
     @classmethod
-    def empty(cls, n_in: int, hessian: bool, device: torch.device) -> LinearStats:
-        H = torch.zeros(n_in, n_in, device=device) if hessian else None
-        return cls(torch.zeros(n_in, device=device), H)
+    def empty(cls, n_in: int, hessian: bool, device: torch.device, cross: bool = False) -> LinearStats:
+        H = torch.zeros(n_in, n_in, device=device) if hessian or cross else None
+        C = torch.zeros(n_in, n_in, device=device) if cross else None
+        return cls(torch.zeros(n_in, device=device), H, C)
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, x_dense: Tensor | None = None) -> None:
         X = x.reshape(-1, x.shape[-1]).float()  # (N, in)
         self.sq_norm += X.pow(2).sum(0)
         if self.hessian is not None:
             self.hessian += X.T @ X
+        if self.cross is not None and x_dense is not None:
+            self.cross += x_dense.reshape(-1, x.shape[-1]).float().T @ X
         self.tokens += X.shape[0]
 
 
@@ -177,6 +181,47 @@ class LayerwiseRunner:
         return stats
 
     @torch.no_grad()
+    def _collect_paired(
+        self,
+        layer: nn.Module,
+        targets: dict[str, nn.Module],
+        dense_hidden: list[Tensor],
+        hidden: list[Tensor],
+        calls: list[LayerCall],
+    ) -> tuple[dict[str, LinearStats], list[Tensor]]:
+        """Statistics of the compressed path plus their cross term with the dense model's path.
+
+        Batch by batch, the (still dense) layer runs on the dense model's hidden states, then on the
+        compressed model's; each Linear pairs the two inputs token by token. Returns the statistics
+        and the dense path's outputs, i.e. the dense model's next hidden states.
+        """
+        stats = {fqn: LinearStats.empty(in_features(m), True, self.device, cross=True) for fqn, m in targets.items()}
+        dense_inputs: dict[str, Tensor] = {}
+        on_dense_path = [True]
+
+        def hook(fqn: str) -> Callable:
+            def record(_module: nn.Module, args: tuple, _output: Tensor) -> None:
+                if on_dense_path[0]:
+                    dense_inputs[fqn] = args[0]
+                else:
+                    stats[fqn].add(args[0], dense_inputs.pop(fqn))
+
+            return record
+
+        handles = [m.register_forward_hook(hook(fqn)) for fqn, m in targets.items()]
+        dense_out = []
+        try:
+            for hd, h, call in zip(dense_hidden, hidden, calls, strict=True):
+                on_dense_path[0] = True
+                dense_out += _run_layer(layer, [hd], [call])
+                on_dense_path[0] = False
+                _run_layer(layer, [h], [call])
+        finally:
+            for h in handles:
+                h.remove()
+        return stats, dense_out
+
+    @torch.no_grad()
     def observe(
         self,
         targets: dict[int, dict[str, nn.Module]],
@@ -202,17 +247,26 @@ class LayerwiseRunner:
         output = RunOutput()
         cap = self._capture()
         hidden = cap.hidden
+        dense_hidden = hidden if any(p.needs_dense_path for p in passes) else None
         for i in self.progress.track(range(len(self.layers)), len(self.layers), "compressing layers"):
             t0 = time.perf_counter()
             layer = self.provider.load(i)
             touched = {fqn: m for per_pass in targets for fqn, m in per_pass[i].items()}
             dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
+            next_dense = None
+            if dense_hidden is not None and not (passes[0].needs_dense_path and targets[0][i]):
+                next_dense = _run_layer(layer, dense_hidden, cap.calls[i])  # the layer is still dense here
             for p, pass_targets in zip(passes, targets, strict=True):
                 layer_targets = pass_targets[i]
                 if not layer_targets:
                     continue
                 for stage in p.stages(layer_targets):
-                    stats = self._collect(layer, stage, hidden, cap.calls[i], p.needs_hessian) if p.needs_data else {}
+                    if p.needs_dense_path:  # the first pass only (checked when the plan is made)
+                        stats, next_dense = self._collect_paired(layer, stage, dense_hidden, hidden, cap.calls[i])
+                    elif p.needs_data:
+                        stats = self._collect(layer, stage, hidden, cap.calls[i], p.needs_hessian)
+                    else:
+                        stats = {}
                     output.records.extend(p.compress(i, stage, stats))
                     self.provider.round_to_storage(i, layer)
                 for fqn, m in layer_targets.items():
@@ -221,6 +275,7 @@ class LayerwiseRunner:
                             f"{fqn}: NaN/inf after pass {p.index} ({p.describe()}); check the input weights"
                             " or raise dampening"
                         )
+            dense_hidden = next_dense
             hidden = self._propagate(layer, touched, dense, hidden, cap.calls[i], output.errors)
             self.provider.finish(i, layer, write=True)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)

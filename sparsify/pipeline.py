@@ -31,6 +31,7 @@ from sparsify.checkpoint import (
     set_tensor,
 )
 from sparsify.data import load_text, sample_windows, tokenize
+from sparsify.errors import SparsifyError
 from sparsify.evaluate import embedding_similarity, evaluate, load_tokenizer
 from sparsify.passes import build_pass
 from sparsify.progress import NoProgress, Progress
@@ -133,7 +134,10 @@ def _plan(model: nn.Module, model_type: str, recipe: Recipe) -> _Plan:
                 f"pass {index} ({cfg.type}): not applied to {', '.join(selection.outside_layers)}:"
                 " outside the decoder layers (lm_head and embeddings are never compressed)"
             )
-        passes.append(build_pass(cfg, index, arch.stages if arch else None))
+        built = build_pass(cfg, index, arch.stages if arch else None)
+        if built.needs_dense_path and index > 0:
+            raise SparsifyError(f"pass {index}: dense_targets is supported on the first pass of a recipe only")
+        passes.append(built)
         targets.append(selection.per_layer)
     return _Plan(arch, layers_path, layers, passes, targets, notes)
 

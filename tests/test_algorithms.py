@@ -9,6 +9,7 @@ import torch
 from torch.nn.utils import prune
 
 from sparsify.algorithms import (
+    dense_output_target,
     magnitude_mask,
     nm_mask,
     outlier_ratio,
@@ -176,3 +177,15 @@ def test_outlier_ratio_matches_count():
     mean = 25.0 / 6
     expected = sum(v > 3 * mean for v in [1, 1, 1, 20, 1, 1]) / 6
     assert outlier_ratio(scores, 3.0) == pytest.approx(expected)
+
+
+def test_dense_output_target_is_the_least_squares_fit_to_dense_outputs():
+    W, X_dense = _uneven_layer(9)
+    g = torch.Generator().manual_seed(10)
+    X = X_dense + 0.3 * torch.randn(X_dense.shape, generator=g) * X_dense.std(0)  # drifted inputs
+    H, C = X.T @ X, X_dense.T @ X
+    target = dense_output_target(W, C, H, dampening=1e-8)
+    direct = torch.linalg.lstsq(X.double(), (X_dense @ W.T).double()).solution.T.float()  # (out, in)
+    torch.testing.assert_close(target, direct, rtol=1e-3, atol=1e-3)
+    # Without drift the target is the weight itself, whatever the dampening.
+    torch.testing.assert_close(dense_output_target(W, X.T @ X, X.T @ X, 0.1), W, rtol=1e-4, atol=1e-4)

@@ -290,3 +290,16 @@ def test_encoder_eval_is_embedding_similarity(model_dir, tmp_path, calib_file):
     same = run("eval", model_dir("bert"), "--baseline", model_dir("bert"), "--json")
     assert same.exit_code == 0 and json.loads(same.stdout)["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
     assert_user_error(run("eval", out), None, "--baseline")
+
+
+def test_dense_targets_only_on_first_pass_and_bad_regex(model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "passes:\n  - {type: prune, method: wanda, sparsity: 0.3, targets: [q_proj]}\n"
+        "  - {type: prune, method: sparsegpt, sparsity: 0.5, dense_targets: true}\n"
+    )
+    out = tmp_path / "out"
+    assert_user_error(run("compress", model_dir("llama"), "-r", recipe, "-o", out), out, "first pass")
+    assert_user_error(
+        run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", "--targets", "re:("), out, "regex"
+    )

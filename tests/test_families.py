@@ -124,3 +124,36 @@ def test_true_sequential_stages(family, model_dir, tmp_path):
     torch.testing.assert_close(
         _outputs(_load(family, tmp_path / "seq"), ids), _outputs(memory_model, ids), rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize(("pattern", "sparsity"), PATTERNS)
+def test_dense_targets(family, pattern, sparsity, model_dir, tmp_path):
+    """SparseGPT fitted to the dense model's outputs: exact sparsity/pattern, reload == memory,
+    layer 0 (whose inputs have not drifted) equal to plain SparseGPT, later layers not."""
+    src = model_dir(family)
+    step = {"type": "prune", "method": "sparsegpt", "pattern": pattern, "dense_targets": True}
+    if sparsity is not None:
+        step["sparsity"] = sparsity
+    recipe = parse_recipe({"calibration": {"samples": 8, "seq_len": 32, "batch_size": 4}, "passes": [step]})
+    report = compress(src, recipe, tmp_path / "dt")
+    compress(src, _recipe("sparsegpt", pattern, sparsity), tmp_path / "plain")
+    dt, plain = _weights(tmp_path / "dt"), _weights(tmp_path / "plain")
+    for r in report["layers"]:
+        key = r["name"] + ".weight"
+        W = dt[key].t() if family == "gpt2" else dt[key]
+        if pattern == "2:4":
+            assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all()
+        else:
+            assert abs((W == 0).float().mean().item() - 0.5) <= 1.0 / W.shape[1]
+        if r["layer"] == 0:
+            torch.testing.assert_close(dt[key], plain[key], rtol=1e-4, atol=1e-5)
+        else:
+            assert not torch.allclose(dt[key], plain[key], atol=1e-5)
+    memory_model = _load(family, src)
+    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(src)), 8, 32, 0)
+    compress_model(memory_model, recipe, tokens)
+    ids = tokens[:2]
+    torch.testing.assert_close(
+        _outputs(_load(family, tmp_path / "dt"), ids), _outputs(memory_model, ids), rtol=0, atol=1e-6
+    )

@@ -8,10 +8,11 @@ from sparsify.algorithms.masks import magnitude_mask, nm_mask, unstructured_mask
 from sparsify.algorithms.metrics import relative_reconstruction_error
 from sparsify.algorithms.owl import outlier_ratio, owl_layer_sparsities
 from sparsify.algorithms.ria import ria_scores
-from sparsify.algorithms.sparsegpt import sparsegpt_prune
+from sparsify.algorithms.sparsegpt import dense_output_target, sparsegpt_prune
 from sparsify.algorithms.wanda import wanda_scores
 
 __all__ = [
+    "dense_output_target",
     "magnitude_mask",
     "nm_mask",
     "outlier_ratio",

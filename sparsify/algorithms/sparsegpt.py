@@ -29,6 +29,24 @@ def dampened_inverse_cholesky(H: Tensor, dampening: float) -> Tensor:
     return U.float()
 
 
+def dense_output_target(W: Tensor, C: Tensor, H: Tensor, dampening: float) -> Tensor:
+    """The weights whose outputs on the compressed model's inputs best match the dense model's outputs.
+
+    Minimizes ``||X W*^T - X_dense W^T||^2 + lam ||W* - W||^2`` with ``H = X^T X``,
+    ``C = X_dense^T X`` and ``lam = dampening * mean(diag H)``: ``W* = W (C + lam I) (H + lam I)^-1``,
+    which is ``W`` itself when the inputs have not drifted (``C = H``). Running SparseGPT on ``W*``
+    with ``H`` then minimizes the pruned layer's distance to the *dense model's* outputs, correcting
+    the error that earlier pruned layers passed down (the asymmetric calibration of GPTAQ, Li et al.
+    2025, applied to pruning). ``W: (out, in)``, ``C, H: (in, in)``.
+    """
+    lam = dampening * H.diagonal().mean().double()
+    Hd = H.double() + lam * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    Cd = C.double() + lam * torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+    L = torch.linalg.cholesky(Hd)
+    target_t = torch.cholesky_solve((W.double() @ Cd).T, L)  # (in, out) = (H + lam)^-1 (C + lam)^T W^T
+    return target_t.T.float()
+
+
 def sparsegpt_prune(
     W: Tensor,
     H: Tensor,

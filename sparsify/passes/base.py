@@ -39,6 +39,7 @@ class LayerPass(ABC):
     config_cls: ClassVar[type[PassConfig]]
     needs_data: ClassVar[bool] = True
     needs_hessian: bool = False
+    needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)
 
     def __init__(self, config: PassConfig, index: int, stages: list[tuple[str, ...]] | None = None):
         self.config = config

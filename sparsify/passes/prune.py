@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from sparsify.algorithms import (
+    dense_output_target,
     magnitude_mask,
     nm_mask,
     outlier_ratio,
@@ -50,6 +51,9 @@ class PruneConfig(PassConfig):
     )
     blocksize: int = Field(128, gt=0, description="SparseGPT: columns solved per block")
     dampening: float = Field(0.01, gt=0.0, description="SparseGPT: fraction of mean diag(H) added to H")
+    dense_targets: bool = Field(
+        False, description="SparseGPT: reconstruct the dense model's outputs, correcting upstream pruning error"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PruneConfig:
@@ -67,6 +71,10 @@ class PruneConfig(PassConfig):
                 raise ValueError("profile 'owl' applies to unstructured sparsity only")
         elif self.sparsity is None:
             raise ValueError("unstructured pruning needs a sparsity in [0, 1)")
+        if self.dense_targets and self.method != "sparsegpt":
+            raise ValueError("dense_targets needs method 'sparsegpt' (it changes the weight update)")
+        if self.dense_targets and self.sequential:
+            raise ValueError("dense_targets and sequential cannot be combined yet")
         return self
 
     @property
@@ -88,6 +96,7 @@ class PrunePass(LayerPass):
         super().__init__(config, index, stages)
         self.needs_data = config.method != "magnitude"  # type: ignore[misc]
         self.needs_hessian = config.method == "sparsegpt"
+        self.needs_dense_path = config.dense_targets
         self.layer_sparsity: list[float] | None = None  # set by OWL
 
     def describe(self) -> str:
@@ -152,10 +161,11 @@ class PrunePass(LayerPass):
             raise SparsifyError(f"{fqn}: saw no calibration tokens")
         if method == "sparsegpt":
             assert stats.hessian is not None
+            H = stats.hessian / stats.tokens
             try:
-                W_new, _ = sparsegpt_prune(
-                    W, stats.hessian / stats.tokens, sparsity, nm, self.config.blocksize, self.config.dampening
-                )
+                if stats.cross is not None:
+                    W = dense_output_target(W, stats.cross / stats.tokens, H, self.config.dampening)
+                W_new, _ = sparsegpt_prune(W, H, sparsity, nm, self.config.blocksize, self.config.dampening)
             except ValueError as e:
                 raise SparsifyError(f"{fqn}: {e}") from e
             return W_new
