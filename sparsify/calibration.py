@@ -12,9 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,6 +111,17 @@ class RunOutput:
     errors: dict[str, float] = field(default_factory=dict)  # fqn -> relative output error
 
 
+@contextlib.contextmanager
+def _hooked(modules: dict[str, nn.Module], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """Forward hooks on ``modules`` (one per fqn) for the duration of the block."""
+    handles = [m.register_forward_hook(make_hook(fqn)) for fqn, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _run_layer(layer: nn.Module, hidden: list[Tensor], calls: list[LayerCall]) -> list[Tensor]:
     outs = []
     for h, (args, kwargs) in zip(hidden, calls, strict=True):
@@ -172,12 +184,8 @@ class LayerwiseRunner:
         def hook(fqn: str) -> Callable:
             return lambda _module, args, _output: stats[fqn].add(args[0])
 
-        handles = [m.register_forward_hook(hook(fqn)) for fqn, m in targets.items()]
-        try:
+        with _hooked(targets, hook):
             _run_layer(layer, hidden, calls)
-        finally:
-            for h in handles:
-                h.remove()
         return stats
 
     @torch.no_grad()
@@ -208,17 +216,13 @@ class LayerwiseRunner:
 
             return record
 
-        handles = [m.register_forward_hook(hook(fqn)) for fqn, m in targets.items()]
         dense_out = []
-        try:
+        with _hooked(targets, hook):
             for hd, h, call in zip(dense_hidden, hidden, calls, strict=True):
                 on_dense_path[0] = True
                 dense_out += _run_layer(layer, [hd], [call])
                 on_dense_path[0] = False
                 _run_layer(layer, [h], [call])
-        finally:
-            for h in handles:
-                h.remove()
         return stats, dense_out
 
     @torch.no_grad()
@@ -247,39 +251,53 @@ class LayerwiseRunner:
         output = RunOutput()
         cap = self._capture()
         hidden = cap.hidden
-        dense_hidden = hidden if any(p.needs_dense_path for p in passes) else None
+        dense_hidden = hidden if any(p.needs_dense_path for p in passes) else None  # the dense model's path
         for i in self.progress.track(range(len(self.layers)), len(self.layers), "compressing layers"):
             t0 = time.perf_counter()
             layer = self.provider.load(i)
             touched = {fqn: m for per_pass in targets for fqn, m in per_pass[i].items()}
             dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
-            next_dense = None
-            if dense_hidden is not None and not (passes[0].needs_dense_path and targets[0][i]):
-                next_dense = _run_layer(layer, dense_hidden, cap.calls[i])  # the layer is still dense here
-            for p, pass_targets in zip(passes, targets, strict=True):
-                layer_targets = pass_targets[i]
-                if not layer_targets:
-                    continue
-                for stage in p.stages(layer_targets):
-                    if p.needs_dense_path:  # the first pass only (checked when the plan is made)
-                        stats, next_dense = self._collect_paired(layer, stage, dense_hidden, hidden, cap.calls[i])
-                    elif p.needs_data:
-                        stats = self._collect(layer, stage, hidden, cap.calls[i], p.needs_hessian)
-                    else:
-                        stats = {}
-                    output.records.extend(p.compress(i, stage, stats))
-                    self.provider.round_to_storage(i, layer)
-                for fqn, m in layer_targets.items():
-                    if not torch.isfinite(m.weight).all():
-                        raise SparsifyError(
-                            f"{fqn}: NaN/inf after pass {p.index} ({p.describe()}); check the input weights"
-                            " or raise dampening"
-                        )
-            dense_hidden = next_dense
+            dense_hidden = self._apply_passes(i, layer, passes, targets, hidden, dense_hidden, cap.calls[i], output)
             hidden = self._propagate(layer, touched, dense, hidden, cap.calls[i], output.errors)
             self.provider.finish(i, layer, write=True)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
         return output
+
+    def _apply_passes(
+        self,
+        i: int,
+        layer: nn.Module,
+        passes: list[Any],
+        targets: list[dict[int, dict[str, nn.Module]]],
+        hidden: list[Tensor],
+        dense_hidden: list[Tensor] | None,
+        calls: list[LayerCall],
+        output: RunOutput,
+    ) -> list[Tensor] | None:
+        """Every pass on layer ``i``, stage by stage; returns the dense model's next hidden states (if tracked)."""
+        next_dense = None
+        if dense_hidden is not None and not (passes[0].needs_dense_path and targets[0][i]):
+            next_dense = _run_layer(layer, dense_hidden, calls)  # the layer is still dense here
+        for p, pass_targets in zip(passes, targets, strict=True):
+            layer_targets = pass_targets[i]
+            if not layer_targets:
+                continue
+            for stage in p.stages(layer_targets):
+                if p.needs_dense_path:  # the first pass only (checked when the plan is made)
+                    stats, next_dense = self._collect_paired(layer, stage, dense_hidden, hidden, calls)
+                elif p.needs_data:
+                    stats = self._collect(layer, stage, hidden, calls, p.needs_hessian)
+                else:
+                    stats = {}
+                output.records.extend(p.compress(i, stage, stats))
+                self.provider.round_to_storage(i, layer)
+            for fqn, m in layer_targets.items():
+                if not torch.isfinite(m.weight).all():
+                    raise SparsifyError(
+                        f"{fqn}: NaN/inf after pass {p.index} ({p.describe()}); check the input weights"
+                        " or raise dampening"
+                    )
+        return next_dense
 
     def _propagate(
         self,
@@ -304,12 +322,8 @@ class LayerwiseRunner:
 
             return measure
 
-        handles = [m.register_forward_hook(hook(fqn)) for fqn, m in touched.items()]
-        try:
+        with _hooked(touched, hook):
             first = _run_layer(layer, hidden[:1], calls[:1])
-        finally:
-            for h in handles:
-                h.remove()
         for fqn, (num, den) in sums.items():
             errors[fqn] = num / den if den > 0 else 0.0
         return first + _run_layer(layer, hidden[1:], calls[1:])
