@@ -179,13 +179,39 @@ class LayerwiseRunner:
         calls: list[LayerCall],
         hessian: bool,
     ) -> dict[str, LinearStats]:
+        """Accumulate input statistics of ``targets`` over all batches.
+
+        Linears fed the very same tensor (q/k/v after one norm, gate/up) share one accumulator: the
+        ``X^T X`` products are computed once per input, not once per Linear.
+        """
         stats = {fqn: LinearStats.empty(in_features(m), hessian, self.device) for fqn, m in targets.items()}
+        leader_of: dict[str, str] = {}  # follower fqn -> fqn whose accumulator it shares (from batch 0)
+        seen: dict[int, tuple[Tensor, str]] = {}  # id(input) -> (input kept alive, first fqn) this batch
+        first_batch = [True]
 
         def hook(fqn: str) -> Callable:
-            return lambda _module, args, _output: stats[fqn].add(args[0])
+            def record(_module: nn.Module, args: tuple, _output: Tensor) -> None:
+                x = args[0]
+                owner = seen.get(id(x))
+                if owner is None:
+                    seen[id(x)] = (x, fqn)  # holding x keeps its id from being reused this batch
+                    if fqn in leader_of:
+                        raise RuntimeError(f"{fqn}: input sharing changed between calibration batches")
+                    stats[fqn].add(x)
+                elif first_batch[0]:
+                    leader_of[fqn] = owner[1]
+                elif leader_of.get(fqn) != owner[1]:
+                    raise RuntimeError(f"{fqn}: input sharing changed between calibration batches")
+
+            return record
 
         with _hooked(targets, hook):
-            _run_layer(layer, hidden, calls)
+            for h, call in zip(hidden, calls, strict=True):
+                _run_layer(layer, [h], [call])
+                seen.clear()
+                first_batch[0] = False
+        for follower, leader in leader_of.items():
+            stats[follower] = stats[leader]
         return stats
 
     @torch.no_grad()

@@ -22,7 +22,9 @@ def dampened_inverse_cholesky(H: Tensor, dampening: float) -> Tensor:
     L, info = torch.linalg.cholesky_ex(H)
     if info:
         raise ValueError("the calibration Hessian is not positive definite; increase dampening")
-    H_inv = torch.cholesky_inverse(L)  # (in, in)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # (in, in); BLAS-3, unlike cholesky_inverse on CPU
+    H_inv = L_inv.T @ L_inv  # (in, in)
     U, info = torch.linalg.cholesky_ex(H_inv, upper=True)
     if info:
         raise ValueError("the inverse Hessian is not positive definite; increase dampening")
@@ -72,28 +74,26 @@ def sparsegpt_prune(
         blocksize = nm[1] * max(1, blocksize // nm[1])
     for b0 in range(0, n_in, blocksize):
         b1 = min(b0 + blocksize, n_in)
-        W_blk = W[:, b0:b1].clone()  # (out, bs)
+        Wt = W[:, b0:b1].T.contiguous()  # (bs, out): column j of the block is row j, contiguous
         U_blk = U[b0:b1, b0:b1]  # (bs, bs)
-        E_blk = torch.zeros_like(W_blk)  # (out, bs) scaled errors
-        d = torch.diag(U_blk)  # (bs,)
+        d = torch.diag(U_blk).unsqueeze(1)  # (bs, 1)
+        E = torch.empty_like(Wt)  # (bs, out) scaled errors
         if nm is None:
-            keep_blk = unstructured_mask(W_blk.pow(2) / d.pow(2).unsqueeze(0), sparsity, "tensor")
+            drop = ~unstructured_mask(Wt.pow(2) / d.pow(2), sparsity, "tensor")  # (bs, out)
         else:
-            keep_blk = torch.ones_like(W_blk, dtype=torch.bool)
+            drop = torch.zeros_like(Wt, dtype=torch.bool)
+        scale = drop.float() / d  # (bs, out): err_j = w_j * [pruned] / U_jj
         for j in range(b1 - b0):
             if nm is not None and j % nm[1] == 0:
                 n, m = nm
-                saliency = W_blk[:, j : j + m].pow(2) / d[j : j + m].pow(2).unsqueeze(0)  # (out, m)
-                drop = torch.topk(saliency, m - n, dim=1, largest=False).indices  # (out, m-n)
-                keep_blk[:, j : j + m].scatter_(1, drop, False)
-            w = W_blk[:, j]  # (out,)
-            q = torch.where(keep_blk[:, j], w, torch.zeros_like(w))
-            err = (w - q) / U_blk[j, j]  # (out,)
-            W_blk[:, j:] -= err.unsqueeze(1) @ U_blk[j, j:].unsqueeze(0)  # (out, bs-j)
-            W_blk[:, j] = q
-            E_blk[:, j] = err
-        W[:, b0:b1] = W_blk
-        W[:, b1:] -= E_blk @ U[b0:b1, b1:]  # (out, in-b1): lazy batch update
-        keep[:, b0:b1] = keep_blk
+                saliency = Wt[j : j + m].pow(2) / d[j : j + m].pow(2)  # (m, out)
+                worst = torch.topk(saliency, m - n, dim=0, largest=False).indices  # (m-n, out)
+                drop[j : j + m].scatter_(0, worst, True)
+                scale[j : j + m] = drop[j : j + m].float() / d[j : j + m]
+            torch.mul(Wt[j], scale[j], out=E[j])  # (out,)
+            Wt[j:].addr_(U_blk[j, j:], E[j], alpha=-1.0)  # (bs-j, out) rank-1 update; row j becomes q
+        W[:, b0:b1] = Wt.T
+        W[:, b1:] -= E.T @ U[b0:b1, b1:]  # (out, in-b1): lazy batch update
+        keep[:, b0:b1] = ~drop.T
     W[~keep] = 0.0
     return W, keep
