@@ -231,6 +231,42 @@ def prune(
     _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code, json_out), json_out, "flags")
 
 
+class Pattern(str, Enum):
+    sliding_window = "sliding-window"
+    sinks = "sinks"
+    block_sparse = "block-sparse"
+    local = "local"
+
+
+@app.command(epilog="Example: sparsify attention ./llama -o ./llama-swa --pattern sliding-window --window 1024")
+@handle_errors
+def attention(
+    model: ModelArg,
+    output: OutOpt,
+    pattern: Annotated[Pattern, typer.Option(help="attention pattern")] = Pattern.sliding_window,
+    window: Annotated[int | None, typer.Option(help="keys each query attends (>= 1)")] = None,
+    global_every: Annotated[int, typer.Option(help="keep every N-th layer full attention (0: none)", min=0)] = 0,
+    sinks: Annotated[int, typer.Option(help="leading tokens every query sees (StreamingLLM)", min=0)] = 0,
+    block_size: Annotated[int | None, typer.Option(help="block-sparse: tokens per block")] = None,
+    global_blocks: Annotated[int, typer.Option(help="block-sparse: global blocks", min=0)] = 1,
+    random_blocks: Annotated[int, typer.Option(help="block-sparse: random blocks per row", min=0)] = 0,
+    eval_data: EvalOpt = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Swap the attention pattern (sliding window, written as the family's native config)."""
+    step: dict[str, Any] = {"type": "attention", "pattern": pattern.value, "global_every": global_every, "sinks": sinks}
+    for key, value in (("window", window), ("block_size", block_size)):
+        if value is not None:
+            step[key] = value
+    if pattern is Pattern.block_sparse:
+        step.update(global_blocks=global_blocks, random_blocks=random_blocks)
+    opts = _options(overwrite, DType.float32, eval_data, trust_remote_code, json_out)
+    _run(model, {"passes": [step]}, output, opts, json_out, "flags")
+
+
 @app.command(epilog="Example: sparsify compress ./model -r configs/wanda-50.yaml -o ./model-wanda50")
 @handle_errors
 def compress(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -33,7 +34,7 @@ from sparsify.checkpoint import (
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import embedding_similarity, evaluate, load_tokenizer
-from sparsify.passes import build_pass
+from sparsify.passes import build_pass, is_layer_pass
 from sparsify.progress import NoProgress, Progress
 from sparsify.recipe import Recipe
 from sparsify.report import build_report, write_report
@@ -118,16 +119,17 @@ class _Plan:
 
 
 def _plan(model: nn.Module, model_type: str, recipe: Recipe) -> _Plan:
+    """The layer passes of ``recipe`` with their targets resolved on ``model``."""
     arch = lookup(model_type)
-    explicit = all(p.targets is not None for p in recipe.passes)
-    if arch is None and not explicit:
+    steps = [(index, cfg) for index, cfg in enumerate(recipe.passes) if is_layer_pass(cfg)]
+    if arch is None and any(cfg.targets is None for _, cfg in steps):
         select_targets(model, None, "", 0, None, [], model_type)  # raises the "pass --targets" error
     layers_path, layers = find_layers(model, arch)
     notes: list[str] = []
     if arch is None:
         notes.append(f"model_type {model_type!r} is not in the architecture table; layers found at {layers_path}")
     passes, targets = [], []
-    for index, cfg in enumerate(recipe.passes):
+    for index, cfg in steps:
         selection = select_targets(model, arch, layers_path, len(layers), cfg.targets, cfg.ignore, model_type)
         if selection.outside_layers:
             notes.append(
@@ -135,11 +137,34 @@ def _plan(model: nn.Module, model_type: str, recipe: Recipe) -> _Plan:
                 " outside the decoder layers (lm_head and embeddings are never compressed)"
             )
         built = build_pass(cfg, index, arch.stages if arch else None)
-        if built.needs_dense_path and index > 0:
-            raise SparsifyError(f"pass {index}: dense_targets is supported on the first pass of a recipe only")
+        if built.needs_dense_path and passes:
+            raise SparsifyError(f"pass {index}: dense_targets is supported on the first pruning pass of a recipe only")
         passes.append(built)
         targets.append(selection.per_layer)
     return _Plan(arch, layers_path, layers, passes, targets, notes)
+
+
+def _config_passes(md: ModelDir, model_type: str, recipe: Recipe) -> tuple[dict[str, Any], list[dict], list[str]]:
+    """Apply the recipe's config passes (attention patterns) to the model's config; validated up front."""
+    from transformers import AutoConfig
+
+    cfg = json.loads(md.config_path.read_text())
+    arch = lookup(model_type)
+    layers_path = arch.layers if arch else "layers"
+    records: list[dict] = []
+    notes: list[str] = []
+    for index, step in enumerate(recipe.passes):
+        if is_layer_pass(step):
+            continue
+        cfg, recs, more = build_pass(step, index).apply(cfg, layers_path)
+        records += recs
+        notes += more
+    if records:
+        try:
+            AutoConfig.for_model(**cfg)
+        except Exception as e:
+            raise SparsifyError(f"the rewritten config does not load in transformers: {e}") from e
+    return cfg, records, notes
 
 
 def _calibration_tokens(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, str]:
@@ -149,8 +174,8 @@ def _calibration_tokens(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, str]:
 
 
 def _execute(plan: _Plan, runner: LayerwiseRunner) -> RunOutput:
-    for p in plan.passes:
-        p.prepare(runner, plan.targets[p.index])
+    for p, targets in zip(plan.passes, plan.targets, strict=True):
+        p.prepare(runner, targets)
     output = runner.run(plan.passes, plan.targets)
     for record in output.records:
         record["rel_error"] = output.errors.get(record["name"]) if record.get("status") == "pruned" else None
@@ -177,6 +202,8 @@ def compress_model(
     progress: Progress | None = None,
 ) -> tuple[RunOutput, list[str]]:
     """Compress an in-memory model in place with the same loop as :func:`compress` (for tests, notebooks)."""
+    if not all(is_layer_pass(step) for step in recipe.passes):
+        raise SparsifyError("compress_model runs layer passes only; attention passes rewrite a saved config")
     plan = _plan(model, model.config.model_type, recipe)
     device = next(model.parameters()).device
     runner = LayerwiseRunner(
@@ -240,26 +267,42 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     check_output_path(md.path, out, opts.overwrite)
     config = md.load_config(opts.trust_remote_code)
     encoder = is_encoder(config.model_type)
-    tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
-    tokens, calib_name = _calibration_tokens(recipe, tokenizer)
+    new_config, config_records, config_notes = _config_passes(md, config.model_type, recipe)
+    layered = any(is_layer_pass(step) for step in recipe.passes)
+    if layered:
+        tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
+        tokens, calib_name = _calibration_tokens(recipe, tokenizer)
     eval_before = _perplexity(md.path, opts) if opts.eval_data is not None and not encoder else None
-    model, plan, keymap = _skeleton(md, config, recipe, opts)
+    if layered:
+        model, plan, keymap = _skeleton(md, config, recipe, opts)
 
     with atomic_dir(out, opts.overwrite) as tmp:
         writer = SafetensorsWriter(tmp, [(k, md.source.info(k)) for k in md.source.keys()], opts.max_shard_bytes)
         try:
-            device = torch.device(opts.device)
-            provider = LazyLayers(plan.layers, plan.layers_path, md.source, keymap, writer, opts.dtype, device)
-            runner = LayerwiseRunner(
-                model.base_model, plan.layers, provider, tokens, recipe.calibration.batch_size, opts.progress, device
-            )
-            output = _execute(plan, runner)
-            totals = _copy_rest(md.source, writer, provider.written)
+            written: set[str] = set()
+            output = RunOutput()
+            if layered:
+                device = torch.device(opts.device)
+                provider = LazyLayers(plan.layers, plan.layers_path, md.source, keymap, writer, opts.dtype, device)
+                runner = LayerwiseRunner(
+                    model.base_model,
+                    plan.layers,
+                    provider,
+                    tokens,
+                    recipe.calibration.batch_size,
+                    opts.progress,
+                    device,
+                )
+                output = _execute(plan, runner)
+                written = provider.written
+            totals = _copy_rest(md.source, writer, written)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         copy_aux_files(md.path, tmp)
+        if config_records:
+            (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         eval_info = None
         if opts.eval_data is not None and encoder:
@@ -279,8 +322,10 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
                 "seq_len": int(tokens.shape[1]),
                 # rel_error is measured on the first ERROR_WINDOWS calibration windows only
                 "error_tokens": int(min(ERROR_WINDOWS, tokens.shape[0]) * tokens.shape[1]),
-            },
-            records=output.records,
+            }
+            if layered
+            else None,
+            records=output.records + config_records,
             totals={
                 **totals,
                 "bytes": writer.total_bytes,
@@ -288,7 +333,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
                 "peak_rss_bytes": peak_rss_bytes(),
             },
             eval_info=eval_info,
-            notes=plan.notes,
+            notes=(plan.notes if layered else []) + config_notes,
         )
         write_report(report, tmp / "sparsify_report.json")
     return report

@@ -80,19 +80,38 @@ def _err(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def _split(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Linear records (pruning) and layer records (attention patterns)."""
+    return [r for r in records if r["method"] != "attention"], [r for r in records if r["method"] == "attention"]
+
+
 def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     t = report["totals"]
+    linears, attention = _split(report["layers"])
     rows = [
         ("model", f"{report['model']} ({report['model_type']})"),
         ("output", report["output"]),
         ("passes", "; ".join(_describe_pass(p) for p in report["recipe"]["passes"])),
-        (
-            "calibration",
-            f"{report['calibration']['windows']} × {report['calibration']['seq_len']} tokens of "
-            f"{report['calibration']['text']} (seed {report['seed']})",
-        ),
-        ("target Linears", f"{sum(1 for r in report['layers'] if r.get('status') == 'pruned')} pruned"),
-        ("target sparsity", _pct(t["target_sparsity"])),
+    ]
+    cal = report.get("calibration")
+    if cal:
+        rows.append(
+            ("calibration", f"{cal['windows']} × {cal['seq_len']} tokens of {cal['text']} (seed {report['seed']})")
+        )
+    if linears:
+        rows.append(("target Linears", f"{sum(1 for r in linears if r.get('status') == 'pruned')} pruned"))
+        rows.append(("target sparsity", _pct(t["target_sparsity"])))
+    if attention:
+        windowed = [r for r in attention if r["window"]]
+        mean = sum(r["flops_fraction"] for r in attention) / len(attention)
+        rows.append(
+            (
+                "attention",
+                f"{len(windowed)}/{len(attention)} layers windowed ({windowed[0]['window']} tokens),"
+                f" {mean:.1%} of dense attention FLOPs at 4096 tokens, {attention[0]['status']}",
+            )
+        )
+    rows += [
         ("parameters", f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {_pct(t['overall_sparsity'])} zeros)"),
         ("size on disk", _fmt_bytes(t["bytes"])),
         ("wall time", f"{t['wall_seconds']:.1f} s"),
@@ -124,6 +143,9 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
 
 
 def _describe_pass(p: dict[str, Any]) -> str:
+    if p["type"] == "attention":
+        extra = f", every {p['global_every']}th layer full" if p.get("global_every") else ""
+        return f"attention {p['pattern']} window {p['window']}{extra}"
     if p["type"] == "prune":
         amount = p["pattern"] if p["pattern"] != "unstructured" else f"{p['sparsity']:.0%} unstructured"
         return f"prune {p['method']} {amount}" + (" (OWL)" if p.get("profile") == "owl" else "")
@@ -133,13 +155,27 @@ def _describe_pass(p: dict[str, Any]) -> str:
 def render_markdown(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     lines = ["# sparsify report", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report, baseline)]
-    lines += ["", "## Layers", "", "| Linear | shape | method | pattern | sparsity | rel. error | time | status |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for r in report["layers"]:
-        lines.append(
-            f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']} | {r['pattern']} | {_pct(r.get('sparsity'))}"
-            f" | {_err(r.get('rel_error'))} | {r.get('seconds', 0):.2f} s | {r.get('status', '')} |"
-        )
+    linears, attention = _split(report["layers"])
+    if linears:
+        lines += ["", "## Layers", "", "| Linear | shape | method | pattern | sparsity | rel. error | time | status |"]
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in linears:
+            lines.append(
+                f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']} | {r['pattern']} | {_pct(r.get('sparsity'))}"
+                f" | {_err(r.get('rel_error'))} | {r.get('seconds', 0):.2f} s | {r.get('status', '')} |"
+            )
+    if attention:
+        lines += [
+            "",
+            "## Attention",
+            "",
+            "| layer | pattern | window | FLOPs vs dense @4096 | status |",
+            "|---|---|---|---|---|",
+        ]
+        for r in attention:
+            lines.append(
+                f"| {r['name']} | {r['pattern']} | {r['window'] or '—'} | {r['flops_fraction']:.1%} | {r['status']} |"
+            )
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -171,7 +207,7 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary_rows(report, baseline)
     )
-    layers = report["layers"]
+    layers, attention = _split(report["layers"])
     labels = [r["name"] for r in layers]
     table = "".join(
         f"<tr><td>{html.escape(r['name'])}</td><td>{r['shape'][0]}×{r['shape'][1]}</td><td>{r['method']}</td>"
@@ -180,6 +216,17 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
         for r in layers
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
+    attn = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r['pattern']}</td><td>{r['window'] or '—'}</td>"
+        f"<td>{r['flops_fraction']:.1%}</td><td>{html.escape(r['status'])}</td></tr>"
+        for r in attention
+    )
+    attn_table = (
+        "<h2>Attention</h2><table><tr><th>layer</th><th>pattern</th><th>window</th><th>FLOPs vs dense @4096</th>"
+        f"<th>status</th></tr>{attn}</table>"
+        if attention
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sparsify report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
@@ -189,6 +236,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left;font-size:13px}}</s
 <h2>Per-layer reconstruction error</h2>{_svg_bars([r.get("rel_error") for r in layers], labels, "relative output error", ".4f")}
 <h2>Layers</h2><table><tr><th>Linear</th><th>shape</th><th>method</th><th>pattern</th><th>sparsity</th>
 <th>rel. error</th><th>status</th></tr>{table}</table>
+{attn_table}
 {"<h2>Notes</h2><ul>" + notes + "</ul>" if notes else ""}
 </body></html>
 """

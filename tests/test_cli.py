@@ -299,7 +299,7 @@ def test_dense_targets_only_on_first_pass_and_bad_regex(model_dir, tmp_path):
         "  - {type: prune, method: sparsegpt, sparsity: 0.5, dense_targets: true}\n"
     )
     out = tmp_path / "out"
-    assert_user_error(run("compress", model_dir("llama"), "-r", recipe, "-o", out), out, "first pass")
+    assert_user_error(run("compress", model_dir("llama"), "-r", recipe, "-o", out), out, "first pruning pass")
     assert_user_error(
         run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", "--targets", "re:("), out, "regex"
     )

@@ -20,6 +20,9 @@ class StrictModel(BaseModel):
 
 class PassConfig(StrictModel):
     type: str
+
+
+class LayerPassConfig(PassConfig):
     targets: list[str] | None = None  # None: the architecture table's defaults
     ignore: list[str] = []
     sequential: bool = False  # true-sequential: calibrate each stage of a layer after the stages before it
@@ -36,12 +39,13 @@ def stage_of(fqn: str, stages: list[tuple[str, ...]]) -> int:
 class LayerPass(ABC):
     """A compression pass applied to one layer at a time inside the calibration loop."""
 
-    config_cls: ClassVar[type[PassConfig]]
+    config_cls: ClassVar[type[LayerPassConfig]]
+    config: LayerPassConfig
     needs_data: ClassVar[bool] = True
     needs_hessian: bool = False
     needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)
 
-    def __init__(self, config: PassConfig, index: int, stages: list[tuple[str, ...]] | None = None):
+    def __init__(self, config: LayerPassConfig, index: int, stages: list[tuple[str, ...]] | None = None):
         self.config = config
         self.index = index  # position in the recipe
         self._stages = stages or []  # layer-relative Linear names in data-flow order (from the arch table)
@@ -67,6 +71,24 @@ class LayerPass(ABC):
         self, layer_index: int, targets: dict[str, nn.Module], stats: dict[str, LinearStats]
     ) -> list[dict[str, Any]]:
         """Compress ``targets`` in place; return one record per Linear for the report."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs and errors."""
+
+
+class ConfigPass(ABC):
+    """A pass that rewrites the model's config (e.g. its attention pattern); weights pass through unchanged."""
+
+    config_cls: ClassVar[type[PassConfig]]
+
+    def __init__(self, config: PassConfig, index: int, stages: list[tuple[str, ...]] | None = None):
+        self.config = config
+        self.index = index
+
+    @abstractmethod
+    def apply(self, cfg: dict[str, Any], layers_path: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        """Return the new config dict, one report record per layer, and notes."""
 
     @abstractmethod
     def describe(self) -> str:

@@ -34,12 +34,12 @@ from sparsify.algorithms import (
 from sparsify.calibration import LayerwiseRunner, LinearStats
 from sparsify.errors import SparsifyError
 from sparsify.modules import set_weight_matrix, weight_matrix
-from sparsify.passes.base import LayerPass, PassConfig
+from sparsify.passes.base import LayerPass, LayerPassConfig
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
-class PruneConfig(PassConfig):
+class PruneConfig(LayerPassConfig):
     type: Literal["prune"] = "prune"
     method: Literal["magnitude", "wanda", "ria", "sparsegpt"] = "wanda"
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")

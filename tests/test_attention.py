@@ -1,0 +1,143 @@
+"""Attention-pattern swap: native configs that plain transformers loads, and their exactness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+from sparsify.cli import app
+from sparsify.pipeline import compress
+from sparsify.recipe import parse_recipe
+from tests import zoo
+from tests.test_cli import assert_user_error
+
+NATIVE = {  # family -> model_type written
+    "llama": "mistral",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3_text",
+    "phi3": "phi3",
+}
+IDS = torch.randint(3, zoo.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _window(src, out, window, global_every=0):
+    step = {"type": "attention", "pattern": "sliding-window", "window": window, "global_every": global_every}
+    return compress(src, parse_recipe({"passes": [step]}), out)
+
+
+def _logits(path) -> torch.Tensor:
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("family", list(NATIVE))
+def test_window_longer_than_input_is_exact_and_native(family, model_dir, tmp_path):
+    src = model_dir(family)
+    report = _window(src, tmp_path / "out", 64)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == NATIVE[family] and config["sliding_window"] == 64
+    loaded = T.AutoConfig.from_pretrained(tmp_path / "out")
+    assert loaded.sliding_window == 64
+    torch.testing.assert_close(_logits(tmp_path / "out"), _logits(src), rtol=0, atol=1e-5)
+    assert all(r["status"].startswith("native") for r in report["layers"])
+
+
+@pytest.mark.parametrize("family", list(NATIVE))
+def test_shorter_window_changes_only_positions_past_it(family, model_dir, tmp_path):
+    src = model_dir(family)
+    _window(src, tmp_path / "out", 8)
+    dense, windowed = _logits(src), _logits(tmp_path / "out")
+    torch.testing.assert_close(windowed[:, :8], dense[:, :8], rtol=0, atol=1e-5)
+    assert (windowed[:, 8:] - dense[:, 8:]).abs().amax() > 1e-3, "the window must take effect past its length"
+
+
+def test_one_layer_window_equals_dense_attention_on_the_last_window(tmp_path):
+    """RoPE is relative, so in a 1-layer model position t under window W sees exactly what the dense
+    model sees when fed only the W tokens ending at t."""
+    cfg = zoo.CONFIGS["llama"]()
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    zoo.tokenizer().save_pretrained(tmp_path / "m")
+    _window(tmp_path / "m", tmp_path / "out", 6)
+    dense = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    windowed = _logits(tmp_path / "out")
+    with torch.no_grad():
+        for t in (6, 13, 31):
+            ref = dense(input_ids=IDS[:, t - 5 : t + 1]).logits[:, -1]
+            torch.testing.assert_close(windowed[:, t], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_global_every_writes_per_layer_types(model_dir, tmp_path):
+    report = _window(model_dir("llama"), tmp_path / "mini", 8, global_every=2)
+    config = json.loads((tmp_path / "mini" / "config.json").read_text())
+    assert config["model_type"] == "ministral" and config["layer_types"] == ["sliding_attention", "full_attention"]
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "mini")
+    assert type(model).__name__ == "MinistralForCausalLM"
+    assert [r["pattern"] for r in report["layers"]] == ["sliding-window", "full"]
+    assert report["layers"][1]["flops_fraction"] == 1.0 and report["layers"][0]["flops_fraction"] < 0.01
+    _window(model_dir("llama"), tmp_path / "uniform", 8)
+    assert (_logits(tmp_path / "mini") - _logits(tmp_path / "uniform")).abs().amax() > 1e-4
+    qwen = _window(model_dir("qwen2"), tmp_path / "qwen", 8, global_every=2)
+    assert json.loads((tmp_path / "qwen" / "config.json").read_text())["layer_types"] == [
+        "sliding_attention",
+        "full_attention",
+    ]
+    assert qwen["layers"][0]["window"] == 8
+
+
+def test_prune_then_window_in_one_recipe(model_dir, tmp_path):
+    recipe = parse_recipe(
+        {
+            "calibration": {"samples": 4, "seq_len": 32},
+            "passes": [
+                {"type": "prune", "method": "wanda", "sparsity": 0.5},
+                {"type": "attention", "pattern": "sliding-window", "window": 16},
+            ],
+        }
+    )
+    report = compress(model_dir("llama"), recipe, tmp_path / "out")
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 16
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=1 / 64)
+    assert {r["method"] for r in report["layers"]} == {"wanda", "attention"}
+
+
+runner = CliRunner()
+
+
+def test_cli_attention_and_report(model_dir, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["attention", str(model_dir("qwen3")), "-o", str(out), "--window", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["layers"][0]["status"] == "native: qwen3"
+    md = runner.invoke(app, ["report", str(out)])
+    assert md.exit_code == 0 and "## Attention" in md.stdout
+
+
+@pytest.mark.parametrize(
+    ("family", "args", "fragment"),
+    [
+        ("llama", ["--window", "0"], "window"),
+        ("llama", [], "needs a window"),
+        ("gpt2", ["--window", "8"], "native sliding windows exist for"),
+        ("bert", ["--window", "8"], "--pattern local"),
+        ("llama", ["--pattern", "sinks", "--window", "8", "--sinks", "4"], "not available yet"),
+        ("llama", ["--pattern", "block-sparse", "--block-size", "8"], "not available yet"),
+        ("phi3", ["--window", "8", "--global-every", "2"], "one sliding_window"),
+        ("llama", ["--window", "8", "--global-every", "1"], "no windowed layer"),
+    ],
+)
+def test_attention_errors(family, args, fragment, model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attention", str(model_dir(family)), "-o", str(out), *args])
+    assert_user_error(result, out, fragment)
