@@ -141,3 +141,21 @@ def test_attention_errors(family, args, fragment, model_dir, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["attention", str(model_dir(family)), "-o", str(out), *args])
     assert_user_error(result, out, fragment)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_generation_past_the_window_uses_a_bounded_cache(family, model_dir, tmp_path):
+    """Greedy decoding with the runtime's sliding-window cache equals recomputing the windowed forward,
+    and the cache holds at most the window, however long the generation."""
+    _window(model_dir(family), tmp_path / "out", 8)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    prompt = IDS[:1, :12]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+        reference = prompt
+        for _ in range(30):
+            step = model(input_ids=reference, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            reference = torch.cat([reference, step], 1)
+    assert torch.equal(out.sequences, reference)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert all(layer.keys.shape[-2] <= 8 for layer in cache.layers)
