@@ -42,6 +42,15 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return source.get_many(source.keys())
 
 
+def assert_reload_equals_memory(family: str, src, recipe, out) -> None:
+    """The saved output, reloaded, gives the logits of the same recipe applied to the model in memory."""
+    memory_model = _load(family, src)
+    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(src)), 8, 32, 0)
+    compress_model(memory_model, recipe, tokens)
+    ids = tokens[:2]
+    torch.testing.assert_close(_outputs(_load(family, out), ids), _outputs(memory_model, ids), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", list(zoo.CONFIGS))
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("pattern", "sparsity"), PATTERNS)
@@ -81,12 +90,7 @@ def test_prune_family(family, method, pattern, sparsity, model_dir, tmp_path):
     assert len(target_keys) == len(pruned)
 
     # Reloading the output gives the in-memory result of the same recipe on the same data.
-    memory_model = _load(family, src)
-    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(src)), 8, 32, 0)
-    compress_model(memory_model, recipe, tokens)
-    reloaded = _load(family, tmp_path / "out")
-    ids = tokens[:2]
-    torch.testing.assert_close(_outputs(reloaded, ids), _outputs(memory_model, ids), rtol=0, atol=1e-6)
+    assert_reload_equals_memory(family, src, recipe, tmp_path / "out")
 
 
 def test_target_key_lookup_is_not_vacuous(model_dir):
@@ -117,13 +121,7 @@ def test_true_sequential_stages(family, model_dir, tmp_path):
     first_key, later_key = f"{prefix}{first}.weight", f"{prefix}{later}.weight"
     assert torch.equal(seq_w[first_key], plain_w[first_key])  # the first stage sees the same inputs
     assert not torch.equal(seq_w[later_key], plain_w[later_key])  # later stages see pruned upstream
-    memory_model = _load(family, src)
-    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(src)), 8, 32, 0)
-    compress_model(memory_model, recipe, tokens)
-    ids = tokens[:2]
-    torch.testing.assert_close(
-        _outputs(_load(family, tmp_path / "seq"), ids), _outputs(memory_model, ids), rtol=0, atol=1e-6
-    )
+    assert_reload_equals_memory(family, src, recipe, tmp_path / "seq")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -150,10 +148,4 @@ def test_dense_targets(family, pattern, sparsity, model_dir, tmp_path):
             torch.testing.assert_close(dt[key], plain[key], rtol=1e-4, atol=1e-5)
         else:
             assert not torch.allclose(dt[key], plain[key], atol=1e-5)
-    memory_model = _load(family, src)
-    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(src)), 8, 32, 0)
-    compress_model(memory_model, recipe, tokens)
-    ids = tokens[:2]
-    torch.testing.assert_close(
-        _outputs(_load(family, tmp_path / "dt"), ids), _outputs(memory_model, ids), rtol=0, atol=1e-6
-    )
+    assert_reload_equals_memory(family, src, recipe, tmp_path / "dt")
