@@ -55,7 +55,9 @@ class Format(str, Enum):
 
 
 # Shared option aliases -------------------------------------------------------------------------
-ModelArg = Annotated[str, typer.Argument(help="Hugging Face model folder or .gguf file", show_default=False)]
+ModelArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Hugging Face model folder or .gguf file", show_default=False)
+]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="output folder (created atomically)", show_default=False)]
 CalibOpt = Annotated[
     str | None, typer.Option("--calib", help=".txt, .json/.jsonl with a 'text' field, or a folder of .txt")
@@ -146,7 +148,7 @@ def _eval_path(value: str | None) -> str | None:
     return BUILTIN_EVAL if value in ("heldout", "builtin") else value
 
 
-def _options(overwrite: bool, dtype: DType, eval_data: str | None, trust: bool, json_out: bool):
+def _options(overwrite: bool, dtype: DType, eval_data: str | None, trust: bool):
     from sparsify.pipeline import Options
     from sparsify.progress import RichProgress
 
@@ -228,7 +230,7 @@ def prune(
     if ignore:
         step["ignore"] = ignore
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed)
-    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code, json_out), json_out, "flags")
+    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code), json_out, "flags")
 
 
 class Pattern(str, Enum):
@@ -263,7 +265,7 @@ def attention(
             step[key] = value
     if pattern is Pattern.block_sparse:
         step.update(global_blocks=global_blocks, random_blocks=random_blocks)
-    opts = _options(overwrite, DType.float32, eval_data, trust_remote_code, json_out)
+    opts = _options(overwrite, DType.float32, eval_data, trust_remote_code)
     _run(model, {"passes": [step]}, output, opts, json_out, "flags")
 
 
@@ -292,7 +294,7 @@ def compress(
     load_recipe(recipe)  # validates with the file name in the message
     data = yaml.safe_load(recipe.read_text())
     data = _with_calibration(data, calib, samples, seq_len, seed)
-    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code, json_out), json_out, recipe.name)
+    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code), json_out, recipe.name)
 
 
 @app.command("eval", epilog="Example: sparsify eval ./model-wanda50 --data held_out.txt --seq-len 512")
