@@ -89,7 +89,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 report = compress(model, recipe, out, Options(overwrite=True, dtype=getattr(torch, args.dtype)))
                 seconds = time.perf_counter() - t0
-                extra = {"peak_rss_bytes": report["totals"]["peak_rss_bytes"], "dtype": args.dtype}
+                extra = {"peak_rss_bytes": report["totals"]["peak_rss_bytes"], "compute_dtype": args.dtype}
             elif tool == "lc":
                 if not args.llmcompressor:
                     raise SystemExit("lc settings need --llmcompressor PYTHON")

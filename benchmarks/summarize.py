@@ -15,9 +15,8 @@ def quality() -> str:
     rows: dict[str, dict] = {}
     for line in (OUT / "quality.jsonl").read_text().splitlines():
         row = json.loads(line)
-        key = row["setting"] + (
-            "" if row.get("dtype", "float32") == "float32" or row["setting"] == "dense" else f" [{row['dtype']}]"
-        )
+        compute = row.get("compute_dtype", "float32")
+        key = row["setting"] + ("" if compute == "float32" else f" [{compute} compute]")
         rows[key] = row
     dense = rows.get("dense", {}).get("perplexity")
     lines = [
