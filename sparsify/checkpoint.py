@@ -72,6 +72,11 @@ class TensorSource:
     def get_many(self, keys: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def iter_tensors(self, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+        """``(key, tensor)`` one at a time, holding only the current tensor in memory."""
+        for key in keys:
+            yield key, self.get_many([key])[key]
+
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
@@ -102,6 +107,21 @@ class SafetensorsSource(TensorSource):
 
     def __contains__(self, key: str) -> bool:
         return key in self._file_of
+
+    def iter_tensors(self, keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+        """One tensor at a time, each file opened once (not once per tensor)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self._file_of[k], []).append(k)
+        for path, ks in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for k in ks:
+                        yield k, f.get_tensor(k).clone()
+            except Exception as e:
+                raise SparsifyError(f"cannot read tensors from {path.name}: {e}") from e
 
     def get_many(self, keys: list[str]) -> dict[str, Tensor]:
         from safetensors import safe_open

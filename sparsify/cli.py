@@ -287,13 +287,11 @@ def compress(
     debug: DebugOpt = False,
 ) -> None:
     """Run a whole recipe: its passes in order, layer by layer."""
-    import yaml
+    from sparsify.recipe import read_recipe_data
 
-    from sparsify.recipe import load_recipe
-
-    load_recipe(recipe)  # validates with the file name in the message
-    data = yaml.safe_load(recipe.read_text())
-    data = _with_calibration(data, calib, samples, seq_len, seed)
+    data = read_recipe_data(recipe)
+    if isinstance(data, dict):  # anything else is refused by parse_recipe with the file name
+        data = _with_calibration(data, calib, samples, seq_len, seed)
     _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code), json_out, recipe.name)
 
 

@@ -16,11 +16,9 @@ def checkpoint_totals(path: str | Path) -> dict[str, Any]:
     """Parameter count, non-zeros and bytes of a checkpoint's floating tensors (reads each tensor once)."""
     md = open_model(path)
     params = nonzeros = nbytes = 0
-    for key in md.source.keys():
+    floating = [k for k in md.source.keys() if md.source.info(k).dtype.is_floating_point]
+    for key, t in md.source.iter_tensors(floating):
         info = md.source.info(key)
-        if not info.dtype.is_floating_point:
-            continue
-        t = md.source.get_many([key])[key]
         params += t.numel()
         nonzeros += int(t.count_nonzero())
         nbytes += info.nbytes

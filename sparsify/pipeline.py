@@ -341,9 +341,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
 
 def _copy_rest(source: TensorSource, writer: SafetensorsWriter, written: set[str]) -> dict[str, int]:
     """Copy every tensor the loop did not write (embeddings, norms, heads) and count all parameters."""
-    for key in source.keys():
-        if key not in written:
-            writer.write(key, source.get_many([key])[key])
+    for key, tensor in source.iter_tensors([k for k in source.keys() if k not in written]):
+        writer.write(key, tensor)
     return {"parameters": writer.parameters, "nonzeros": writer.nonzeros}
 
 

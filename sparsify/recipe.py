@@ -65,14 +65,18 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         raise SparsifyError(format_validation_error(e, where)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_recipe_data(path: str | Path) -> Any:
+    """The recipe file's YAML, unvalidated (callers may apply overrides before :func:`parse_recipe`)."""
     p = Path(path)
     if not p.is_file():
         raise SparsifyError(f"recipe not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SparsifyError(f"{p.name}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return parse_recipe(data, p.name)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_recipe_data(path), Path(path).name)
