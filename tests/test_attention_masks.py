@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from sparsify.algorithms.attention_masks import (
+    LayerPattern,
     attention_fraction,
     block_sparse_mask,
     causal_mask,
     local_mask,
+    pattern_mask,
+    random_block_choices,
     sliding_window_mask,
 )
 
@@ -71,9 +74,54 @@ def test_block_sparse_random_blocks_are_seeded_and_whole_blocks():
 def test_errors_and_fractions():
     with pytest.raises(ValueError, match="window"):
         sliding_window_mask(4, 0)
-    with pytest.raises(ValueError, match="divide"):
-        block_sparse_mask(10, 4)
+    with pytest.raises(ValueError, match="block size"):
+        block_sparse_mask(10, 0)
+    with pytest.raises(ValueError, match="unknown attention pattern"):
+        LayerPattern("dilated")
+    with pytest.raises(ValueError, match="needs window"):
+        LayerPattern("sinks", sinks=4)
     assert attention_fraction(causal_mask(8)) == 1.0
     length, w = 1024, 128
     expected = (w * (w + 1) / 2 + (length - w) * w) / (length * (length + 1) / 2)
     assert attention_fraction(sliding_window_mask(length, w)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("length", "block"), [(10, 4), (17, 8), (5, 8)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("random_blocks", [0, 2])
+def test_block_sparse_any_length_and_random_blocks(length, block, causal, random_blocks):
+    """A partial last block is a block like the others; random blocks come from (seed, query block) alone."""
+    got = block_sparse_mask(length, block, global_blocks=1, random_blocks=random_blocks, causal=causal, seed=3)
+    n = -(-length // block)
+
+    def allowed(i, j):
+        bi, bj = i // block, j // block
+        picked = random_block_choices(bi, n, random_blocks, causal, 3).tolist() if random_blocks else []
+        ok = abs(bi - bj) <= 1 or bj < 1 or bi < 1 or bj in picked
+        return ok and (j <= i or not causal)
+
+    assert torch.equal(got, _loop(length, length, 0, allowed))
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        LayerPattern("sinks", window=5, sinks=2),
+        LayerPattern("sliding-window", window=3),
+        LayerPattern("block-sparse", block_size=4, global_blocks=1, random_blocks=1, seed=2),
+        LayerPattern("full"),
+    ],
+)
+def test_decoding_rows_equal_the_full_mask(p):
+    """The mask for the last q queries over all keys is the bottom of the full mask: decoding sees what the
+    full forward sees (random blocks included)."""
+    full = pattern_mask(p, 24)
+    for q_len in (1, 3):
+        assert torch.equal(pattern_mask(p, q_len, 24), full[-q_len:])
+
+
+def test_pattern_mask_dispatches_to_the_builders():
+    assert torch.equal(pattern_mask(LayerPattern("sinks", window=4, sinks=1), 9), sliding_window_mask(9, 4, sinks=1))
+    assert torch.equal(pattern_mask(LayerPattern("local", window=5), 9, causal=False), local_mask(9, 5))
+    assert torch.equal(pattern_mask(LayerPattern(), 9), causal_mask(9))
+    assert pattern_mask(LayerPattern(), 9, causal=False).all()
