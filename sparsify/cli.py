@@ -77,6 +77,15 @@ EvalOpt = Annotated[
     str | None,
     typer.Option("--eval", help="text for perplexity before/after ('heldout' = embedded held-out text)"),
 ]
+EvalLenOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--eval-seq-len",
+        help="context length for --eval (repeatable) [default: 512; 512 and 2048 for attention patterns]",
+        min=2,
+        show_default=False,
+    ),
+]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model folder's own Python code")]
 
 
@@ -148,7 +157,7 @@ def _eval_path(value: str | None) -> str | None:
     return BUILTIN_EVAL if value in ("heldout", "builtin") else value
 
 
-def _options(overwrite: bool, dtype: DType, eval_data: str | None, trust: bool):
+def _options(overwrite: bool, dtype: DType, eval_data: str | None, eval_lens: list[int] | None, trust: bool):
     from sparsify.pipeline import Options
     from sparsify.progress import RichProgress
 
@@ -156,6 +165,7 @@ def _options(overwrite: bool, dtype: DType, eval_data: str | None, trust: bool):
         overwrite=overwrite,
         dtype=_dtype(dtype),
         eval_data=_eval_path(eval_data),
+        eval_seq_lens=tuple(eval_lens) if eval_lens else None,
         trust_remote_code=trust,
         progress=RichProgress(err_console),
     )
@@ -211,6 +221,7 @@ def prune(
     ignore: IgnoreOpt = None,
     dtype: DTypeOpt = DType.float32,
     eval_data: EvalOpt = None,
+    eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
@@ -230,7 +241,7 @@ def prune(
     if ignore:
         step["ignore"] = ignore
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed)
-    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code), json_out, "flags")
+    _run(model, data, output, _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code), json_out, "flags")
 
 
 class Pattern(str, Enum):
@@ -240,7 +251,10 @@ class Pattern(str, Enum):
     local = "local"
 
 
-@app.command(epilog="Example: sparsify attention ./llama -o ./llama-swa --pattern sliding-window --window 1024")
+@app.command(
+    epilog="Examples: sparsify attention ./llama -o ./llama-swa --window 1024 --global-every 4;"
+    " sparsify attention ./llama -o ./llama-sinks --pattern sinks --window 1020 --sinks 4"
+)
 @handle_errors
 def attention(
     model: ModelArg,
@@ -253,19 +267,24 @@ def attention(
     global_blocks: Annotated[int, typer.Option(help="block-sparse: global blocks", min=0)] = 1,
     random_blocks: Annotated[int, typer.Option(help="block-sparse: random blocks per row", min=0)] = 0,
     eval_data: EvalOpt = None,
+    eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Swap the attention pattern (sliding window, written as the family's native config)."""
+    """Swap the attention pattern: sliding window, sinks + window (StreamingLLM), block-sparse, local (encoders).
+
+    A sliding window on Llama, Mistral, Qwen2/3, Gemma 2/3 or Phi-3 becomes the family's native config
+    (plain transformers and vLLM load it). The other patterns are written for sparsify.load(OUT).
+    """
     step: dict[str, Any] = {"type": "attention", "pattern": pattern.value, "global_every": global_every, "sinks": sinks}
     for key, value in (("window", window), ("block_size", block_size)):
         if value is not None:
             step[key] = value
     if pattern is Pattern.block_sparse:
         step.update(global_blocks=global_blocks, random_blocks=random_blocks)
-    opts = _options(overwrite, DType.float32, eval_data, trust_remote_code)
+    opts = _options(overwrite, DType.float32, eval_data, eval_seq_len, trust_remote_code)
     _run(model, {"passes": [step]}, output, opts, json_out, "flags")
 
 
@@ -281,6 +300,7 @@ def compress(
     seed: SeedOpt = None,
     dtype: DTypeOpt = DType.float32,
     eval_data: EvalOpt = None,
+    eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
@@ -292,7 +312,14 @@ def compress(
     data = read_recipe_data(recipe)
     if isinstance(data, dict):  # anything else is refused by parse_recipe with the file name
         data = _with_calibration(data, calib, samples, seq_len, seed)
-    _run(model, data, output, _options(overwrite, dtype, eval_data, trust_remote_code), json_out, recipe.name)
+    _run(
+        model,
+        data,
+        output,
+        _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code),
+        json_out,
+        recipe.name,
+    )
 
 
 @app.command("eval", epilog="Example: sparsify eval ./model-wanda50 --data held_out.txt --seq-len 512")
@@ -300,7 +327,9 @@ def compress(
 def eval_cmd(
     model: ModelArg,
     data: Annotated[str | None, typer.Option(help="text file; default: embedded held-out text")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per window (stride = seq-len)", min=2)] = 512,
+    seq_len: Annotated[
+        list[int] | None, typer.Option(help="tokens per window, stride = seq-len (repeatable) [default: 512]", min=2)
+    ] = None,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many windows", min=1)] = None,
     baseline: Annotated[
         str | None, typer.Option(help="encoders: dense model to compare mean-pooled embeddings with")
@@ -321,7 +350,7 @@ def eval_cmd(
         if baseline is None:
             raise SparsifyError("this is an encoder: pass --baseline DENSE_MODEL to measure embedding similarity")
         result = embedding_similarity(
-            md.path, open_model(baseline).path, _eval_path(data), seq_len, dtype=_dtype(dtype),
+            md.path, open_model(baseline).path, _eval_path(data), (seq_len or [512])[0], dtype=_dtype(dtype),
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
         line = (
@@ -330,12 +359,13 @@ def eval_cmd(
         )
     else:
         result = evaluate(
-            md.path, _eval_path(data), seq_len, max_windows, _dtype(dtype), trust_remote_code,
+            md.path, _eval_path(data), seq_len or [512], max_windows, _dtype(dtype), trust_remote_code,
             RichProgress(err_console),
         )  # fmt: skip
-        line = (
-            f"perplexity {result['perplexity']:.3f}  ({result['text']}, {result['windows']} × {result['seq_len']}"
-            f" tokens, stride {result['stride']}, {result['dtype']})"
+        line = "\n".join(
+            f"perplexity {r['perplexity']:.3f}  ({result['text']}, {r['windows']} × {r['seq_len']}"
+            f" tokens, stride {r['seq_len']}, {result['dtype']})"
+            for r in result.get("by_length", [result])
         )
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,7 @@ from sparsify.arch import is_encoder
 from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.progress import NoProgress, Progress
+from sparsify.runtime import load
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -29,13 +30,15 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if is_encoder(config.model_type):
         raise SparsifyError(f"perplexity needs a causal LM; {config.model_type} is an encoder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except SparsifyError:
+        raise
     except Exception as e:
         raise SparsifyError(f"transformers cannot load {path}: {e}") from e
     return model.eval()
@@ -71,8 +74,6 @@ def embedding_similarity(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Encoders: cosine similarity of mean-pooled embeddings to the ``baseline`` model on held-out paragraphs."""
-    from transformers import AutoModel
-
     tokenizer = load_tokenizer(baseline, trust_remote_code)
     text = load_text(data, default=BUILTIN_EVAL)
     paragraphs = [p.strip() for doc in text.documents for p in doc.split("\n\n") if len(p.strip()) > 40][:max_texts]
@@ -81,7 +82,9 @@ def embedding_similarity(
     models = []
     for p in (path, baseline):
         try:
-            models.append(AutoModel.from_pretrained(p, dtype=dtype, trust_remote_code=trust_remote_code).eval())
+            models.append(load(p, dtype=dtype, trust_remote_code=trust_remote_code).eval())
+        except SparsifyError:
+            raise
         except Exception as e:
             raise SparsifyError(f"transformers cannot load {p}: {e}") from e
     seq_len = min(seq_len, getattr(models[1].config, "max_position_embeddings", seq_len))
@@ -107,24 +110,35 @@ def embedding_similarity(
 def evaluate(
     path: Path,
     data: str | None,
-    seq_len: int = 512,
+    seq_len: int | list[int] = 512,
     max_windows: int | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings."""
+    """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings.
+
+    Several ``seq_len`` values evaluate the same text at each context length (the model is loaded once);
+    the result then describes the first length and lists all under ``by_length``.
+    """
+    lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
     tokenizer = load_tokenizer(path, trust_remote_code)
     text = load_text(data, default=BUILTIN_EVAL)
-    windows = eval_windows(tokenize(text, tokenizer), seq_len, max_windows)
+    stream = tokenize(text, tokenizer)
     model = load_causal_lm(path, dtype, trust_remote_code)
-    ppl = perplexity(model, windows, progress=progress)
-    return {
-        "perplexity": ppl,
-        "text": text.name,
-        "seq_len": seq_len,
-        "stride": seq_len,
-        "windows": int(windows.shape[0]),
-        "tokens": int(windows.numel()),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    results = []
+    for length in lengths:
+        windows = eval_windows(stream, length, max_windows)
+        results.append(
+            {
+                "perplexity": perplexity(model, windows, progress=progress),
+                "seq_len": length,
+                "windows": int(windows.shape[0]),
+                "tokens": int(windows.numel()),
+            }
+        )
+    first = results[0]
+    info = {**first, "text": text.name, "stride": first["seq_len"], "dtype": str(dtype).removeprefix("torch.")}
+    if len(results) > 1:
+        info["by_length"] = results
+    return info

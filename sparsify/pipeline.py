@@ -52,7 +52,7 @@ class Options:
     device: str = "cpu"
     trust_remote_code: bool = False
     eval_data: str | None = None  # perplexity before/after on this text
-    eval_seq_len: int = 512
+    eval_seq_lens: tuple[int, ...] | None = None  # None: 512, plus 2048 when the recipe swaps attention
     eval_max_windows: int | None = None
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     progress: Progress = field(default_factory=NoProgress)
@@ -218,16 +218,52 @@ def compress_model(
     return _execute(plan, runner), plan.notes
 
 
-def _perplexity(path: Path, opts: Options) -> dict[str, Any]:
+ATTENTION_EVAL_LENGTHS = (512, 2048)  # an attention pattern shows at contexts longer than its window
+
+
+def _eval_lengths(opts: Options, recipe: Recipe, config) -> tuple[list[int], list[str]]:
+    """Context lengths for perplexity: the requested ones, or the defaults, within the model's context."""
+    attention = any(not is_layer_pass(step) for step in recipe.passes)
+    wanted = list(opts.eval_seq_lens or (ATTENTION_EVAL_LENGTHS if attention else (512,)))
+    limit = getattr(config, "max_position_embeddings", None)
+    kept = [n for n in wanted if not limit or n <= limit]
+    notes = [
+        f"perplexity not measured at {n} tokens: beyond max_position_embeddings {limit}"
+        for n in wanted
+        if n not in kept
+    ]
+    if not kept:
+        kept = [int(limit)]
+        notes.append(f"perplexity measured at the model's full context, {limit} tokens")
+    return kept, notes
+
+
+def _perplexity(path: Path, opts: Options, lengths: list[int]) -> dict[str, Any]:
     return evaluate(
         path,
         opts.eval_data,
-        opts.eval_seq_len,
+        lengths,
         opts.eval_max_windows,
         opts.dtype,
         opts.trust_remote_code,
         opts.progress,
     )
+
+
+def _before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation record with ``before`` and ``after`` perplexities, per context length too."""
+
+    def pair(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in a.items() if k != "perplexity"},
+            "before": b["perplexity"],
+            "after": a["perplexity"],
+        }
+
+    info = pair(before, after)
+    if "by_length" in after:
+        info["by_length"] = [pair(b, a) for b, a in zip(before["by_length"], after["by_length"], strict=True)]
+    return info
 
 
 def _skeleton(md: ModelDir, config, recipe: Recipe, opts: Options) -> tuple[nn.Module, _Plan, KeyMap]:
@@ -272,7 +308,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     if layered:
         tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
         tokens, calib_name = _calibration_tokens(recipe, tokenizer)
-    eval_before = _perplexity(md.path, opts) if opts.eval_data is not None and not encoder else None
+    lengths, eval_notes = _eval_lengths(opts, recipe, config)
+    eval_before = _perplexity(md.path, opts, lengths) if opts.eval_data is not None and not encoder else None
     if layered:
         model, plan, keymap = _skeleton(md, config, recipe, opts)
 
@@ -308,8 +345,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         if opts.eval_data is not None and encoder:
             eval_info = embedding_similarity(tmp, md.path, opts.eval_data, dtype=opts.dtype)
         elif eval_before is not None:
-            after = _perplexity(tmp, opts)
-            eval_info = {**after, "before": eval_before["perplexity"], "after": after.pop("perplexity")}
+            eval_info = _before_after(eval_before, _perplexity(tmp, opts, lengths))
         report = build_report(
             version=__version__,
             model=str(model_path),
@@ -333,7 +369,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
                 "peak_rss_bytes": peak_rss_bytes(),
             },
             eval_info=eval_info,
-            notes=(plan.notes if layered else []) + config_notes,
+            notes=(plan.notes if layered else []) + config_notes + (eval_notes if eval_before else []),
         )
         write_report(report, tmp / "sparsify_report.json")
     return report

@@ -102,13 +102,13 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
         rows.append(("target Linears", f"{sum(1 for r in linears if r.get('status') == 'pruned')} pruned"))
         rows.append(("target sparsity", _pct(t["target_sparsity"])))
     if attention:
-        windowed = [r for r in attention if r["window"]]
+        changed = [r for r in attention if r["pattern"] != "full"]
         mean = sum(r["flops_fraction"] for r in attention) / len(attention)
         rows.append(
             (
                 "attention",
-                f"{len(windowed)}/{len(attention)} layers windowed ({windowed[0]['window']} tokens),"
-                f" {mean:.1%} of dense attention FLOPs at 4096 tokens, {attention[0]['status']}",
+                f"{len(changed)}/{len(attention)} layers {changed[0]['pattern']} ({_shape(changed[0])}),"
+                f" {mean:.1%} of dense attention FLOPs at {_flops_at(attention[0])} tokens, {attention[0]['status']}",
             )
         )
     rows += [
@@ -127,13 +127,15 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
             )
         )
     elif ev:
-        rows.append(
-            (
-                "perplexity",
-                f"{ev['before']:.3f} → {ev['after']:.3f} ({ev['text']}, {ev['windows']} × {ev['seq_len']} tokens,"
-                f" stride {ev['stride']})",
+        for e in ev.get("by_length", [ev]):
+            label = "perplexity" if "by_length" not in ev else f"perplexity @{e['seq_len']}"
+            rows.append(
+                (
+                    label,
+                    f"{e['before']:.3f} → {e['after']:.3f} ({ev['text']}, {e['windows']} × {e['seq_len']} tokens,"
+                    f" stride {e['seq_len']})",
+                )
             )
-        )
     if baseline:
         rows.append(
             ("baseline", f"{baseline['path']}: {baseline['parameters']:,} parameters, {_fmt_bytes(baseline['bytes'])}")
@@ -142,10 +144,24 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
     return rows
 
 
+def _shape(r: dict[str, Any]) -> str:
+    """An attention pattern's size: window and sinks, or block layout."""
+    if r.get("block_size"):
+        extra = [f"{r[k]} {k.split('_')[0]}" for k in ("global_blocks", "random_blocks") if r.get(k)]
+        return f"block {r['block_size']}" + (f", {', '.join(extra)}" if extra else "")
+    if r.get("window"):
+        return f"window {r['window']}" + (f" + {r['sinks']} sinks" if r.get("sinks") else "")
+    return "—"
+
+
+def _flops_at(r: dict[str, Any]) -> int:
+    return int(r.get("flops_at") or 4096)
+
+
 def _describe_pass(p: dict[str, Any]) -> str:
     if p["type"] == "attention":
-        extra = f", every {p['global_every']}th layer full" if p.get("global_every") else ""
-        return f"attention {p['pattern']} window {p['window']}{extra}"
+        extra = f", 1 in {p['global_every']} layers full" if p.get("global_every") else ""
+        return f"attention {p['pattern']} {_shape(p)}{extra}"
     if p["type"] == "prune":
         amount = p["pattern"] if p["pattern"] != "unstructured" else f"{p['sparsity']:.0%} unstructured"
         return f"prune {p['method']} {amount}" + (" (OWL)" if p.get("profile") == "owl" else "")
@@ -169,13 +185,11 @@ def render_markdown(report: dict[str, Any], baseline: dict[str, Any] | None = No
             "",
             "## Attention",
             "",
-            "| layer | pattern | window | FLOPs vs dense @4096 | status |",
+            f"| layer | pattern | shape | FLOPs vs dense @{_flops_at(attention[0])} | status |",
             "|---|---|---|---|---|",
         ]
         for r in attention:
-            lines.append(
-                f"| {r['name']} | {r['pattern']} | {r['window'] or '—'} | {r['flops_fraction']:.1%} | {r['status']} |"
-            )
+            lines.append(f"| {r['name']} | {r['pattern']} | {_shape(r)} | {r['flops_fraction']:.1%} | {r['status']} |")
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -217,12 +231,13 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     attn = "".join(
-        f"<tr><td>{html.escape(r['name'])}</td><td>{r['pattern']}</td><td>{r['window'] or '—'}</td>"
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r['pattern']}</td><td>{_shape(r)}</td>"
         f"<td>{r['flops_fraction']:.1%}</td><td>{html.escape(r['status'])}</td></tr>"
         for r in attention
     )
     attn_table = (
-        "<h2>Attention</h2><table><tr><th>layer</th><th>pattern</th><th>window</th><th>FLOPs vs dense @4096</th>"
+        "<h2>Attention</h2><table><tr><th>layer</th><th>pattern</th><th>shape</th>"
+        f"<th>FLOPs vs dense @{_flops_at(attention[0])}</th>"
         f"<th>status</th></tr>{attn}</table>"
         if attention
         else ""

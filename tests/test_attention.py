@@ -9,6 +9,7 @@ import torch
 import transformers as T
 from typer.testing import CliRunner
 
+from sparsify.algorithms.attention_masks import attention_fraction, sliding_window_mask
 from sparsify.cli import app
 from sparsify.pipeline import compress
 from sparsify.recipe import parse_recipe
@@ -25,6 +26,21 @@ NATIVE = {  # family -> model_type written
     "phi3": "phi3",
 }
 IDS = torch.randint(3, zoo.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def assert_decoding_equals_recomputing(model, prompt: torch.Tensor, steps: int):
+    """Greedy ``generate`` (with whatever cache it builds) equals re-running the whole sequence without a cache
+    at every step; returns the cache generation ended with."""
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True
+        )
+        reference = prompt
+        for _ in range(steps):
+            step = model(input_ids=reference, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            reference = torch.cat([reference, step], 1)
+    assert torch.equal(out.sequences, reference)
+    return getattr(out, "cache", None) or out.past_key_values
 
 
 def _window(src, out, window, global_every=0):
@@ -83,7 +99,9 @@ def test_global_every_writes_per_layer_types(model_dir, tmp_path):
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "mini")
     assert type(model).__name__ == "MinistralForCausalLM"
     assert [r["pattern"] for r in report["layers"]] == ["sliding-window", "full"]
-    assert report["layers"][1]["flops_fraction"] == 1.0 and report["layers"][0]["flops_fraction"] < 0.01
+    first, second = report["layers"]
+    assert second["flops_fraction"] == 1.0 and first["flops_at"] == 256  # the model's context, under 4096
+    assert first["flops_fraction"] == pytest.approx(attention_fraction(sliding_window_mask(256, 8)))
     _window(model_dir("llama"), tmp_path / "uniform", 8)
     assert (_logits(tmp_path / "mini") - _logits(tmp_path / "uniform")).abs().amax() > 1e-4
     qwen = _window(model_dir("qwen2"), tmp_path / "qwen", 8, global_every=2)
@@ -129,10 +147,15 @@ def test_cli_attention_and_report(model_dir, tmp_path):
     [
         ("llama", ["--window", "0"], "window"),
         ("llama", [], "needs a window"),
-        ("gpt2", ["--window", "8"], "native sliding windows exist for"),
         ("bert", ["--window", "8"], "--pattern local"),
-        ("llama", ["--pattern", "sinks", "--window", "8", "--sinks", "4"], "not available yet"),
-        ("llama", ["--pattern", "block-sparse", "--block-size", "8"], "not available yet"),
+        ("bert", ["--pattern", "sinks", "--window", "8", "--sinks", "2"], "is an encoder"),
+        ("llama", ["--pattern", "local", "--window", "8"], "bidirectional, for encoders"),
+        ("llama", ["--pattern", "sinks", "--window", "8"], "needs sinks >= 1"),
+        ("llama", ["--window", "8", "--sinks", "4"], "sinks apply to pattern sinks"),
+        ("llama", ["--pattern", "block-sparse"], "needs block_size"),
+        ("llama", ["--pattern", "block-sparse", "--block-size", "0"], "block_size"),
+        ("llama", ["--pattern", "block-sparse", "--block-size", "48"], "does not divide max_position_embeddings 256"),
+        ("llama", ["--pattern", "block-sparse", "--block-size", "8", "--window", "8"], "takes block_size, not window"),
         ("phi3", ["--window", "8", "--global-every", "2"], "one sliding_window"),
         ("llama", ["--window", "8", "--global-every", "1"], "no windowed layer"),
     ],
@@ -143,19 +166,20 @@ def test_attention_errors(family, args, fragment, model_dir, tmp_path):
     assert_user_error(result, out, fragment)
 
 
+def test_attention_on_an_unknown_family_is_refused(tmp_path):
+    folder = tmp_path / "falcon"
+    cfg = T.FalconConfig(vocab_size=zoo.VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["attention", str(folder), "-o", str(out), "--pattern", "sinks", "--window", "8", "--sinks", "2"]
+    assert_user_error(runner.invoke(app, args), out, "need a known family")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_generation_past_the_window_uses_a_bounded_cache(family, model_dir, tmp_path):
     """Greedy decoding with the runtime's sliding-window cache equals recomputing the windowed forward,
     and the cache holds at most the window, however long the generation."""
     _window(model_dir(family), tmp_path / "out", 8)
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    prompt = IDS[:1, :12]
-    with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
-        reference = prompt
-        for _ in range(30):
-            step = model(input_ids=reference, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            reference = torch.cat([reference, step], 1)
-    assert torch.equal(out.sequences, reference)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = assert_decoding_equals_recomputing(model, IDS[:1, :12], 30)
     assert all(layer.keys.shape[-2] <= 8 for layer in cache.layers)

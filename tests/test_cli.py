@@ -68,7 +68,8 @@ def test_eval_report_inspect(model_dir, tmp_path, calib_file):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "sparsify_report.json").read_text())
     assert report["eval"]["before"] > 1 and report["eval"]["after"] > 1
-    assert report["eval"]["seq_len"] == 512 and report["eval"]["tokens"] > 0
+    assert report["eval"]["seq_len"] == 256 and report["eval"]["tokens"] > 0  # 512 is past the model's 256
+    assert any("beyond max_position_embeddings 256" in note for note in report["notes"])
 
     r = run("eval", out, "--data", calib_file, "--seq-len", "64", "--json")
     assert r.exit_code == 0, r.output

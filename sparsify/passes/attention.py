@@ -11,19 +11,24 @@ A sliding window becomes the model family's own configuration: Llama → Mistral
 Ministral (per-layer ``layer_types``), Qwen2/Qwen3 ``use_sliding_window`` + ``layer_types``, Gemma 2/3
 ``sliding_window`` + ``layer_types``, Phi-3 ``sliding_window``. The weights are not touched;
 ``AutoModelForCausalLM.from_pretrained(out)`` then runs the windowed attention with no sparsify code.
-Patterns no runtime knows (sinks, block-sparse, encoder-local) are refused with a clear error until
-sparsify's own attention function ships (see docs/methods/attention.md).
+Patterns no runtime knows (sinks, block-sparse, encoder-local, and a window on a family without a native
+one) are written as ``attn_implementation: sparsify`` plus a per-layer ``sparsify_attention`` section, which
+:func:`sparsify.load` runs (``sparsify/runtime.py``) and plain transformers refuses to load.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import asdict
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from sparsify.algorithms.attention_masks import attention_fraction, causal_mask, sliding_window_mask
+from sparsify.algorithms.attention_masks import LayerPattern, attention_fraction, pattern_mask
+from sparsify.arch import lookup, supported_list
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import ConfigPass, PassConfig
+from sparsify.runtime import CONFIG_KEY, FORMAT, IMPLEMENTATION
 
 FLOPS_AT = 4096  # sequence length at which the report states the attention-FLOPs fraction
 
@@ -58,7 +63,41 @@ class AttentionConfig(PassConfig):
             raise ValueError("pattern block-sparse needs block_size")
         if self.pattern == "sinks" and self.sinks < 1:
             raise ValueError("pattern sinks needs sinks >= 1")
+        if self.pattern != "sinks" and self.sinks:
+            raise ValueError(f"sinks apply to pattern sinks, not {self.pattern}")
+        if self.pattern == "block-sparse" and self.window is not None:
+            raise ValueError("pattern block-sparse takes block_size, not window")
+        if self.pattern != "block-sparse" and (self.block_size is not None or self.random_blocks):
+            raise ValueError(f"block_size and random_blocks apply to pattern block-sparse, not {self.pattern}")
         return self
+
+    def layer_pattern(self, layer: int) -> LayerPattern:
+        if self.pattern == "block-sparse":
+            return LayerPattern(
+                "block-sparse",
+                block_size=self.block_size,
+                global_blocks=self.global_blocks,
+                random_blocks=self.random_blocks,
+                seed=layer,
+            )
+        return LayerPattern(self.pattern, window=self.window, sinks=self.sinks)
+
+
+@functools.lru_cache(maxsize=64)
+def _fraction(p: LayerPattern, length: int, causal: bool) -> float:
+    """Attended (query, key) pairs relative to dense attention at ``length`` tokens."""
+    if p.pattern == "full":
+        return 1.0
+    return attention_fraction(pattern_mask(p, length, length, causal), causal)
+
+
+def _layers_and_positions(cfg: dict[str, Any]) -> tuple[int, int | None]:
+    """Layer count and context length under each family's own key names (``n_layer``, ``n_positions``, ...)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**cfg)
+    positions = getattr(config, "max_position_embeddings", None)
+    return int(config.num_hidden_layers), int(positions) if positions else None
 
 
 def layer_types(num_layers: int, global_every: int) -> list[str]:
@@ -75,50 +114,88 @@ class AttentionPass(ConfigPass):
 
     def describe(self) -> str:
         c = self.config
-        extra = f", every {c.global_every}th layer full" if c.global_every else ""
-        return f"attention {c.pattern} window {c.window}{extra}"
+        if c.pattern == "block-sparse":
+            shape = f"block {c.block_size}, {c.global_blocks} global, {c.random_blocks} random"
+        else:
+            shape = f"window {c.window}" + (f" + {c.sinks} sinks" if c.sinks else "")
+        extra = f", 1 in {c.global_every} layers full" if c.global_every else ""
+        return f"attention {c.pattern} {shape}{extra}"
 
     def apply(self, cfg: dict[str, Any], layers_path: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
         c = self.config
         model_type = cfg.get("model_type", "?")
-        if c.pattern != "sliding-window":
+        arch = lookup(model_type)
+        if arch is None:
             raise SparsifyError(
-                f"pattern {c.pattern} has no native config in any runtime and sparsify's own attention function"
-                " is not available yet; use --pattern sliding-window"
+                f"attention patterns need a known family; model_type {model_type!r} is not one of {supported_list()}"
             )
-        style = NATIVE_WINDOW.get(model_type)
-        if style is None:
-            kind = "an encoder (use --pattern local)" if model_type == "bert" else "a family without a native window"
-            raise SparsifyError(
-                f"sliding-window on model_type {model_type!r}: {kind}; native sliding windows exist for "
-                + ", ".join(sorted(NATIVE_WINDOW))
-            )
-        n = int(cfg["num_hidden_layers"])
+        n, positions = _layers_and_positions(cfg)
+        self._check_fits(model_type, arch.causal, positions)
         types = layer_types(n, c.global_every)
         if all(t == "full_attention" for t in types):
             raise SparsifyError(f"global_every={c.global_every} leaves no windowed layer among {n}")
-        window = int(c.window or 0)
-        new, runtime = self._native(cfg, style, types, window)
-        fraction = attention_fraction(sliding_window_mask(FLOPS_AT, window)) if window < FLOPS_AT else 1.0
+        patterns = [c.layer_pattern(i) if t == "sliding_attention" else LayerPattern() for i, t in enumerate(types)]
+        style = NATIVE_WINDOW.get(model_type) if c.pattern == "sliding-window" else None
+        if style is not None:
+            new, runtime = self._native(cfg, style, types, int(c.window or 0))
+            status = f"native: {runtime}"
+        else:
+            new = {**cfg, "attn_implementation": IMPLEMENTATION}
+            new[CONFIG_KEY] = {
+                "format": FORMAT,
+                "causal": arch.causal,
+                "layers": [{k: v for k, v in asdict(p).items() if v} for p in patterns],
+            }
+            runtime = "sparsify.load"
+            status = "sparsify: needs sparsify.load"
+        length = min(FLOPS_AT, positions or FLOPS_AT)
         records = [
             {
                 "name": f"{layers_path}.{i}",
                 "layer": i,
                 "pass": self.index,
                 "method": "attention",
-                "pattern": "sliding-window" if t == "sliding_attention" else "full",
-                "window": window if t == "sliding_attention" else None,
-                "flops_fraction": fraction if t == "sliding_attention" else 1.0,
-                "status": f"native: {runtime}",
+                "pattern": p.pattern,
+                "window": p.window,
+                "sinks": p.sinks or None,
+                "block_size": p.block_size,
+                "global_blocks": p.global_blocks if p.block_size else None,
+                "random_blocks": p.random_blocks if p.block_size else None,
+                "flops_fraction": _fraction(p, length, arch.causal),
+                "flops_at": length,
+                "status": status,
             }
-            for i, t in enumerate(types)
+            for i, p in enumerate(patterns)
         ]
         mean = sum(r["flops_fraction"] for r in records) / n
+        dense = "causal" if arch.causal else "bidirectional"
         notes = [
-            f"pass {self.index}: {self.describe()} written as a native {runtime} config; attention FLOPs"
-            f" {mean:.1%} of dense at {FLOPS_AT} tokens ({attention_fraction(causal_mask(8)):.0%} = causal dense)"
+            f"pass {self.index}: {self.describe()} written for {runtime}; attention FLOPs {mean:.1%} of {dense}"
+            f" dense at {length} tokens"
         ]
+        if style is None:
+            notes.append(
+                f"pass {self.index}: load the output with sparsify.load(OUT); plain transformers refuses"
+                f' attn_implementation="{IMPLEMENTATION}" rather than run dense attention'
+            )
         return new, records, notes
+
+    def _check_fits(self, model_type: str, causal: bool, positions: int | None) -> None:
+        c = self.config
+        if not causal and c.pattern in ("sliding-window", "sinks"):
+            raise SparsifyError(
+                f"pattern {c.pattern} is causal and {model_type} is an encoder (bidirectional);"
+                " use --pattern local or --pattern block-sparse"
+            )
+        if causal and c.pattern == "local":
+            raise SparsifyError(
+                f"pattern local is bidirectional, for encoders; {model_type} is causal: use --pattern sliding-window"
+            )
+        if c.pattern == "block-sparse" and positions and positions % int(c.block_size or 1):
+            raise SparsifyError(
+                f"block_size {c.block_size} does not divide max_position_embeddings {positions}:"
+                " blocks must tile the model's context"
+            )
 
     def _native(self, cfg: dict[str, Any], style: str, types: list[str], window: int) -> tuple[dict[str, Any], str]:
         uniform = all(t == "sliding_attention" for t in types)

@@ -1,0 +1,196 @@
+"""Patterns no runtime knows (sinks, block-sparse, local, windows on families without one), run by sparsify.load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+import sparsify
+from sparsify.algorithms.attention_masks import LayerPattern, pattern_mask
+from sparsify.cli import app
+from sparsify.errors import SparsifyError
+from sparsify.pipeline import compress
+from sparsify.recipe import parse_recipe
+from sparsify.runtime.cache import BoundedCache, WindowCacheLayer, bounded_cache
+from tests import zoo
+from tests.test_attention import assert_decoding_equals_recomputing
+
+DECODERS = [f for f in zoo.CONFIGS if f != "bert"]
+IDS = torch.randint(3, zoo.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _swap(src, out, **step):
+    return compress(src, parse_recipe({"passes": [{"type": "attention", **step}]}), out)
+
+
+def _out(model, ids=IDS, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(input_ids=ids, **kwargs)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def _dense(path) -> torch.nn.Module:
+    return sparsify.load(path, dtype=torch.float32).eval()
+
+
+def _masked_reference(model, p: LayerPattern, causal: bool, ids=IDS) -> torch.Tensor:
+    """The dense model fed the pattern as an explicit 4D additive mask (the pure builder, tested on loops)."""
+    mask = pattern_mask(p, ids.shape[1], causal=causal)  # (L, L)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return _out(model, ids, attention_mask=additive[None, None].expand(ids.shape[0], 1, -1, -1))
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_sinks_covering_the_input_are_exact(family, model_dir, tmp_path):
+    src, out = model_dir(family), tmp_path / "out"
+    report = _swap(src, out, pattern="sinks", window=64, sinks=4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["attn_implementation"] == "sparsify"
+    assert config["sparsify_attention"]["layers"][0] == {"pattern": "sinks", "window": 64, "sinks": 4}
+    model = sparsify.load(out).eval()
+    assert model.config._attn_implementation == "sparsify"
+    torch.testing.assert_close(_out(model), _out(_dense(src)), rtol=0, atol=1e-5)
+    assert all(r["status"] == "sparsify: needs sparsify.load" for r in report["layers"])
+
+
+def test_plain_transformers_refuses_rather_than_run_dense_attention(model_dir, tmp_path):
+    _swap(model_dir("llama"), tmp_path / "out", pattern="sinks", window=8, sinks=2)
+    code = "import sys, transformers; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    fresh = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
+    assert fresh.returncode != 0 and 'attn_implementation="sparsify"' in fresh.stderr
+    sparsify.load(tmp_path / "out")  # once registered, plain loading runs the pattern too
+    registered = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_out(registered), _out(sparsify.load(tmp_path / "out").eval()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma2", "opt"])
+def test_shorter_window_with_sinks_changes_only_positions_past_the_window(family, model_dir, tmp_path):
+    src = model_dir(family)
+    _swap(src, tmp_path / "out", pattern="sinks", window=8, sinks=2)
+    swapped, dense = _out(sparsify.load(tmp_path / "out").eval()), _out(_dense(src))
+    torch.testing.assert_close(swapped[:, :8], dense[:, :8], rtol=0, atol=1e-5)
+    assert (swapped[:, 8:] - dense[:, 8:]).abs().amax() > 1e-3, "the window must take effect past its length"
+
+
+@pytest.mark.parametrize(
+    ("family", "step", "pattern"),
+    [
+        ("llama", dict(pattern="sinks", window=6, sinks=3), LayerPattern("sinks", window=6, sinks=3)),
+        ("gpt2", dict(pattern="sliding-window", window=5), LayerPattern("sliding-window", window=5)),
+        (
+            "gpt_neox",
+            dict(pattern="block-sparse", block_size=8),
+            LayerPattern("block-sparse", block_size=8, global_blocks=1),
+        ),
+        (
+            "qwen2",
+            dict(pattern="block-sparse", block_size=4, global_blocks=0),
+            LayerPattern("block-sparse", block_size=4),
+        ),
+        ("bert", dict(pattern="local", window=9), LayerPattern("local", window=9)),
+        (
+            "bert",
+            dict(pattern="block-sparse", block_size=8),
+            LayerPattern("block-sparse", block_size=8, global_blocks=1),
+        ),
+    ],
+)
+def test_runtime_applies_exactly_the_pattern_mask(family, step, pattern, model_dir, tmp_path):
+    src = model_dir(family)
+    _swap(src, tmp_path / "out", **step)
+    causal = family != "bert"
+    torch.testing.assert_close(
+        _out(sparsify.load(tmp_path / "out").eval()), _masked_reference(_dense(src), pattern, causal), rtol=0, atol=1e-5
+    )
+
+
+def test_random_blocks_differ_per_layer_and_match_the_config(model_dir, tmp_path):
+    report = _swap(model_dir("bert"), tmp_path / "out", pattern="block-sparse", block_size=4, random_blocks=2)
+    layers = json.loads((tmp_path / "out" / "config.json").read_text())["sparsify_attention"]["layers"]
+    assert [entry.get("seed", 0) for entry in layers] == [0, 1]
+    a, b = (pattern_mask(LayerPattern(**entry), 64, causal=False) for entry in layers)
+    assert not torch.equal(a, b)
+    assert 0 < report["layers"][0]["flops_fraction"] < 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_decoding_with_the_bounded_cache_equals_the_full_forward(family, model_dir, tmp_path):
+    """Greedy decoding through sparsify.load's default cache equals recomputing the sinks+window forward
+    from scratch at every step, and each windowed layer holds at most sinks + window - 1 keys."""
+    _swap(model_dir(family), tmp_path / "out", pattern="sinks", window=8, sinks=2, global_every=2)
+    model = sparsify.load(tmp_path / "out").eval()
+    cache = assert_decoding_equals_recomputing(model, IDS[:1, :12], 30)
+    assert isinstance(cache, BoundedCache)
+    sizes = [layer.keys.shape[-2] for layer in cache.layers]
+    assert sizes == [2 + 7, 41]  # layer 0: sinks + window - 1; layer 1 (full) every token fed back: 12 + 30 - 1
+
+
+def test_cache_layer_keeps_sinks_and_the_recent_window():
+    layer = WindowCacheLayer(window=4, sinks=2)
+    seen = []
+    for t in range(10):
+        k = torch.full((1, 1, 1, 1), float(t))
+        keys, _ = layer.update(k, k)
+        seen.append(keys.flatten().tolist())
+    assert seen[2] == [0, 1, 2]
+    assert seen[9] == [0, 1, 6, 7, 8, 9]  # sinks 0, 1 plus the window of 4 ending at 9
+    assert layer.keys.flatten().tolist() == [0, 1, 7, 8, 9] and layer.get_seq_length() == 10
+    assert layer.get_mask_sizes(1) == (11, 0)
+
+
+def test_bounded_cache_needs_the_config(model_dir):
+    model = _dense(model_dir("llama"))
+    with pytest.raises(SparsifyError, match="sparsify_attention"):
+        bounded_cache(model)
+
+
+def test_load_refuses_a_tampered_section(model_dir, tmp_path):
+    _swap(model_dir("llama"), tmp_path / "out", pattern="sinks", window=8, sinks=2)
+    path = tmp_path / "out" / "config.json"
+    config = json.loads(path.read_text())
+    config["sparsify_attention"]["layers"][0]["pattern"] = "dilated"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SparsifyError, match="unknown attention pattern 'dilated'"):
+        sparsify.load(tmp_path / "out")
+
+
+def test_native_checkpoints_load_unchanged(model_dir, tmp_path):
+    _swap(model_dir("qwen2"), tmp_path / "out", pattern="sliding-window", window=8)
+    model = sparsify.load(tmp_path / "out")
+    assert model.config._attn_implementation != "sparsify" and model.config.sliding_window == 8
+
+
+def test_left_padding_matches_the_unpadded_row(model_dir, tmp_path):
+    """Padding goes through transformers' own mask; a windowed pattern sees the same real tokens."""
+    _swap(model_dir("llama"), tmp_path / "out", pattern="sliding-window", window=8)
+    model = sparsify.load(tmp_path / "out").eval()
+    ids = IDS[:1, :20]
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = _out(model, padded, attention_mask=mask, position_ids=positions)[:, 4:]
+    torch.testing.assert_close(got, _out(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_report_has_perplexity_at_each_context_length(model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    args = ["attention", str(model_dir("llama")), "-o", str(out), "--pattern", "sinks", "--window", "16"]
+    args += ["--sinks", "2", "--eval", str(calib_file), "--eval-seq-len", "16", "--eval-seq-len", "64", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    by_length = json.loads(r.stdout)["eval"]["by_length"]
+    assert [e["seq_len"] for e in by_length] == [16, 64]
+    short, long = by_length
+    assert short["before"] == pytest.approx(short["after"], rel=1e-6)  # window 16 covers a 16-token context
+    assert long["before"] != pytest.approx(long["after"], rel=1e-6)
+    md = CliRunner().invoke(app, ["report", str(out)]).stdout
+    assert "perplexity @16" in md and "perplexity @64" in md and "window 16 + 2 sinks" in md
+    ev = CliRunner().invoke(app, ["eval", str(out), "--data", str(calib_file), "--seq-len", "16", "--seq-len", "64"])
+    assert ev.exit_code == 0 and ev.stdout.count("perplexity") == 2
+    assert f"{long['after']:.3f}" in ev.stdout  # eval loads through sparsify.load: the pattern is active
