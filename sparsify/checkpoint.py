@@ -421,6 +421,10 @@ def build_skeleton(config, encoder: bool, trust_remote_code: bool, dtype: torch.
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from sparsify.runtime import CONFIG_KEY, register
+
+    if getattr(config, CONFIG_KEY, None) is not None:
+        register()  # a checkpoint with sparsify attention patterns calibrates with them active
     auto = AutoModel if encoder else AutoModelForCausalLM
     try:
         with init_empty_weights(include_buffers=False):

@@ -418,6 +418,7 @@ def inspect(
         "layers_path",
         "num_layers",
         "dtype",
+        "attention",
         "parameters",
         "layer_parameters",
         "target_parameters",

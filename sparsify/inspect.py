@@ -25,6 +25,25 @@ def checkpoint_totals(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "parameters": params, "nonzeros": nonzeros, "bytes": nbytes}
 
 
+def describe_attention(config: Any) -> str:
+    """The attention pattern a config asks for: sparsify's own, the family's native window, or dense."""
+    from collections import Counter
+
+    from sparsify.runtime import CONFIG_KEY, patterns_from_config
+
+    if getattr(config, CONFIG_KEY, None) is not None:
+        patterns, _ = patterns_from_config(config)
+        counts = Counter(p.pattern for p in patterns)
+        kinds = ", ".join(f"{n} {name}" for name, n in counts.items())
+        return f"sparsify patterns ({kinds} of {len(patterns)} layers); load with sparsify.load"
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return "dense"
+    types = getattr(config, "layer_types", None) or []
+    sliding = sum(t == "sliding_attention" for t in types) if types else config.num_hidden_layers
+    return f"native sliding window {window} on {sliding} of {config.num_hidden_layers} layers"
+
+
 def inspect_model(path: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
     md = open_model(path)
     config = md.load_config(trust_remote_code)
@@ -47,6 +66,7 @@ def inspect_model(path: str | Path, trust_remote_code: bool = False) -> dict[str
         "layers_path": layers_path,
         "num_layers": len(layers),
         "dtype": ",".join(dtypes),
+        "attention": describe_attention(config),
         "parameters": sum(p.numel() for p in model.parameters()),
         "layer_parameters": sum(p.numel() for p in layers.parameters()),
         "target_parameters": target_params,

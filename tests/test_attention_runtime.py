@@ -194,3 +194,38 @@ def test_report_has_perplexity_at_each_context_length(model_dir, calib_file, tmp
     ev = CliRunner().invoke(app, ["eval", str(out), "--data", str(calib_file), "--seq-len", "16", "--seq-len", "64"])
     assert ev.exit_code == 0 and ev.stdout.count("perplexity") == 2
     assert f"{long['after']:.3f}" in ev.stdout  # eval loads through sparsify.load: the pattern is active
+
+
+def test_prune_then_sinks_in_one_recipe(model_dir, tmp_path):
+    recipe = parse_recipe(
+        {
+            "calibration": {"samples": 4, "seq_len": 32},
+            "passes": [
+                {"type": "prune", "method": "sparsegpt", "pattern": "2:4"},
+                {"type": "attention", "pattern": "sinks", "window": 8, "sinks": 2},
+            ],
+        }
+    )
+    compress(model_dir("qwen2"), recipe, tmp_path / "out")
+    model = sparsify.load(tmp_path / "out").eval()
+    assert model.config._attn_implementation == "sparsify"
+    weight = model.model.layers[1].mlp.down_proj.weight  # (out, in): 2 zeros in every 4 inputs
+    assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
+    assert torch.isfinite(_out(model)).all()
+
+
+def test_a_patterned_checkpoint_can_be_pruned_inspected_and_swapped_again(model_dir, tmp_path):
+    _swap(model_dir("llama"), tmp_path / "sinks", pattern="sinks", window=8, sinks=2)
+    runner = CliRunner()
+    info = runner.invoke(app, ["inspect", str(tmp_path / "sinks"), "--json"])
+    assert json.loads(info.stdout)["attention"].startswith("sparsify patterns (2 sinks of 2 layers)")
+    pruned = runner.invoke(
+        app, ["prune", str(tmp_path / "sinks"), "-o", str(tmp_path / "pruned"), "--sparsity", "0.5", "--samples", "2"]
+    )
+    assert pruned.exit_code == 0, pruned.output
+    model = sparsify.load(tmp_path / "pruned").eval()
+    assert model.config._attn_implementation == "sparsify" and torch.isfinite(_out(model)).all()
+    report = _swap(tmp_path / "sinks", tmp_path / "native", pattern="sliding-window", window=8)
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert "sparsify_attention" not in config and "attn_implementation" not in config
+    assert config["model_type"] == "mistral" and any("replaces" in n for n in report["notes"])

@@ -129,6 +129,10 @@ class AttentionPass(ConfigPass):
             raise SparsifyError(
                 f"attention patterns need a known family; model_type {model_type!r} is not one of {supported_list()}"
             )
+        notes: list[str] = []
+        if CONFIG_KEY in cfg:
+            notes.append(f"pass {self.index}: replaces the checkpoint's earlier sparsify attention patterns")
+            cfg = {k: v for k, v in cfg.items() if k not in (CONFIG_KEY, "attn_implementation")}
         n, positions = _layers_and_positions(cfg)
         self._check_fits(model_type, arch.causal, positions)
         types = layer_types(n, c.global_every)
@@ -169,7 +173,7 @@ class AttentionPass(ConfigPass):
         ]
         mean = sum(r["flops_fraction"] for r in records) / n
         dense = "causal" if arch.causal else "bidirectional"
-        notes = [
+        notes += [
             f"pass {self.index}: {self.describe()} written for {runtime}; attention FLOPs {mean:.1%} of {dense}"
             f" dense at {length} tokens"
         ]

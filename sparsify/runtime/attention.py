@@ -59,10 +59,13 @@ def sparsify_attention_forward(
 
     p, causal = _layer_pattern(module)
     softcap = kwargs.pop("softcap", None)
-    kwargs.pop("sliding_window", None)  # the pattern is ours; a family's own window field must not apply twice
+    kwargs.pop("sliding_window", None)  # a family's own window arrives through attention_mask already
+    kwargs.pop("is_causal", None)  # causality is part of the pattern mask
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if p.pattern == "full" and not softcap:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal=causal, **kwargs
+        )
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = _mask(p, q_len, kv_len, causal, query.device)[None, None]  # (1, 1, q, kv)
     if attention_mask is not None:
