@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "bench-out"
@@ -23,3 +24,18 @@ def wiki_eval_file(max_docs: int | None = None) -> Path:
     path = OUT / "wiki_en_eval.txt"
     path.write_text("\n\n".join(data[t]["extract"] for t in titles if data[t].get("extract")))
     return path
+
+
+def python_docs_dir() -> Path:
+    """Python 3.11 documentation sources (reStructuredText, long single documents), from Debian's python3.11-doc.
+
+    Downloaded once with ``apt-get download`` (no root needed) and unpacked with ``dpkg -x`` into bench-out/.
+    """
+    root = OUT / "python3.11-doc"
+    sources = root / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
+    if not sources.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=root, check=True, capture_output=True)
+        deb = next(root.glob("python3.11-doc_*.deb"))
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return sources

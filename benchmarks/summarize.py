@@ -42,7 +42,56 @@ def encoder() -> str:
     return "\n".join(lines)
 
 
+def _attention_rows(kind: str) -> dict[str, dict]:
+    path = OUT / "attention.jsonl"
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row["kind"] == kind:
+            rows[row["setting"]] = row
+    return rows
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def attention() -> str:
+    rows = _attention_rows("quality")
+    out = []
+    if rows:
+        dense = rows.get("dense")
+        out += [
+            "| setting | attention FLOPs @4096 | ppl @512 | ppl @2048 | @2048 vs dense |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, r in rows.items():
+            ratio = f"{r['ppl_2048'] / dense['ppl_2048']:.2f}×" if dense else ""
+            out.append(f"| `{name}` | {r['flops_fraction']:.1%} | {r['ppl_512']:.3f} | {r['ppl_2048']:.3f} | {ratio} |")
+    gen = _attention_rows("generate")
+    if gen:
+        out += [
+            "",
+            "| setting | cache | tokens/s | tokens/s, last 1024 | KV cache at end (MiB) | RSS after 1k / 2k / 3k / 4k tokens (MiB) | peak RSS (MiB) |",
+            "|---|---|---:|---:|---:|---|---:|",
+        ]
+        for name, r in gen.items():
+            rss = " / ".join(_mib(x) for x in r["rss_every_1024_bytes"])
+            out.append(
+                f"| `{name}` | {r['cache_class']} | {r['tokens_per_s']:.1f} | {r['tail_tokens_per_s']:.1f} |"
+                f" {_mib(r['cache_bytes'])} | {rss} | {_mib(r['peak_rss_bytes'])} |"
+            )
+    enc = _attention_rows("encoder")
+    if enc:
+        out += ["", "| setting | attention FLOPs @512 | cosine mean | cosine min |", "|---|---:|---:|---:|"]
+        for name, r in enc.items():
+            out.append(f"| `{name}` | {r['flops_fraction']:.1%} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     print(quality())
     print()
     print(encoder())
+    print()
+    print(attention())

@@ -182,6 +182,9 @@ class AttentionPass(ConfigPass):
                 f"pass {self.index}: load the output with sparsify.load(OUT); plain transformers refuses"
                 f' attn_implementation="{IMPLEMENTATION}" rather than run dense attention'
             )
+            native = cfg.get("sliding_window")
+            if native and cfg.get("use_sliding_window", True) is not False:
+                notes.append(f"pass {self.index}: the model's own sliding window ({native}) still applies on top")
         return new, records, notes
 
     def _check_fits(self, model_type: str, causal: bool, positions: int | None) -> None:
