@@ -242,15 +242,20 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
         if attention
         else ""
     )
+    linear_section = (
+        f"""<h2>Per-layer sparsity</h2>{_svg_bars([r.get("sparsity") for r in layers], labels, "sparsity", ".1%")}
+<h2>Per-layer reconstruction error</h2>{_svg_bars([r.get("rel_error") for r in layers], labels, "relative output error", ".4f")}
+<h2>Layers</h2><table><tr><th>Linear</th><th>shape</th><th>method</th><th>pattern</th><th>sparsity</th>
+<th>rel. error</th><th>status</th></tr>{table}</table>"""
+        if layers
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sparsify report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left;font-size:13px}}</style></head><body>
 <h1>sparsify report</h1><table>{rows}</table>
-<h2>Per-layer sparsity</h2>{_svg_bars([r.get("sparsity") for r in layers], labels, "sparsity", ".1%")}
-<h2>Per-layer reconstruction error</h2>{_svg_bars([r.get("rel_error") for r in layers], labels, "relative output error", ".4f")}
-<h2>Layers</h2><table><tr><th>Linear</th><th>shape</th><th>method</th><th>pattern</th><th>sparsity</th>
-<th>rel. error</th><th>status</th></tr>{table}</table>
+{linear_section}
 {attn_table}
 {"<h2>Notes</h2><ul>" + notes + "</ul>" if notes else ""}
 </body></html>
