@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsify.algorithms.attention_masks import LayerPattern, pattern_mask
+from sparsify.algorithms.attention_masks import LayerPattern, pattern_mask, sliding_window_mask
 from sparsify.runtime import CONFIG_KEY
 
 
@@ -67,11 +67,56 @@ def sparsify_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal=causal, **kwargs
         )
     q_len, kv_len = query.shape[2], key.shape[2]
-    mask = _mask(p, q_len, kv_len, causal, query.device)[None, None]  # (1, 1, q, kv)
+    allowed = None
     if attention_mask is not None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        mask = mask & _select_columns(allowed, kv_len, p.sinks)  # (B, 1, q, kv)
+        allowed = _select_columns(allowed, kv_len, p.sinks)  # (B, 1, q, kv)
+    if p.evicts and q_len >= 2 * _chunk(p):
+        return _banded(module, query, key, value, allowed, p, dropout, scaling, softcap, kwargs)
+    mask = _mask(p, q_len, kv_len, causal, query.device)[None, None]  # (1, 1, q, kv)
+    return _attend(module, query, key, value, mask, allowed, dropout, scaling, softcap, kwargs)
+
+
+def _attend(module, query, key, value, mask, allowed, dropout, scaling, softcap, kwargs) -> tuple[Tensor, None]:
+    if allowed is not None:
+        mask = mask & allowed  # (B, 1, q, kv)
     mask = mask | ~mask.any(-1, keepdim=True)  # fully masked rows (padding queries) attend all: no NaN
     if softcap:
         return _eager(query, key, value, mask, scaling, softcap)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal=False, **kwargs)
+
+
+def _chunk(p: LayerPattern) -> int:
+    return max(int(p.window or 0), 64)
+
+
+def _banded(module, query, key, value, allowed, p, dropout, scaling, softcap, kwargs) -> tuple[Tensor, None]:
+    """A windowed layer over a long input, one chunk of queries at a time against only the keys it can see
+    (its sinks and the band ``window - 1`` before it): attention work and mask memory grow linearly."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    offset = kv_len - q_len  # queries are the last q_len positions
+    window, chunk = int(p.window or 0), _chunk(p)
+    outputs = []
+    for start in range(0, q_len, chunk):
+        end = min(start + chunk, q_len)
+        first = max(offset + start - window + 1, 0)  # earliest key in the band
+        keys = torch.cat([torch.arange(min(p.sinks, first)), torch.arange(first, offset + end)]).to(key.device)
+        mask = sliding_window_mask(end - start, window, offset + end, offset + start, p.sinks)  # (c, offset + end)
+        mask = mask.to(query.device)[:, keys][None, None]  # (1, 1, c, keys)
+        rows = allowed[:, :, start:end][..., keys] if allowed is not None else None
+        out, _ = _attend(
+            module,
+            query[:, :, start:end],
+            key[:, :, keys],
+            value[:, :, keys],
+            mask,
+            rows,
+            dropout,
+            scaling,
+            softcap,
+            kwargs,
+        )
+        outputs.append(out)  # (B, c, H, D)
+    return torch.cat(outputs, dim=1), None  # (B, q, H, D)
