@@ -271,3 +271,40 @@ def test_banded_prefill_in_a_model_and_decoding_after_it(model_dir, tmp_path):
     expected = _masked_reference(_dense(model_dir("qwen2")), LayerPattern("sinks", window=8, sinks=2), True, ids)
     torch.testing.assert_close(_out(model, ids), expected, rtol=1e-5, atol=1e-5)
     assert_decoding_equals_recomputing(model, ids[:1, :140], 12)
+
+
+@pytest.mark.parametrize(
+    ("p", "causal"),
+    [
+        (LayerPattern("sinks", window=24, sinks=3), True),
+        (LayerPattern("block-sparse", block_size=16, global_blocks=1, random_blocks=2, seed=5), True),
+        (LayerPattern("block-sparse", block_size=16, global_blocks=1, random_blocks=1, seed=2), False),
+        (LayerPattern("local", window=33), False),
+    ],
+)
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_attention_block_masks_equal_the_mask_path(p, causal, padded):
+    """On CUDA long inputs go through flex_attention with the pattern's rule as mask_mod; run unfused on CPU
+    here, it must give the mask path's result (the GPU speed itself is not measured in this project yet)."""
+    import warnings
+
+    from sparsify.algorithms.attention_masks import pattern_rule
+    from sparsify.runtime.attention import _flex
+
+    q_len, kv_len = (150, 200) if causal else (200, 200)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, q_len, 16, generator=g)
+    k, v = torch.randn(2, 2, kv_len, 16, generator=g), torch.randn(2, 2, kv_len, 16, generator=g)
+    allowed = torch.ones(2, 1, q_len, kv_len, dtype=torch.bool)
+    if padded:
+        allowed[1, ..., :7] = False
+    mask = pattern_mask(p, q_len, kv_len, causal) & allowed  # (B, 1, q, kv)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25  # (B, H, q, kv)
+    ref = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": expected on CPU
+        got, _ = _flex(
+            q, k, v, pattern_rule(p, q_len, kv_len, causal), kv_len - q_len, allowed if padded else None, 0.25, False
+        )
+    real = mask.any(-1).squeeze(1)  # (B, q)
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)

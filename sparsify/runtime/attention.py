@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sparsify.algorithms.attention_masks import LayerPattern, pattern_mask, sliding_window_mask
+from sparsify.algorithms.attention_masks import LayerPattern, Rule, pattern_mask, pattern_rule, window_rule
 from sparsify.runtime import CONFIG_KEY
+
+FLEX_MIN_QUERIES = 128  # on CUDA, inputs this long use flex_attention block masks; decoding steps use SDPA
 
 
 @functools.lru_cache(maxsize=128)
@@ -71,6 +74,9 @@ def sparsify_attention_forward(
     if attention_mask is not None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         allowed = _select_columns(allowed, kv_len, p.sinks)  # (B, 1, q, kv)
+    if query.is_cuda and q_len >= FLEX_MIN_QUERIES and not softcap and not dropout:
+        rule = pattern_rule(p, q_len, kv_len, causal)
+        return _flex(query, key, value, rule, kv_len - q_len, allowed, scaling, compiled=True)
     if p.evicts and q_len >= 2 * _chunk(p):
         return _banded(module, query, key, value, allowed, p, dropout, scaling, softcap, kwargs)
     mask = _mask(p, q_len, kv_len, causal, query.device)[None, None]  # (1, 1, q, kv)
@@ -88,6 +94,45 @@ def _attend(module, query, key, value, mask, allowed, dropout, scaling, softcap,
     return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal=False, **kwargs)
 
 
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(
+    query: Tensor,  # (B, H, q, D)
+    key: Tensor,  # (B, Hkv, kv, D)
+    value: Tensor,
+    rule: Rule,
+    offset: int,
+    allowed: Tensor | None,  # (B, 1, q, kv)
+    scaling: float,
+    compiled: bool,
+) -> tuple[Tensor, None]:
+    """The pattern's rule as a flex_attention block mask: key blocks a query block cannot see are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if allowed is None:
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return rule(qi + offset, ki)
+
+    else:
+        pad = allowed[:, 0]  # (B, q, kv)
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return rule(qi + offset, ki) & pad[b, qi, ki]
+
+    batch = None if allowed is None else query.shape[0]
+    block_mask = create_block_mask(mask_mod, batch, None, q_len, kv_len, device=query.device)
+    attend = _compiled_flex() if compiled else flex_attention
+    out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None  # (B, q, H, D)
+
+
 def _chunk(p: LayerPattern) -> int:
     return max(int(p.window or 0), 64)
 
@@ -98,13 +143,15 @@ def _banded(module, query, key, value, allowed, p, dropout, scaling, softcap, kw
     q_len, kv_len = query.shape[2], key.shape[2]
     offset = kv_len - q_len  # queries are the last q_len positions
     window, chunk = int(p.window or 0), _chunk(p)
+    rule = window_rule(window, p.sinks)
     outputs = []
     for start in range(0, q_len, chunk):
         end = min(start + chunk, q_len)
         first = max(offset + start - window + 1, 0)  # earliest key in the band
-        keys = torch.cat([torch.arange(min(p.sinks, first)), torch.arange(first, offset + end)]).to(key.device)
-        mask = sliding_window_mask(end - start, window, offset + end, offset + start, p.sinks)  # (c, offset + end)
-        mask = mask.to(query.device)[:, keys][None, None]  # (1, 1, c, keys)
+        keys = torch.cat([torch.arange(min(p.sinks, first)), torch.arange(first, offset + end)])  # (n,)
+        queries = torch.arange(offset + start, offset + end).unsqueeze(1)  # (c, 1)
+        mask = rule(queries, keys.unsqueeze(0)).to(query.device)[None, None]  # (1, 1, c, n)
+        keys = keys.to(key.device)
         rows = allowed[:, :, start:end][..., keys] if allowed is not None else None
         out, _ = _attend(
             module,
