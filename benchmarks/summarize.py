@@ -81,6 +81,11 @@ def attention() -> str:
                 f"| `{name}` | {r['cache_class']} | {r['tokens_per_s']:.1f} | {r['tail_tokens_per_s']:.1f} |"
                 f" {_mib(r['cache_bytes'])} | {rss} | {_mib(r['peak_rss_bytes'])} |"
             )
+    pre = _attention_rows("prefill")
+    if pre:
+        out += ["", "| setting | forward, 2048 tokens (s) | forward, 8192 tokens (s) |", "|---|---:|---:|"]
+        for name, r in pre.items():
+            out.append(f"| `{name}` | {r['seconds_2048']:.2f} | {r['seconds_8192']:.2f} |")
     enc = _attention_rows("encoder")
     if enc:
         out += ["", "| setting | attention FLOPs @512 | cosine mean | cosine min |", "|---|---:|---:|---:|"]
