@@ -16,6 +16,8 @@ from sparsify.errors import SparsifyError
 from sparsify.progress import NoProgress, Progress
 from sparsify.runtime import load
 
+BATCH_TOKENS = 2048  # tokens per evaluation forward: the logits (tokens × vocab floats) dominate memory
+
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
@@ -131,7 +133,7 @@ def evaluate(
         windows = eval_windows(stream, length, max_windows)
         results.append(
             {
-                "perplexity": perplexity(model, windows, progress=progress),
+                "perplexity": perplexity(model, windows, max(1, BATCH_TOKENS // length), progress),
                 "seq_len": length,
                 "windows": int(windows.shape[0]),
                 "tokens": int(windows.numel()),
