@@ -1,4 +1,4 @@
-"""Attention-pattern swap, written as configs that runtimes load natively.
+"""Attention-pattern swap: native configs where a runtime knows the pattern, sparsify.load otherwise.
 
 ```yaml
 - type: attention
@@ -13,7 +13,7 @@ Ministral (per-layer ``layer_types``), Qwen2/Qwen3 ``use_sliding_window`` + ``la
 ``AutoModelForCausalLM.from_pretrained(out)`` then runs the windowed attention with no sparsify code.
 Patterns no runtime knows (sinks, block-sparse, encoder-local, and a window on a family without a native
 one) are written as ``attn_implementation: sparsify`` plus a per-layer ``sparsify_attention`` section, which
-:func:`sparsify.load` runs (``sparsify/runtime.py``) and plain transformers refuses to load.
+:func:`sparsify.load` runs (``sparsify/runtime/``) and plain transformers refuses to load.
 """
 
 from __future__ import annotations
