@@ -37,6 +37,11 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if is_encoder(config.model_type):
         raise SparsifyError(f"perplexity needs a causal LM; {config.model_type} is an encoder")
+    return _load(path, dtype, trust_remote_code)
+
+
+def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """:func:`sparsify.runtime.load` in eval mode, a transformers failure turned into a one-line error."""
     try:
         model = load(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except SparsifyError:
@@ -81,14 +86,7 @@ def embedding_similarity(
     paragraphs = [p.strip() for doc in text.documents for p in doc.split("\n\n") if len(p.strip()) > 40][:max_texts]
     if not paragraphs:
         raise SparsifyError(f"{text.name} has no paragraphs to embed")
-    models = []
-    for p in (path, baseline):
-        try:
-            models.append(load(p, dtype=dtype, trust_remote_code=trust_remote_code).eval())
-        except SparsifyError:
-            raise
-        except Exception as e:
-            raise SparsifyError(f"transformers cannot load {p}: {e}") from e
+    models = [_load(p, dtype, trust_remote_code) for p in (path, baseline)]
     seq_len = min(seq_len, getattr(models[1].config, "max_position_embeddings", seq_len))
     sims = []
     for start in range(0, len(paragraphs), 16):

@@ -233,6 +233,14 @@ def test_a_patterned_checkpoint_can_be_pruned_inspected_and_swapped_again(model_
     assert config["model_type"] == "mistral" and any("replaces" in n for n in report["notes"])
 
 
+def _naive_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Softmax attention with an explicit mask, key/value heads repeated for the query heads: (B, q, H, D)."""
+    groups = q.shape[1] // k.shape[1]
+    scores = (q @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * scale  # (B, H, q, kv)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs @ v.repeat_interleave(groups, 1)).transpose(1, 2)  # (B, q, H, D)
+
+
 @pytest.mark.parametrize(("window", "sinks"), [(16, 0), (16, 4), (70, 3), (1, 2)])
 @pytest.mark.parametrize(("q_len", "kv_len"), [(300, 300), (200, 260)])
 @pytest.mark.parametrize("padded", [False, True])
@@ -256,9 +264,8 @@ def test_long_windowed_inputs_run_banded_and_equal_the_masked_maths(window, sink
 
     mask = pattern_mask(LayerPattern(pattern, window=window, sinks=sinks), q_len, kv_len) & allowed  # (B, 1, q, kv)
     real = mask.any(-1).squeeze(1)  # (B, q): queries with something to attend (padding queries are garbage)
-    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8**-0.5  # (B, H, q, kv)
-    ref = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)  # (B, H, q, D)
-    torch.testing.assert_close(got[real], ref.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+    ref = _naive_attention(q, k, v, mask, 8**-0.5)
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got).all()
 
 
@@ -299,8 +306,7 @@ def test_flex_attention_block_masks_equal_the_mask_path(p, causal, padded):
     if padded:
         allowed[1, ..., :7] = False
     mask = pattern_mask(p, q_len, kv_len, causal) & allowed  # (B, 1, q, kv)
-    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25  # (B, H, q, kv)
-    ref = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    ref = _naive_attention(q, k, v, mask, 0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()": expected on CPU
         got, _ = _flex(
