@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT
-from sparsify.checkpoint import SafetensorsWriter, TensorInfo
+from sparsify.checkpoint import TensorInfo, write_shard
 from tests.zoo import tokenizer
 
 
@@ -48,12 +48,14 @@ def write_random_llama(folder: Path, hidden: int, layers: int, dtype: torch.dtyp
     config.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    writer = SafetensorsWriter(folder, [(k, TensorInfo(dtype, s)) for k, s in shapes.items()], 2 * 1024**3)
     g = torch.Generator().manual_seed(0)
-    for key, shape in shapes.items():
-        t = torch.ones(shape) if "norm" in key else torch.randn(shape, generator=g) * 0.02
-        writer.write(key, t)
-    writer.close()
+
+    def tensors():
+        for key, shape in shapes.items():
+            t = torch.ones(shape) if "norm" in key else torch.randn(shape, generator=g) * 0.02
+            yield key, t.to(dtype)
+
+    write_shard(folder / "model.safetensors", [(k, TensorInfo(dtype, s)) for k, s in shapes.items()], tensors())
     return sum(torch.Size(s).numel() for s in shapes.values())
 
 

@@ -29,6 +29,7 @@ class Arch:
     mlp_out: str  # MLP output projection
     norms: tuple[str, ...]  # per-layer norms, relative to a layer
     causal: bool = True  # decoder-only LM (False: bidirectional encoder)
+    optional: tuple[str, ...] = ()  # modules a checkpoint may lack (not read by the layers; not written)
     notes: str = ""
     model_type: str = field(default="", compare=False)
 
@@ -143,6 +144,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_out="output.dense",
         norms=("attention.output.LayerNorm", "output.LayerNorm"),
         causal=False,
+        optional=("pooler",),  # MLM and sentence-embedding checkpoints have no pooler
         notes="encoder: bidirectional attention, loaded with AutoModel",
     ),
 }

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsify import interrupts
 from sparsify.errors import SparsifyError
 from sparsify.modules import in_features, weight_matrix
 from sparsify.progress import NoProgress, Progress
@@ -30,6 +31,9 @@ from sparsify.progress import NoProgress, Progress
 log = logging.getLogger(__name__)
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # positional args after hidden_states, kwargs
+# (first layer to compress, hidden states entering it, the dense model's hidden states or None)
+ResumePoint = tuple[int, list[Tensor], list[Tensor] | None]
+Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None], None]
 ERROR_WINDOWS = 2  # calibration windows on which each Linear's output error is measured
 
 
@@ -63,7 +67,8 @@ class LayerProvider(Protocol):
 
     def load(self, index: int) -> nn.Module: ...
 
-    def finish(self, index: int, layer: nn.Module, write: bool) -> None: ...
+    def finish(self, index: int, layer: nn.Module, write: bool, info: dict[str, Any] | None = None) -> None:
+        """Done with layer ``index``; ``write``: save it (with ``info``, its report data)."""
 
     def round_to_storage(self, index: int, layer: nn.Module) -> None: ...
 
@@ -77,7 +82,7 @@ class InMemoryLayers:
     def load(self, index: int) -> nn.Module:
         return self.layers[index]
 
-    def finish(self, index: int, layer: nn.Module, write: bool) -> None:
+    def finish(self, index: int, layer: nn.Module, write: bool, info: dict[str, Any] | None = None) -> None:
         pass
 
     def round_to_storage(self, index: int, layer: nn.Module) -> None:
@@ -264,6 +269,7 @@ class LayerwiseRunner:
         hidden = cap.hidden
         results = []
         for i in self.progress.track(range(len(self.layers)), len(self.layers), description):
+            interrupts.check()
             layer = self.provider.load(i)
             stats = self._collect(layer, targets[i], hidden, cap.calls[i], hessian)
             results.append(fn(i, targets[i], stats))
@@ -272,20 +278,42 @@ class LayerwiseRunner:
         return results
 
     @torch.no_grad()
-    def run(self, passes: list[Any], targets: list[dict[int, dict[str, nn.Module]]]) -> RunOutput:
-        """The compressing sweep: every pass is applied to each layer in turn, in recipe order."""
+    def run(
+        self,
+        passes: list[Any],
+        targets: list[dict[int, dict[str, nn.Module]]],
+        start: ResumePoint | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> RunOutput:
+        """The compressing sweep: every pass is applied to each layer in turn, in recipe order.
+
+        ``start`` continues an earlier run from a layer with the activations saved for it;
+        ``checkpoint(next_layer, hidden, dense_hidden)`` is called after each layer is saved.
+        """
         output = RunOutput()
         cap = self._capture()
         hidden = cap.hidden
         dense_hidden = hidden if any(p.needs_dense_path for p in passes) else None  # the dense model's path
-        for i in self.progress.track(range(len(self.layers)), len(self.layers), "compressing layers"):
+        first = 0
+        if start is not None:
+            first, hidden, saved_dense = start
+            hidden = [h.to(self.device) for h in hidden]
+            if dense_hidden is not None:
+                dense_hidden = [h.to(self.device) for h in (saved_dense or [])]
+        n = len(self.layers)
+        for i in self.progress.track(range(first, n), n - first, "compressing layers"):
+            interrupts.check()
             t0 = time.perf_counter()
             layer = self.provider.load(i)
             touched = {fqn: m for per_pass in targets for fqn, m in per_pass[i].items()}
             dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
+            done = len(output.records)
             dense_hidden = self._apply_passes(i, layer, passes, targets, hidden, dense_hidden, cap.calls[i], output)
             hidden = self._propagate(layer, touched, dense, hidden, cap.calls[i], output.errors)
-            self.provider.finish(i, layer, write=True)
+            info = {"records": output.records[done:], "errors": {f: output.errors[f] for f in touched}}
+            self.provider.finish(i, layer, write=True, info=info)
+            if checkpoint is not None:
+                checkpoint(i + 1, hidden, dense_hidden)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
         return output
 

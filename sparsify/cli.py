@@ -11,14 +11,40 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, one_line
+
+
+class _OneLineErrors(TyperGroup):
+    """Flag and argument errors as one line (``error: ...``) with exit code 2, not a usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _say(f"error: {e.format_message()}{where}")
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            _say("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="sparsify",
+    cls=_OneLineErrors,
     help="Compress Hugging Face transformer checkpoints into ones the ecosystem loads as-is.",
     no_args_is_help=True,
     add_completion=False,
@@ -70,7 +96,17 @@ TargetsOpt = Annotated[
 ]
 IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="names or 're:' regexes to leave alone")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="compute dtype (the output keeps the input's dtype)")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace an existing sparsify output (or discard an unfinished run's work)")
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="continue an unfinished run into the same output (same model, recipe and settings), and keep this"
+        " run's finished layers if it is interrupted",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")]
 EvalOpt = Annotated[
@@ -114,33 +150,54 @@ def _setup_logging(debug: bool) -> None:
             pass
 
 
+def _say(message: str) -> None:
+    err_console.print(one_line(message), markup=False, highlight=False, soft_wrap=True)
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """One line for an interruption; the exit code (128 + signal)."""
+    from sparsify.interrupts import Interrupted
+
+    name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
+    if isinstance(e, Interrupted) and e.finished:
+        _say(f"interrupted ({name}) after {e.finished} was written")
+    elif isinstance(e, Interrupted) and e.kept:
+        _say(f"interrupted ({name}); finished layers kept in {e.kept}: run the same command with --resume to continue")
+    else:
+        _say(f"interrupted ({name}); no output was written")
+    return code
+
+
 def handle_errors(fn: F) -> F:
-    """One line on stderr and a non-zero exit for every failure; the traceback only with --debug."""
+    """One line on stderr and a non-zero exit for every failure; the traceback only with --debug.
+
+    SIGINT, SIGTERM and SIGHUP are handled explicitly for the whole command (:mod:`sparsify.interrupts`):
+    the run stops at once or at the next safe point, cleans up and exits 128 + the signal number.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sparsify.interrupts import handle_signals
+
         debug = bool(kwargs.get("debug"))
         _setup_logging(debug)
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            err_console.print("interrupted; no output was written")
-            raise typer.Exit(130) from None
-        except Exception as e:  # every failure: one line, unless --debug
-            if debug:
+        with handle_signals():
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
                 raise
-            if isinstance(e, SparsifyError):
-                err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-            else:
-                err_console.print(
-                    f"error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            raise typer.Exit(1) from None
+            except KeyboardInterrupt as e:
+                if debug:
+                    raise
+                raise typer.Exit(_interrupted(e)) from None
+            except Exception as e:  # every failure: one line, unless --debug
+                if debug:
+                    raise
+                if isinstance(e, SparsifyError):
+                    _say(f"error: {e}")
+                else:
+                    _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+                raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -157,12 +214,15 @@ def _eval_path(value: str | None) -> str | None:
     return BUILTIN_EVAL if value in ("heldout", "builtin") else value
 
 
-def _options(overwrite: bool, dtype: DType, eval_data: str | None, eval_lens: list[int] | None, trust: bool):
+def _options(
+    overwrite: bool, dtype: DType, eval_data: str | None, eval_lens: list[int] | None, trust: bool, resume: bool = False
+):
     from sparsify.pipeline import Options
     from sparsify.progress import RichProgress
 
     return Options(
         overwrite=overwrite,
+        resume=resume,
         dtype=_dtype(dtype),
         eval_data=_eval_path(eval_data),
         eval_seq_lens=tuple(eval_lens) if eval_lens else None,
@@ -194,12 +254,17 @@ def _render(report: dict[str, Any], json_out: bool) -> None:
 
 
 def _run(model: str, recipe_data: dict[str, Any], output: Path, opts, json_out: bool, where: str) -> None:
+    from sparsify.interrupts import Interrupted
     from sparsify.pipeline import compress
     from sparsify.recipe import parse_recipe
 
     recipe = parse_recipe(recipe_data, where)
     report = compress(model, recipe, output, opts)
-    _render(report, json_out)
+    try:
+        _render(report, json_out)
+    except Interrupted as e:
+        e.finished = str(output)
+        raise
 
 
 @app.command(
@@ -223,6 +288,7 @@ def prune(
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -241,7 +307,8 @@ def prune(
     if ignore:
         step["ignore"] = ignore
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed)
-    _run(model, data, output, _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code), json_out, "flags")
+    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume)
+    _run(model, data, output, opts, json_out, "flags")
 
 
 class Pattern(str, Enum):
@@ -269,6 +336,7 @@ def attention(
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -284,7 +352,7 @@ def attention(
             step[key] = value
     if pattern is Pattern.block_sparse:
         step.update(global_blocks=global_blocks, random_blocks=random_blocks)
-    opts = _options(overwrite, DType.float32, eval_data, eval_seq_len, trust_remote_code)
+    opts = _options(overwrite, DType.float32, eval_data, eval_seq_len, trust_remote_code, resume)
     _run(model, {"passes": [step]}, output, opts, json_out, "flags")
 
 
@@ -302,6 +370,7 @@ def compress(
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -316,7 +385,7 @@ def compress(
         model,
         data,
         output,
-        _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code),
+        _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume),
         json_out,
         recipe.name,
     )

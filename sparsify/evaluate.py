@@ -31,6 +31,15 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         ) from e
 
 
+def check_context(lengths: list[int], limit: int | None) -> None:
+    """Refuse context lengths past the model's ``max_position_embeddings``."""
+    beyond = [n for n in lengths if limit and n > limit]
+    if beyond:
+        raise SparsifyError(
+            f"seq_len {beyond[0]} is beyond the model's context (max_position_embeddings {limit}); use {limit} or less"
+        )
+
+
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoConfig
 
@@ -126,6 +135,7 @@ def evaluate(
     text = load_text(data, default=BUILTIN_EVAL)
     stream = tokenize(text, tokenizer)
     model = load_causal_lm(path, dtype, trust_remote_code)
+    check_context(lengths, getattr(model.config, "max_position_embeddings", None))
     results = []
     for length in lengths:
         windows = eval_windows(stream, length, max_windows)

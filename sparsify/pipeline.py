@@ -15,25 +15,29 @@ from torch import nn
 
 from sparsify import __version__
 from sparsify.arch import Arch, find_layers, is_encoder, lookup
-from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, RunOutput
+from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, ResumePoint, RunOutput
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
     KeyMap,
+    LayerFiles,
     ModelDir,
-    SafetensorsWriter,
+    Partial,
     TensorSource,
-    atomic_dir,
+    assemble,
     build_skeleton,
-    check_output_path,
+    check_output,
+    check_tensors,
     copy_aux_files,
     materialize,
     open_model,
+    partial_output,
     release,
     set_tensor,
 )
+from sparsify.checkpoint.output import tensor_digest
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
-from sparsify.evaluate import embedding_similarity, evaluate, load_tokenizer
+from sparsify.evaluate import check_context, embedding_similarity, evaluate, load_tokenizer
 from sparsify.passes import build_pass, is_layer_pass
 from sparsify.progress import NoProgress, Progress
 from sparsify.recipe import Recipe
@@ -55,11 +59,17 @@ class Options:
     eval_seq_lens: tuple[int, ...] | None = None  # None: 512, plus 2048 when the recipe swaps attention
     eval_max_windows: int | None = None
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    resume: bool = False  # continue an unfinished run into the same output (same model, recipe, settings)
     progress: Progress = field(default_factory=NoProgress)
 
 
 class LazyLayers:
-    """Provider that reads each layer from the checkpoint and writes it out when the loop is done."""
+    """Provider that reads each layer from the checkpoint and, when the loop is done with it, saves it.
+
+    Values are written in their stored precision: a tensor no pass changed is written from the input
+    as it was stored (a float32 model calibrated in bfloat16 keeps its float32 norms and kept weights);
+    values a pass changed are written in the stored dtype.
+    """
 
     def __init__(
         self,
@@ -67,21 +77,24 @@ class LazyLayers:
         layers_path: str,
         source: TensorSource,
         keymap: KeyMap,
-        writer: SafetensorsWriter | None,
+        store: LayerFiles | None,
         dtype: torch.dtype,
         device: torch.device,
     ):
         self.layers, self.layers_path = layers, layers_path
-        self.source, self.keymap, self.writer = source, keymap, writer
+        self.source, self.keymap, self.store = source, keymap, store
         self.dtype, self.device = dtype, device
         self.stored: dict[str, torch.dtype] = {}
-        self.written: set[str] = set()
+
+    def _key(self, index: int, name: str) -> str:
+        return self.keymap.to_ckpt[f"{self.layers_path}.{index}.{name}"]
 
     def load(self, index: int) -> nn.Module:
         layer = self.layers[index]
         names = [n for n, _ in layer.named_parameters()]
         prefix = f"{self.layers_path}.{index}"
-        self.stored = materialize(layer, prefix, names, self.source, self.keymap, self.dtype, self.device)
+        stored = materialize(layer, prefix, names, self.source, self.keymap, self.dtype, self.device)
+        self.stored = {name: t.dtype for name, t in stored.items()}
         return layer
 
     @torch.no_grad()
@@ -92,13 +105,24 @@ class LazyLayers:
             if p.is_floating_point() and stored != p.dtype:
                 p.copy_(p.to(stored).to(p.dtype))
 
-    def finish(self, index: int, layer: nn.Module, write: bool) -> None:
-        if write and self.writer is not None:
+    def finish(self, index: int, layer: nn.Module, write: bool, info: dict[str, Any] | None = None) -> None:
+        if write and self.store is not None:
+            tensors = {}
             for name, p in layer.named_parameters():
-                key = self.keymap.to_ckpt[f"{self.layers_path}.{index}.{name}"]
-                self.writer.write(key, p)
-                self.written.add(key)
+                key = self._key(index, name)
+                tensors[key] = _in_stored_precision(p.detach().cpu(), self.source, key)
+            self.store.save(index, tensors, info or {})
         release(layer)
+
+
+def _in_stored_precision(value: torch.Tensor, source: TensorSource, key: str) -> torch.Tensor:
+    """``value`` in the dtype ``key`` is stored in, taking the stored bits wherever no pass changed a value."""
+    info = source.info(key)
+    if info.shape != tuple(value.shape) or value.dtype == info.dtype or not value.is_floating_point():
+        return value.to(info.dtype) if info.shape == tuple(value.shape) else value
+    original = source.get_many([key])[key]
+    untouched = value == original.to(value.dtype)  # the compute copy is the stored value, rounded
+    return torch.where(untouched, original, value.to(info.dtype))
 
 
 def _module_path(root: nn.Module, target: nn.Module) -> str:
@@ -173,10 +197,13 @@ def _calibration_tokens(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, str]:
     return sample_windows(tokenize(text, tokenizer), cal.samples, cal.seq_len, cal.seed), text.name
 
 
-def _execute(plan: _Plan, runner: LayerwiseRunner) -> RunOutput:
+def _execute(plan: _Plan, runner: LayerwiseRunner, start: ResumePoint | None = None, checkpoint=None) -> RunOutput:
     for p, targets in zip(plan.passes, plan.targets, strict=True):
         p.prepare(runner, targets)
-    output = runner.run(plan.passes, plan.targets)
+    return runner.run(plan.passes, plan.targets, start, checkpoint)
+
+
+def _finish_records(plan: _Plan, output: RunOutput) -> None:
     for record in output.records:
         record["rel_error"] = output.errors.get(record["name"]) if record.get("status") == "pruned" else None
     for p in plan.passes:
@@ -192,7 +219,6 @@ def _execute(plan: _Plan, runner: LayerwiseRunner) -> RunOutput:
     skipped = [r["name"] for r in output.records if r.get("status", "").startswith("skipped")]
     if skipped:
         plan.notes.append(f"{len(skipped)} Linear(s) skipped, see their status: {', '.join(skipped[:5])}")
-    return output
 
 
 def compress_model(
@@ -215,7 +241,9 @@ def compress_model(
         progress,
         device,
     )
-    return _execute(plan, runner), plan.notes
+    output = _execute(plan, runner)
+    _finish_records(plan, output)
+    return output, plan.notes
 
 
 ATTENTION_EVAL_LENGTHS = (512, 2048)  # an attention pattern shows at contexts longer than its window
@@ -226,6 +254,8 @@ def _eval_lengths(opts: Options, recipe: Recipe, config) -> tuple[list[int], lis
     attention = any(not is_layer_pass(step) for step in recipe.passes)
     wanted = list(opts.eval_seq_lens or (ATTENTION_EVAL_LENGTHS if attention else (512,)))
     limit = getattr(config, "max_position_embeddings", None)
+    if opts.eval_seq_lens and opts.eval_data is not None:
+        check_context(wanted, limit)  # asked for explicitly: refused, not dropped
     kept = [n for n in wanted if not limit or n <= limit]
     notes = [
         f"perplexity not measured at {n} tokens: beyond max_position_embeddings {limit}"
@@ -266,90 +296,163 @@ def _before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
     return info
 
 
-def _skeleton(md: ModelDir, config, recipe: Recipe, opts: Options) -> tuple[nn.Module, _Plan, KeyMap]:
-    """The model on the meta device with only the tensors outside its layers read in."""
+@dataclass
+class _Skeleton:
+    model: nn.Module
+    keymap: KeyMap
+    plan: _Plan | None = None  # None when the recipe has no layer pass
+    layer_keys: list[str] = field(default_factory=list)  # checkpoint keys of the layers' parameters
+    notes: list[str] = field(default_factory=list)
+
+
+def _skeleton(md: ModelDir, config, recipe: Recipe, opts: Options) -> _Skeleton:
+    """The model on the meta device, every tensor of the checkpoint checked against it, and only the
+    tensors outside its layers read in (when the recipe has layer passes)."""
     model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
-    plan = _plan(model, config.model_type, recipe)
     keymap = KeyMap(model, md.source)
+    arch = lookup(config.model_type)
+    absent, unexpected = check_tensors(model, md.source, keymap, arch.optional if arch else ())
+    notes = []
+    if unexpected:
+        notes.append(
+            f"{len(unexpected)} tensor(s) the {config.model_type} model does not use, copied unchanged:"
+            f" {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
+        )
+    if not any(is_layer_pass(step) for step in recipe.passes):
+        return _Skeleton(model, keymap, notes=notes)
+    plan = _plan(model, config.model_type, recipe)
     base_path = _module_path(model, model.base_model)
     base_prefix = f"{base_path}." if base_path else ""
-    # Every layer tensor must be there: fail before any work, not at layer 17. A tensor outside the
-    # layers that the checkpoint lacks (a BERT pooler under an MLM checkpoint) is not written and
-    # does not influence the layers; it is zero-filled for the forward and reported.
     layer_prefix = plan.layers_path + "."
-    keymap.require([n for n, _ in model.named_parameters() if n.startswith(layer_prefix)])
     outside = [n for n, _ in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)]
-    absent = [n for n in outside if n not in keymap.to_ckpt]
-    if absent:
-        plan.notes.append(f"not in the checkpoint, zero-filled for calibration and not written: {', '.join(absent)}")
+    if absent:  # optional parts (an encoder's pooler): not written, zero for the forward, which never reads them
+        notes.append(f"not in the checkpoint and not written (optional): {', '.join(absent)}")
         for name in absent:
             set_tensor(model, name, torch.zeros(model.get_parameter(name).shape, dtype=opts.dtype))
     device = torch.device(opts.device)
     materialize(model, "", [n for n in outside if n not in absent], md.source, keymap, opts.dtype, device)
     for name, buffer in list(model.named_buffers()):
         set_tensor(model, name, buffer.to(device))
-    return model, plan, keymap
+    layer_keys = [keymap.to_ckpt[n] for n, _ in model.named_parameters() if n.startswith(layer_prefix)]
+    return _Skeleton(model, keymap, plan, layer_keys, notes)
+
+
+def _fit_context(recipe: Recipe, config) -> tuple[Recipe, list[str]]:
+    """Calibration windows within the model's context: a default is shortened (noted), an explicit value refused."""
+    limit = getattr(config, "max_position_embeddings", None)
+    cal = recipe.calibration
+    if not limit or cal.seq_len <= limit:
+        return recipe, []
+    if "seq_len" in cal.model_fields_set:
+        raise SparsifyError(
+            f"calibration seq_len {cal.seq_len} is beyond the model's context (max_position_embeddings {limit});"
+            f" use --seq-len {limit} or less"
+        )
+    fitted = recipe.model_copy(update={"calibration": cal.model_copy(update={"seq_len": int(limit)})})
+    return fitted, [
+        f"calibration windows shortened from the default {cal.seq_len} to the model's context, {limit} tokens"
+    ]
+
+
+def _run_info(md: ModelDir, recipe: Recipe, tokens: torch.Tensor | None, opts: Options) -> dict[str, Any]:
+    """What a --resume must match: the model, the effective recipe, the calibration tokens and the numerics."""
+    return {
+        "sparsify_version": __version__,
+        "model": md.fingerprint(),
+        "recipe": recipe.to_yaml(),
+        "calibration_tokens": tensor_digest(tokens) if tokens is not None else None,
+        "dtype": str(opts.dtype).removeprefix("torch."),
+        "device": opts.device,
+    }
+
+
+def _run_layers(
+    work: Partial, model: nn.Module, plan: _Plan, md: ModelDir, keymap: KeyMap, tokens: torch.Tensor,
+    recipe: Recipe, opts: Options,
+) -> RunOutput:  # fmt: skip
+    """The layer-wise loop, continuing from a checkpoint of an earlier run when resuming."""
+    device = torch.device(opts.device)
+    store = work.layers
+    provider = LazyLayers(plan.layers, plan.layers_path, md.source, keymap, store, opts.dtype, device)
+    runner = LayerwiseRunner(
+        model.base_model, plan.layers, provider, tokens, recipe.calibration.batch_size, opts.progress, device
+    )
+    start = work.resume_point()
+    prior = RunOutput()
+    if start is not None:
+        for i in range(start[0]):
+            info = store.info(i) or {}
+            prior.records += info.get("records", [])
+            prior.errors.update(info.get("errors", {}))
+        plan.notes.append(
+            f"resumed at layer {start[0]} of {len(plan.layers)}: earlier layers kept from the interrupted run"
+        )
+        if start[0] >= len(plan.layers):
+            _finish_records(plan, prior)
+            return prior
+    timer = {"last": 0.0, "cost": 0.0}
+
+    def checkpoint(next_layer: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None) -> None:
+        # Save the activations entering the next layer unless that would cost more than ~10% of the run.
+        now = time.perf_counter()
+        if next_layer < len(plan.layers) and now - timer["last"] >= 10 * timer["cost"]:
+            work.checkpoint(next_layer, hidden, dense)
+            timer["last"], timer["cost"] = time.perf_counter(), time.perf_counter() - now
+
+    output = _execute(plan, runner, start, checkpoint)
+    output.records[:0] = prior.records
+    output.errors.update(prior.errors)
+    _finish_records(plan, output)
+    return output
 
 
 def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: Options | None = None) -> dict[str, Any]:
     """Run ``recipe`` on the model at ``model_path`` layer by layer and write the result to ``out``.
 
-    The input is never modified; ``out`` appears only when complete. Returns the report.
+    The input is never modified; ``out`` appears only when complete (see :mod:`sparsify.checkpoint.output`
+    for every rule). Returns the report.
     """
     opts = options or Options()
     t_start = time.perf_counter()
     md = open_model(model_path)
-    out = Path(out).expanduser()
-    check_output_path(md.path, out, opts.overwrite)
+    reads = [Path(p) for p in (recipe.calibration.data, opts.eval_data) if p and not str(p).startswith("builtin:")]
+    target = check_output(out, md.read_paths() + reads, md.path, opts.overwrite)
     config = md.load_config(opts.trust_remote_code)
     encoder = is_encoder(config.model_type)
     new_config, config_records, config_notes = _config_passes(md, config.model_type, recipe)
     layered = any(is_layer_pass(step) for step in recipe.passes)
+    recipe, context_notes = _fit_context(recipe, config) if layered else (recipe, [])
+    tokens, calib_name = None, None
     if layered:
         tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
         tokens, calib_name = _calibration_tokens(recipe, tokenizer)
     lengths, eval_notes = _eval_lengths(opts, recipe, config)
-    eval_before = _perplexity(md.path, opts, lengths) if opts.eval_data is not None and not encoder else None
-    if layered:
-        model, plan, keymap = _skeleton(md, config, recipe, opts)
+    skel = _skeleton(md, config, recipe, opts)
 
-    with atomic_dir(out, opts.overwrite) as tmp:
-        writer = SafetensorsWriter(tmp, [(k, md.source.info(k)) for k in md.source.keys()], opts.max_shard_bytes)
-        try:
-            written: set[str] = set()
-            output = RunOutput()
-            if layered:
-                device = torch.device(opts.device)
-                provider = LazyLayers(plan.layers, plan.layers_path, md.source, keymap, writer, opts.dtype, device)
-                runner = LayerwiseRunner(
-                    model.base_model,
-                    plan.layers,
-                    provider,
-                    tokens,
-                    recipe.calibration.batch_size,
-                    opts.progress,
-                    device,
-                )
-                output = _execute(plan, runner)
-                written = provider.written
-            totals = _copy_rest(md.source, writer, written)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        copy_aux_files(md.path, tmp)
+    with partial_output(
+        target, _run_info(md, recipe, tokens, opts), overwrite=opts.overwrite, resume=opts.resume
+    ) as work:
+        eval_before = _perplexity(md.path, opts, lengths) if opts.eval_data is not None and not encoder else None
+        output = RunOutput()
+        if skel.plan is not None:
+            output = _run_layers(work, skel.model, skel.plan, md, skel.keymap, tokens, recipe, opts)
+        notes = md.notes + skel.notes + context_notes + (skel.plan.notes if skel.plan else []) + config_notes
+        done = set(skel.layer_keys)
+        rest = [(k, k) for k in md.source.keys() if k not in done]
+        counts = assemble(work.dir, work.layers, md.source, rest, work.state, opts.max_shard_bytes)
+        copy_aux_files(md.path, work.dir)
         if config_records:
-            (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            (work.dir / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        (work.dir / "recipe.yaml").write_text(recipe.to_yaml())
         eval_info = None
         if opts.eval_data is not None and encoder:
-            eval_info = embedding_similarity(tmp, md.path, opts.eval_data, dtype=opts.dtype)
+            eval_info = embedding_similarity(work.dir, md.path, opts.eval_data, dtype=opts.dtype)
         elif eval_before is not None:
-            eval_info = _before_after(eval_before, _perplexity(tmp, opts, lengths))
+            eval_info = _before_after(eval_before, _perplexity(work.dir, opts, lengths))
         report = build_report(
             version=__version__,
             model=str(model_path),
-            output=str(out),
+            output=target.shown,
             model_type=config.model_type,
             recipe=recipe,
             calibration={
@@ -359,27 +462,21 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
                 # rel_error is measured on the first ERROR_WINDOWS calibration windows only
                 "error_tokens": int(min(ERROR_WINDOWS, tokens.shape[0]) * tokens.shape[1]),
             }
-            if layered
+            if tokens is not None
             else None,
             records=output.records + config_records,
             totals={
-                **totals,
-                "bytes": writer.total_bytes,
+                "parameters": counts.parameters,
+                "nonzeros": counts.nonzeros,
+                "bytes": counts.bytes,
                 "wall_seconds": time.perf_counter() - t_start,
                 "peak_rss_bytes": peak_rss_bytes(),
             },
             eval_info=eval_info,
-            notes=(plan.notes if layered else []) + config_notes + (eval_notes if eval_before else []),
+            notes=notes + (eval_notes if eval_before else []),
         )
-        write_report(report, tmp / "sparsify_report.json")
+        write_report(report, work.dir / "sparsify_report.json")
     return report
-
-
-def _copy_rest(source: TensorSource, writer: SafetensorsWriter, written: set[str]) -> dict[str, int]:
-    """Copy every tensor the loop did not write (embeddings, norms, heads) and count all parameters."""
-    for key, tensor in source.iter_tensors([k for k in source.keys() if k not in written]):
-        writer.write(key, tensor)
-    return {"parameters": writer.parameters, "nonzeros": writer.nonzeros}
 
 
 def peak_rss_bytes() -> int:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import Field, ValidationError
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, shorten
 from sparsify.passes import CONFIGS
 from sparsify.passes.base import StrictModel
 
@@ -51,9 +51,10 @@ def format_validation_error(e: ValidationError, where: str) -> str:
         loc = ".".join(str(x) for x in kept if not str(x).startswith("function-after"))
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {shorten(got)})"
         parts.append(f"{loc or '<root>'}: {msg}{shown}")
-    return f"{where}: " + "; ".join(parts)
+    more = f"; and {len(parts) - 3} more problems" if len(parts) > 3 else ""
+    return f"{where}: " + "; ".join(parts[:3]) + more
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:

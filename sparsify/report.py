@@ -26,12 +26,12 @@ def build_report(
     eval_info: dict[str, Any] | None,
     notes: list[str],
 ) -> dict[str, Any]:
-    pruned = [r for r in records if r.get("status") == "pruned"]
+    pruned = list({r["name"]: r for r in records if r.get("status") == "pruned"}.values())  # last pass per Linear
     target_params = sum(r["shape"][0] * r["shape"][1] for r in pruned)
     target_zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pruned)
     return {
         "sparsify_version": version,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model,
         "output": output,
         "model_type": model_type,
@@ -99,7 +99,7 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
             ("calibration", f"{cal['windows']} × {cal['seq_len']} tokens of {cal['text']} (seed {report['seed']})")
         )
     if linears:
-        rows.append(("target Linears", f"{sum(1 for r in linears if r.get('status') == 'pruned')} pruned"))
+        rows.append(("target Linears", f"{len({r['name'] for r in linears if r.get('status') == 'pruned'})} pruned"))
         rows.append(("target sparsity", _pct(t["target_sparsity"])))
     if attention:
         changed = [r for r in attention if r["pattern"] != "full"]
@@ -209,12 +209,17 @@ def _svg_bars(values: list[float | None], labels: list[str], title: str, fmt: st
             f"<title>{html.escape(label)}: {format(v, fmt)}</title></rect>"
         )
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{title}">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
         f'<text x="{pad}" y="20" font-size="14">{html.escape(title)} (max {format(top, fmt)})</text>'
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>'
         + "".join(bars)
         + f'<text x="{pad}" y="{height - 10}" font-size="11">Linears in layer order (hover for names)</text></svg>'
     )
+
+
+def _cells(*values: Any) -> str:
+    """One table row, every value escaped."""
+    return "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in values) + "</tr>"
 
 
 def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
@@ -224,20 +229,24 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     layers, attention = _split(report["layers"])
     labels = [r["name"] for r in layers]
     table = "".join(
-        f"<tr><td>{html.escape(r['name'])}</td><td>{r['shape'][0]}×{r['shape'][1]}</td><td>{r['method']}</td>"
-        f"<td>{r['pattern']}</td><td>{_pct(r.get('sparsity'))}</td><td>{_err(r.get('rel_error'))}</td>"
-        f"<td>{html.escape(r.get('status', ''))}</td></tr>"
+        _cells(
+            r["name"],
+            f"{r['shape'][0]}×{r['shape'][1]}",
+            r["method"],
+            r["pattern"],
+            _pct(r.get("sparsity")),
+            _err(r.get("rel_error")),
+            r.get("status", ""),
+        )
         for r in layers
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     attn = "".join(
-        f"<tr><td>{html.escape(r['name'])}</td><td>{r['pattern']}</td><td>{_shape(r)}</td>"
-        f"<td>{r['flops_fraction']:.1%}</td><td>{html.escape(r['status'])}</td></tr>"
-        for r in attention
+        _cells(r["name"], r["pattern"], _shape(r), f"{r['flops_fraction']:.1%}", r["status"]) for r in attention
     )
     attn_table = (
         "<h2>Attention</h2><table><tr><th>layer</th><th>pattern</th><th>shape</th>"
-        f"<th>FLOPs vs dense @{_flops_at(attention[0])}</th>"
+        f"<th>FLOPs vs dense @{html.escape(str(_flops_at(attention[0])))}</th>"
         f"<th>status</th></tr>{attn}</table>"
         if attention
         else ""

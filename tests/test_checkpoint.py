@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers as T
 from safetensors.torch import load_file
 
 from sparsify import pipeline
-from sparsify.checkpoint import SafetensorsWriter, TensorInfo, atomic_dir, open_model
+from sparsify.checkpoint import TensorInfo, check_output, open_model, partial_output, plan_shards, write_shard
 from sparsify.pipeline import Options, compress
 from sparsify.recipe import parse_recipe
 from tests import zoo
@@ -33,29 +31,28 @@ def test_writer_round_trip_and_sharding(tmp_path):
         "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
         "empty": torch.zeros(0, 4),
     }
-    plan = [(k, TensorInfo(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
-    writer = SafetensorsWriter(tmp_path, plan, max_shard_bytes=64)
-    for k in reversed(list(tensors)):  # any order
-        writer.write(k, tensors[k])
-    writer.close()
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1
+    infos = [(k, TensorInfo(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
+    shards = plan_shards(infos, max_shard_bytes=64)
+    assert len(shards) > 1 and sorted(k for ks in shards.values() for k in ks) == sorted(tensors)
+    for name, keys in shards.items():
+        entries = [(k, i) for k, i in infos if k in keys]
+        write_shard(tmp_path / name, entries, ((k, tensors[k]) for k in reversed(keys)))  # any order
     loaded = {}
-    for shard in set(index["weight_map"].values()):
-        loaded.update(load_file(tmp_path / shard))
+    for name in shards:
+        loaded.update(load_file(tmp_path / name))
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+    assert not list(tmp_path.glob("*.part"))
 
 
 def test_writer_refuses_unwritten_and_misshapen(tmp_path):
     plan = [("a", TensorInfo(torch.float32, (2, 2))), ("b", TensorInfo(torch.float32, (2,)))]
-    writer = SafetensorsWriter(tmp_path, plan)
-    with pytest.raises(ValueError, match="shape"):
-        writer.write("a", torch.zeros(3))
-    writer.write("a", torch.zeros(2, 2))
+    with pytest.raises(RuntimeError, match="differs from planned"):
+        write_shard(tmp_path / "x.safetensors", plan, iter([("a", torch.zeros(3))]))
     with pytest.raises(RuntimeError, match="never written"):
-        writer.close()
+        write_shard(tmp_path / "x.safetensors", plan, iter([("a", torch.zeros(2, 2))]))
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_sharded_output_loads_and_equals_single_file(model_dir, tmp_path):
@@ -122,12 +119,12 @@ def test_only_one_layer_is_materialized_at_a_time(model_dir, tmp_path, monkeypat
     assert seen and all(seen)
 
 
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError), atomic_dir(out, overwrite=False) as tmp:
-        (tmp / "partial").write_text("x")
+def test_partial_output_leaves_nothing_on_failure(tmp_path):
+    out = check_output(tmp_path / "a" / "b" / "out", [], None, overwrite=False)
+    with pytest.raises(RuntimeError), partial_output(out, {}) as work:
+        (work.dir / "partial").write_text("x")
         raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the partial folder and the parents created for it are gone
 
 
 def test_open_model_reads_headers_only(model_dir):

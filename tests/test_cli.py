@@ -244,14 +244,24 @@ def test_nan_after_pass(model_dir, tmp_path):
     assert_user_error(run("prune", bad, "-o", out, "--sparsity", "0.5", "--method", "magnitude", *FAST), out, "NaN")
 
 
-def test_existing_output_needs_overwrite(model_dir, tmp_path):
+def test_existing_output_needs_overwrite_which_replaces_only_sparsify_outputs(model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert_user_error(run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST), None, "--overwrite")
+    assert_user_error(
+        run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, "--overwrite"),
+        None,
+        "not a sparsify output",
+        "keep.txt",
+    )
     assert (out / "keep.txt").read_text() == "mine"
-    r = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, "--overwrite")
-    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
+    assert run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, "--overwrite").exit_code == 0
+    first = (out / "sparsify_report.json").read_text()
+    r = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.3", *FAST, "--overwrite")  # and an earlier output
+    assert r.exit_code == 0 and (out / "sparsify_report.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_output_inside_model_is_refused(model_dir, tmp_path):

@@ -1,0 +1,396 @@
+"""The output folder: checked before any work, built beside it, renamed into place only when complete.
+
+Rules (docs/guarantees.md says how each is tested):
+
+- OUT may not be, contain, or sit inside the model folder, nor contain any file the run reads
+  (through symlinks and ``..`` alike), nor be or contain the current folder. A symlink OUT is
+  followed; a dangling one is refused.
+- An existing OUT is replaced only with ``--overwrite``, and only if it is empty or an earlier sparsify
+  output (it holds ``sparsify_report.json``): ``--overwrite`` never deletes someone else's folder.
+- The work happens in ``.OUT.partial`` beside OUT, locked (``flock`` on the folder) for as long as the
+  run lives: a second run into the same OUT is refused at once. At the end OUT is re-checked: one that
+  appeared during the run is never replaced without ``--overwrite``. The rename is atomic
+  (``renameat2`` NOREPLACE, or EXCHANGE when replacing, where the kernel has them).
+- Every way a run can end cleans up (the partial folder and the parent folders it created), except
+  a hard death (SIGKILL, OOM killer, power loss), whose ``.OUT.partial`` a later ``--resume`` continues;
+  with ``--resume`` an interrupted run (SIGINT/SIGTERM/SIGHUP) keeps its finished layers as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsify import interrupts
+from sparsify.checkpoint.writer import LayerFiles, save_tensors, write_json
+from sparsify.errors import SparsifyError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; concurrent runs are not detected
+    fcntl = None  # type: ignore[assignment]
+
+STATE_DIR = ".sparsify-state"
+REPORT_MARKER = "sparsify_report.json"  # what makes a folder an earlier sparsify output
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool | None:
+    """``renameat2(src, dst, flags)``: True on success, False if ``dst`` exists, None if unsupported here."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return None
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists; False if it does."""
+    done = _renameat2(src, dst, _RENAME_NOREPLACE)
+    if done is not None:
+        return done
+    if dst.exists() or dst.is_symlink():  # no atomic primitive: check, then rename (a small window)
+        return False
+    os.rename(src, dst)
+    return True
+
+
+@dataclass(frozen=True)
+class OutputPath:
+    """A checked output location."""
+
+    path: Path  # resolved (symlinks followed)
+    shown: str  # as the user wrote it, for messages
+
+    @property
+    def partial(self) -> Path:
+        return self.path.parent / f".{self.path.name}.partial"
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output(out: str | Path, reads: list[Path], model_dir: Path | None, overwrite: bool) -> OutputPath:
+    """Refuse an output that could destroy input or someone else's folder; nothing is created."""
+    shown = str(out)
+    p = Path(out).expanduser()
+    if p.is_symlink() and not p.exists():
+        raise SparsifyError(f"output {shown} is a symlink to {os.readlink(p)}, which does not exist")
+    r = p.resolve()
+    if r.parent == r:
+        raise SparsifyError(f"output {shown} is the filesystem root; choose a new folder")
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, r):
+        what = "the current folder" if r == cwd else "a folder that contains the current folder"
+        raise SparsifyError(f"output {shown} is {what}; choose a new folder")
+    if model_dir is not None:
+        m = model_dir.resolve()
+        if _is_within(r, m):
+            raise SparsifyError(f"output {shown} is the model folder or inside it; choose another folder")
+        if _is_within(m, r):
+            raise SparsifyError(f"output {shown} contains the model folder {model_dir}; choose another folder")
+    for read in reads:
+        if _is_within(read.resolve(), r):
+            raise SparsifyError(f"output {shown} contains {read}, which this run reads; choose another folder")
+    if r.exists():
+        if not r.is_dir():
+            raise SparsifyError(f"{shown} exists and is not a folder")
+        if not overwrite:
+            raise SparsifyError(f"{shown} exists; pass --overwrite to replace it")
+        check_replaceable(r, shown)
+    return OutputPath(r, shown)
+
+
+def check_replaceable(folder: Path, shown: str) -> None:
+    """``--overwrite`` replaces an empty folder or an earlier sparsify output, nothing else."""
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries and REPORT_MARKER not in entries:
+        raise SparsifyError(
+            f"{shown} is not a sparsify output (no {REPORT_MARKER}; it holds {len(entries)} entries, e.g."
+            f" {entries[0]}); --overwrite replaces only earlier sparsify outputs and empty folders:"
+            " remove it yourself or choose another folder"
+        )
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing ancestors; return the ones created, outermost first."""
+    missing = []
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    folder.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_parents(created: list[Path]) -> None:
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive ``flock`` on the folder itself; the descriptor, or None if another process holds it."""
+    fd = os.open(folder, os.O_RDONLY)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@dataclass
+class Partial:
+    """The locked folder a run builds its output in; ``state`` holds what ``--resume`` needs."""
+
+    dir: Path
+    fd: int | None
+    run_info: dict[str, Any]
+    resumed: bool = False
+    finished: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def state(self) -> Path:
+        return self.dir / STATE_DIR
+
+    @property
+    def layers(self) -> LayerFiles:
+        return LayerFiles(self.state / "layers")
+
+    # ------------------------------------------------------------------ resume state
+
+    def checkpoint(self, next_layer: int, hidden: list[Tensor], dense: list[Tensor] | None) -> None:
+        """Record that layers before ``next_layer`` are done and the calibration activations entering it."""
+        tensors = {f"hidden.{i}": h for i, h in enumerate(hidden)}
+        tensors.update({f"dense.{i}": h for i, h in enumerate(dense or [])})
+        save_tensors(tensors, self.state / "hidden.safetensors")
+        write_json(self.state / "progress.json", {"next_layer": next_layer, "batches": len(hidden)})
+
+    def progress(self) -> int:
+        path = self.state / "progress.json"
+        return int(json.loads(path.read_text())["next_layer"]) if path.is_file() else 0
+
+    def resume_point(self) -> tuple[int, list[Tensor], list[Tensor] | None] | None:
+        """``(next layer, hidden states entering it, the dense path's)`` of an earlier run, if any."""
+        from safetensors.torch import load_file
+
+        path = self.state / "progress.json"
+        if not self.resumed or not path.is_file():
+            return None
+        progress = json.loads(path.read_text())
+        tensors = load_file(str(self.state / "hidden.safetensors"))
+        n = int(progress["batches"])
+        hidden = [tensors[f"hidden.{i}"] for i in range(n)]
+        dense = [tensors[f"dense.{i}"] for i in range(n)] if "dense.0" in tensors else None
+        return int(progress["next_layer"]), hidden, dense
+
+    # ------------------------------------------------------------------ ending
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
+    def finish(self, out: OutputPath, overwrite: bool) -> None:
+        """Rename into place: never onto an OUT that appeared without ``overwrite``; atomically where possible."""
+        with interrupts.deferred():
+            shutil.rmtree(self.state, ignore_errors=True)
+            dst = out.path
+            if not (dst.exists() or dst.is_symlink()) and rename_noreplace(self.dir, dst):
+                self.finished = True
+                return
+            if not overwrite:
+                raise SparsifyError(f"{out.shown} appeared during the run; it is not replaced without --overwrite")
+            if not dst.is_dir() or dst.is_symlink():
+                raise SparsifyError(f"{out.shown} appeared during the run and is not a folder; not replaced")
+            check_replaceable(dst, out.shown)
+            swapped = _renameat2(self.dir, dst, _RENAME_EXCHANGE)
+            if swapped:
+                self.finished = True
+                shutil.rmtree(self.dir, ignore_errors=True)  # now holds the old output
+                return
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            os.rename(dst, old)
+            try:
+                os.rename(self.dir, dst)
+            except BaseException:
+                os.rename(old, dst)
+                raise
+            self.finished = True
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_run_info(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / STATE_DIR / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if k not in ("pid", "started") and old.get(k) != new.get(k)]
+
+
+def _sweep_new(out: OutputPath) -> None:
+    """Remove half-created partial folders of runs that died before claiming (unlocked ones only)."""
+    for p in out.path.parent.glob(f".{out.path.name}.partial-new-*"):
+        fd = _lock(p)
+        if fd is not None:
+            shutil.rmtree(p, ignore_errors=True)
+            os.close(fd)
+
+
+def _create(out: OutputPath, run_info: dict[str, Any]) -> Partial | None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.path.name}.partial-new-", dir=out.path.parent))
+    fd = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder we create
+        fd = _lock(tmp)
+        (tmp / STATE_DIR).mkdir()
+        write_json(tmp / STATE_DIR / "run.json", run_info)
+        if rename_noreplace(tmp, out.partial):
+            return Partial(out.partial, fd, run_info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)
+    return None
+
+
+def _claim(out: OutputPath, run_info: dict[str, Any], overwrite: bool, resume: bool) -> Partial:
+    _sweep_new(out)
+    for _ in range(5):
+        existing = out.partial
+        if not (existing.exists() or existing.is_symlink()):
+            created = _create(out, run_info)
+            if created is not None:
+                return created
+            continue  # another run claimed it first: look at theirs
+        if existing.is_symlink() or not existing.is_dir():
+            raise SparsifyError(f"{existing} is in the way and is not a sparsify partial folder; remove it")
+        fd = _lock(existing)
+        if fd is None:
+            other = _read_run_info(existing) or {}
+            pid = f" (pid {other['pid']})" if other.get("pid") else ""
+            raise SparsifyError(
+                f"another sparsify run{pid} is writing {out.shown} (its work is in {existing}); wait for it or"
+                " choose another output"
+            )
+        old = _read_run_info(existing)
+        partial = Partial(existing, fd, run_info)
+        done = partial.progress()
+        if resume and old is not None:
+            diff = _differences(old, run_info)
+            if not diff:
+                partial.resumed = True
+                return partial
+            if not overwrite:
+                partial.release()
+                raise SparsifyError(
+                    f"{existing} holds an unfinished run with another {', '.join(diff)}; resume it with the same"
+                    " model, recipe and settings, or pass --overwrite to discard it"
+                )
+        if overwrite:
+            partial.discard()
+            continue
+        partial.release()
+        what = f"{done} layers done" if old is not None else "not resumable"
+        hint = (
+            "pass --resume to continue it or --overwrite to discard it"
+            if old is not None
+            else "pass --overwrite to discard it"
+        )
+        raise SparsifyError(f"an unfinished run into {out.shown} left {existing} ({what}); {hint}")
+    raise SparsifyError(f"could not claim {out.partial}: other runs keep creating it")
+
+
+@contextlib.contextmanager
+def partial_output(
+    out: OutputPath, run_info: dict[str, Any], *, overwrite: bool = False, resume: bool = False
+) -> Iterator[Partial]:
+    """Build the output in a locked partial folder; rename it to OUT when the block completes.
+
+    On any exception the partial folder and the parent folders created for OUT are removed, except
+    that with ``resume`` an interruption by signal keeps finished layers for the next ``--resume``.
+    """
+    created = _make_parents(out.path.parent)
+    partial: Partial | None = None
+    try:
+        partial = _claim(out, {**run_info, "pid": os.getpid()}, overwrite, resume)
+        yield partial
+        interrupts.check()
+        partial.finish(out, overwrite)
+    except BaseException as e:
+        with interrupts.deferred():
+            finished = partial is not None and partial.finished
+            keep = isinstance(e, interrupts.Interrupted) and resume and partial is not None and partial.progress() > 0
+            if isinstance(e, interrupts.Interrupted):
+                e.finished = out.shown if finished else None
+                e.kept = str(partial.dir) if keep and not finished and partial is not None else None
+            if partial is not None and not finished and not keep:
+                partial.discard()
+            if not finished and not keep:
+                _remove_parents(created)
+        raise
+    finally:
+        if partial is not None:
+            partial.release()
+
+
+@contextlib.contextmanager
+def replace_dir(target: Path) -> Iterator[Path]:
+    """A cache folder written whole or not at all (no locking, no checks: for sparsify's own cache)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if not rename_noreplace(tmp, target):  # someone else made it meanwhile: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
