@@ -6,6 +6,9 @@ split deterministically so that calibration and evaluation never see the same te
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,18 @@ class Text:
 
     name: str
     documents: list[str]
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence a library's logger (and its own handlers) for the duration of the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _pydoc_split(held_out: bool) -> list[str]:
@@ -58,9 +73,13 @@ def load_text(path: str | Path | None, default: str = BUILTIN_CALIB) -> Text:
 
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", keep_in_memory=True, **kwargs)
+        with _quiet("datasets"):  # its own error lines would repeat the one below
+            ds = datasets.load_dataset(builder, data_files=files, split="train", keep_in_memory=True, **kwargs)
     except Exception as e:
-        raise SparsifyError(f"cannot read {p.name}: {e}") from e
+        root = e
+        while root.__cause__ is not None:  # datasets wraps the parser's error: show the parser's
+            root = root.__cause__
+        raise SparsifyError(f"cannot read {p.name}: {root}") from e
     if "text" not in ds.column_names:
         raise SparsifyError(f"{p.name} has no 'text' field (fields: {', '.join(ds.column_names)})")
     docs = [t for t in ds["text"] if isinstance(t, str) and t.strip()]

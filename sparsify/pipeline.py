@@ -22,6 +22,7 @@ from sparsify.checkpoint import (
     LayerFiles,
     ModelDir,
     Partial,
+    TensorInfo,
     TensorSource,
     assemble,
     build_skeleton,
@@ -107,19 +108,24 @@ class LazyLayers:
 
     def finish(self, index: int, layer: nn.Module, write: bool, info: dict[str, Any] | None = None) -> None:
         if write and self.store is not None:
-            tensors = {}
-            for name, p in layer.named_parameters():
-                key = self._key(index, name)
-                tensors[key] = _in_stored_precision(p.detach().cpu(), self.source, key)
-            self.store.save(index, tensors, info or {})
+            params = [(self._key(index, name), p) for name, p in layer.named_parameters()]
+            entries = [(key, TensorInfo(self._stored_dtype(key, p), tuple(p.shape))) for key, p in params]
+            tensors = ((key, _in_stored_precision(p.detach().cpu(), self.source, key)) for key, p in params)
+            self.store.save(index, entries, tensors, info or {})
         release(layer)
+
+    def _stored_dtype(self, key: str, value: torch.Tensor) -> torch.dtype:
+        info = self.source.info(key)
+        return info.dtype if info.shape == tuple(value.shape) else value.dtype
 
 
 def _in_stored_precision(value: torch.Tensor, source: TensorSource, key: str) -> torch.Tensor:
     """``value`` in the dtype ``key`` is stored in, taking the stored bits wherever no pass changed a value."""
     info = source.info(key)
-    if info.shape != tuple(value.shape) or value.dtype == info.dtype or not value.is_floating_point():
-        return value.to(info.dtype) if info.shape == tuple(value.shape) else value
+    if info.shape != tuple(value.shape):
+        return value  # reshaped by a pass: a new tensor, written as computed
+    if value.dtype == info.dtype or not value.is_floating_point():
+        return value.to(info.dtype)
     original = source.get_many([key])[key]
     untouched = value == original.to(value.dtype)  # the compute copy is the stored value, rounded
     return torch.where(untouched, original, value.to(info.dtype))
@@ -161,6 +167,7 @@ def _plan(model: nn.Module, model_type: str, recipe: Recipe) -> _Plan:
                 " outside the decoder layers (lm_head and embeddings are never compressed)"
             )
         built = build_pass(cfg, index, arch.stages if arch else None)
+        built.validate(selection.per_layer)
         if built.needs_dense_path and passes:
             raise SparsifyError(f"pass {index}: dense_targets is supported on the first pruning pass of a recipe only")
         passes.append(built)
@@ -393,9 +400,11 @@ def _run_layers(
     timer = {"last": 0.0, "cost": 0.0}
 
     def checkpoint(next_layer: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None) -> None:
-        # Save the activations entering the next layer unless that would cost more than ~10% of the run.
+        # Save the activations entering the next layer unless that costs much and more than ~10% of the run.
         now = time.perf_counter()
-        if next_layer < len(plan.layers) and now - timer["last"] >= 10 * timer["cost"]:
+        if next_layer == len(plan.layers):  # every layer done: nothing to carry over
+            work.checkpoint(next_layer, [], None)
+        elif timer["cost"] < 0.05 or now - timer["last"] >= 10 * timer["cost"]:
             work.checkpoint(next_layer, hidden, dense)
             timer["last"], timer["cost"] = time.perf_counter(), time.perf_counter() - now
 

@@ -40,7 +40,26 @@ def test_magnitude_mask_equals_torch_l1_unstructured(shape, sparsity):
     layer = torch.nn.Linear(shape[1], shape[0], bias=False)
     layer.weight.data.copy_(W)
     prune.l1_unstructured(layer, "weight", amount=sparsity)
-    torch.testing.assert_close(magnitude_mask(W, sparsity), layer.weight_mask.bool(), rtol=0, atol=0)
+    expected = layer.weight_mask.bool().clone()
+    for r in range(shape[0]):  # sparsify's one difference: a row that would lose everything keeps its largest
+        if not expected[r].any():
+            expected[r, W[r].abs().argmax()] = True
+    torch.testing.assert_close(magnitude_mask(W, sparsity), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_per_tensor_methods_never_empty_a_row(method):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 64, generator=g)
+    W[5] *= 1e-4  # a row whose weights are all smaller than everyone else's
+    X = torch.randn(256, 64, generator=g)
+    if method == "magnitude":
+        keep = magnitude_mask(W, 0.95)
+    else:
+        _, keep = sparsegpt_prune(W, X.T @ X, 0.95, blocksize=16)
+    assert keep.any(dim=1).all()
+    assert keep[5].sum() == 1
+    assert (~keep).float().mean() == pytest.approx(0.95, abs=2 / 64)
 
 
 def test_row_scope_prunes_the_same_count_in_every_row_and_only_the_smallest():

@@ -82,8 +82,10 @@ def tokenizer() -> T.PreTrainedTokenizerFast:
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None) -> torch.nn.Module:
     config = CONFIGS[family]()
+    if layers is not None:
+        config.num_hidden_layers = layers
     torch.manual_seed(seed)
     auto = T.AutoModel if family == "bert" else T.AutoModelForCausalLM
     model = auto.from_config(config, dtype=dtype).eval()
@@ -95,8 +97,10 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tor
     return model
 
 
-def save(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    model = build(family, seed, dtype)
+def save(
+    family: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None
+) -> Path:
+    model = build(family, seed, dtype, layers)
     model.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return folder

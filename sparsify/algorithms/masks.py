@@ -32,6 +32,15 @@ def unstructured_mask(scores: Tensor, sparsity: float, scope: Scope = "tensor") 
     return mask
 
 
+def keep_one_per_row(mask: Tensor, scores: Tensor) -> Tensor:
+    """In place: every row of ``mask: (rows, cols)`` with no kept entry keeps its highest score."""
+    empty = ~mask.any(dim=-1)  # (rows,)
+    if empty.any():
+        best = scores[empty].argmax(dim=-1)  # (empty rows,)
+        mask[empty.nonzero().squeeze(-1), best] = True
+    return mask
+
+
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """Boolean keep-mask holding the ``n`` highest scores of every ``m`` consecutive inputs.
 
@@ -49,6 +58,9 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
 
 
 def magnitude_mask(W: Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> Tensor:
-    """Magnitude pruning (Han et al. 2015): keep the largest ``|W|`` per tensor, or per N:M group."""
+    """Magnitude pruning (Han et al. 2015): keep the largest ``|W|`` per tensor, or per N:M group.
+
+    Per tensor, a row that would lose every weight keeps its largest (no output is cut off entirely).
+    """
     scores = W.abs()
-    return nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, "tensor")
+    return nm_mask(scores, *nm) if nm else keep_one_per_row(unstructured_mask(scores, sparsity, "tensor"), scores)

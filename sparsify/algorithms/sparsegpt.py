@@ -70,6 +70,7 @@ def sparsegpt_prune(
     U = dampened_inverse_cholesky(H, dampening)  # (in, in), upper triangular
 
     keep = torch.ones_like(W, dtype=torch.bool)
+    kept_any = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)  # (out,) rows with a kept weight so far
     if nm is not None and blocksize % nm[1]:
         blocksize = nm[1] * max(1, blocksize // nm[1])
     for b0 in range(0, n_in, blocksize):
@@ -79,7 +80,13 @@ def sparsegpt_prune(
         d = torch.diag(U_blk).unsqueeze(1)  # (bs, 1)
         E = torch.empty_like(Wt)  # (bs, out) scaled errors
         if nm is None:
-            drop = ~unstructured_mask(Wt.pow(2) / d.pow(2), sparsity, "tensor")  # (bs, out)
+            saliency = Wt.pow(2) / d.pow(2)  # (bs, out)
+            drop = ~unstructured_mask(saliency, sparsity, "tensor")  # (bs, out)
+            if b1 == n_in:  # last block: a row with nothing kept so far keeps its most salient weight here
+                lost = ~kept_any & drop.all(0)  # (out,)
+                if lost.any():
+                    drop[saliency[:, lost].argmax(0), lost.nonzero().squeeze(-1)] = False
+            kept_any |= ~drop.all(0)
         else:
             drop = torch.zeros_like(Wt, dtype=torch.bool)
         scale = drop.float() / d  # (bs, out): err_j = w_j * [pruned] / U_jj

@@ -156,9 +156,9 @@ def _remove_parents(created: list[Path]) -> None:
 
 def _lock(folder: Path) -> int | None:
     """An exclusive ``flock`` on the folder itself; the descriptor, or None if another process holds it."""
-    fd = os.open(folder, os.O_RDONLY)
     if fcntl is None:
-        return fd
+        return -1  # no advisory locks here: nothing held, nothing to close
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -216,9 +216,9 @@ class Partial:
     # ------------------------------------------------------------------ ending
 
     def release(self) -> None:
-        if self.fd is not None:
+        if self.fd is not None and self.fd >= 0:
             os.close(self.fd)
-            self.fd = None
+        self.fd = None
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -226,6 +226,12 @@ class Partial:
 
     def finish(self, out: OutputPath, overwrite: bool) -> None:
         """Rename into place: never onto an OUT that appeared without ``overwrite``; atomically where possible."""
+        try:
+            self._rename_into_place(out, overwrite)
+        except OSError as e:
+            raise SparsifyError(f"cannot move the finished output to {out.shown}: {e.strerror or e}") from e
+
+    def _rename_into_place(self, out: OutputPath, overwrite: bool) -> None:
         with interrupts.deferred():
             shutil.rmtree(self.state, ignore_errors=True)
             dst = out.path
@@ -268,7 +274,7 @@ def _sweep_new(out: OutputPath) -> None:
     """Remove half-created partial folders of runs that died before claiming (unlocked ones only)."""
     for p in out.path.parent.glob(f".{out.path.name}.partial-new-*"):
         fd = _lock(p)
-        if fd is not None:
+        if fd is not None and fd >= 0:
             shutil.rmtree(p, ignore_errors=True)
             os.close(fd)
 
@@ -287,12 +293,10 @@ def _create(out: OutputPath, run_info: dict[str, Any]) -> Partial | None:
             return Partial(out.partial, fd, run_info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if fd is not None:
-            os.close(fd)
+        Partial(tmp, fd, run_info).release()
         raise
     shutil.rmtree(tmp, ignore_errors=True)
-    if fd is not None:
-        os.close(fd)
+    Partial(tmp, fd, run_info).release()
     return None
 
 
@@ -333,7 +337,7 @@ def _claim(out: OutputPath, run_info: dict[str, Any], overwrite: bool, resume: b
             partial.discard()
             continue
         partial.release()
-        what = f"{done} layers done" if old is not None else "not resumable"
+        what = f"{done} layer{'s' if done != 1 else ''} done" if old is not None else "not resumable"
         hint = (
             "pass --resume to continue it or --overwrite to discard it"
             if old is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -10,16 +12,31 @@ from sparsify.errors import SparsifyError
 
 
 class KeyMap:
-    """Model parameter names ↔ checkpoint keys (a checkpoint may omit or add the base-model prefix)."""
+    """Model parameter names ↔ checkpoint keys, renamed as transformers renames them on load.
+
+    transformers 5 keeps a table of key renamings per family (GPT-NeoX's ``embed_out`` is the model's
+    ``lm_head``, old BERT checkpoints say ``gamma``/``beta``, a checkpoint may omit or add the base-model
+    prefix); sparsify uses the same table, reads each tensor under the checkpoint's own key and writes it
+    back under that key. Tensors that transformers *converts* on load (fused or split on the fly) are
+    listed in ``converted``.
+    """
 
     def __init__(self, model: nn.Module, source: TensorSource):
-        prefix = getattr(model, "base_model_prefix", "") or ""
+        renamings, converters = _conversions(model)
+        prefix = getattr(model, "base_model_prefix", "") or None
+        meta = model.state_dict(keep_vars=True)
         self.to_ckpt: dict[str, str] = {}
-        for name in model.state_dict(keep_vars=True):
-            for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
-                if candidate in source:
-                    self.to_ckpt[name] = candidate
-                    break
+        self.converted: list[str] = []
+        for key in source.keys():
+            name = _renamed(key, renamings, converters, prefix, meta)
+            if name is None:
+                self.converted.append(key)
+                continue
+            if name not in meta:
+                continue
+            if name in self.to_ckpt:
+                raise SparsifyError(f"checkpoint tensors {self.to_ckpt[name]} and {key} both load into {name}")
+            self.to_ckpt[name] = key
 
     def require(self, names: list[str]) -> list[str]:
         missing = [n for n in names if n not in self.to_ckpt]
@@ -28,6 +45,34 @@ class KeyMap:
                 f"checkpoint has no tensor for {missing[0]} ({len(missing)} missing): incomplete or mismatched checkpoint"
             )
         return [self.to_ckpt[n] for n in names]
+
+
+def _conversions(model: nn.Module) -> tuple[list, list]:
+    """transformers' key renamings and converters for ``model`` (none before transformers 5)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # pragma: no cover
+        return [], []
+    transforms = get_model_conversion_mapping(model)
+    return [t for t in transforms if isinstance(t, WeightRenaming)], [
+        t for t in transforms if not isinstance(t, WeightRenaming)
+    ]
+
+
+def _renamed(key: str, renamings: list, converters: list, prefix: str | None, meta: dict) -> str | None:
+    """The model name transformers loads ``key`` into; None if a converter (fuse/split) takes it."""
+    try:
+        from transformers.core_model_loading import rename_source_key
+    except ImportError:  # pragma: no cover
+        rename_source_key = None
+    if rename_source_key is not None:
+        name, converter = rename_source_key(key, renamings, converters, prefix, meta)
+        return None if converter is not None else name
+    for candidate in (key, key.removeprefix(f"{prefix}."), f"{prefix}.{key}"):
+        if candidate in meta:
+            return candidate
+    return key
 
 
 def build_skeleton(config, encoder: bool, trust_remote_code: bool, dtype: torch.dtype | None) -> nn.Module:
@@ -50,8 +95,10 @@ def build_skeleton(config, encoder: bool, trust_remote_code: bool, dtype: torch.
 
 def tied_names(model: nn.Module) -> set[str]:
     """Parameters that are tied to another (e.g. ``lm_head.weight`` to the embeddings) when loaded."""
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied) if isinstance(tied, dict) else set()
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5: only the ties the config enables
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) if getattr(model.config, "tie_word_embeddings", False) else {}
+    return set(tied) if isinstance(tied, dict | list | tuple | set) else set()
 
 
 def check_tensors(
@@ -74,6 +121,11 @@ def check_tensors(
             if any(name == o or name.startswith(o + ".") for o in optional):
                 absent.append(name)
                 continue
+            if keymap.converted:
+                raise SparsifyError(
+                    f"transformers builds {name} on load by converting checkpoint tensors (e.g."
+                    f" {keymap.converted[0]}); sparsify cannot compress that layout yet"
+                )
             raise SparsifyError(
                 f"checkpoint has no tensor for {name}, which the model needs (config.json builds it with shape"
                 f" {tuple(tensor.shape)}): incomplete or mismatched checkpoint"
@@ -124,6 +176,28 @@ def materialize(
 
 
 def release(root: nn.Module) -> None:
-    """Move a module's parameters back to the meta device, freeing their memory."""
+    """Move a module's parameters back to the meta device, freeing their memory (and giving it back)."""
     for name, p in list(root.named_parameters()):
         set_tensor(root, name, torch.empty_like(p, device="meta"))
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc). Without it, layer after layer of same-sized tensors
+    fragments the heap and peak RSS grows with depth (measured: 1.26 vs 0.87 GB for 16 layers)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc

@@ -50,11 +50,8 @@ def write_json(path: Path, data: object) -> None:
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """One safetensors file, atomically (a crash leaves the old file or none, never half of one)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    fsync_replace(tmp, path)
+    entries = [(k, TensorInfo(t.dtype, tuple(t.shape))) for k, t in tensors.items()]
+    write_shard(path, entries, iter(tensors.items()))
 
 
 def _header(entries: list[tuple[str, TensorInfo]]) -> bytes:
@@ -105,7 +102,8 @@ def write_shard(
                 counts.parameters += data.numel()
                 counts.nonzeros += int(torch.count_nonzero(data))
             f.seek(offset)
-            f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            if data.numel():
+                f.write(memoryview(data.view(torch.uint8).numpy()))  # no copy of the bytes
             pending.discard(key)
         if pending:
             raise RuntimeError(f"{len(pending)} planned tensors were never written, e.g. {sorted(pending)[0]}")
@@ -138,9 +136,12 @@ class LayerFiles:
     def _paths(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"{index:05d}.safetensors", self.folder / f"{index:05d}.json"
 
-    def save(self, index: int, tensors: dict[str, Tensor], info: dict) -> None:
+    def save(
+        self, index: int, entries: list[tuple[str, TensorInfo]], tensors: Iterator[tuple[str, Tensor]], info: dict
+    ) -> None:
+        """Layer ``index``: ``entries`` (names, dtypes, shapes) planned first, ``tensors`` streamed one at a time."""
         st, meta = self._paths(index)
-        save_tensors(tensors, st)
+        write_shard(st, entries, tensors)
         write_json(meta, info)
 
     def info(self, index: int) -> dict | None:

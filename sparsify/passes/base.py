@@ -63,6 +63,9 @@ class LayerPass(ABC):
             groups.setdefault(stage_of(fqn, self._stages), {})[fqn] = module
         return [groups[k] for k in sorted(groups)]
 
+    def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:  # noqa: B027
+        """Refuse, before any work, settings these targets cannot take (raise SparsifyError)."""
+
     def prepare(self, runner: LayerwiseRunner, targets: dict[int, dict[str, nn.Module]]) -> None:  # noqa: B027
         """Optional whole-model work before the compressing sweep (e.g. OWL's outlier statistics)."""
 

@@ -33,7 +33,7 @@ from sparsify.algorithms import (
 )
 from sparsify.calibration import LayerwiseRunner, LinearStats
 from sparsify.errors import SparsifyError
-from sparsify.modules import set_weight_matrix, weight_matrix
+from sparsify.modules import in_features, set_weight_matrix, weight_matrix
 from sparsify.passes.base import LayerPass, LayerPassConfig
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -103,6 +103,23 @@ class PrunePass(LayerPass):
         c = self.config
         amount = c.pattern if c.nm else f"{c.target_sparsity:.0%}"
         return f"prune {c.method} {amount}" + (" owl" if c.profile == "owl" else "")
+
+    def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
+        """Refuse a sparsity that rounds a whole row of some target to zero (no method then keeps anything)."""
+        c = self.config
+        if c.nm:
+            return
+        # OWL moves layers up to 2 x lambda above the target (capped at 0.99 as its reference code does)
+        highest = min(c.target_sparsity + 2 * c.owl_lambda, 0.99) if c.profile == "owl" else c.target_sparsity
+        for layer_targets in targets.values():
+            for fqn, module in layer_targets.items():
+                n_in = in_features(module)
+                if round(highest * n_in) >= n_in:
+                    owl = " (OWL can raise a layer to that)" if c.profile == "owl" else ""
+                    raise SparsifyError(
+                        f"sparsity {highest:g}{owl} would zero every weight of a row of {fqn} ({n_in} inputs);"
+                        f" at most {(n_in - 1) / n_in:.4f} keeps one weight per row"
+                    )
 
     def prepare(self, runner: LayerwiseRunner, targets: dict[int, dict[str, nn.Module]]) -> None:
         if self.config.profile != "owl":

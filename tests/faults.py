@@ -1,0 +1,108 @@
+"""Run the ``sparsify`` CLI in a fresh process with one fault injected, for tests that need real signals.
+
+    python -m tests.faults FAULT -- prune MODEL -o OUT ...
+
+FAULT is one of
+- ``count``: no fault; print ``calls=N`` (calls into sparsify's own code) on stderr at exit;
+- ``SIGINT@N`` / ``SIGTERM@N`` / ``SIGHUP@N``: send that signal to this process at the N-th call into sparsify;
+- ``raise@K``: a pass raises RuntimeError on its K-th call (K counts compress calls, from 1);
+- ``kill@L``: SIGKILL this process when a pass starts on layer L (a hard death: no cleanup possible);
+- ``sigterm@L``: SIGTERM when a pass starts on layer L;
+- ``del@L``: SIGINT delivered inside an object's ``__del__`` when a pass starts on layer L (Python cannot
+  raise out of a finalizer, so a plain KeyboardInterrupt would be lost there);
+- ``appear@L``: another "process" creates OUT (a folder with a file) when a pass starts on layer L;
+- ``slow@S``: every layer takes S more seconds (so that two runs overlap).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _on_layer(action) -> None:
+    """Call ``action(layer_index, call_number)`` whenever a pass compresses a layer."""
+    from sparsify.passes.base import LayerPass
+
+    for cls in LayerPass.__subclasses__():
+        original = cls.compress
+        calls = [0]
+
+        def compress(self, layer_index, targets, stats, _original=original, _calls=calls):
+            _calls[0] += 1
+            action(layer_index, _calls[0])
+            return _original(self, layer_index, targets, stats)
+
+        cls.compress = compress
+
+
+class _SignalInFinalizer:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # the handler runs here, inside __del__
+            pass
+
+
+def _output(args: list[str]) -> Path:
+    return Path(args[args.index("-o") + 1])
+
+
+def main() -> None:
+    fault, sep, *args = sys.argv[1:]
+    assert sep == "--", "usage: python -m tests.faults FAULT -- ARGS"
+    kind, _, value = fault.partition("@")
+    package = str(Path(__import__("sparsify").__file__).parent)
+    calls = [0]
+
+    def counter(frame, event, _arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            calls[0] += 1
+            if kind.startswith("SIG") and calls[0] == int(value):
+                os.kill(os.getpid(), getattr(signal, kind))
+
+    if kind == "count" or kind.startswith("SIG"):
+        sys.setprofile(counter)
+    elif kind == "raise":
+
+        def fail(_layer: int, n: int) -> None:
+            if n == int(value):
+                raise RuntimeError("injected fault")
+
+        _on_layer(fail)
+    elif kind in ("kill", "sigterm", "del", "appear"):
+
+        def act(layer: int, _n: int) -> None:
+            if layer != int(value):
+                return
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif kind == "del":
+                obj = _SignalInFinalizer()
+                del obj
+            else:
+                out = _output(args)
+                if not out.exists():
+                    out.mkdir(parents=True)
+                    (out / "theirs.txt").write_text("another process's work")
+
+        _on_layer(act)
+    elif kind == "slow":
+        _on_layer(lambda layer, n: time.sleep(float(value)))
+    from sparsify.cli import main as cli
+
+    sys.argv = ["sparsify", *args]
+    try:
+        cli()
+    finally:
+        sys.setprofile(None)
+        if kind == "count":
+            print(f"calls={calls[0]}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

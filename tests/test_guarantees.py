@@ -1,0 +1,316 @@
+"""Nothing lost, whatever happens: output folders, signals, concurrent runs, resume (docs/guarantees.md).
+
+Signals are real: the CLI runs in a fresh process (``tests/faults.py``) that injects one fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers as T
+
+from sparsify.cli import app
+from tests import zoo
+from tests.test_cli import FAST, assert_user_error, run
+
+ROOT = Path(__file__).resolve().parents[1]
+PRUNE = ["--method", "wanda", "--sparsity", "0.5", *FAST]
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path → sha256), symlinks as their targets."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _weights(out: Path) -> dict[str, str]:
+    """The output's bytes that must be reproducible: weights, index, config, recipe."""
+    return {k: v for k, v in _tree(out).items() if k != "sparsify_report.json"}
+
+
+def _fault(fault: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "tests.faults", fault, "--", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("error: ", "interrupted"))]
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory) -> Path:
+    """A 4-layer Llama, so that a run can die with layers both done and to do."""
+    return zoo.save("llama", tmp_path_factory.mktemp("deep") / "llama4", layers=4)
+
+
+def _leftovers(parent: Path, out: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+# ------------------------------------------------------------------------------------------ output paths
+
+
+def test_overwrite_onto_a_folder_holding_the_model_is_refused(model_dir, tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    model = proj / "models" / "llama"
+    model.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(model_dir("llama"), model)
+    (tmp_path / "link").symlink_to(proj)
+    before = _tree(proj)
+    for out in (proj, tmp_path / "link", model / ".." / "..", proj / "models"):
+        assert_user_error(run("prune", model, "-o", out, *PRUNE, "--overwrite"), None, "model folder")
+    monkeypatch.chdir(proj)
+    assert_user_error(run("prune", model, "-o", ".", *PRUNE, "--overwrite"), None, "current folder")
+    monkeypatch.chdir(model)
+    assert_user_error(run("prune", ".", "-o", "../..", *PRUNE, "--overwrite"), None, "current folder")
+    assert _tree(proj) == before
+
+
+def test_output_must_not_contain_what_the_run_reads(model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    calib = data / "calib.txt"
+    calib.write_text("\n\n".join(zoo.training_text()))
+    (data / "sparsify_report.json").write_text("{}")  # even an earlier output is not replaced over its input
+    assert_user_error(
+        run("prune", model_dir("llama"), "-o", data, *PRUNE, "--calib", calib, "--overwrite"), None, "calib.txt"
+    )
+    assert calib.is_file()
+
+
+def test_dangling_symlink_output_is_refused_and_symlinked_output_is_followed(model_dir, tmp_path):
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert_user_error(run("prune", model_dir("llama"), "-o", dangling, *PRUNE), None, "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+
+    real = tmp_path / "disk" / "out"
+    assert run("prune", model_dir("llama"), "-o", real, *PRUNE).exit_code == 0
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    r = run("prune", model_dir("llama"), "-o", link, "--method", "magnitude", "--sparsity", "0.3", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and "magnitude" in (real / "recipe.yaml").read_text()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["out"]  # no .out.old-PID, no partial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "disk", "out"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failing_final_rename_leaves_nothing_behind(model_dir, tmp_path, monkeypatch, existing):
+    import errno
+
+    from sparsify.checkpoint import output
+
+    out = tmp_path / "out"
+    if existing:
+        assert run("prune", model_dir("llama"), "-o", out, *PRUNE).exit_code == 0
+    before = _tree(tmp_path)
+
+    renameat2, rename = output._renameat2, os.rename
+
+    def busy(original):  # renames onto OUT fail (a mount point, say); the others work
+        def call(src, dst, *args):
+            if Path(dst) == out:
+                raise OSError(errno.EBUSY, "Device or resource busy")
+            return original(src, dst, *args)
+
+        return call
+
+    monkeypatch.setattr(output, "_renameat2", busy(renameat2))
+    monkeypatch.setattr(output.os, "rename", busy(rename))
+    r = run("prune", model_dir("llama"), "-o", out, *PRUNE, "--overwrite")
+    assert_user_error(r, None, "cannot move the finished output", "busy")
+    assert _tree(tmp_path) == before and _leftovers(tmp_path, out) == []
+
+
+def test_output_that_appears_during_the_run_is_not_replaced(deep, tmp_path):
+    out = tmp_path / "out"
+    r = _fault("appear@2", "prune", deep, "-o", out, *PRUNE)
+    assert r.returncode == 1, r.stderr
+    assert _error_lines(r.stderr) == [f"error: {out} appeared during the run; it is not replaced without --overwrite"]
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert _leftovers(tmp_path, out) == []
+
+
+def test_two_overlapping_runs_into_one_output_end_with_exactly_one_success(deep, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "tests.faults", "slow@0.5", "--", "prune", str(deep), "-o", str(out), *PRUNE]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "another sparsify run" in loser or "exists" in loser, loser
+    assert _leftovers(tmp_path, out) == []
+    T.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_an_unfinished_run_left_by_a_hard_death_is_kept_until_resumed_or_discarded(deep, tmp_path):
+    out = tmp_path / "out"
+    r = _fault("kill@2", "prune", deep, "-o", out, *PRUNE)
+    assert r.returncode == -signal.SIGKILL
+    assert _leftovers(tmp_path, out) == [".out.partial"] and not out.exists()
+    assert_user_error(run("prune", deep, "-o", out, *PRUNE), None, "--resume", "--overwrite", "2 layers done")
+    assert_user_error(
+        run("prune", deep, "-o", out, "--method", "wanda", "--sparsity", "0.4", *FAST, "--resume"), None, "recipe"
+    )
+    r = run("prune", deep, "-o", out, *PRUNE, "--overwrite")  # discards it and starts over
+    assert r.exit_code == 0, r.output
+    assert _leftovers(tmp_path, out) == []
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_after_a_kill_produces_the_same_bytes(deep, tmp_path):
+    reference = tmp_path / "reference"
+    assert run("prune", deep, "-o", reference, "--method", "sparsegpt", "--sparsity", "0.5", *FAST).exit_code == 0
+    out = tmp_path / "out"
+    args = ["prune", deep, "-o", out, "--method", "sparsegpt", "--sparsity", "0.5", *FAST]
+    r = _fault("kill@2", *args)
+    assert r.returncode == -signal.SIGKILL and not out.exists()
+    r = _fault("count", *args, "--resume", "--json")  # a fresh process, as after a crash
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "sparsify_report.json").read_text())
+    assert any("resumed at layer 2 of 4" in n for n in report["notes"]), report["notes"]
+    assert [rec["layer"] for rec in report["layers"]] == sorted(rec["layer"] for rec in report["layers"])
+    assert len(report["layers"]) == 4 * 7 and all(rec["rel_error"] is not None for rec in report["layers"])
+    assert _weights(out) == _weights(reference)
+    assert _leftovers(tmp_path, out) == []
+
+
+def test_sigterm_with_resume_keeps_finished_layers_and_resume_continues(deep, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", deep, "-o", out, *PRUNE, "--resume"]
+    r = _fault("sigterm@3", *args)
+    assert r.returncode == 143, r.stderr
+    (line,) = _error_lines(r.stderr)
+    assert line.startswith("interrupted (SIGTERM); finished layers kept in") and "--resume" in line
+    assert _leftovers(tmp_path, out) == [".out.partial"]
+    r = _fault("count", *args)
+    assert r.returncode == 0, r.stderr
+    assert any("resumed at layer 3" in n for n in json.loads((out / "sparsify_report.json").read_text())["notes"])
+    reference = tmp_path / "reference"
+    assert run("prune", deep, "-o", reference, *PRUNE).exit_code == 0
+    assert _weights(out) == _weights(reference)
+    assert _leftovers(tmp_path, out) == []
+
+
+def test_resume_with_nothing_to_resume_just_runs(model_dir, tmp_path):
+    r = run("prune", model_dir("llama"), "-o", tmp_path / "out", *PRUNE, "--resume", "--json")
+    assert r.exit_code == 0 and not any("resumed" in n for n in json.loads(r.stdout)["notes"])
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize(("fault", "code", "name"), [("sigterm@1", 143, "SIGTERM"), ("del@1", 130, "SIGINT")])
+def test_signals_stop_the_run_clean_up_and_exit_with_the_signal_code(deep, tmp_path, fault, code, name):
+    out = tmp_path / "sub" / "out"
+    before = _tree(deep)
+    r = _fault(fault, "prune", deep, "-o", out, *PRUNE)
+    assert r.returncode == code, r.stderr
+    assert _error_lines(r.stderr) == [f"interrupted ({name}); no output was written"], r.stderr
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+    assert not (tmp_path / "sub").exists()
+    assert _tree(deep) == before
+
+
+def test_fault_injection_at_random_points(deep, tmp_path):
+    """SIGINT, SIGTERM and SIGHUP at random calls into sparsify, and exceptions raised inside a pass:
+    every time the input is intact, nothing is left beside OUT, OUT is absent or complete, the exit is non-zero."""
+    probe = _fault("count", "prune", deep, "-o", tmp_path / "probe", *PRUNE)
+    assert probe.returncode == 0, probe.stderr
+    total = int(probe.stderr.rsplit("calls=", 1)[1].split()[0])
+    rng = random.Random(0)
+    signals = ("SIGINT", "SIGTERM", "SIGHUP")
+    strata = 9  # one random point in each ninth of the run: import, load, loop, assembly, rename, report
+    faults = [
+        f"{signals[i % 3]}@{rng.randint(total * i // strata + 1, total * (i + 1) // strata)}" for i in range(strata)
+    ]
+    faults += [f"{signals[k % 3]}@{total - k}" for k in (1, 8, 16, 20)]  # the rename, the report, the end
+    faults += [f"raise@{k}" for k in (1, 3)]
+    before = _tree(deep)
+    finished = 0
+    for i, fault in enumerate(faults):
+        parent = tmp_path / f"run{i}"
+        out = parent / "nested" / "out"
+        r = _fault(fault, "prune", deep, "-o", out, *PRUNE)
+        assert r.returncode != 0, (fault, r.stderr)
+        if fault.startswith("SIG"):
+            assert r.returncode == 128 + getattr(signal, fault.split("@")[0]), (fault, r.stderr)
+        assert len(_error_lines(r.stderr)) == 1 and "Traceback" not in r.stderr, (fault, r.stderr)
+        assert _tree(deep) == before, fault
+        if out.exists():  # interrupted after the rename: complete
+            finished += 1
+            assert "after" in _error_lines(r.stderr)[0], fault
+            assert (out / "sparsify_report.json").is_file() and (out / "model.safetensors").is_file()
+            assert _leftovers(out.parent, out) == [], fault
+        else:
+            assert not parent.exists() or not any(parent.iterdir()), (fault, list(parent.rglob("*")))
+    assert 0 < finished < len(faults)  # both outcomes were exercised
+
+
+# ------------------------------------------------------------------------------------------ one line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--samples", "0"],
+        ["--seq-len", "0"],
+        ["--method", "nope"],
+        ["--no-such-flag"],
+    ],
+)
+def test_flag_errors_are_one_line(model_dir, tmp_path, args):
+    r = run("prune", model_dir("llama"), "-o", tmp_path / "out", "--sparsity", "0.5", *args)
+    assert r.exit_code == 2
+    assert_user_error(r, tmp_path / "out")
+    assert "Usage" not in r.output
+
+
+def test_missing_output_flag_is_one_line(model_dir):
+    r = run("prune", model_dir("llama"), "--sparsity", "0.5")
+    assert r.exit_code == 2 and "--output" in r.stderr
+    assert_user_error(r, None)
+
+
+def test_no_arguments_still_show_help():
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, [])
+    assert "Usage" in r.output and "prune" in r.output
+
+
+def test_help_exits_zero():
+    r = run("prune", "--help")
+    assert r.exit_code == 0 and "--resume" in r.stdout
+
+
+def test_interrupt_after_the_output_is_in_place_says_so(capsys):
+    from sparsify.cli import _interrupted
+    from sparsify.interrupts import Interrupted
+
+    e = Interrupted(signal.SIGHUP)
+    e.finished = "OUT"
+    assert _interrupted(e) == 129
+    assert capsys.readouterr().err.strip() == "interrupted (SIGHUP) after OUT was written"
