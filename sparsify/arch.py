@@ -7,11 +7,13 @@ Nothing else in sparsify spells out where a family keeps its layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from sparsify.errors import SparsifyError
+
+SPARSIFY_TYPE_PREFIX = "sparsify_"  # checkpoints whose attention only sparsify runs (sparsify.runtime)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class Arch:
     norms: tuple[str, ...]  # per-layer norms, relative to a layer
     causal: bool = True  # decoder-only LM (False: bidirectional encoder)
     optional: tuple[str, ...] = ()  # modules a checkpoint may lack (not read by the layers; not written)
+    # How the family's config expresses a sliding window natively (None: it cannot; sparsify.load runs it):
+    # "mistral" (Llama-likes: model_type mistral, per-layer layer_types), "qwen" (use_sliding_window +
+    # layer_types), "layer_types" (sliding_window + layer_types), "uniform" (one sliding_window for all layers)
+    window_config: str | None = None
+    # config fields keyed by layer type besides the window (Gemma 3's RoPE): rewriting layer_types moves them
+    layer_type_settings: tuple[str, ...] = ()
     notes: str = ""
     model_type: str = field(default="", compare=False)
 
@@ -58,26 +66,19 @@ _LLAMA_LIKE = Arch(
     mlp_out="down_proj",
     norms=("input_layernorm", "post_attention_layernorm"),
 )
-_GEMMA2_LIKE = Arch(
-    **{
-        **_LLAMA_LIKE.__dict__,
-        "norms": (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ),
-    }
+_GEMMA2_LIKE = replace(
+    _LLAMA_LIKE,
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
 )
 
 ARCHITECTURES: dict[str, Arch] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
+    "llama": replace(_LLAMA_LIKE, window_config="mistral"),  # same weights and names as Mistral
+    "mistral": replace(_LLAMA_LIKE, window_config="mistral"),
+    "qwen2": replace(_LLAMA_LIKE, window_config="qwen"),
+    "qwen3": replace(_LLAMA_LIKE, window_config="qwen"),
     "gemma": _LLAMA_LIKE,
-    "gemma2": _GEMMA2_LIKE,
-    "gemma3_text": _GEMMA2_LIKE,
+    "gemma2": replace(_GEMMA2_LIKE, window_config="layer_types"),
+    "gemma3_text": replace(_GEMMA2_LIKE, window_config="layer_types", layer_type_settings=("rope_parameters",)),
     "phi3": Arch(
         layers="model.layers",
         embeddings=("model.embed_tokens",),
@@ -89,6 +90,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_in=("gate_up_proj",),
         mlp_out="down_proj",
         norms=("input_layernorm", "post_attention_layernorm"),
+        window_config="uniform",
         notes="q/k/v and gate/up are fused Linears",
     ),
     "gpt2": Arch(
@@ -151,13 +153,14 @@ ARCHITECTURES: dict[str, Arch] = {
 
 
 def lookup(model_type: str) -> Arch | None:
-    """The table entry for ``model_type``, or None when the family is not in the table."""
+    """The table entry for ``model_type`` (a sparsify-attention checkpoint's: its family's), or None."""
+    model_type = model_type.removeprefix(SPARSIFY_TYPE_PREFIX)
     arch = ARCHITECTURES.get(model_type)
-    return None if arch is None else Arch(**{**arch.__dict__, "model_type": model_type})
+    return None if arch is None else replace(arch, model_type=model_type)
 
 
 def is_encoder(model_type: str) -> bool:
-    arch = ARCHITECTURES.get(model_type)
+    arch = lookup(model_type)
     return arch is not None and not arch.causal
 
 

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -59,25 +59,25 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     magnitude = "magnitude"
     wanda = "wanda"
     ria = "ria"
     sparsegpt = "sparsegpt"
 
 
-class Profile(str, Enum):
+class Profile(StrEnum):
     uniform = "uniform"
     owl = "owl"
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     md = "md"
     html = "html"
     json = "json"
@@ -85,11 +85,24 @@ class Format(str, Enum):
 
 # Shared option aliases -------------------------------------------------------------------------
 ModelArg = Annotated[
-    str, typer.Argument(metavar="MODEL", help="Hugging Face model folder or .gguf file", show_default=False)
+    str,
+    typer.Argument(metavar="MODEL", help="model folder, Hugging Face Hub repo id, or .gguf file", show_default=False),
+]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Hub repo id only: branch, tag or commit [default: main]")
 ]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="output folder (created atomically)", show_default=False)]
 CalibOpt = Annotated[
-    str | None, typer.Option("--calib", help=".txt, .json/.jsonl with a 'text' field, or a folder of .txt")
+    str | None,
+    typer.Option(
+        "--calib", help=".txt, .json/.jsonl/.parquet/.csv records, a folder of them, or a datasets save_to_disk folder"
+    ),
+]
+TextColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-column", help="column of a records file or saved dataset [default: 'text', else chat 'messages']"
+    ),
 ]
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="calibration windows [default: 128]", min=1)]
 SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="tokens per calibration window [default: 512]", min=1)]
@@ -125,6 +138,9 @@ EvalLenOpt = Annotated[
         show_default=False,
     ),
 ]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="where calibration and evaluation run: cpu, cuda, cuda:N or auto")
+]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model folder's own Python code")]
 
 
@@ -152,6 +168,23 @@ def _setup_logging(debug: bool) -> None:
             transformers.logging.disable_progress_bar()
         except ImportError:
             pass
+
+
+def _version(value: bool) -> None:
+    if value:
+        from sparsify import __version__
+
+        out_console.print(f"sparsify {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Compress Hugging Face transformer checkpoints into ones the ecosystem loads as-is."""
 
 
 def _say(message: str) -> None:
@@ -219,7 +252,14 @@ def _eval_path(value: str | None) -> str | None:
 
 
 def _options(
-    overwrite: bool, dtype: DType, eval_data: str | None, eval_lens: list[int] | None, trust: bool, resume: bool = False
+    overwrite: bool,
+    dtype: DType,
+    eval_data: str | None,
+    eval_lens: list[int] | None,
+    trust: bool,
+    resume: bool = False,
+    device: str = "cpu",
+    revision: str | None = None,
 ):
     from sparsify.pipeline import Options
     from sparsify.progress import RichProgress
@@ -227,6 +267,8 @@ def _options(
     return Options(
         overwrite=overwrite,
         resume=resume,
+        device=device,
+        revision=revision,
         dtype=_dtype(dtype),
         eval_data=_eval_path(eval_data),
         eval_seq_lens=tuple(eval_lens) if eval_lens else None,
@@ -235,9 +277,10 @@ def _options(
     )
 
 
-def _with_calibration(recipe_data: dict[str, Any], calib, samples, seq_len, seed) -> dict[str, Any]:
+def _with_calibration(recipe_data: dict[str, Any], calib, samples, seq_len, seed, text_column=None) -> dict[str, Any]:
     cal = dict(recipe_data.get("calibration") or {})
-    for key, value in (("data", calib), ("samples", samples), ("seq_len", seq_len), ("seed", seed)):
+    flags = (("data", calib), ("samples", samples), ("seq_len", seq_len), ("seed", seed), ("text_column", text_column))
+    for key, value in flags:
         if value is not None:
             cal[key] = value
     return {**recipe_data, "calibration": cal}
@@ -283,6 +326,7 @@ def prune(
     pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4")] = "unstructured",
     sparsity_profile: Annotated[Profile, typer.Option(help="uniform, or OWL layer-wise sparsity")] = Profile.uniform,
     calib: CalibOpt = None,
+    text_column: TextColumnOpt = None,
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
     seed: SeedOpt = None,
@@ -293,6 +337,8 @@ def prune(
     eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -310,12 +356,12 @@ def prune(
         step["targets"] = targets
     if ignore:
         step["ignore"] = ignore
-    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed)
-    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume)
+    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
+    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
     _run(model, data, output, opts, json_out, "flags")
 
 
-class Pattern(str, Enum):
+class Pattern(StrEnum):
     sliding_window = "sliding-window"
     sinks = "sinks"
     block_sparse = "block-sparse"
@@ -341,6 +387,8 @@ def attention(
     eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -356,7 +404,7 @@ def attention(
             step[key] = value
     if pattern is Pattern.block_sparse:
         step.update(global_blocks=global_blocks, random_blocks=random_blocks)
-    opts = _options(overwrite, DType.float32, eval_data, eval_seq_len, trust_remote_code, resume)
+    opts = _options(overwrite, DType.float32, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
     _run(model, {"passes": [step]}, output, opts, json_out, "flags")
 
 
@@ -367,6 +415,7 @@ def compress(
     output: OutOpt,
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe", show_default=False)],
     calib: CalibOpt = None,
+    text_column: TextColumnOpt = None,
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
     seed: SeedOpt = None,
@@ -375,6 +424,8 @@ def compress(
     eval_seq_len: EvalLenOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -384,12 +435,12 @@ def compress(
 
     data = read_recipe_data(recipe)
     if isinstance(data, dict):  # anything else is refused by parse_recipe with the file name
-        data = _with_calibration(data, calib, samples, seq_len, seed)
+        data = _with_calibration(data, calib, samples, seq_len, seed, text_column)
     _run(
         model,
         data,
         output,
-        _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume),
+        _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision),
         json_out,
         recipe.name,
     )
@@ -400,6 +451,7 @@ def compress(
 def eval_cmd(
     model: ModelArg,
     data: Annotated[str | None, typer.Option(help="text file; default: embedded held-out text")] = None,
+    text_column: TextColumnOpt = None,
     seq_len: Annotated[
         list[int] | None, typer.Option(help="tokens per window, stride = seq-len (repeatable) [default: 512]", min=2)
     ] = None,
@@ -408,6 +460,8 @@ def eval_cmd(
         str | None, typer.Option(help="encoders: dense model to compare mean-pooled embeddings with")
     ] = None,
     dtype: DTypeOpt = DType.float32,
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -415,16 +469,18 @@ def eval_cmd(
     """Perplexity on held-out text (causal LMs), or embedding similarity to --baseline (encoders)."""
     from sparsify.arch import is_encoder
     from sparsify.checkpoint import open_model
+    from sparsify.devices import resolve_device
     from sparsify.evaluate import embedding_similarity, evaluate
     from sparsify.progress import RichProgress
 
-    md = open_model(model)
+    device = resolve_device(device)
+    md = open_model(model, revision)
     if is_encoder(md.load_config(trust_remote_code).model_type):
         if baseline is None:
             raise SparsifyError("this is an encoder: pass --baseline DENSE_MODEL to measure embedding similarity")
         result = embedding_similarity(
             md.path, open_model(baseline).path, _eval_path(data), (seq_len or [512])[0], dtype=_dtype(dtype),
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, device=device,
         )  # fmt: skip
         line = (
             f"embedding cosine to baseline {result['cosine_mean']:.4f} mean, {result['cosine_min']:.4f} min"
@@ -433,7 +489,7 @@ def eval_cmd(
     else:
         result = evaluate(
             md.path, _eval_path(data), seq_len or [512], max_windows, _dtype(dtype), trust_remote_code,
-            RichProgress(err_console),
+            RichProgress(err_console), device, text_column,
         )  # fmt: skip
         line = "\n".join(
             f"perplexity {r['perplexity']:.3f}  ({result['text']}, {r['windows']} × {r['seq_len']}"
@@ -472,6 +528,7 @@ def report(
 @handle_errors
 def inspect(
     model: ModelArg,
+    revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -479,7 +536,7 @@ def inspect(
     """Architecture found, target Linears and parameter counts."""
     from sparsify.inspect import inspect_model
 
-    info = inspect_model(model, trust_remote_code)
+    info = inspect_model(model, trust_remote_code, revision)
     if json_out:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
@@ -516,6 +573,7 @@ def demo(
     pattern: Annotated[str, typer.Option(help="'unstructured' or N:M")] = "unstructured",
     samples: Annotated[int, typer.Option(help="calibration windows", min=1)] = 32,
     eval_windows: Annotated[int, typer.Option(help="held-out windows for perplexity", min=1)] = 16,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -525,7 +583,7 @@ def demo(
 
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    report = run_demo(output, method.value, sparsity, pattern, samples, eval_windows, RichProgress(err_console))
+    report = run_demo(output, method.value, sparsity, pattern, samples, eval_windows, RichProgress(err_console), device)
     _render(report, json_out)
 
 

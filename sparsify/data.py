@@ -7,6 +7,7 @@ split deterministically so that calibration and evaluation never see the same te
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,44 +49,118 @@ def _pydoc_split(held_out: bool) -> list[str]:
     return [topics[k] for i, k in enumerate(sorted(topics)) if (i % 4 == 3) == held_out]
 
 
-def load_text(path: str | Path | None, default: str = BUILTIN_CALIB) -> Text:
-    """Documents from a ``.txt`` file, a ``.json``/``.jsonl`` file with a ``text`` field, or a folder of ``.txt``."""
+TEXT_SUFFIXES = (".txt", ".md", ".rst", "")
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_text(
+    path: str | Path | None, default: str = BUILTIN_CALIB, text_column: str | None = None, tokenizer=None
+) -> Text:
+    """Documents from text as users hold it.
+
+    - ``.txt`` (also ``.md``, ``.rst``) or a folder of ``.txt``: each file is a document;
+    - ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv``, or a folder of one of those: records;
+    - a folder written by ``datasets``' ``save_to_disk`` (its ``train`` split, or its only one).
+
+    Records give their ``text_column``, else ``text``; chat records (a ``messages`` list of
+    ``{"role", "content"}``) are rendered with ``tokenizer``'s chat template.
+    """
     if path is None or str(path) in (BUILTIN_CALIB, BUILTIN_EVAL):
         name = default if path is None else str(path)
         return Text(name, _pydoc_split(held_out=name == BUILTIN_EVAL))
     p = Path(path).expanduser()
     if not p.exists():
         raise SparsifyError(f"text file not found: {p}")
-    if p.is_dir():
-        files = sorted(str(f) for f in p.glob("*.txt"))
-        if not files:
-            raise SparsifyError(f"folder {p} has no .txt files")
-        builder, kwargs = "text", {"sample_by": "document"}
-    elif p.suffix in (".json", ".jsonl"):
-        files, builder, kwargs = [str(p)], "json", {}
-    elif p.suffix in (".txt", ".md", ".rst", ""):
-        files, builder, kwargs = [str(p)], "text", {"sample_by": "document"}
+    ds = _read_dataset(p)
+    column = _column(ds.column_names, text_column, p.name)
+    values = ds[column]
+    if any(isinstance(v, list) for v in values[:16]):
+        docs = _render_chats(values, tokenizer, p.name, column)
     else:
-        raise SparsifyError(f"unsupported text file {p.name}: use .txt, .json/.jsonl (with a 'text' field) or a folder")
-    if all(Path(f).stat().st_size == 0 for f in files):
-        raise SparsifyError(f"{p} is empty")
+        docs = [t for t in values if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise SparsifyError(f"{p} holds no text in {column!r}")
+    return Text(str(p), docs)
+
+
+def _read_dataset(p: Path):
     import datasets
 
     datasets.disable_progress_bars()
+    if p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        loader = functools.partial(datasets.load_from_disk, str(p), keep_in_memory=True)
+        files: list[str] = []
+    else:
+        if p.is_dir():
+            kinds = [(s, sorted(str(f) for f in p.glob(f"*{s}"))) for s in (".txt", *BUILDERS)]
+            suffix, files = next(((s, fs) for s, fs in kinds if fs), (None, []))
+            if not files:
+                raise SparsifyError(
+                    f"folder {p} has no .txt, .json, .jsonl, .parquet or .csv files, nor a saved dataset"
+                )
+        else:
+            suffix, files = p.suffix, [str(p)]
+        if suffix in TEXT_SUFFIXES:
+            builder, kwargs = "text", {"sample_by": "document"}
+        elif suffix in BUILDERS:
+            builder, kwargs = BUILDERS[suffix], {}
+        else:
+            raise SparsifyError(
+                f"unsupported text file {p.name}: use .txt, .json/.jsonl, .parquet, .csv, a folder of them, or a"
+                " folder saved by datasets"
+            )
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise SparsifyError(f"{p} is empty")
+        loader = functools.partial(
+            datasets.load_dataset, builder, data_files=files, split="train", keep_in_memory=True, **kwargs
+        )
     try:
         with _quiet("datasets"):  # its own error lines would repeat the one below
-            ds = datasets.load_dataset(builder, data_files=files, split="train", keep_in_memory=True, **kwargs)
+            ds = loader()
     except Exception as e:
         root = e
         while root.__cause__ is not None:  # datasets wraps the parser's error: show the parser's
             root = root.__cause__
         raise SparsifyError(f"cannot read {p.name}: {root}") from e
-    if "text" not in ds.column_names:
-        raise SparsifyError(f"{p.name} has no 'text' field (fields: {', '.join(ds.column_names)})")
-    docs = [t for t in ds["text"] if isinstance(t, str) and t.strip()]
-    if not docs:
-        raise SparsifyError(f"{p} holds no text")
-    return Text(str(p), docs)
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds)) if len(ds) == 1 else None
+        if split is None:
+            raise SparsifyError(f"{p.name} has splits {', '.join(ds)} and none is 'train'; save the one to use")
+        ds = ds[split]
+    return ds
+
+
+def _column(columns: list[str], wanted: str | None, name: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise SparsifyError(f"{name} has no column {wanted!r} (columns: {', '.join(columns)})")
+        return wanted
+    for default in ("text", "messages"):
+        if default in columns:
+            return default
+    raise SparsifyError(
+        f"{name} has no 'text' or 'messages' column (columns: {', '.join(columns)}); pass --text-column"
+    )
+
+
+def _render_chats(values: list, tokenizer, name: str, column: str) -> list[str]:
+    """Chat records (lists of ``{"role", "content"}``) as the text the model sees, through its chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise SparsifyError(
+            f"{name}: column {column!r} holds chat messages and the tokenizer has no chat template to render them;"
+            " pass --text-column with a plain-text column"
+        )
+    docs = []
+    for i, messages in enumerate(values):
+        if not messages:
+            continue
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise SparsifyError(f"{name}: record {i} of {column!r} is not a list of {{role, content}} messages")
+        try:
+            docs.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except Exception as e:  # the template is the model's own Jinja: its errors are the user's to fix
+            raise SparsifyError(f"{name}: record {i}: the chat template failed: {e}") from e
+    return docs
 
 
 def tokenize(text: Text, tokenizer) -> Tensor:

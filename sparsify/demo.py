@@ -60,6 +60,7 @@ def run_demo(
     samples: int,
     eval_windows: int,
     progress: Progress,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     from sparsify.pipeline import Options, compress
     from sparsify.recipe import parse_recipe
@@ -69,5 +70,7 @@ def run_demo(
     if sparsity is not None:
         step["sparsity"] = sparsity
     recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": 512}, "passes": [step]}, "demo")
-    options = Options(overwrite=True, eval_data=BUILTIN_EVAL, eval_max_windows=eval_windows, progress=progress)
+    options = Options(
+        overwrite=True, eval_data=BUILTIN_EVAL, eval_max_windows=eval_windows, progress=progress, device=device
+    )
     return compress(model, recipe, output, options)

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsify import interrupts
 from sparsify.arch import is_encoder
 from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.progress import NoProgress, Progress
-from sparsify.runtime import load
+from sparsify.runtime import load, read_config
 
 BATCH_TOKENS = 2048  # tokens per evaluation forward: the logits (tokens × vocab floats) dominate memory
 
@@ -40,24 +41,24 @@ def check_context(lengths: list[int], limit: int | None) -> None:
         )
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+def load_causal_lm(
+    path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device: str = "cpu"
+) -> nn.Module:
+    config = read_config(path, trust_remote_code)
     if is_encoder(config.model_type):
         raise SparsifyError(f"perplexity needs a causal LM; {config.model_type} is an encoder")
-    return _load(path, dtype, trust_remote_code)
+    return _load(path, dtype, trust_remote_code, device)
 
 
-def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """:func:`sparsify.runtime.load` in eval mode, a transformers failure turned into a one-line error."""
+def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool, device: str = "cpu") -> nn.Module:
+    """:func:`sparsify.runtime.load` in eval mode on ``device``, a transformers failure turned into one line."""
     try:
         model = load(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except SparsifyError:
         raise
     except Exception as e:
         raise SparsifyError(f"transformers cannot load {path}: {e}") from e
-    return model.eval()
+    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -66,7 +67,10 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     progress = progress or NoProgress()
     nll, count = 0.0, 0
     chunks = windows.split(batch_size)
+    device = next(model.parameters()).device
     for chunk in progress.track(chunks, len(chunks), "evaluating perplexity"):
+        interrupts.check()
+        chunk = chunk.to(device)
         logits = model(input_ids=chunk, use_cache=False).logits.float()  # (B, L, V)
         nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
         count += chunk[:, 1:].numel()
@@ -88,21 +92,24 @@ def embedding_similarity(
     max_texts: int = 256,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Encoders: cosine similarity of mean-pooled embeddings to the ``baseline`` model on held-out paragraphs."""
     tokenizer = load_tokenizer(baseline, trust_remote_code)
-    text = load_text(data, default=BUILTIN_EVAL)
+    text = load_text(data, default=BUILTIN_EVAL, tokenizer=tokenizer)
     paragraphs = [p.strip() for doc in text.documents for p in doc.split("\n\n") if len(p.strip()) > 40][:max_texts]
     if not paragraphs:
         raise SparsifyError(f"{text.name} has no paragraphs to embed")
-    models = [_load(p, dtype, trust_remote_code) for p in (path, baseline)]
+    models = [_load(p, dtype, trust_remote_code, device) for p in (path, baseline)]
     seq_len = min(seq_len, getattr(models[1].config, "max_position_embeddings", seq_len))
     sims = []
     for start in range(0, len(paragraphs), 16):
         batch = tokenizer(
             paragraphs[start : start + 16], padding=True, truncation=True, max_length=seq_len, return_tensors="pt"
         )
-        a, b = (_embed(m, dict(batch)) for m in models)
+        interrupts.check()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        a, b = (_embed(m, batch) for m in models)
         sims.append(F.cosine_similarity(a.float(), b.float(), dim=-1))
     cos = torch.cat(sims)  # (N,)
     return {
@@ -124,6 +131,8 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    device: str = "cpu",
+    text_column: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings.
 
@@ -132,9 +141,9 @@ def evaluate(
     """
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
     tokenizer = load_tokenizer(path, trust_remote_code)
-    text = load_text(data, default=BUILTIN_EVAL)
+    text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
     stream = tokenize(text, tokenizer)
-    model = load_causal_lm(path, dtype, trust_remote_code)
+    model = load_causal_lm(path, dtype, trust_remote_code, device)
     check_context(lengths, getattr(model.config, "max_position_embeddings", None))
     results = []
     for length in lengths:
@@ -148,7 +157,13 @@ def evaluate(
             }
         )
     first = results[0]
-    info = {**first, "text": text.name, "stride": first["seq_len"], "dtype": str(dtype).removeprefix("torch.")}
+    info = {
+        **first,
+        "text": text.name,
+        "stride": first["seq_len"],
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+    }
     if len(results) > 1:
         info["by_length"] = results
     return info

@@ -44,8 +44,8 @@ def describe_attention(config: Any) -> str:
     return f"native sliding window {window} on {sliding} of {config.num_hidden_layers} layers"
 
 
-def inspect_model(path: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
-    md = open_model(path)
+def inspect_model(path: str | Path, trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
+    md = open_model(path, revision)
     config = md.load_config(trust_remote_code)
     arch = lookup(config.model_type)
     model = build_skeleton(config, is_encoder(config.model_type), trust_remote_code, dtype=None)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsify import __version__
-from sparsify.arch import Arch, find_layers, is_encoder, lookup
+from sparsify.arch import SPARSIFY_TYPE_PREFIX, Arch, find_layers, is_encoder, lookup
 from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, ResumePoint, RunOutput
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
@@ -37,12 +38,14 @@ from sparsify.checkpoint import (
 )
 from sparsify.checkpoint.output import tensor_digest
 from sparsify.data import load_text, sample_windows, tokenize
+from sparsify.devices import resolve_device
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import check_context, embedding_similarity, evaluate, load_tokenizer
 from sparsify.passes import build_pass, is_layer_pass
 from sparsify.progress import NoProgress, Progress
 from sparsify.recipe import Recipe
-from sparsify.report import build_report, write_report
+from sparsify.report import build_report, model_card, write_report
+from sparsify.runtime import register_model_type
 from sparsify.targets import select_targets
 
 log = logging.getLogger(__name__)
@@ -54,13 +57,14 @@ class Options:
 
     overwrite: bool = False
     dtype: torch.dtype = torch.float32  # compute dtype for calibration forwards and the maths
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto: where calibration and evaluation run
     trust_remote_code: bool = False
     eval_data: str | None = None  # perplexity before/after on this text
     eval_seq_lens: tuple[int, ...] | None = None  # None: 512, plus 2048 when the recipe swaps attention
     eval_max_windows: int | None = None
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     resume: bool = False  # continue an unfinished run into the same output (same model, recipe, settings)
+    revision: str | None = None  # branch, tag or commit when the model is a Hugging Face Hub repo id
     progress: Progress = field(default_factory=NoProgress)
 
 
@@ -191,6 +195,8 @@ def _config_passes(md: ModelDir, model_type: str, recipe: Recipe) -> tuple[dict[
         records += recs
         notes += more
     if records:
+        if str(cfg.get("model_type", "")).startswith(SPARSIFY_TYPE_PREFIX):
+            register_model_type(cfg["model_type"])
         try:
             AutoConfig.for_model(**cfg)
         except Exception as e:
@@ -200,7 +206,7 @@ def _config_passes(md: ModelDir, model_type: str, recipe: Recipe) -> tuple[dict[
 
 def _calibration_tokens(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, str]:
     cal = recipe.calibration
-    text = load_text(cal.data)
+    text = load_text(cal.data, text_column=cal.text_column, tokenizer=tokenizer)
     return sample_windows(tokenize(text, tokenizer), cal.samples, cal.seq_len, cal.seed), text.name
 
 
@@ -284,6 +290,7 @@ def _perplexity(path: Path, opts: Options, lengths: list[int]) -> dict[str, Any]
         opts.dtype,
         opts.trust_remote_code,
         opts.progress,
+        opts.device,
     )
 
 
@@ -422,11 +429,13 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     for every rule). Returns the report.
     """
     opts = options or Options()
+    opts = replace(opts, device=resolve_device(opts.device))
     t_start = time.perf_counter()
-    md = open_model(model_path)
+    md = open_model(model_path, opts.revision)
     reads = [Path(p) for p in (recipe.calibration.data, opts.eval_data) if p and not str(p).startswith("builtin:")]
     target = check_output(out, md.read_paths() + reads, md.path, opts.overwrite)
     config = md.load_config(opts.trust_remote_code)
+    code_files = md.code_files()
     encoder = is_encoder(config.model_type)
     new_config, config_records, config_notes = _config_passes(md, config.model_type, recipe)
     layered = any(is_layer_pass(step) for step in recipe.passes)
@@ -450,12 +459,14 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         rest = [(k, k) for k in md.source.keys() if k not in done]
         counts = assemble(work.dir, work.layers, md.source, rest, work.state, opts.max_shard_bytes)
         copy_aux_files(md.path, work.dir)
+        for f in code_files:  # remote code travels with the checkpoint that needs it
+            shutil.copy2(f, work.dir / f.name)
         if config_records:
             (work.dir / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         (work.dir / "recipe.yaml").write_text(recipe.to_yaml())
         eval_info = None
         if opts.eval_data is not None and encoder:
-            eval_info = embedding_similarity(work.dir, md.path, opts.eval_data, dtype=opts.dtype)
+            eval_info = embedding_similarity(work.dir, md.path, opts.eval_data, dtype=opts.dtype, device=opts.device)
         elif eval_before is not None:
             eval_info = _before_after(eval_before, _perplexity(work.dir, opts, lengths))
         report = build_report(
@@ -485,6 +496,7 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
             notes=notes + (eval_notes if eval_before else []),
         )
         write_report(report, work.dir / "sparsify_report.json")
+        (work.dir / "README.md").write_text(model_card(report, md.path / "README.md"))
     return report
 
 

@@ -1,9 +1,13 @@
-"""Which Linears a pass touches: peft-style matching rules over fully-qualified module names.
+"""Which Linears a pass touches: the matching rules of compressed-tensors / llm-compressor recipes, plus one.
 
 - ``ignore`` is applied first.
-- ``"re:<regex>"`` must full-match the module's fully-qualified name (fqn).
-- Any other string matches an fqn exactly or as a ``.name`` suffix (``q_proj`` matches
-  ``model.layers.0.self_attn.q_proj``).
+- ``"re:<regex>"`` is matched with ``re.match`` against the module's fully-qualified name (fqn): anchored
+  at the start only, as compressed-tensors does, so ``re:model.layers.1`` also matches layers 10-19 and
+  ``re:.*q_proj$`` needs its ``$``.
+- Any other string matches a module whose fqn equals it, or whose class (or a base class) has that name
+  (``Linear``), as compressed-tensors does; sparsify also matches it as a ``.name`` suffix of the fqn
+  (``q_proj`` matches ``model.layers.0.self_attn.q_proj``).
+- An entry that matches no module of the model is an error (a typo never silently selects nothing).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ def _compile(pattern: str) -> re.Pattern[str] | str:
     return pattern
 
 
-def matches(fqn: str, pattern: re.Pattern[str] | str) -> bool:
+def matches(fqn: str, module: nn.Module, pattern: re.Pattern[str] | str) -> bool:
     if isinstance(pattern, re.Pattern):
-        return pattern.fullmatch(fqn) is not None
-    return fqn == pattern or fqn.endswith("." + pattern)
+        return pattern.match(fqn) is not None
+    if fqn == pattern or fqn.endswith("." + pattern):
+        return True
+    return any(cls.__name__ == pattern for cls in type(module).__mro__)
 
 
 @dataclass
@@ -66,18 +72,20 @@ def select_targets(
                 f"(supported: {supported_list()}); pass --targets to name the Linears to compress, "
                 "e.g. --targets 're:.*(q|k|v|o)_proj'"
             )
-        patterns = [_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{re.escape(t)}") for t in arch.targets]
+        patterns = [_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{re.escape(t)}$") for t in arch.targets]
     else:
         if not targets:
             raise SparsifyError("targets is empty; name at least one Linear or regex")
         patterns = [_compile(t) for t in targets]
+        _check_each_matches(model, targets, patterns, "targets", linear_only=True)
     ignores = [_compile(t) for t in ignore]
+    _check_each_matches(model, ignore, ignores, "ignore", linear_only=False)
     prefix = layers_path + "."
     selection = TargetSelection(per_layer={i: {} for i in range(num_layers)})
     for fqn, module in model.named_modules():
-        if not is_linear(module) or any(matches(fqn, p) for p in ignores):
+        if not is_linear(module) or any(matches(fqn, module, p) for p in ignores):
             continue
-        if not any(matches(fqn, p) for p in patterns):
+        if not any(matches(fqn, module, p) for p in patterns):
             continue
         if not fqn.startswith(prefix):
             selection.outside_layers.append(fqn)
@@ -90,3 +98,17 @@ def select_targets(
             f"({layers_path}.N); run `sparsify inspect MODEL` to see the names"
         )
     return selection
+
+
+def _check_each_matches(
+    model: nn.Module, entries: list[str], patterns: list[re.Pattern[str] | str], what: str, linear_only: bool
+) -> None:
+    """Every ``targets`` entry must match a Linear and every ``ignore`` entry some module."""
+    modules = [(fqn, m) for fqn, m in model.named_modules() if fqn and (is_linear(m) or not linear_only)]
+    for entry, pattern in zip(entries, patterns, strict=True):
+        if not any(matches(fqn, m, pattern) for fqn, m in modules):
+            kind = "Linear" if linear_only else "module"
+            raise SparsifyError(
+                f"{what} entry {entry!r} matches no {kind} of this model; run `sparsify inspect MODEL` to see the"
+                " names (re: patterns are matched from the start of the name, as in compressed-tensors)"
+            )

@@ -9,6 +9,7 @@ import torch
 import transformers as T
 from typer.testing import CliRunner
 
+import sparsify
 from sparsify.algorithms.attention_masks import attention_fraction, sliding_window_mask
 from sparsify.cli import app
 from sparsify.pipeline import compress
@@ -95,7 +96,10 @@ def test_one_layer_window_equals_dense_attention_on_the_last_window(tmp_path):
 def test_global_every_writes_per_layer_types(model_dir, tmp_path):
     report = _window(model_dir("llama"), tmp_path / "mini", 8, global_every=2)
     config = json.loads((tmp_path / "mini" / "config.json").read_text())
-    assert config["model_type"] == "ministral" and config["layer_types"] == ["sliding_attention", "full_attention"]
+    # model_type mistral + layer_types: transformers loads it as Ministral, vLLM runs MistralForCausalLM,
+    # whose Llama code honours layer_types (vLLM's registry has no MinistralForCausalLM)
+    assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
+    assert config["layer_types"] == ["sliding_attention", "full_attention"]
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "mini")
     assert type(model).__name__ == "MinistralForCausalLM"
     assert [r["pattern"] for r in report["layers"]] == ["sliding-window", "full"]
@@ -110,6 +114,60 @@ def test_global_every_writes_per_layer_types(model_dir, tmp_path):
         "full_attention",
     ]
     assert qwen["layers"][0]["window"] == 8
+
+
+@pytest.fixture(scope="module")
+def gemma3_mixed(tmp_path_factory):
+    """Gemma 3 with its real layer mix: 6 layers, the 6th full; local RoPE base 10k, global 1M."""
+    folder = zoo.save("gemma3_text", tmp_path_factory.mktemp("g3") / "gemma3", layers=6)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+    rope = config["rope_parameters"]
+    assert rope["sliding_attention"]["rope_theta"] != rope["full_attention"]["rope_theta"]
+    return folder
+
+
+@pytest.mark.parametrize(("global_every", "native"), [(6, True), (0, False), (3, False), (2, False)])
+def test_gemma3_windows_keep_each_layers_rope(gemma3_mixed, tmp_path, global_every, native):
+    """A window longer than the input reproduces the dense logits whichever layers it is put on: each layer keeps
+    the RoPE its own layer type gives it (native only when the layer types stay the model's own)."""
+    out = tmp_path / "out"
+    report = _window(gemma3_mixed, out, 64, global_every=global_every)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"] == "gemma3_text") is native
+    if native:
+        assert config["layer_types"] == json.loads((gemma3_mixed / "config.json").read_text())["layer_types"]
+        got = _logits(out)
+    else:
+        assert config["model_type"] == "sparsify_gemma3_text"
+        assert any("rope_parameters" in n for n in report["notes"])
+        with torch.no_grad():
+            got = sparsify.load(out).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, _logits(gemma3_mixed), rtol=1e-5, atol=1e-5)
+    expected = ["full" if global_every and (i + 1) % global_every == 0 else "sliding-window" for i in range(6)]
+    assert [r["pattern"] for r in report["layers"]] == expected
+
+
+def test_gemma3_layer_types_rewritten_natively_would_change_rope(gemma3_mixed, tmp_path):
+    """Why the rule above exists: the same window written as native layer types moves layer 6 to local RoPE."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(gemma3_mixed, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention"] * 6
+    config["sliding_window"] = 64
+    (moved / "config.json").write_text(json.dumps(config))
+    assert (_logits(moved) - _logits(gemma3_mixed)).abs().amax() > 1e-3
+
+
+def test_gemma3_shorter_window_changes_only_positions_past_it(gemma3_mixed, tmp_path):
+    _window(gemma3_mixed, tmp_path / "out", 8)
+    with torch.no_grad():
+        got = sparsify.load(tmp_path / "out").eval()(input_ids=IDS).logits
+    dense = _logits(gemma3_mixed)
+    torch.testing.assert_close(got[:, :8], dense[:, :8], rtol=1e-5, atol=1e-5)
+    assert (got[:, 8:] - dense[:, 8:]).abs().amax() > 1e-4
 
 
 def test_prune_then_window_in_one_recipe(model_dir, tmp_path):

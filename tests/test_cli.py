@@ -317,3 +317,25 @@ def test_dense_targets_only_on_first_pass_and_bad_regex(model_dir, tmp_path):
     assert_user_error(
         run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", "--targets", "re:("), out, "regex"
     )
+
+
+def test_llm_compressor_target_spelling_has_its_meaning(model_dir, tmp_path):
+    """`re:` matches from the start of the name (re.match), class names like Linear match, as in compressed-tensors."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "calibration: {samples: 4, seq_len: 32}\npasses:\n"
+        "  - {type: prune, method: magnitude, sparsity: 0.5, targets: [Linear], ignore: [lm_head, 're:model.layers.0']}\n"
+    )
+    r = run("compress", model_dir("llama"), "-r", recipe, "-o", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    names = {rec["name"] for rec in json.loads(r.stdout)["layers"]}
+    assert len(names) == 7 and all(n.startswith("model.layers.1.") for n in names)
+
+
+@pytest.mark.parametrize(
+    ("flag", "entry"), [("--targets", "q_prj"), ("--ignore", "re:.*mlp.gate$"), ("--ignore", "nope")]
+)
+def test_a_target_or_ignore_entry_that_matches_nothing_is_an_error(model_dir, tmp_path, flag, entry):
+    out = tmp_path / "out"
+    r = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, flag, entry)
+    assert_user_error(r, out, repr(entry), "matches no")

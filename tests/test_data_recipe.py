@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, eval_windows, load_text, sample_windows
+from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, eval_windows, load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.recipe import load_recipe, parse_recipe
+from tests import zoo
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -40,17 +42,48 @@ def test_text_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("\n\n   \n")
     (tmp_path / "x.parquet").write_text("")
+    (tmp_path / "x.bin").write_text("x")
     (tmp_path / "emptydir").mkdir()
     for name, fragment in [
-        ("no_text.jsonl", "no 'text' field"),
+        ("no_text.jsonl", "no 'text' or 'messages' column .columns: body.; pass --text-column"),
         ("empty.txt", "empty"),
         ("blank.txt", "no text"),
-        ("x.parquet", "unsupported"),
+        ("x.parquet", "empty"),
+        ("x.bin", "unsupported"),
         ("emptydir", "no .txt"),
         ("missing.txt", "not found"),
     ]:
         with pytest.raises(SparsifyError, match=fragment):
             load_text(tmp_path / name)
+    with pytest.raises(SparsifyError, match="no column 'txt'"):
+        load_text(tmp_path / "no_text.jsonl", text_column="txt")
+
+
+def test_text_as_users_hold_it(tmp_path):
+    """parquet, a datasets folder (Dataset and DatasetDict), a chosen column, chat messages via the chat template."""
+    import datasets
+
+    rows = {"body": ["first document", "second document"], "id": [1, 2]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_text(tmp_path / "d.parquet", text_column="body").documents == rows["body"]
+    datasets.Dataset.from_dict({"text": rows["body"]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_text(tmp_path / "saved").documents == rows["body"]
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["t"]}), "test": datasets.Dataset.from_dict({"text": ["u"]})}
+    )
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert load_text(tmp_path / "dict").documents == ["t"]
+
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    tok = zoo.tokenizer()
+    with pytest.raises(SparsifyError, match="no chat template"):
+        load_text(tmp_path / "chat.jsonl", tokenizer=tok)
+    tok = copy.deepcopy(tok)
+    tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    assert load_text(tmp_path / "chat.jsonl", tokenizer=tok).documents == ["<s>user: hi</s>\n<s>assistant: hello</s>\n"]
+    ids = tokenize(load_text(tmp_path / "chat.jsonl", tokenizer=tok), tok)
+    assert (ids == tok.bos_token_id).sum() == 2  # the template's special tokens are tokens, not text
 
 
 def test_sampling_is_seeded_and_in_range():

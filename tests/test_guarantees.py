@@ -38,8 +38,9 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def _weights(out: Path) -> dict[str, str]:
-    """The output's bytes that must be reproducible: weights, index, config, recipe."""
-    return {k: v for k, v in _tree(out).items() if k != "sparsify_report.json"}
+    """The output's bytes that must be reproducible: weights, index, config, recipe (not the report or the
+    model card, which say when and how the run went)."""
+    return {k: v for k, v in _tree(out).items() if k not in ("sparsify_report.json", "README.md")}
 
 
 def _fault(fault: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -84,8 +84,9 @@ def tokenizer() -> T.PreTrainedTokenizerFast:
 
 def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None) -> torch.nn.Module:
     config = CONFIGS[family]()
-    if layers is not None:
-        config.num_hidden_layers = layers
+    if layers is not None:  # rebuilt, so that per-layer fields (layer_types) follow the new depth
+        fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        config = type(config)(**{**fields, "num_hidden_layers": layers})
     torch.manual_seed(seed)
     auto = T.AutoModel if family == "bert" else T.AutoModelForCausalLM
     model = auto.from_config(config, dtype=dtype).eval()

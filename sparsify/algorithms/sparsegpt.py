@@ -11,24 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsify.algorithms.linalg import dampen_, dampened_inverse_cholesky
 from sparsify.algorithms.masks import unstructured_mask
-
-
-def dampened_inverse_cholesky(H: Tensor, dampening: float) -> Tensor:
-    """Upper Cholesky factor of ``(H + dampening * mean(diag H) * I)^-1``; ``H: (in, in)``."""
-    H = H.double().clone()
-    diag = torch.arange(H.shape[0], device=H.device)
-    H[diag, diag] += dampening * torch.mean(torch.diag(H))
-    L, info = torch.linalg.cholesky_ex(H)
-    if info:
-        raise ValueError("the calibration Hessian is not positive definite; increase dampening")
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # (in, in); BLAS-3, unlike cholesky_inverse on CPU
-    H_inv = L_inv.T @ L_inv  # (in, in)
-    U, info = torch.linalg.cholesky_ex(H_inv, upper=True)
-    if info:
-        raise ValueError("the inverse Hessian is not positive definite; increase dampening")
-    return U.float()
 
 
 def dense_output_target(W: Tensor, C: Tensor, H: Tensor, dampening: float) -> Tensor:
@@ -41,12 +25,18 @@ def dense_output_target(W: Tensor, C: Tensor, H: Tensor, dampening: float) -> Te
     the error that earlier pruned layers passed down (the asymmetric calibration of GPTAQ, Li et al.
     2025, applied to pruning). ``W: (out, in)``, ``C, H: (in, in)``.
     """
-    lam = dampening * H.diagonal().mean().double()
-    Hd = H.double() + lam * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    Cd = C.double() + lam * torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
-    L = torch.linalg.cholesky(Hd)
-    target_t = torch.cholesky_solve((W.double() @ Cd).T, L)  # (in, out) = (H + lam)^-1 (C + lam)^T W^T
-    return target_t.T.float()
+    if torch.equal(C, H):  # inputs have not drifted (the first pruned layer): W* = W exactly, skip the solve
+        return W.float().clone()
+    lam = dampening * H.diagonal().mean().float()
+    rhs = (W.float() @ C.float()).T  # (in, out) = C^T W^T
+    rhs += lam * W.float().T  # (C + lam I)^T W^T
+    L = dampen_(H.float().clone(), dampening)  # H + lam I, then its Cholesky factor in the same memory
+    info = torch.empty((), dtype=torch.int32, device=L.device)
+    torch.linalg.cholesky_ex(L, out=(L, info))
+    if info:
+        raise ValueError("the calibration Hessian is not positive definite; increase dampening")
+    target_t = torch.cholesky_solve(rhs, L.tril_())  # (in, out) = (H + lam)^-1 (C + lam)^T W^T
+    return target_t.T
 
 
 def sparsegpt_prune(
@@ -56,18 +46,21 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``W: (out, in)`` given ``H = X^T X: (in, in)``; returns ``(W_new, keep_mask)``.
 
     ``sparsity`` applies when ``nm`` is None; with ``nm=(n, m)`` every group of ``m`` inputs keeps ``n``.
+    ``inplace=True`` lets the solver use a float32 ``H``'s memory (destroying it): peak extra memory is
+    then one ``(in, in)`` float32 buffer.
     """
     W = W.float().clone()  # (out, in)
-    H = H.float().clone()
+    H = H.float() if inplace else H.float().clone()  # (in, in); float32 throughout, as the reference code
     n_in = W.shape[1]
     dead = torch.diag(H) == 0  # inputs never active in calibration
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U = dampened_inverse_cholesky(H, dampening)  # (in, in), upper triangular
+    U = dampened_inverse_cholesky(H, dampening, inplace=True)  # (in, in), upper triangular, in H's memory
 
     keep = torch.ones_like(W, dtype=torch.bool)
     kept_any = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)  # (out,) rows with a kept weight so far

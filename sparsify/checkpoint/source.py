@@ -183,7 +183,7 @@ class ModelDir:
     notes: list[str] = field(default_factory=list)
 
     def load_config(self, trust_remote_code: bool = False):  # -> PretrainedConfig
-        from transformers import AutoConfig
+        from sparsify.runtime import read_config
 
         raw = _read_json(self.config_path)
         if raw.get("auto_map") and not trust_remote_code:
@@ -195,9 +195,28 @@ class ModelDir:
                     f" {raw.get('model_type')!r}); pass --trust-remote-code if you trust its author"
                 )
         try:
-            return AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+            return read_config(self.path, trust_remote_code)
+        except SparsifyError:
+            raise
         except Exception as e:
             raise SparsifyError(f"cannot read {self.config_path}: {e}") from e
+
+    def code_files(self) -> list[Path]:
+        """The Python files a config's ``auto_map`` needs beside the weights (copied to the output).
+
+        Refused if ``auto_map`` names a module the folder lacks: an output must never point at code
+        that is not there.
+        """
+        auto_map = _read_json(self.config_path).get("auto_map") or {}
+        refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        modules = {r.rsplit(".", 1)[0] for r in refs if "--" not in r}  # "org/repo--module.Class" lives elsewhere
+        missing = sorted(m for m in modules if not (self.path / f"{m}.py").is_file())
+        if missing:
+            raise SparsifyError(
+                f"config.json's auto_map names {missing[0]}.py, which {self.path} does not have;"
+                " the output could not be loaded with its code"
+            )
+        return sorted(self.path.glob("*.py")) if modules else []
 
     def read_paths(self) -> list[Path]:
         """Every file this model is read from (weights, config, tokenizer...), for output-path checks."""
@@ -226,11 +245,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def open_model(path: str | Path) -> ModelDir:
-    """Resolve ``path`` (a Hugging Face folder or a ``.gguf`` file) to a :class:`ModelDir`."""
+def open_model(path: str | Path, revision: str | None = None) -> ModelDir:
+    """Resolve ``path`` (a Hugging Face folder, a Hub repo id, or a ``.gguf`` file) to a :class:`ModelDir`."""
+    from sparsify.checkpoint.hub import fetch, is_repo_id
+
     p = Path(path).expanduser()
     if not p.exists():
-        raise SparsifyError(f"model not found: {p}")
+        if not is_repo_id(str(path)):
+            raise SparsifyError(f"model not found: {p}")
+        p = fetch(str(path), revision)
+    elif revision is not None:
+        raise SparsifyError(f"--revision applies to Hub repo ids; {p} is a local path")
     if p.is_file():
         if p.suffix == ".gguf":
             return open_model(gguf_to_folder(p))

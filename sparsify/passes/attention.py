@@ -19,7 +19,6 @@ one) are written as ``attn_implementation: sparsify`` plus a per-layer ``sparsif
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -28,20 +27,10 @@ from sparsify.algorithms.attention_masks import LayerPattern, attention_fraction
 from sparsify.arch import lookup, supported_list
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import ConfigPass, PassConfig
-from sparsify.runtime import CONFIG_KEY, FORMAT, IMPLEMENTATION
+from sparsify.runtime import CONFIG_KEY, unwrap_config, wrap_config
 
 FLOPS_AT = 4096  # sequence length at which the report states the attention-FLOPs fraction
 
-# How each family expresses a sliding window natively (architecture knowledge as data).
-NATIVE_WINDOW: dict[str, str] = {
-    "llama": "mistral",  # same weights and module names; Mistral / Ministral configs carry the window
-    "mistral": "mistral",
-    "qwen2": "qwen",
-    "qwen3": "qwen",
-    "gemma2": "layer_types",
-    "gemma3_text": "layer_types",
-    "phi3": "uniform",
-}
 _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
 
 
@@ -91,13 +80,14 @@ def _fraction(p: LayerPattern, length: int, causal: bool) -> float:
     return attention_fraction(pattern_mask(p, length, length, causal), causal)
 
 
-def _layers_and_positions(cfg: dict[str, Any]) -> tuple[int, int | None]:
-    """Layer count and context length under each family's own key names (``n_layer``, ``n_positions``, ...)."""
+def _layers_positions_types(cfg: dict[str, Any]) -> tuple[int, int | None, list[str] | None]:
+    """Layer count, context length and layer types, under each family's own key names (``n_layer``, ...)."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(**cfg)
     positions = getattr(config, "max_position_embeddings", None)
-    return int(config.num_hidden_layers), int(positions) if positions else None
+    types = getattr(config, "layer_types", None)
+    return int(config.num_hidden_layers), int(positions) if positions else None, list(types) if types else None
 
 
 def layer_types(num_layers: int, global_every: int) -> list[str]:
@@ -123,33 +113,37 @@ class AttentionPass(ConfigPass):
 
     def apply(self, cfg: dict[str, Any], layers_path: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
         c = self.config
+        notes: list[str] = []
+        if CONFIG_KEY in cfg:
+            notes.append(f"pass {self.index}: replaces the checkpoint's earlier sparsify attention patterns")
+            cfg = unwrap_config(cfg)
         model_type = cfg.get("model_type", "?")
         arch = lookup(model_type)
         if arch is None:
             raise SparsifyError(
                 f"attention patterns need a known family; model_type {model_type!r} is not one of {supported_list()}"
             )
-        notes: list[str] = []
-        if CONFIG_KEY in cfg:
-            notes.append(f"pass {self.index}: replaces the checkpoint's earlier sparsify attention patterns")
-            cfg = {k: v for k, v in cfg.items() if k not in (CONFIG_KEY, "attn_implementation")}
-        n, positions = _layers_and_positions(cfg)
+        n, positions, own_types = _layers_positions_types(cfg)
         self._check_fits(model_type, arch.causal, positions)
         types = layer_types(n, c.global_every)
         if all(t == "full_attention" for t in types):
             raise SparsifyError(f"global_every={c.global_every} leaves no windowed layer among {n}")
         patterns = [c.layer_pattern(i) if t == "sliding_attention" else LayerPattern() for i, t in enumerate(types)]
-        style = NATIVE_WINDOW.get(model_type) if c.pattern == "sliding-window" else None
+        style = arch.window_config if c.pattern == "sliding-window" else None
+        if style and arch.layer_type_settings and own_types is not None and types != own_types:
+            # Gemma 3's layer types also choose each layer's RoPE: moving a layer to another type would
+            # change its positions' encoding, so the model's own types stay and sparsify runs the windows.
+            notes.append(
+                f"pass {self.index}: {model_type}'s layer types also set {', '.join(arch.layer_type_settings)};"
+                f" windows on other layers than its own sliding ones keep every layer's settings through"
+                f" sparsify.load (--global-every matching the model's own pattern stays native)"
+            )
+            style = None
         if style is not None:
             new, runtime = self._native(cfg, style, types, int(c.window or 0))
             status = f"native: {runtime}"
         else:
-            new = {**cfg, "attn_implementation": IMPLEMENTATION}
-            new[CONFIG_KEY] = {
-                "format": FORMAT,
-                "causal": arch.causal,
-                "layers": [{k: v for k, v in asdict(p).items() if v} for p in patterns],
-            }
+            new = wrap_config(cfg, patterns, arch.causal, positions)
             runtime = "sparsify.load"
             status = "sparsify: needs sparsify.load"
         length = min(FLOPS_AT, positions or FLOPS_AT)
@@ -173,18 +167,16 @@ class AttentionPass(ConfigPass):
         ]
         mean = sum(r["flops_fraction"] for r in records) / n
         dense = "causal" if arch.causal else "bidirectional"
-        notes += [
+        notes.append(
             f"pass {self.index}: {self.describe()} written for {runtime}; attention FLOPs {mean:.1%} of {dense}"
             f" dense at {length} tokens"
-        ]
+        )
         if style is None:
             notes.append(
-                f"pass {self.index}: load the output with sparsify.load(OUT); plain transformers refuses"
-                f' attn_implementation="{IMPLEMENTATION}" rather than run dense attention'
+                f"pass {self.index}: load the output with sparsify.load(OUT); its model_type"
+                f" {new['model_type']!r} is sparsify's own, so plain transformers and vLLM refuse it rather than"
+                " run dense attention"
             )
-            native = cfg.get("sliding_window")
-            if native and cfg.get("use_sliding_window", True) is not False:
-                notes.append(f"pass {self.index}: the model's own sliding window ({native}) still applies on top")
         return new, records, notes
 
     def _check_fits(self, model_type: str, causal: bool, positions: int | None) -> None:
@@ -211,13 +203,13 @@ class AttentionPass(ConfigPass):
             if bad:
                 raise SparsifyError(f"{cfg['model_type']} with {bad[0]}=true has no Mistral equivalent")
             new = {k: v for k, v in cfg.items() if k not in _LLAMA_ONLY_KEYS and k != "layer_types"}
+            new.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=window)
             if uniform:
-                new.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=window)
                 return new, "mistral"
-            new.update(
-                model_type="ministral", architectures=["MinistralForCausalLM"], sliding_window=window, layer_types=types
-            )
-            return new, "ministral"
+            # transformers loads model_type mistral with layer_types as Ministral (per-layer windows);
+            # vLLM runs MistralForCausalLM with its Llama code, which honours layer_types too.
+            new["layer_types"] = types
+            return new, "mistral with layer_types (transformers: Ministral)"
         if style == "qwen":
             new = {**cfg, "use_sliding_window": True, "sliding_window": window, "layer_types": types}
             new["max_window_layers"] = 0

@@ -182,7 +182,9 @@ class PrunePass(LayerPass):
             try:
                 if stats.cross is not None:
                     W = dense_output_target(W, stats.cross / stats.tokens, H, self.config.dampening)
-                W_new, _ = sparsegpt_prune(W, H, sparsity, nm, self.config.blocksize, self.config.dampening)
+                W_new, _ = sparsegpt_prune(
+                    W, H, sparsity, nm, self.config.blocksize, self.config.dampening, inplace=True
+                )
             except ValueError as e:
                 raise SparsifyError(f"{fqn}: {e}") from e
             return W_new
