@@ -17,6 +17,19 @@ SPARSIFY_TYPE_PREFIX = "sparsify_"  # checkpoints whose attention only sparsify 
 
 
 @dataclass(frozen=True)
+class ConfigKeys:
+    """Where a family's config keeps the sizes structured pruning changes, and its bias switches."""
+
+    layers: str = "num_hidden_layers"
+    ffn: str = "intermediate_size"
+    heads: str = "num_attention_heads"
+    kv_heads: str | None = "num_key_value_heads"  # None: one KV head per query head (MHA)
+    head_dim: str | None = "head_dim"  # None: head_dim is hidden_size / heads, so heads cannot be removed
+    mlp_bias: str | None = None  # output bias of the MLP: "native" (always there), a config flag, or None
+    attn_bias: str | None = None  # output bias of attention, likewise
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where one family keeps its parts."""
 
@@ -38,6 +51,13 @@ class Arch:
     window_config: str | None = None
     # config fields keyed by layer type besides the window (Gemma 3's RoPE): rewriting layer_types moves them
     layer_type_settings: tuple[str, ...] = ()
+    # layout of fused projections: attn_in "separate" (q, k, v) or "concat" ([q; k; v] rows, heads in order);
+    # mlp_in "separate" (gate, up / fc1) or "concat" ([gate; up] rows)
+    qkv_layout: str = "separate"
+    gate_up_layout: str = "separate"
+    keys: ConfigKeys = ConfigKeys()
+    # norm (relative to a layer) -> the Linears it feeds (SmoothQuant folds scales into it)
+    norm_feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
     notes: str = ""
     model_type: str = field(default="", compare=False)
 
@@ -65,18 +85,29 @@ _LLAMA_LIKE = Arch(
     mlp_in=("gate_proj", "up_proj"),
     mlp_out="down_proj",
     norms=("input_layernorm", "post_attention_layernorm"),
+    norm_feeds=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
 )
 _GEMMA2_LIKE = replace(
     _LLAMA_LIKE,
     norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    norm_feeds=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    keys=ConfigKeys(attn_bias="attention_bias"),
 )
 
 ARCHITECTURES: dict[str, Arch] = {
-    "llama": replace(_LLAMA_LIKE, window_config="mistral"),  # same weights and names as Mistral
+    "llama": replace(  # same weights and names as Mistral
+        _LLAMA_LIKE, window_config="mistral", keys=ConfigKeys(mlp_bias="mlp_bias", attn_bias="attention_bias")
+    ),
     "mistral": replace(_LLAMA_LIKE, window_config="mistral"),
     "qwen2": replace(_LLAMA_LIKE, window_config="qwen"),
-    "qwen3": replace(_LLAMA_LIKE, window_config="qwen"),
-    "gemma": _LLAMA_LIKE,
+    "qwen3": replace(_LLAMA_LIKE, window_config="qwen", keys=ConfigKeys(attn_bias="attention_bias")),
+    "gemma": replace(_LLAMA_LIKE, keys=ConfigKeys(attn_bias="attention_bias")),
     "gemma2": replace(_GEMMA2_LIKE, window_config="layer_types"),
     "gemma3_text": replace(_GEMMA2_LIKE, window_config="layer_types", layer_type_settings=("rope_parameters",)),
     "phi3": Arch(
@@ -91,6 +122,9 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_out="down_proj",
         norms=("input_layernorm", "post_attention_layernorm"),
         window_config="uniform",
+        qkv_layout="concat",
+        gate_up_layout="concat",
+        norm_feeds=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
         notes="q/k/v and gate/up are fused Linears",
     ),
     "gpt2": Arch(
@@ -104,6 +138,17 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_in=("c_fc",),
         mlp_out="c_proj",
         norms=("ln_1", "ln_2"),
+        qkv_layout="concat",
+        keys=ConfigKeys(
+            layers="n_layer",
+            ffn="n_inner",
+            heads="n_head",
+            kv_heads=None,
+            head_dim=None,
+            mlp_bias="native",
+            attn_bias="native",
+        ),
+        norm_feeds=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         notes="Conv1D layers store weights as (in, out); q/k/v are one fused c_attn",
     ),
     "opt": Arch(
@@ -117,6 +162,11 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_in=("fc1",),
         mlp_out="fc2",
         norms=("self_attn_layer_norm", "final_layer_norm"),
+        keys=ConfigKeys(ffn="ffn_dim", kv_heads=None, head_dim=None, mlp_bias="native", attn_bias="native"),
+        norm_feeds=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",)),
+        ),
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers",
@@ -129,6 +179,12 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_in=("dense_h_to_4h",),
         mlp_out="dense_4h_to_h",
         norms=("input_layernorm", "post_attention_layernorm"),
+        qkv_layout="interleaved",
+        keys=ConfigKeys(kv_heads=None, head_dim=None, mlp_bias="native", attn_bias="native"),
+        norm_feeds=(
+            ("input_layernorm", ("attention.query_key_value",)),
+            ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
     ),
     "bert": Arch(
         layers="encoder.layer",
@@ -146,6 +202,8 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_out="output.dense",
         norms=("attention.output.LayerNorm", "output.LayerNorm"),
         causal=False,
+        keys=ConfigKeys(kv_heads=None, head_dim=None, mlp_bias="native", attn_bias="native"),
+        norm_feeds=(("attention.output.LayerNorm", ("intermediate.dense",)),),  # q/k/v: the previous layer's norm
         optional=("pooler",),  # MLM and sentence-embedding checkpoints have no pooler
         notes="encoder: bidirectional attention, loaded with AutoModel",
     ),

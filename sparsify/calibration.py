@@ -4,10 +4,14 @@
    recorder that stores the layer's inputs (hidden states plus whatever the backbone passes a
    layer: position embeddings, masks) and returns the hidden states unchanged. No exception is
    raised to stop the forward; no architecture-specific code.
-2. For each layer in turn: materialize it, capture the inputs of its target Linears with forward
-   hooks, let each pass compress it, re-run the compressed layer to produce the next layer's inputs
-   (as SparseGPT does), measure each Linear's output error against its dense weights on the way,
-   write the layer out and release it.
+2. For each layer in turn: materialize it, and for each pass in recipe order resolve its targets by
+   name on the layer as it is now (an earlier pass may have reshaped or replaced modules), gather the
+   statistics the pass declares about their inputs (:mod:`sparsify.statistics`), and let the pass
+   compress the layer. Then re-run the compressed layer to produce the next layer's inputs (as
+   SparseGPT does), measuring on the first batch the layer's output error against the dense layer
+   and each Linear's output error where the Linear kept its shape, save the layer and release it.
+
+The loop knows no pass: it calls the hooks of :class:`sparsify.passes.base.Pass`.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from torch import Tensor, nn
 
 from sparsify import interrupts
 from sparsify.errors import SparsifyError
-from sparsify.modules import in_features, weight_matrix
+from sparsify.modules import in_features, is_linear, weight_matrix
 from sparsify.progress import NoProgress, Progress
+from sparsify.statistics import InputStats
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +39,9 @@ LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # positional args after hidd
 # (first layer to compress, hidden states entering it, the dense model's hidden states or None)
 ResumePoint = tuple[int, list[Tensor], list[Tensor] | None]
 Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None], None]
-ERROR_WINDOWS = 2  # calibration windows on which each Linear's output error is measured
-
-
-@dataclass
-class LinearStats:
-    """What a pass may need about one Linear's inputs ``X: (N, in)``, accumulated over calibration."""
-
-    sq_norm: Tensor  # (in,)  sum over tokens of x_j^2
-    hessian: Tensor | None  # (in, in)  X^T X, when asked for
-    cross: Tensor | None = None  # (in, in)  X_dense^T X: dense-model inputs against these inputs
-    tokens: int = 0
-
-    @classmethod
-    def empty(cls, n_in: int, hessian: bool, device: torch.device, cross: bool = False) -> LinearStats:
-        H = torch.zeros(n_in, n_in, device=device) if hessian or cross else None
-        C = torch.zeros(n_in, n_in, device=device) if cross else None
-        return cls(torch.zeros(n_in, device=device), H, C)
-
-    def add(self, x: Tensor, x_dense: Tensor | None = None) -> None:
-        X = x.reshape(-1, x.shape[-1]).float()  # (N, in)
-        self.sq_norm += X.pow(2).sum(0)
-        if self.hessian is not None:
-            self.hessian += X.T @ X
-        if self.cross is not None and x_dense is not None:
-            self.cross += x_dense.reshape(-1, x.shape[-1]).float().T @ X
-        self.tokens += X.shape[0]
+# (pass, layer index, layer module) -> the pass's targets in that layer as it is now, fqn -> module
+Resolver = Callable[[Any, int, nn.Module], dict[str, nn.Module]]
+ERROR_WINDOWS = 2  # calibration windows on which output errors are measured
 
 
 class LayerProvider(Protocol):
@@ -113,7 +95,27 @@ class _Captured:
 @dataclass
 class RunOutput:
     records: list[Any] = field(default_factory=list)  # pass records, in order
-    errors: dict[str, float] = field(default_factory=dict)  # fqn -> relative output error
+    errors: dict[str, float] = field(default_factory=dict)  # fqn (a Linear or a layer) -> relative output error
+
+
+@dataclass
+class LayerWork:
+    """What a pass sees of one layer: the module, its targets and their input statistics, its inputs."""
+
+    index: int
+    layer: nn.Module
+    prefix: str  # the layer's fqn, e.g. "model.layers.3"
+    targets: dict[str, nn.Module]  # fqn -> module
+    stats: dict[str, InputStats]  # fqn -> statistics of its inputs (what the pass declared)
+    inputs: list[Tensor]  # hidden states entering the layer, one tensor per calibration batch
+    calls: list[LayerCall]  # the other arguments the backbone passes the layer, per batch
+
+    def run(self, inputs: list[Tensor] | None = None) -> list[Tensor]:
+        """The layer's outputs on ``inputs`` (default: the calibration inputs), batch by batch."""
+        return _run_layer(self.layer, self.inputs if inputs is None else inputs, self.calls)
+
+    def relative(self, fqn: str) -> str:
+        return fqn.removeprefix(self.prefix + ".")
 
 
 @contextlib.contextmanager
@@ -135,6 +137,12 @@ def _run_layer(layer: nn.Module, hidden: list[Tensor], calls: list[LayerCall]) -
     return outs
 
 
+def _relative_error(out: list[Tensor], ref: list[Tensor]) -> float:
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref, strict=True))
+    den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return num / den if den > 0 else 0.0
+
+
 class LayerwiseRunner:
     """Runs calibration token windows through a model one layer at a time."""
 
@@ -147,6 +155,7 @@ class LayerwiseRunner:
         batch_size: int = 8,
         progress: Progress | None = None,
         device: torch.device | str = "cpu",
+        layers_path: str = "layers",
     ):
         self.backbone = backbone
         self.layers = layers
@@ -155,6 +164,10 @@ class LayerwiseRunner:
         self.batch_size = batch_size
         self.progress = progress or NoProgress()
         self.device = torch.device(device)
+        self.layers_path = layers_path
+
+    def prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}"
 
     def _batches(self) -> list[Tensor]:
         """The first batch holds ``ERROR_WINDOWS`` windows: output errors are measured on it alone."""
@@ -176,20 +189,23 @@ class LayerwiseRunner:
         return store
 
     @torch.no_grad()
-    def _collect(
+    def collect(
         self,
         layer: nn.Module,
         targets: dict[str, nn.Module],
+        needs: set[str] | frozenset[str],
         hidden: list[Tensor],
         calls: list[LayerCall],
-        hessian: bool,
-    ) -> dict[str, LinearStats]:
-        """Accumulate input statistics of ``targets`` over all batches.
+        custom: dict[str, Callable] | None = None,
+    ) -> dict[str, InputStats]:
+        """Accumulate the statistics ``needs`` of ``targets``' inputs over all batches.
 
         Linears fed the very same tensor (q/k/v after one norm, gate/up) share one accumulator: the
-        ``X^T X`` products are computed once per input, not once per Linear.
+        statistics (``X^T X`` above all) are computed once per input, not once per Linear.
         """
-        stats = {fqn: LinearStats.empty(in_features(m), hessian, self.device) for fqn, m in targets.items()}
+        stats = {
+            fqn: InputStats.empty(in_features(m), set(needs), self.device, custom=custom) for fqn, m in targets.items()
+        }
         leader_of: dict[str, str] = {}  # follower fqn -> fqn whose accumulator it shares (from batch 0)
         seen: dict[int, tuple[Tensor, str]] = {}  # id(input) -> (input kept alive, first fqn) this batch
         first_batch = [True]
@@ -220,21 +236,24 @@ class LayerwiseRunner:
         return stats
 
     @torch.no_grad()
-    def _collect_paired(
+    def collect_paired(
         self,
         layer: nn.Module,
         targets: dict[str, nn.Module],
+        needs: set[str] | frozenset[str],
         dense_hidden: list[Tensor],
         hidden: list[Tensor],
         calls: list[LayerCall],
-    ) -> tuple[dict[str, LinearStats], list[Tensor]]:
+    ) -> tuple[dict[str, InputStats], list[Tensor]]:
         """Statistics of the compressed path plus their cross term with the dense model's path.
 
         Batch by batch, the (still dense) layer runs on the dense model's hidden states, then on the
         compressed model's; each Linear pairs the two inputs token by token. Returns the statistics
         and the dense path's outputs, i.e. the dense model's next hidden states.
         """
-        stats = {fqn: LinearStats.empty(in_features(m), True, self.device, cross=True) for fqn, m in targets.items()}
+        stats = {
+            fqn: InputStats.empty(in_features(m), set(needs), self.device, cross=True) for fqn, m in targets.items()
+        }
         dense_inputs: dict[str, Tensor] = {}
         on_dense_path = [True]
 
@@ -259,21 +278,25 @@ class LayerwiseRunner:
     @torch.no_grad()
     def observe(
         self,
-        targets: dict[int, dict[str, nn.Module]],
-        fn: Callable[[int, dict[str, nn.Module], dict[str, LinearStats]], Any],
+        fn: Callable[[LayerWork, list[Tensor]], Any],
         description: str,
-        hessian: bool = False,
+        targets: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
+        needs: set[str] | frozenset[str] = frozenset(),
     ) -> list[Any]:
-        """A dense sweep: per layer, collect statistics and call ``fn``; nothing is modified or written."""
+        """A dense sweep: per layer, gather ``needs`` about ``targets(i, layer)`` and call
+        ``fn(work, outputs)`` with the layer's outputs; nothing is modified or written."""
         cap = self._capture()
         hidden = cap.hidden
         results = []
         for i in self.progress.track(range(len(self.layers)), len(self.layers), description):
             interrupts.check()
             layer = self.provider.load(i)
-            stats = self._collect(layer, targets[i], hidden, cap.calls[i], hessian)
-            results.append(fn(i, targets[i], stats))
-            hidden = _run_layer(layer, hidden, cap.calls[i])
+            layer_targets = targets(i, layer) if targets is not None else {}
+            stats = self.collect(layer, layer_targets, needs, hidden, cap.calls[i]) if needs else {}
+            work = LayerWork(i, layer, self.prefix(i), layer_targets, stats, hidden, cap.calls[i])
+            outputs = _run_layer(layer, hidden, cap.calls[i])
+            results.append(fn(work, outputs))
+            hidden = outputs
             self.provider.finish(i, layer, write=False)
         return results
 
@@ -281,12 +304,13 @@ class LayerwiseRunner:
     def run(
         self,
         passes: list[Any],
-        targets: list[dict[int, dict[str, nn.Module]]],
+        resolve: Resolver,
         start: ResumePoint | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> RunOutput:
         """The compressing sweep: every pass is applied to each layer in turn, in recipe order.
 
+        ``resolve(pass, i, layer)`` gives a pass's targets in the layer as it is at that moment.
         ``start`` continues an earlier run from a layer with the activations saved for it;
         ``checkpoint(next_layer, hidden, dense_hidden)`` is called after each layer is saved.
         """
@@ -305,13 +329,16 @@ class LayerwiseRunner:
             interrupts.check()
             t0 = time.perf_counter()
             layer = self.provider.load(i)
-            touched = {fqn: m for per_pass in targets for fqn, m in per_pass[i].items()}
+            reference = _run_layer(layer, hidden[:1], cap.calls[i][:1])  # the dense layer's first-batch outputs
+            touched = {fqn: m for p in passes for fqn, m in resolve(p, i, layer).items() if is_linear(m)}
             dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
             done = len(output.records)
-            dense_hidden = self._apply_passes(i, layer, passes, targets, hidden, dense_hidden, cap.calls[i], output)
-            hidden = self._propagate(layer, touched, dense, hidden, cap.calls[i], output.errors)
-            info = {"records": output.records[done:], "errors": {f: output.errors[f] for f in touched}}
-            self.provider.finish(i, layer, write=True, info=info)
+            dense_hidden = self._apply_passes(i, layer, passes, resolve, hidden, dense_hidden, cap.calls[i], output)
+            hidden = self._propagate(i, layer, dense, reference, hidden, cap.calls[i], output.errors)
+            errors = {
+                k: v for k, v in output.errors.items() if k == self.prefix(i) or k.startswith(self.prefix(i) + ".")
+            }
+            self.provider.finish(i, layer, write=True, info={"records": output.records[done:], "errors": errors})
             if checkpoint is not None:
                 checkpoint(i + 1, hidden, dense_hidden)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
@@ -322,7 +349,7 @@ class LayerwiseRunner:
         i: int,
         layer: nn.Module,
         passes: list[Any],
-        targets: list[dict[int, dict[str, nn.Module]]],
+        resolve: Resolver,
         hidden: list[Tensor],
         dense_hidden: list[Tensor] | None,
         calls: list[LayerCall],
@@ -330,42 +357,54 @@ class LayerwiseRunner:
     ) -> list[Tensor] | None:
         """Every pass on layer ``i``, stage by stage; returns the dense model's next hidden states (if tracked)."""
         next_dense = None
-        if dense_hidden is not None and not (passes[0].needs_dense_path and targets[0][i]):
+        if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
             next_dense = _run_layer(layer, dense_hidden, calls)  # the layer is still dense here
-        for p, pass_targets in zip(passes, targets, strict=True):
-            layer_targets = pass_targets[i]
-            if not layer_targets:
+        for p in passes:
+            targets = resolve(p, i, layer)  # by name, on the layer as the passes before left it
+            if not targets:
                 continue
-            for stage in p.stages(layer_targets):
+            for stage in p.stages(targets):
+                watched = p.stat_targets(stage)
                 if p.needs_dense_path:  # the first pass only (checked when the plan is made)
-                    stats, next_dense = self._collect_paired(layer, stage, dense_hidden, hidden, calls)
-                elif p.needs_data:
-                    stats = self._collect(layer, stage, hidden, calls, p.needs_hessian)
+                    stats, next_dense = self.collect_paired(layer, watched, p.needs, dense_hidden, hidden, calls)
+                elif p.needs or p.custom_stats:
+                    needs = set(p.needs) | set(p.custom_stats)
+                    stats = self.collect(layer, watched, needs, hidden, calls, p.custom_stats)
                 else:
                     stats = {}
-                output.records.extend(p.compress(i, stage, stats))
+                work = LayerWork(i, layer, self.prefix(i), stage, stats, hidden, calls)
+                with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
+                    output.records.extend(p.compress_layer(work))
                 self.provider.round_to_storage(i, layer)
-            for fqn, m in layer_targets.items():
-                if not torch.isfinite(m.weight).all():
-                    raise SparsifyError(
-                        f"{fqn}: NaN/inf after pass {p.index} ({p.describe()}); check the input weights"
-                        " or raise dampening"
-                    )
+            bad = [n for n, t in layer.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise SparsifyError(
+                    f"{self.prefix(i)}.{bad[0]}: NaN/inf after pass {p.index} ({p.describe()}); check the input"
+                    " weights and the pass's settings"
+                )
         return next_dense
 
+    @torch.no_grad()
     def _propagate(
         self,
+        i: int,
         layer: nn.Module,
-        touched: dict[str, nn.Module],
         dense: dict[str, Tensor],
+        reference: list[Tensor],
         hidden: list[Tensor],
         calls: list[LayerCall],
         errors: dict[str, float],
     ) -> list[Tensor]:
-        """Run the compressed layer over every batch; on the first batch (``ERROR_WINDOWS`` windows)
-        also measure each Linear's relative output error ``||y - y_dense||^2 / ||y_dense||^2``: one
-        extra matmul per Linear on a few windows rather than on all of them."""
-        sums = {fqn: [0.0, 0.0] for fqn in touched}
+        """Run the compressed layer over every batch. On the first batch (``ERROR_WINDOWS`` windows) also
+        measure the layer's relative output error ``||y - y_dense||^2 / ||y_dense||^2`` and the same for
+        each Linear that kept its shape (one extra matmul per Linear on a few windows)."""
+        modules = {f"{self.prefix(i)}.{n}": m for n, m in layer.named_modules() if n}
+        still = {
+            fqn: modules[fqn]
+            for fqn, W in dense.items()
+            if fqn in modules and is_linear(modules[fqn]) and weight_matrix(modules[fqn]).shape == W.shape
+        }
+        sums = {fqn: [0.0, 0.0] for fqn in still}
 
         def hook(fqn: str) -> Callable:
             def measure(module: nn.Module, args: tuple, out: Tensor) -> None:
@@ -376,8 +415,9 @@ class LayerwiseRunner:
 
             return measure
 
-        with _hooked(touched, hook):
+        with _hooked(still, hook):
             first = _run_layer(layer, hidden[:1], calls[:1])
         for fqn, (num, den) in sums.items():
             errors[fqn] = num / den if den > 0 else 0.0
+        errors[self.prefix(i)] = _relative_error(first, reference)
         return first + _run_layer(layer, hidden[1:], calls[1:])

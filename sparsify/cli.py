@@ -226,17 +226,30 @@ def handle_errors(fn: F) -> F:
             except KeyboardInterrupt as e:
                 if debug:
                     raise
-                raise typer.Exit(_interrupted(e)) from None
+                _let_go(e)
+                code = _interrupted(e)
             except Exception as e:  # every failure: one line, unless --debug
                 if debug:
                     raise
+                _let_go(e)
                 if isinstance(e, SparsifyError):
                     _say(f"error: {e}")
                 else:
                     _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
-                raise typer.Exit(1) from None
+                code = 1
+        raise typer.Exit(code)  # outside the except blocks: nothing keeps the failed run's frames alive
 
     return wrapper  # type: ignore[return-value]
+
+
+def _let_go(e: BaseException) -> None:
+    """Release what the failed run's frames hold, now, while its threads still run: an abandoned progress
+    bar then stops here instead of at interpreter exit, where joining its refresh thread would hang."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(e.__traceback__)
+    gc.collect()
 
 
 def _dtype(d: DType):
@@ -306,12 +319,21 @@ def _run(model: str, recipe_data: dict[str, Any], output: Path, opts, json_out: 
     from sparsify.recipe import parse_recipe
 
     recipe = parse_recipe(recipe_data, where)
-    report = compress(model, recipe, output, opts)
     try:
+        report = compress(model, recipe, output, opts)
         _render(report, json_out)
     except Interrupted as e:
-        e.finished = str(output)
+        # Wherever the signal landed, the output is this run's if its report carries this run's id.
+        if not e.finished and _written_by(output, opts.run_id):
+            e.finished = str(output)
         raise
+
+
+def _written_by(output: Path, run_id: str) -> bool:
+    try:
+        return json.loads((Path(output) / "sparsify_report.json").read_text()).get("run_id") == run_id
+    except (OSError, ValueError):
+        return False
 
 
 @app.command(

@@ -27,3 +27,42 @@ def set_weight_matrix(module: nn.Module, W: Tensor) -> None:
 
 def in_features(module: nn.Module) -> int:
     return weight_matrix(module).shape[1]
+
+
+def out_features(module: nn.Module) -> int:
+    return weight_matrix(module).shape[0]
+
+
+@torch.no_grad()
+def keep_outputs(module: nn.Module, idx: Tensor) -> None:
+    """Keep only output features ``idx`` of a Linear (or Conv1D): its weight rows and bias entries."""
+    if isinstance(module, Conv1D):
+        module.weight = nn.Parameter(module.weight[:, idx].contiguous(), requires_grad=False)  # (in, out)
+        module.nf = len(idx)
+    else:
+        module.weight = nn.Parameter(module.weight[idx].contiguous(), requires_grad=False)  # (out, in)
+        module.out_features = len(idx)
+    if getattr(module, "bias", None) is not None:
+        module.bias = nn.Parameter(module.bias[idx].contiguous(), requires_grad=False)
+
+
+@torch.no_grad()
+def keep_inputs(module: nn.Module, idx: Tensor) -> None:
+    """Keep only input features ``idx`` of a Linear (or Conv1D): its weight columns."""
+    if isinstance(module, Conv1D):
+        module.weight = nn.Parameter(module.weight[idx].contiguous(), requires_grad=False)  # (in, out)
+    else:
+        module.weight = nn.Parameter(module.weight[:, idx].contiguous(), requires_grad=False)
+        module.in_features = len(idx)
+
+
+@torch.no_grad()
+def add_to_bias(module: nn.Module, delta: Tensor | None = None) -> None:
+    """Add ``delta`` (``(out,)``) to the bias, creating a zero bias first if the module has none."""
+    if getattr(module, "bias", None) is None:
+        weight = module.weight
+        module.bias = nn.Parameter(
+            torch.zeros(out_features(module), dtype=weight.dtype, device=weight.device), requires_grad=False
+        )
+    if delta is not None:
+        module.bias.add_(delta.to(module.bias.dtype))

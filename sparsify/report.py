@@ -15,34 +15,54 @@ REPORT_FILE = "sparsify_report.json"
 
 def build_report(
     *,
+    run_id: str,
     version: str,
     model: str,
     output: str,
     model_type: str,
     recipe: Any,
-    calibration: dict[str, Any],
+    passes: list[Any],
+    calibration: dict[str, Any] | None,
     records: list[dict[str, Any]],
     totals: dict[str, Any],
     eval_info: dict[str, Any] | None,
     notes: list[str],
 ) -> dict[str, Any]:
-    pruned = list({r["name"]: r for r in records if r.get("status") == "pruned"}.values())  # last pass per Linear
-    target_params = sum(r["shape"][0] * r["shape"][1] for r in pruned)
-    target_zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pruned)
+    """The report as plain data. What each kind of pass did comes from its own hooks (``summary``,
+    ``columns``): the report renders rows and tables, it never interprets a pass."""
+    kinds: dict[str, type] = {}
+    for p in passes:
+        kinds.setdefault(p.kind, type(p))
+    summary: list[list[str]] = []
+    facts: dict[str, Any] = {}
+    for kind, cls in kinds.items():
+        for label, text, key, value in cls.summary([r for r in records if r.get("kind") == kind]):
+            if label:
+                summary.append([label, text])
+            if key is not None:
+                facts[key] = value
+    tables = [
+        {"kind": kind, "title": getattr(cls, "title", kind), "columns": [list(c) for c in cls.columns]}
+        for kind, cls in kinds.items()
+        if cls.columns and any(r.get("kind") == kind for r in records)
+    ]
     return {
         "sparsify_version": version,
+        "run_id": run_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": model,
         "output": output,
         "model_type": model_type,
         "recipe": recipe.model_dump(mode="json"),
+        "passes": [{"index": p.index, "type": p.config.type, "description": p.describe()} for p in passes],
         "seed": recipe.calibration.seed,
         "calibration": calibration,
+        "summary": summary,
+        "tables": tables,
         "layers": records,
         "totals": {
             **totals,
-            "target_parameters": target_params,
-            "target_sparsity": target_zeros / target_params if target_params else 0.0,
+            **facts,
             "overall_sparsity": 1 - totals["nonzeros"] / totals["parameters"] if totals.get("parameters") else 0.0,
         },
         "eval": eval_info,
@@ -80,37 +100,52 @@ def _err(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def _split(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Linear records (pruning) and layer records (attention patterns)."""
-    return [r for r in records if r["method"] != "attention"], [r for r in records if r["method"] == "attention"]
+def _fmt(value: Any, fmt: str) -> str:
+    """A table cell: ``pct``, ``err`` (4 decimals), ``shape`` (a × b), ``s`` (seconds) or plain text."""
+    if value is None:
+        return "—"
+    if fmt == "pct":
+        return _pct(value)
+    if fmt == "err":
+        return _err(value)
+    if fmt == "shape":
+        return "×".join(str(v) for v in value)
+    if fmt == "s":
+        return f"{value:.2f} s"
+    return str(value)
+
+
+def _tables(report: dict[str, Any]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Each table with its records (reports written before tables were recorded get one generic table)."""
+    tables = report.get("tables")
+    if tables is None:
+        keys = [
+            k
+            for k in ("name", "method", "pattern", "sparsity", "rel_error", "status")
+            if any(k in r for r in report["layers"])
+        ]
+        tables = [
+            {"kind": None, "title": "layers", "columns": [[k, k, "pct" if k == "sparsity" else "text"] for k in keys]}
+        ]
+    return [(t, [r for r in report["layers"] if t["kind"] is None or r.get("kind") == t["kind"]]) for t in tables]
 
 
 def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     t = report["totals"]
-    linears, attention = _split(report["layers"])
+    descriptions = [p["description"] for p in report.get("passes", [])] or [
+        p["type"] for p in report["recipe"]["passes"]
+    ]
     rows = [
         ("model", f"{report['model']} ({report['model_type']})"),
         ("output", report["output"]),
-        ("passes", "; ".join(_describe_pass(p) for p in report["recipe"]["passes"])),
+        ("passes", "; ".join(descriptions)),
     ]
     cal = report.get("calibration")
     if cal:
         rows.append(
             ("calibration", f"{cal['windows']} × {cal['seq_len']} tokens of {cal['text']} (seed {report['seed']})")
         )
-    if linears:
-        rows.append(("target Linears", f"{len({r['name'] for r in linears if r.get('status') == 'pruned'})} pruned"))
-        rows.append(("target sparsity", _pct(t["target_sparsity"])))
-    if attention:
-        changed = [r for r in attention if r["pattern"] != "full"]
-        mean = sum(r["flops_fraction"] for r in attention) / len(attention)
-        rows.append(
-            (
-                "attention",
-                f"{len(changed)}/{len(attention)} layers {changed[0]['pattern']} ({_shape(changed[0])}),"
-                f" {mean:.1%} of dense attention FLOPs at {_flops_at(attention[0])} tokens, {attention[0]['status']}",
-            )
-        )
+    rows += [(label, text) for label, text in report.get("summary", [])]
     rows += [
         ("parameters", f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {_pct(t['overall_sparsity'])} zeros)"),
         ("size on disk", _fmt_bytes(t["bytes"])),
@@ -141,55 +176,18 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
             ("baseline", f"{baseline['path']}: {baseline['parameters']:,} parameters, {_fmt_bytes(baseline['bytes'])}")
         )
         rows.append(("non-zeros vs baseline", f"{t['nonzeros'] / max(baseline['nonzeros'], 1):.3f}×"))
+        rows.append(("bytes vs baseline", f"{t['bytes'] / max(baseline['bytes'], 1):.3f}×"))
     return rows
-
-
-def _shape(r: dict[str, Any]) -> str:
-    """An attention pattern's size: window and sinks, or block layout."""
-    if r.get("block_size"):
-        extra = [f"{r[k]} {k.split('_')[0]}" for k in ("global_blocks", "random_blocks") if r.get(k)]
-        return f"block {r['block_size']}" + (f", {', '.join(extra)}" if extra else "")
-    if r.get("window"):
-        return f"window {r['window']}" + (f" + {r['sinks']} sinks" if r.get("sinks") else "")
-    return "—"
-
-
-def _flops_at(r: dict[str, Any]) -> int:
-    return int(r.get("flops_at") or 4096)
-
-
-def _describe_pass(p: dict[str, Any]) -> str:
-    if p["type"] == "attention":
-        extra = f", 1 in {p['global_every']} layers full" if p.get("global_every") else ""
-        return f"attention {p['pattern']} {_shape(p)}{extra}"
-    if p["type"] == "prune":
-        amount = p["pattern"] if p["pattern"] != "unstructured" else f"{p['sparsity']:.0%} unstructured"
-        return f"prune {p['method']} {amount}" + (" (OWL)" if p.get("profile") == "owl" else "")
-    return p["type"]
 
 
 def render_markdown(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     lines = ["# sparsify report", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(report, baseline)]
-    linears, attention = _split(report["layers"])
-    if linears:
-        lines += ["", "## Layers", "", "| Linear | shape | method | pattern | sparsity | rel. error | time | status |"]
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for r in linears:
-            lines.append(
-                f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['method']} | {r['pattern']} | {_pct(r.get('sparsity'))}"
-                f" | {_err(r.get('rel_error'))} | {r.get('seconds', 0):.2f} s | {r.get('status', '')} |"
-            )
-    if attention:
-        lines += [
-            "",
-            "## Attention",
-            "",
-            f"| layer | pattern | shape | FLOPs vs dense @{_flops_at(attention[0])} | status |",
-            "|---|---|---|---|---|",
-        ]
-        for r in attention:
-            lines.append(f"| {r['name']} | {r['pattern']} | {_shape(r)} | {r['flops_fraction']:.1%} | {r['status']} |")
+    for table, rows in _tables(report):
+        columns = table["columns"]
+        lines += ["", f"## {table['title']}", "", "| " + " | ".join(c[1] for c in columns) + " |"]
+        lines.append("|" + "---|" * len(columns))
+        lines += ["| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in columns) + " |" for r in rows]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -213,7 +211,7 @@ def _svg_bars(values: list[float | None], labels: list[str], title: str, fmt: st
         f'<text x="{pad}" y="20" font-size="14">{html.escape(title)} (max {format(top, fmt)})</text>'
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>'
         + "".join(bars)
-        + f'<text x="{pad}" y="{height - 10}" font-size="11">Linears in layer order (hover for names)</text></svg>'
+        + f'<text x="{pad}" y="{height - 10}" font-size="11">rows in order (hover for names)</text></svg>'
     )
 
 
@@ -226,46 +224,26 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary_rows(report, baseline)
     )
-    layers, attention = _split(report["layers"])
-    labels = [r["name"] for r in layers]
-    table = "".join(
-        _cells(
-            r["name"],
-            f"{r['shape'][0]}×{r['shape'][1]}",
-            r["method"],
-            r["pattern"],
-            _pct(r.get("sparsity")),
-            _err(r.get("rel_error")),
-            r.get("status", ""),
+    sections = []
+    for table, records in _tables(report):
+        columns = table["columns"]
+        labels = [str(r.get("name", "")) for r in records]
+        plots = "".join(
+            f"<h3>{html.escape(header)}</h3>"
+            + _svg_bars([r.get(key) for r in records], labels, header, ".1%" if fmt == "pct" else ".4f")
+            for key, header, fmt in columns
+            if fmt in ("pct", "err") and any(isinstance(r.get(key), int | float) for r in records)
         )
-        for r in layers
-    )
+        head = "".join(f"<th>{html.escape(c[1])}</th>" for c in columns)
+        body = "".join(_cells(*(_fmt(r.get(c[0]), c[2]) for c in columns)) for r in records)
+        sections.append(f"<h2>{html.escape(str(table['title']))}</h2>{plots}<table><tr>{head}</tr>{body}</table>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
-    attn = "".join(
-        _cells(r["name"], r["pattern"], _shape(r), f"{r['flops_fraction']:.1%}", r["status"]) for r in attention
-    )
-    attn_table = (
-        "<h2>Attention</h2><table><tr><th>layer</th><th>pattern</th><th>shape</th>"
-        f"<th>FLOPs vs dense @{html.escape(str(_flops_at(attention[0])))}</th>"
-        f"<th>status</th></tr>{attn}</table>"
-        if attention
-        else ""
-    )
-    linear_section = (
-        f"""<h2>Per-layer sparsity</h2>{_svg_bars([r.get("sparsity") for r in layers], labels, "sparsity", ".1%")}
-<h2>Per-layer reconstruction error</h2>{_svg_bars([r.get("rel_error") for r in layers], labels, "relative output error", ".4f")}
-<h2>Layers</h2><table><tr><th>Linear</th><th>shape</th><th>method</th><th>pattern</th><th>sparsity</th>
-<th>rel. error</th><th>status</th></tr>{table}</table>"""
-        if layers
-        else ""
-    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sparsify report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left;font-size:13px}}</style></head><body>
 <h1>sparsify report</h1><table>{rows}</table>
-{linear_section}
-{attn_table}
+{"".join(sections)}
 {"<h2>Notes</h2><ul>" + notes + "</ul>" if notes else ""}
 </body></html>
 """
@@ -302,7 +280,7 @@ def model_card(report: dict[str, Any], dense_card: Path | None = None) -> str:
         "tags": ["sparsify", *kinds],
         **_dense_card_metadata(dense_card),
     }
-    passes = "; ".join(_describe_pass(p) for p in report["recipe"]["passes"])
+    passes = "; ".join(p["description"] for p in report.get("passes", []))
     loader = "sparsify.load" if any("sparsify.load" in str(r.get("status", "")) for r in report["layers"]) else None
     load = (
         'import sparsify\nmodel = sparsify.load("OUT")  # the attention patterns need sparsify\'s runtime'

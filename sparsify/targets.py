@@ -40,10 +40,28 @@ def matches(fqn: str, module: nn.Module, pattern: re.Pattern[str] | str) -> bool
 
 
 @dataclass
+class TargetMatcher:
+    """Compiled ``targets``/``ignore``: resolves a pass's Linears in a layer as the layer is now, by name."""
+
+    patterns: list[re.Pattern[str] | str]
+    ignores: list[re.Pattern[str] | str]
+
+    def selects(self, fqn: str, module: nn.Module) -> bool:
+        if not is_linear(module) or any(matches(fqn, module, p) for p in self.ignores):
+            return False
+        return any(matches(fqn, module, p) for p in self.patterns)
+
+    def resolve(self, layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
+        found = ((f"{prefix}.{name}", m) for name, m in layer.named_modules() if name)
+        return {fqn: m for fqn, m in found if self.selects(fqn, m)}
+
+
+@dataclass
 class TargetSelection:
     """Per layer index, the matched Linears by fqn; and what matched but cannot be compressed."""
 
     per_layer: dict[int, dict[str, nn.Module]]
+    matcher: TargetMatcher
     outside_layers: list[str] = field(default_factory=list)
 
     @property
@@ -81,11 +99,10 @@ def select_targets(
     ignores = [_compile(t) for t in ignore]
     _check_each_matches(model, ignore, ignores, "ignore", linear_only=False)
     prefix = layers_path + "."
-    selection = TargetSelection(per_layer={i: {} for i in range(num_layers)})
+    matcher = TargetMatcher(patterns, ignores)
+    selection = TargetSelection(per_layer={i: {} for i in range(num_layers)}, matcher=matcher)
     for fqn, module in model.named_modules():
-        if not is_linear(module) or any(matches(fqn, module, p) for p in ignores):
-            continue
-        if not any(matches(fqn, module, p) for p in patterns):
+        if not matcher.selects(fqn, module):
             continue
         if not fqn.startswith(prefix):
             selection.outside_layers.append(fqn)

@@ -25,18 +25,18 @@ from pathlib import Path
 
 def _on_layer(action) -> None:
     """Call ``action(layer_index, call_number)`` whenever a pass compresses a layer."""
-    from sparsify.passes.base import LayerPass
+    from sparsify.passes import PASSES
 
-    for cls in LayerPass.__subclasses__():
-        original = cls.compress
+    for cls in {c for c in PASSES.values() if c.layerwise}:
+        original = cls.compress_layer
         calls = [0]
 
-        def compress(self, layer_index, targets, stats, _original=original, _calls=calls):
+        def compress_layer(self, work, _original=original, _calls=calls):
             _calls[0] += 1
-            action(layer_index, _calls[0])
-            return _original(self, layer_index, targets, stats)
+            action(work.index, _calls[0])
+            return _original(self, work)
 
-        cls.compress = compress
+        cls.compress_layer = compress_layer
 
 
 class _SignalInFinalizer:

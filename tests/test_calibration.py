@@ -35,7 +35,8 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
     captured = runner._capture()
     targets = {f"model.layers.0.{n}": layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj",
                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
-    stats = runner._collect(layer, targets, captured.hidden, captured.calls[0], hessian=True)
+    needs = {"hessian", "sq_norm", "sum", "abs_max", "active_count"}
+    stats = runner.collect(layer, targets, needs, captured.hidden, captured.calls[0])
 
     inputs: dict[str, list[torch.Tensor]] = {k: [] for k in targets}
     handles = [m.register_forward_hook(lambda _m, a, _o, k=k: inputs[k].append(a[0])) for k, m in targets.items()]
@@ -45,11 +46,15 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
         h.remove()
     for fqn in targets:
         X = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[fqn]])  # (N, in)
-        torch.testing.assert_close(stats[fqn].hessian, X.T @ X, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(stats[fqn].sq_norm, X.pow(2).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats[fqn]["hessian"], X.T @ X, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(stats[fqn]["sq_norm"], X.pow(2).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats[fqn]["sum"], X.sum(0), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(stats[fqn]["abs_max"], X.abs().amax(0), rtol=0, atol=0)
+        torch.testing.assert_close(stats[fqn]["active_count"], (X > 0).sum(0).float(), rtol=0, atol=0)
         assert stats[fqn].tokens == X.shape[0]
     q, k, g, u = (
         stats[f"model.layers.0.{n}"] for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")
     )
     assert q is k and g is u  # one accumulator per distinct input
     assert stats["model.layers.0.self_attn.o_proj"] is not q
+    assert set(q.values) == needs  # exactly what was asked for, nothing else

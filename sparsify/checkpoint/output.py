@@ -168,6 +168,54 @@ def _lock(folder: Path) -> int | None:
 
 
 @dataclass
+class StageState:
+    """What ``--resume`` needs of one stage of a run (a sweep of layer passes): its finished layers, the
+    calibration activations entering the next one, its shard plan, and whether it is complete."""
+
+    dir: Path
+    resumed: bool
+
+    def __post_init__(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def layers(self) -> LayerFiles:
+        return LayerFiles(self.dir / "layers")
+
+    def checkpoint(self, next_layer: int, hidden: list[Tensor], dense: list[Tensor] | None) -> None:
+        """Record that layers before ``next_layer`` are done and the calibration activations entering it."""
+        tensors = {f"hidden.{i}": h for i, h in enumerate(hidden)}
+        tensors.update({f"dense.{i}": h for i, h in enumerate(dense or [])})
+        save_tensors(tensors, self.dir / "hidden.safetensors")
+        write_json(self.dir / "progress.json", {"next_layer": next_layer, "batches": len(hidden)})
+
+    def progress(self) -> int:
+        path = self.dir / "progress.json"
+        return int(json.loads(path.read_text())["next_layer"]) if path.is_file() else 0
+
+    def resume_point(self) -> tuple[int, list[Tensor], list[Tensor] | None] | None:
+        """``(next layer, hidden states entering it, the dense path's)`` of an earlier run, if any."""
+        from safetensors.torch import load_file
+
+        path = self.dir / "progress.json"
+        if not self.resumed or not path.is_file():
+            return None
+        progress = json.loads(path.read_text())
+        n = int(progress["batches"])
+        tensors = load_file(str(self.dir / "hidden.safetensors")) if n else {}
+        hidden = [tensors[f"hidden.{i}"] for i in range(n)]
+        dense = [tensors[f"dense.{i}"] for i in range(n)] if "dense.0" in tensors else None
+        return int(progress["next_layer"]), hidden, dense
+
+    @property
+    def complete(self) -> bool:
+        return self.resumed and (self.dir / "complete").is_file()
+
+    def mark_complete(self) -> None:
+        write_json(self.dir / "complete", {"complete": True})
+
+
+@dataclass
 class Partial:
     """The locked folder a run builds its output in; ``state`` holds what ``--resume`` needs."""
 
@@ -182,36 +230,16 @@ class Partial:
     def state(self) -> Path:
         return self.dir / STATE_DIR
 
-    @property
-    def layers(self) -> LayerFiles:
-        return LayerFiles(self.state / "layers")
-
-    # ------------------------------------------------------------------ resume state
-
-    def checkpoint(self, next_layer: int, hidden: list[Tensor], dense: list[Tensor] | None) -> None:
-        """Record that layers before ``next_layer`` are done and the calibration activations entering it."""
-        tensors = {f"hidden.{i}": h for i, h in enumerate(hidden)}
-        tensors.update({f"dense.{i}": h for i, h in enumerate(dense or [])})
-        save_tensors(tensors, self.state / "hidden.safetensors")
-        write_json(self.state / "progress.json", {"next_layer": next_layer, "batches": len(hidden)})
+    def stage(self, index: int) -> StageState:
+        return StageState(self.state / f"stage-{index}", self.resumed)
 
     def progress(self) -> int:
-        path = self.state / "progress.json"
-        return int(json.loads(path.read_text())["next_layer"]) if path.is_file() else 0
-
-    def resume_point(self) -> tuple[int, list[Tensor], list[Tensor] | None] | None:
-        """``(next layer, hidden states entering it, the dense path's)`` of an earlier run, if any."""
-        from safetensors.torch import load_file
-
-        path = self.state / "progress.json"
-        if not self.resumed or not path.is_file():
-            return None
-        progress = json.loads(path.read_text())
-        tensors = load_file(str(self.state / "hidden.safetensors"))
-        n = int(progress["batches"])
-        hidden = [tensors[f"hidden.{i}"] for i in range(n)]
-        dense = [tensors[f"dense.{i}"] for i in range(n)] if "dense.0" in tensors else None
-        return int(progress["next_layer"]), hidden, dense
+        """Layers finished across stages (0: nothing worth keeping for a resume)."""
+        done = 0
+        for d in self.state.glob("stage-*"):
+            stage = StageState(d, True)
+            done += stage.progress() or (1 if stage.complete else 0)
+        return done
 
     # ------------------------------------------------------------------ ending
 

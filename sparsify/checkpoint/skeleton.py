@@ -38,6 +38,25 @@ class KeyMap:
                 raise SparsifyError(f"checkpoint tensors {self.to_ckpt[name]} and {key} both load into {name}")
             self.to_ckpt[name] = key
 
+    def output_key(self, name: str) -> str:
+        """The checkpoint key for model parameter ``name``: its input key, or for a new tensor (a bias a
+        pass added) the name under the checkpoint's prefix convention (``bert.`` added or not)."""
+        if name in self.to_ckpt:
+            return self.to_ckpt[name]
+        add, strip = self._prefix_rule()
+        return add + name.removeprefix(strip)
+
+    def _prefix_rule(self) -> tuple[str, str]:
+        """``(added, stripped)``: how checkpoint keys differ from model names, read off the dotted pairs."""
+        for name, key in self.to_ckpt.items():
+            if key == name:
+                continue
+            if key.endswith("." + name):
+                return key[: -len(name)], ""
+            if name.endswith("." + key):
+                return "", name[: -len(key)]
+        return "", ""
+
     def require(self, names: list[str]) -> list[str]:
         missing = [n for n in names if n not in self.to_ckpt]
         if missing:

@@ -1,31 +1,25 @@
-"""Registry of pass types by name: the YAML ``type`` key selects the class."""
+"""The pass registry: each module registers its pass under the YAML ``type`` (``@register("prune")``).
+
+The modules are imported here, explicitly (no package walking); importing :mod:`sparsify.passes`
+therefore fills :data:`PASSES`, and :data:`CONFIGS` is what the recipe schema accepts.
+"""
 
 from __future__ import annotations
 
-from sparsify.passes.attention import AttentionConfig, AttentionPass
-from sparsify.passes.base import ConfigPass, LayerPass, PassConfig
-from sparsify.passes.prune import PruneConfig, PrunePass
+from sparsify.passes import attention, prune, structured  # noqa: F401 - registration
+from sparsify.passes.base import PASSES, Pass, PassConfig, register
 
-PASSES: dict[str, type[LayerPass] | type[ConfigPass]] = {"prune": PrunePass, "attention": AttentionPass}
-CONFIGS: tuple[type[PassConfig], ...] = (PruneConfig, AttentionConfig)
+CONFIGS: tuple[type[PassConfig], ...] = tuple(cls.config_cls for cls in PASSES.values())
 
 
-def build_pass(config: PassConfig, index: int, stages: list[tuple[str, ...]] | None = None) -> LayerPass | ConfigPass:
-    return PASSES[config.type](config, index, stages)
+def build_pass(config: PassConfig, index: int, arch=None) -> Pass:
+    """The pass a recipe step describes; ``arch`` is the model's architecture-table entry (or None)."""
+    return PASSES[config.type].build(config, index, arch)
 
 
 def is_layer_pass(config: PassConfig) -> bool:
-    return issubclass(PASSES[config.type], LayerPass)
+    """Whether the step runs inside the layer-wise loop (a structured prune does; an attention swap does not)."""
+    return PASSES[config.type].layerwise
 
 
-__all__ = [
-    "CONFIGS",
-    "PASSES",
-    "AttentionConfig",
-    "ConfigPass",
-    "LayerPass",
-    "PassConfig",
-    "PruneConfig",
-    "build_pass",
-    "is_layer_pass",
-]
+__all__ = ["CONFIGS", "PASSES", "Pass", "PassConfig", "build_pass", "is_layer_pass", "register"]

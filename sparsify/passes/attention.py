@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from sparsify.algorithms.attention_masks import LayerPattern, attention_fraction, pattern_mask
 from sparsify.arch import lookup, supported_list
 from sparsify.errors import SparsifyError
-from sparsify.passes.base import ConfigPass, PassConfig
+from sparsify.passes.base import Pass, PassConfig, register
 from sparsify.runtime import CONFIG_KEY, unwrap_config, wrap_config
 
 FLOPS_AT = 4096  # sequence length at which the report states the attention-FLOPs fraction
@@ -72,6 +72,16 @@ class AttentionConfig(PassConfig):
         return LayerPattern(self.pattern, window=self.window, sinks=self.sinks)
 
 
+def _shape(p: LayerPattern) -> str:
+    """A pattern's size for the report: window and sinks, or block layout."""
+    if p.block_size:
+        extra = [f"{n} {k}" for k, n in (("global", p.global_blocks), ("random", p.random_blocks)) if n]
+        return f"block {p.block_size}" + (f", {', '.join(extra)}" if extra else "")
+    if p.window:
+        return f"window {p.window}" + (f" + {p.sinks} sinks" if p.sinks else "")
+    return "—"
+
+
 @functools.lru_cache(maxsize=64)
 def _fraction(p: LayerPattern, length: int, causal: bool) -> float:
     """Attended (query, key) pairs relative to dense attention at ``length`` tokens."""
@@ -98,9 +108,50 @@ def layer_types(num_layers: int, global_every: int) -> list[str]:
     ]
 
 
-class AttentionPass(ConfigPass):
+@register("attention")
+class AttentionPass(Pass):
+    """Rewrites the config's attention pattern; weights pass through unchanged."""
+
     config_cls = AttentionConfig
     config: AttentionConfig
+    layerwise = False
+    eval_lengths = (512, 2048)  # a pattern shows at contexts longer than its window
+    kind = "attention"
+    title = "Attention, per layer"
+    columns = (
+        ("name", "layer", "text"),
+        ("pattern", "pattern", "text"),
+        ("shape", "shape", "text"),
+        ("flops_fraction", "FLOPs vs dense", "pct"),
+        ("status", "status", "text"),
+    )
+
+    def __init__(self, config: AttentionConfig, index: int, arch=None):
+        super().__init__(config, index, arch)
+        self._records: list[dict[str, Any]] = []
+        self._notes: list[str] = []
+
+    def edit_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        new, self._records, self._notes = self.apply(cfg)
+        return new
+
+    def config_records(self) -> list[dict[str, Any]]:
+        return self._records
+
+    def notes(self) -> list[str]:
+        return self._notes
+
+    @classmethod
+    def summary(cls, records: list[dict[str, Any]]) -> list[tuple[str, str, str | None, Any]]:
+        changed = [r for r in records if r["pattern"] != "full"]
+        if not records or not changed:
+            return []
+        mean = sum(r["flops_fraction"] for r in records) / len(records)
+        text = (
+            f"{len(changed)}/{len(records)} layers {changed[0]['pattern']} ({changed[0]['shape']}),"
+            f" {mean:.1%} of dense attention FLOPs at {records[0]['flops_at']} tokens, {records[0]['status']}"
+        )
+        return [("attention", text, "attention_flops_fraction", mean)]
 
     def describe(self) -> str:
         c = self.config
@@ -111,7 +162,8 @@ class AttentionPass(ConfigPass):
         extra = f", 1 in {c.global_every} layers full" if c.global_every else ""
         return f"attention {c.pattern} {shape}{extra}"
 
-    def apply(self, cfg: dict[str, Any], layers_path: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    def apply(self, cfg: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        """The new config dict, one report record per layer, and notes."""
         c = self.config
         notes: list[str] = []
         if CONFIG_KEY in cfg:
@@ -149,7 +201,8 @@ class AttentionPass(ConfigPass):
         length = min(FLOPS_AT, positions or FLOPS_AT)
         records = [
             {
-                "name": f"{layers_path}.{i}",
+                "kind": self.kind,
+                "name": f"{arch.layers}.{i}",
                 "layer": i,
                 "pass": self.index,
                 "method": "attention",
@@ -159,6 +212,7 @@ class AttentionPass(ConfigPass):
                 "block_size": p.block_size,
                 "global_blocks": p.global_blocks if p.block_size else None,
                 "random_blocks": p.random_blocks if p.block_size else None,
+                "shape": _shape(p),
                 "flops_fraction": _fraction(p, length, arch.causal),
                 "flops_at": length,
                 "status": status,

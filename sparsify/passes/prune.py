@@ -1,4 +1,5 @@
-"""Unstructured and N:M pruning: magnitude, Wanda, RIA and SparseGPT, with an optional OWL profile.
+"""Pruning: unstructured and N:M (magnitude, Wanda, RIA, SparseGPT, optional OWL profile) here, and
+structured (channels, heads, whole layers) in :mod:`sparsify.passes.structured`, behind one ``type: prune``.
 
 ```yaml
 - type: prune
@@ -7,6 +8,11 @@
   pattern: "2:4"           # unstructured | N:M
   profile: uniform         # uniform | owl (unstructured only)
   targets: ["re:.*(q|k|v|o|gate|up|down)_proj"]
+- type: prune
+  structured: channels     # channels | heads | layers
+  ratio: 0.25              # channels/heads: fraction removed
+  metric: flap             # magnitude | wanda | flap (channels/heads); block-influence | angular (layers)
+  bias_compensation: true
 ```
 """
 
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -31,12 +37,20 @@ from sparsify.algorithms import (
     unstructured_mask,
     wanda_scores,
 )
-from sparsify.calibration import LayerwiseRunner, LinearStats
 from sparsify.errors import SparsifyError
 from sparsify.modules import in_features, set_weight_matrix, weight_matrix
-from sparsify.passes.base import LayerPass, LayerPassConfig
+from sparsify.passes.base import LayerPassConfig, Pass, register
+from sparsify.statistics import InputStats
+
+if TYPE_CHECKING:
+    from sparsify.arch import Arch
+    from sparsify.calibration import LayerwiseRunner, LayerWork
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+STRUCTURED_METRICS = {"channels": ("magnitude", "wanda", "flap"), "heads": ("magnitude", "wanda", "flap"),
+                      "layers": ("block-influence", "angular")}  # fmt: skip
+UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "profile", "owl_threshold", "owl_lambda", "blocksize",
+                     "dampening", "dense_targets", "sequential")  # fmt: skip
 
 
 class PruneConfig(LayerPassConfig):
@@ -54,9 +68,24 @@ class PruneConfig(LayerPassConfig):
     dense_targets: bool = Field(
         False, description="SparseGPT: reconstruct the dense model's outputs, correcting upstream pruning error"
     )
+    structured: Literal["channels", "heads", "layers"] | None = Field(
+        None, description="remove whole FFN channels, attention heads (KV groups) or layers instead"
+    )
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="channels/heads: fraction removed")
+    remove: int | None = Field(None, ge=1, description="layers: how many to remove")
+    metric: str | None = Field(None, description="structured importance metric")
+    bias_compensation: bool = Field(False, description="fold removed channels' mean output into the bias (FLAP)")
+    multiple_of: int = Field(8, ge=1, description="channels: kept width rounded to a multiple of this")
 
     @model_validator(mode="after")
     def _check(self) -> PruneConfig:
+        if self.structured is not None:
+            return self._check_structured()
+        for key in ("ratio", "remove", "metric"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to structured pruning (structured: channels|heads|layers)")
+        if self.bias_compensation:
+            raise ValueError("bias_compensation applies to structured pruning of channels or heads")
         if self.pattern != "unstructured":
             match = _NM.match(self.pattern)
             if not match:
@@ -77,6 +106,30 @@ class PruneConfig(LayerPassConfig):
             raise ValueError("dense_targets and sequential cannot be combined yet")
         return self
 
+    def _check_structured(self) -> PruneConfig:
+        given = sorted(k for k in UNSTRUCTURED_ONLY if k in self.model_fields_set)
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to unstructured pruning, not structured {self.structured}")
+        metrics = STRUCTURED_METRICS[self.structured]
+        if self.metric is not None and self.metric not in metrics:
+            raise ValueError(f"metric for structured {self.structured} must be one of {', '.join(metrics)}")
+        if self.structured == "layers":
+            if self.remove is None:
+                raise ValueError("structured layers needs remove (how many layers)")
+            if self.ratio is not None or self.bias_compensation:
+                raise ValueError("structured layers takes remove, not ratio or bias_compensation")
+        else:
+            if self.ratio is None:
+                raise ValueError(f"structured {self.structured} needs a ratio in [0, 1)")
+            if self.remove is not None:
+                raise ValueError(f"remove applies to structured layers, not {self.structured}")
+        return self
+
+    @property
+    def structured_metric(self) -> str:
+        assert self.structured is not None
+        return self.metric or ("block-influence" if self.structured == "layers" else "wanda")
+
     @property
     def nm(self) -> tuple[int, int] | None:
         match = _NM.match(self.pattern)
@@ -88,21 +141,47 @@ class PruneConfig(LayerPassConfig):
         return 1 - nm[0] / nm[1] if nm else float(self.sparsity or 0.0)
 
 
-class PrunePass(LayerPass):
+@register("prune")
+class PrunePass(Pass):
+    """Unstructured or N:M pruning of the target Linears (zeros stored dense)."""
+
     config_cls = PruneConfig
     config: PruneConfig
+    kind = "prune"
+    title = "Pruning, per Linear"
+    columns = (
+        ("name", "Linear", "text"),
+        ("shape", "shape", "shape"),
+        ("method", "method", "text"),
+        ("pattern", "pattern", "text"),
+        ("sparsity", "sparsity", "pct"),
+        ("rel_error", "rel. error", "err"),
+        ("seconds", "time", "s"),
+        ("status", "status", "text"),
+    )
 
-    def __init__(self, config: PruneConfig, index: int, stages: list[tuple[str, ...]] | None = None):
-        super().__init__(config, index, stages)
-        self.needs_data = config.method != "magnitude"  # type: ignore[misc]
-        self.needs_hessian = config.method == "sparsegpt"
+    @classmethod
+    def build(cls, config: PruneConfig, index: int, arch: Arch | None = None) -> Pass:  # type: ignore[override]
+        if config.structured is not None:
+            from sparsify.passes.structured import StructuredPrunePass
+
+            return StructuredPrunePass(config, index, arch)
+        return cls(config, index, arch)
+
+    def __init__(self, config: PruneConfig, index: int, arch: Arch | None = None):
+        super().__init__(config, index, arch)
+        method = config.method
+        self.needs = (
+            frozenset() if method == "magnitude" else frozenset({"hessian" if method == "sparsegpt" else "sq_norm"})
+        )
         self.needs_dense_path = config.dense_targets
         self.layer_sparsity: list[float] | None = None  # set by OWL
+        self.outlier_ratios: list[float] | None = None
 
     def describe(self) -> str:
         c = self.config
-        amount = c.pattern if c.nm else f"{c.target_sparsity:.0%}"
-        return f"prune {c.method} {amount}" + (" owl" if c.profile == "owl" else "")
+        amount = c.pattern if c.nm else f"{c.target_sparsity:.0%} unstructured"
+        return f"prune {c.method} {amount}" + (" (OWL)" if c.profile == "owl" else "")
 
     def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
         """Refuse a sparsity that rounds a whole row of some target to zero (no method then keeps anything)."""
@@ -126,25 +205,51 @@ class PrunePass(LayerPass):
             return
         threshold = self.config.owl_threshold
 
-        def layer_ratio(_i: int, layer_targets: dict[str, nn.Module], stats: dict[str, LinearStats]) -> float:
-            scores = [wanda_scores(weight_matrix(m).float(), stats[f].sq_norm) for f, m in layer_targets.items()]
+        def layer_ratio(work: LayerWork, _outputs: list[torch.Tensor]) -> float:
+            scores = [wanda_scores(weight_matrix(m).float(), work.stats[f]["sq_norm"]) for f, m in work.targets.items()]
             return outlier_ratio(scores, threshold) if scores else 0.0
 
-        ratios = runner.observe(targets, layer_ratio, "OWL outlier statistics")
+        def layer_targets(i: int, layer: nn.Module) -> dict[str, nn.Module]:
+            return targets[i]
+
+        ratios = runner.observe(layer_ratio, "OWL outlier statistics", layer_targets, {"sq_norm"})
         self.outlier_ratios = ratios
         self.layer_sparsity = owl_layer_sparsities(ratios, self.config.target_sparsity, self.config.owl_lambda)
 
-    def compress(
-        self, layer_index: int, targets: dict[str, nn.Module], stats: dict[str, LinearStats]
-    ) -> list[dict[str, Any]]:
+    def notes(self) -> list[str]:
+        if self.layer_sparsity is None or self.outlier_ratios is None:
+            return []
+        sparsities = ", ".join(f"{s:.3f}" for s in self.layer_sparsity)
+        ratios = ", ".join(f"{r:.4f}" for r in self.outlier_ratios)
+        return [f"pass {self.index}: OWL layer sparsities {sparsities} (outlier ratios {ratios})"]
+
+    @classmethod
+    def summary(cls, records: list[dict[str, Any]]) -> list[tuple[str, str, str | None, Any]]:
+        pruned = list({r["name"]: r for r in records if r.get("status") == "pruned"}.values())  # last pass per Linear
+        params = sum(r["shape"][0] * r["shape"][1] for r in pruned)
+        zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pruned)
+        sparsity = zeros / params if params else 0.0
+        rows = [
+            ("target Linears", f"{len(pruned)} pruned", "target_linears", len(pruned)),
+            ("target sparsity", f"{sparsity:.1%}", "target_sparsity", sparsity),
+            ("", "", "target_parameters", params),
+        ]
+        skipped = sorted({r["name"] for r in records if str(r.get("status", "")).startswith("skipped")})
+        if skipped:
+            rows.append(("skipped Linears", f"{len(skipped)}, see their status: {', '.join(skipped[:5])}", None, None))
+        return rows
+
+    def compress_layer(self, work: LayerWork) -> list[dict[str, Any]]:
         c = self.config
         nm = c.nm
+        layer_index, targets, stats = work.index, work.targets, work.stats
         sparsity = self.layer_sparsity[layer_index] if self.layer_sparsity else c.target_sparsity
         records = []
         for fqn, module in targets.items():
             t0 = time.perf_counter()
             W = weight_matrix(module).float()  # (out, in)
             record: dict[str, Any] = {
+                "kind": self.kind,
                 "name": fqn,
                 "layer": layer_index,
                 "pass": self.index,
@@ -168,17 +273,15 @@ class PrunePass(LayerPass):
         return records
 
     def _prune(
-        self, fqn: str, W: torch.Tensor, stats: LinearStats | None, sparsity: float, nm: tuple[int, int] | None
+        self, fqn: str, W: torch.Tensor, stats: InputStats | None, sparsity: float, nm: tuple[int, int] | None
     ) -> torch.Tensor:
         method = self.config.method
         if method == "magnitude":
             return W * magnitude_mask(W, sparsity, nm)
-        assert stats is not None  # the loop collects statistics for every data-driven pass
-        if stats.tokens == 0:
+        if stats is None or stats.tokens == 0:
             raise SparsifyError(f"{fqn}: saw no calibration tokens")
         if method == "sparsegpt":
-            assert stats.hessian is not None
-            H = stats.hessian / stats.tokens
+            H = stats.mean("hessian")
             try:
                 if stats.cross is not None:
                     W = dense_output_target(W, stats.cross / stats.tokens, H, self.config.dampening)
@@ -189,6 +292,6 @@ class PrunePass(LayerPass):
                 raise SparsifyError(f"{fqn}: {e}") from e
             return W_new
         scorer = wanda_scores if method == "wanda" else ria_scores
-        scores = scorer(W, stats.sq_norm / stats.tokens)  # (out, in)
+        scores = scorer(W, stats.mean("sq_norm"))  # (out, in)
         keep = nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, "row")
         return W * keep

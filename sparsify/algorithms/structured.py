@@ -1,0 +1,101 @@
+"""Structured pruning maths: importance of FFN channels, attention head groups and whole layers.
+
+Channels are the FFN's intermediate neurons; a neuron ``j`` is row ``j`` of each input projection
+(gate/up, fc1) and column ``j`` of the output projection (down, fc2), whose input feature ``j`` is the
+neuron's activation ``x_j``. A head group is one KV head with the query heads that share it (one head
+under multi-head attention): rows of q/k/v, and a block of ``head_dim`` columns of the output projection.
+
+- ``magnitude``: the squared weights of the channel's (group's) rows and columns (LLM-Pruner's element
+  magnitude, Ma et al. 2023).
+- ``wanda``: ``sum_i |W_out[i, j]| * ||x_j||`` (Wanda's score, Sun et al. 2024, summed over the channel).
+- ``flap``: the fluctuation ``Var(x_j) * ||W_out[:, j]||^2`` (FLAP, An et al. 2024): a channel whose
+  input barely varies carries information that a bias can replace — :func:`bias_compensation`.
+- layers: ShortGPT's block influence ``1 - E[cos(h_in, h_out)]`` (Men et al. 2024) and the angular
+  distance ``arccos(cos(h_l, h_{l+n})) / pi`` between a block of ``n`` layers' input and output
+  (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def channel_scores(
+    metric: str,
+    W_in: list[Tensor],
+    W_out: Tensor,
+    sq_mean: Tensor | None = None,
+    mean: Tensor | None = None,
+) -> Tensor:
+    """Importance of each of ``I`` channels, ``(I,)``.
+
+    ``W_in``: the input projections, each ``(I, hidden)``; ``W_out``: the output projection ``(hidden, I)``;
+    ``sq_mean``/``mean``: ``E[x_j^2]`` and ``E[x_j]`` of the output projection's inputs (data metrics).
+    """
+    W_out = W_out.float()
+    if metric == "magnitude":
+        return sum(W.float().pow(2).sum(1) for W in W_in) + W_out.pow(2).sum(0)
+    if sq_mean is None:
+        raise ValueError(f"metric {metric} needs calibration statistics")
+    if metric == "wanda":
+        return (W_out.abs() * sq_mean.float().clamp(min=0).sqrt()).sum(0)
+    if metric == "flap":
+        if mean is None:
+            raise ValueError("metric flap needs the mean input")
+        var = (sq_mean.float() - mean.float().pow(2)).clamp(min=0)  # (I,)
+        return var * W_out.pow(2).sum(0)
+    raise ValueError(f"unknown channel metric {metric!r}")
+
+
+def group_scores(channel: Tensor, group_size: int) -> Tensor:
+    """Sum channel scores ``(G * group_size,)`` over consecutive groups: ``(G,)``."""
+    return channel.reshape(-1, group_size).sum(1)
+
+
+def keep_top(scores: Tensor, keep: int) -> Tensor:
+    """Indices of the ``keep`` highest scores, in ascending index order (the kept layout stays in order)."""
+    if not 0 < keep <= scores.numel():
+        raise ValueError(f"cannot keep {keep} of {scores.numel()}")
+    return torch.topk(scores.float(), keep).indices.sort().values
+
+
+def kept_width(width: int, ratio: float, multiple_of: int) -> int:
+    """``width * (1 - ratio)`` rounded to the nearest multiple of ``multiple_of`` (at least one multiple, at most ``width``)."""
+    target = width * (1.0 - ratio)
+    rounded = round(target / multiple_of) * multiple_of
+    return max(min(rounded, width), min(multiple_of, width))
+
+
+def bias_compensation(W_out: Tensor, mean: Tensor, removed: Tensor) -> Tensor:
+    """What the removed inputs contributed on average: ``W_out[:, removed] @ E[x_removed]``, ``(hidden,)``.
+
+    Added to the output projection's bias it keeps the layer's mean output (exactly, for inputs that are
+    constant over the calibration data).
+    """
+    return W_out.float()[:, removed] @ mean.float()[removed]
+
+
+def block_influence(h_in: Tensor, h_out: Tensor) -> float:
+    """ShortGPT's BI of a layer: ``1 - mean_t cos(h_in_t, h_out_t)``; ``h: (tokens, hidden)``."""
+    return float(1.0 - torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean())
+
+
+def angular_distance(h_a: Tensor, h_b: Tensor) -> float:
+    """Mean angular distance ``arccos(cos(h_a, h_b)) / pi`` over tokens; ``h: (tokens, hidden)``."""
+    cos = torch.nn.functional.cosine_similarity(h_a.float(), h_b.float(), dim=-1).clamp(-1.0, 1.0)
+    return float(torch.arccos(cos).mean() / math.pi)
+
+
+def layers_to_remove(metric: str, scores: list[float], n: int) -> list[int]:
+    """``block-influence``: the ``n`` layers of least influence (``scores[l]`` = BI of layer ``l``).
+    ``angular``: the block of ``n`` consecutive layers starting where ``scores[l]`` (the distance between
+    layer ``l``'s input and layer ``l + n - 1``'s output) is smallest."""
+    if metric == "block-influence":
+        return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:n])
+    if metric == "angular":
+        start = min(range(len(scores)), key=lambda i: scores[i])
+        return list(range(start, start + n))
+    raise ValueError(f"unknown layer metric {metric!r}")

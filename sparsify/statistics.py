@@ -1,0 +1,150 @@
+"""What a pass can ask the calibration loop to measure about a target Linear's inputs ``X: (N, in)``.
+
+A pass declares the statistics it needs by name (``needs = {"sq_norm", "hessian"}``); the loop gathers
+only those, once per distinct input tensor (q/k/v after one norm share one set), and hands each pass
+an :class:`InputStats` per Linear. A pass with an unusual need registers its own :class:`Stat`
+(``custom_stats``). All accumulate in float32 on the calibration device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class Stat:
+    """An accumulator over calibration tokens; ``value()`` is the raw accumulated tensor."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        self.n_in, self.device = n_in, device
+
+    def add(self, X: Tensor) -> None:  # X: (N, in), float32
+        raise NotImplementedError
+
+    def value(self) -> Tensor:
+        raise NotImplementedError
+
+
+class SqNorm(Stat):
+    """``sum_t x_tj^2``, ``(in,)``: Wanda, RIA, OWL."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.acc = torch.zeros(n_in, device=device)
+
+    def add(self, X: Tensor) -> None:
+        self.acc += X.pow(2).sum(0)
+
+    def value(self) -> Tensor:
+        return self.acc
+
+
+class Sum(Stat):
+    """``sum_t x_tj``, ``(in,)``: the mean input (FLAP's fluctuation and bias compensation)."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.acc = torch.zeros(n_in, device=device)
+
+    def add(self, X: Tensor) -> None:
+        self.acc += X.sum(0)
+
+    def value(self) -> Tensor:
+        return self.acc
+
+
+class Hessian(Stat):
+    """``X^T X``, ``(in, in)``: SparseGPT, GPTQ."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.acc = torch.zeros(n_in, n_in, device=device)
+
+    def add(self, X: Tensor) -> None:
+        self.acc.addmm_(X.T, X)
+
+    def value(self) -> Tensor:
+        return self.acc
+
+
+class AbsMax(Stat):
+    """``max_t |x_tj|``, ``(in,)``: SmoothQuant's migration strength, activation ranges."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.acc = torch.zeros(n_in, device=device)
+
+    def add(self, X: Tensor) -> None:
+        torch.maximum(self.acc, X.abs().amax(0), out=self.acc)
+
+    def value(self) -> Tensor:
+        return self.acc
+
+
+class ActiveCount(Stat):
+    """``sum_t [x_tj > 0]``, ``(in,)``: how often each input (an FFN neuron, at the down projection) fires."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.acc = torch.zeros(n_in, device=device)
+
+    def add(self, X: Tensor) -> None:
+        self.acc += (X > 0).sum(0, dtype=torch.float32)
+
+    def value(self) -> Tensor:
+        return self.acc
+
+
+STATS: dict[str, Callable[[int, torch.device], Stat]] = {
+    "sq_norm": SqNorm,
+    "sum": Sum,
+    "hessian": Hessian,
+    "abs_max": AbsMax,
+    "active_count": ActiveCount,
+}
+
+
+@dataclass
+class InputStats:
+    """One Linear's input statistics: ``tokens`` seen and each requested statistic by name."""
+
+    tokens: int = 0
+    values: dict[str, Stat] = field(default_factory=dict)
+    cross: Tensor | None = None  # (in, in) X_dense^T X, when a pass fits the dense model's outputs
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.values[name].value()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def mean(self, name: str) -> Tensor:
+        """A statistic divided by the token count (``sq_norm`` → mean of squares, ``hessian`` → ``X^T X / N``)."""
+        return self[name] / max(self.tokens, 1)
+
+    def add(self, x: Tensor, x_dense: Tensor | None = None) -> None:
+        X = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        for stat in self.values.values():
+            stat.add(X)
+        if self.cross is not None and x_dense is not None:
+            self.cross.addmm_(x_dense.reshape(-1, x.shape[-1]).float().T, X)
+        self.tokens += X.shape[0]
+
+    @classmethod
+    def empty(
+        cls,
+        n_in: int,
+        names: set[str],
+        device: torch.device,
+        cross: bool = False,
+        custom: dict[str, Callable[[int, torch.device], Stat]] | None = None,
+    ) -> InputStats:
+        factories = {**STATS, **(custom or {})}
+        unknown = sorted(set(names) - set(factories))
+        if unknown:
+            raise KeyError(f"unknown statistic(s) {unknown}; known: {sorted(factories)}")
+        values = {name: factories[name](n_in, device) for name in sorted(names)}
+        return cls(values=values, cross=torch.zeros(n_in, n_in, device=device) if cross else None)
