@@ -66,6 +66,12 @@ class Method(StrEnum):
     sparsegpt = "sparsegpt"
 
 
+class Structured(StrEnum):
+    channels = "channels"
+    heads = "heads"
+    layers = "layers"
+
+
 class Profile(StrEnum):
     uniform = "uniform"
     owl = "owl"
@@ -154,7 +160,7 @@ def _setup_logging(debug: bool) -> None:
         force=True,
     )
     logging.getLogger("sparsify").setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("transformers", "datasets", "huggingface_hub", "filelock", "urllib3", "fsspec"):
+    for noisy in ("transformers", "datasets", "huggingface_hub", "filelock", "urllib3", "fsspec", "torch"):
         # CRITICAL: their own error lines would repeat ours (sparsify turns each failure into one line)
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.CRITICAL)
     if not debug:
@@ -337,16 +343,28 @@ def _written_by(output: Path, run_id: str) -> bool:
 
 
 @app.command(
-    epilog="Example: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4",
+    epilog="Examples: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4;"
+    " sparsify prune ./model -o ./model-ffn80 --structured channels --ratio 0.2 --metric flap --bias-compensation",
 )
 @handle_errors
 def prune(
     model: ModelArg,
     output: OutOpt,
-    method: Annotated[Method, typer.Option(help="importance score / solver")] = Method.wanda,
+    method: Annotated[Method | None, typer.Option(help="importance score / solver [default: wanda]")] = None,
     sparsity: Annotated[float | None, typer.Option(help="fraction of weights zeroed (unstructured)")] = None,
-    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M, e.g. 2:4")] = "unstructured",
-    sparsity_profile: Annotated[Profile, typer.Option(help="uniform, or OWL layer-wise sparsity")] = Profile.uniform,
+    pattern: Annotated[str | None, typer.Option(help="'unstructured' or N:M, e.g. 2:4")] = None,
+    sparsity_profile: Annotated[Profile | None, typer.Option(help="uniform, or OWL layer-wise sparsity")] = None,
+    structured: Annotated[
+        Structured | None, typer.Option(help="remove whole FFN channels, head groups or layers instead")
+    ] = None,
+    ratio: Annotated[float | None, typer.Option(help="structured channels/heads: fraction removed")] = None,
+    remove: Annotated[int | None, typer.Option(help="structured layers: how many to remove")] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="structured: magnitude|wanda|flap (channels, heads), block-influence|angular")
+    ] = None,
+    bias_compensation: Annotated[
+        bool, typer.Option(help="structured: fold removed channels' mean output into the bias (FLAP)")
+    ] = False,
     calib: CalibOpt = None,
     text_column: TextColumnOpt = None,
     samples: SamplesOpt = None,
@@ -365,19 +383,23 @@ def prune(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Prune a model's Linears (unstructured or N:M) with magnitude, Wanda, RIA or SparseGPT."""
-    step: dict[str, Any] = {
-        "type": "prune",
-        "method": method.value,
+    """Prune a model: unstructured or N:M (magnitude, Wanda, RIA, SparseGPT; zeros stored dense), or
+    structured (FFN channels, attention head groups, whole layers; physically removed, a smaller config)."""
+    step: dict[str, Any] = {"type": "prune"}
+    given = {
+        "method": method.value if method else None,
+        "sparsity": sparsity,
         "pattern": pattern,
-        "profile": sparsity_profile.value,
+        "profile": sparsity_profile.value if sparsity_profile else None,
+        "structured": structured.value if structured else None,
+        "ratio": ratio,
+        "remove": remove,
+        "metric": metric,
+        "bias_compensation": bias_compensation or None,
+        "targets": targets or None,
+        "ignore": ignore or None,
     }
-    if sparsity is not None:
-        step["sparsity"] = sparsity
-    if targets:
-        step["targets"] = targets
-    if ignore:
-        step["ignore"] = ignore
+    step.update({k: v for k, v in given.items() if v is not None})  # only what was asked for: the recipe checks
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
     opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
     _run(model, data, output, opts, json_out, "flags")

@@ -51,7 +51,19 @@ def load_causal_lm(
 
 
 def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool, device: str = "cpu") -> nn.Module:
-    """:func:`sparsify.runtime.load` in eval mode on ``device``, a transformers failure turned into one line."""
+    """:func:`sparsify.runtime.load` in eval mode on ``device``, a transformers failure turned into one line.
+
+    The checkpoint is checked first, as ``compress`` checks its input: transformers would fill a missing
+    or misshapen tensor with random weights and evaluate that.
+    """
+    from sparsify.arch import lookup
+    from sparsify.checkpoint import open_model, verify
+
+    md = open_model(path)
+    config = md.load_config(trust_remote_code)
+    arch = lookup(config.model_type)
+    verify(md.source, config, arch.layers if arch else None, arch.optional if arch else (), is_encoder(config.model_type),
+           trust_remote_code)  # fmt: skip
     try:
         model = load(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except SparsifyError:

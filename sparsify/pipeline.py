@@ -35,6 +35,7 @@ from sparsify.checkpoint import (
     TensorSource,
     assemble,
     build_skeleton,
+    check_layer_count,
     check_output,
     check_tensors,
     copy_aux_files,
@@ -442,6 +443,9 @@ class _Skeleton:
 
 def _skeleton(md: ModelDir, config, opts: Options) -> _Skeleton:
     """The model on the meta device, every tensor of the checkpoint checked against it."""
+    arch = lookup(config.model_type)
+    if arch is not None:
+        check_layer_count(md.source, arch.layers, int(config.num_hidden_layers))
     model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
     keymap = KeyMap(model, md.source)
     arch = lookup(config.model_type)
@@ -612,25 +616,29 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     t_start = time.perf_counter()
     md = open_model(model_path, opts.revision)
     reads = [Path(p) for p in (recipe.calibration.data, opts.eval_data) if p and not str(p).startswith("builtin:")]
+    if Path(model_path).expanduser().exists():  # a .gguf input is read too, not only its converted folder
+        reads.append(Path(model_path).expanduser())
     target = check_output(out, md.read_paths() + reads, md.path, opts.overwrite)
-    config = md.load_config(opts.trust_remote_code)
-    code_files = md.code_files()
-    encoder = is_encoder(config.model_type)
-    stages = _stages(recipe)
-    layered = any(s.layer_steps for s in stages)
-    recipe, context_notes = _fit_context(recipe, config) if layered else (recipe, [])
-    tokens, calib_name = None, None
-    if layered:
-        tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
-        tokens, calib_name = _calibration_tokens(recipe, tokenizer)
-    cfg = json.loads(md.config_path.read_text())
-    _dry_run(stages, md, cfg, opts)  # every config pass and plan checked before any work
-    all_passes = [build_pass(step, i, lookup(config.model_type)) for i, step in enumerate(recipe.passes)]
-    lengths, eval_notes = _eval_lengths(opts, all_passes, config)
 
-    with partial_output(
-        target, _run_info(md, recipe, tokens, opts), overwrite=opts.overwrite, resume=opts.resume
-    ) as work:
+    # The work folder is claimed (locked) first: a second run into OUT is refused from the start.
+    with partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=md.read_paths() + reads) as work:
+        config = md.load_config(opts.trust_remote_code)
+        if (arch := lookup(config.model_type)) is not None:  # before building a model of the size it claims
+            check_layer_count(md.source, arch.layers, int(config.num_hidden_layers))
+        code_files = md.code_files()
+        encoder = is_encoder(config.model_type)
+        stages = _stages(recipe)
+        layered = any(s.layer_steps for s in stages)
+        recipe, context_notes = _fit_context(recipe, config) if layered else (recipe, [])
+        tokens, calib_name = None, None
+        if layered:
+            tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
+            tokens, calib_name = _calibration_tokens(recipe, tokenizer)
+        cfg = json.loads(md.config_path.read_text())
+        _dry_run(stages, md, cfg, opts)  # every config pass and plan checked before any work
+        all_passes = [build_pass(step, i, lookup(config.model_type)) for i, step in enumerate(recipe.passes)]
+        lengths, eval_notes = _eval_lengths(opts, all_passes, config)
+        work.begin(_run_info(md, recipe, tokens, opts), opts.overwrite)
         eval_before = _perplexity(md.path, opts, lengths) if opts.eval_data is not None and not encoder else None
         records: list[dict[str, Any]] = []
         notes = md.notes + context_notes

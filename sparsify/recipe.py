@@ -67,17 +67,40 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         raise SparsifyError(format_validation_error(e, where)) from None
 
 
+MAX_RECIPE_NODES = 100_000  # values in a recipe once YAML aliases are expanded (real recipes have dozens)
+
+
 def read_recipe_data(path: str | Path) -> Any:
     """The recipe file's YAML, unvalidated (callers may apply overrides before :func:`parse_recipe`)."""
     p = Path(path)
     if not p.is_file():
         raise SparsifyError(f"recipe not found: {p}")
     try:
-        return yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SparsifyError(f"{p.name}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if _expanded_size(data, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise SparsifyError(
+            f"{p.name}: more than {MAX_RECIPE_NODES:,} values once its YAML aliases are expanded; a recipe is a few"
+            " dozen (an alias bomb?)"
+        )
+    return data
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with shared (aliased) parts counted each time they appear, up to ``limit + 1``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return count
 
 
 def load_recipe(path: str | Path) -> Recipe:

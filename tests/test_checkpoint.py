@@ -121,7 +121,7 @@ def test_only_one_layer_is_materialized_at_a_time(model_dir, tmp_path, monkeypat
 
 def test_partial_output_leaves_nothing_on_failure(tmp_path):
     out = check_output(tmp_path / "a" / "b" / "out", [], None, overwrite=False)
-    with pytest.raises(RuntimeError), partial_output(out, {}) as work:
+    with pytest.raises(RuntimeError), partial_output(out) as work:
         (work.dir / "partial").write_text("x")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []  # the partial folder and the parents created for it are gone

@@ -315,3 +315,75 @@ def test_interrupt_after_the_output_is_in_place_says_so(capsys):
     e.finished = "OUT"
     assert _interrupted(e) == 129
     assert capsys.readouterr().err.strip() == "interrupted (SIGHUP) after OUT was written"
+
+
+# ------------------------------------------------------------------------------- found by probing
+
+
+@pytest.mark.parametrize("name", [".out.partial-new-mine", ".out.partial"])
+def test_a_model_named_like_the_work_folder_is_never_deleted(model_dir, tmp_path, name):
+    import shutil
+
+    model = tmp_path / name
+    shutil.copytree(model_dir("llama"), model)
+    before = _tree(model)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        r = run("prune", model, "-o", tmp_path / "out", *PRUNE, *extra)
+        assert_user_error(r, None, "work folder")
+    assert _tree(model) == before
+
+
+def test_a_stranger_folder_named_like_the_work_folder_is_left_alone(model_dir, tmp_path):
+    stranger = tmp_path / ".out.partial"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert_user_error(run("prune", model_dir("llama"), "-o", tmp_path / "out", *PRUNE, *extra), None, "in the way")
+    assert (stranger / "notes.txt").read_text() == "mine"
+    half = tmp_path / ".out.partial-new-abc"  # a stranger's folder with the name of a half-made work folder
+    half.mkdir()
+    (half / "keep.txt").write_text("mine")
+    stranger.rename(tmp_path / "elsewhere")
+    assert run("prune", model_dir("llama"), "-o", tmp_path / "out", *PRUNE).exit_code == 0
+    assert (half / "keep.txt").read_text() == "mine"
+
+
+def test_overlapping_runs_with_overwrite_also_end_with_one_success(deep, tmp_path):
+    """The work folder is locked from the start of a run, not only for its last steps."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    slow = [sys.executable, "-m", "tests.faults", "slow@0.5", "--", "prune", str(deep), "-o", str(out), *PRUNE]
+    first = subprocess.Popen([*slow, "--overwrite"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 120
+    while not (tmp_path / ".out.partial").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = _fault(
+        "count", "prune", deep, "-o", out, "--method", "magnitude", "--sparsity", "0.3", *FAST, "--overwrite"
+    )
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.returncode == 1 and "another sparsify run" in second.stderr
+    assert "wanda" in (out / "recipe.yaml").read_text()
+
+
+def test_signals_while_starting_and_after_finishing_are_one_line(model_dir, tmp_path):
+    """Before the command's handlers exist (imports) and after they are gone (interpreter shutdown)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "sparsify", "prune", str(model_dir("llama")), "-o", str(tmp_path / "o"), *PRUNE]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    import time
+
+    time.sleep(0.3)  # importing torch and transformers
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "interrupted (SIGTERM) no output was written", err
+    late = (
+        "import atexit, os, signal, time, sys; import sparsify.cli as c;"
+        "c.main = lambda: print('done');"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(2)));"
+        "from sparsify._entry import main; main()"
+    )
+    r = subprocess.run([sys.executable, "-c", late], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stdout == "done\n", r
+    assert r.stderr.strip() == "interrupted (SIGINT) after the command finished", r.stderr

@@ -194,12 +194,12 @@ def test_a_garbage_jsonl_calibration_file_is_one_line(model_dir, tmp_path):
 def test_a_yaml_alias_bomb_gives_a_short_line(model_dir, tmp_path):
     recipe = tmp_path / "bomb.yaml"
     lines = ["a: &a ['lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol']"]
-    for i, name in enumerate("bcdefgh"):
-        prev = "abcdefgh"[i]
+    for i, name in enumerate("bcd"):  # 9^4 values: under the expansion limit, so pydantic sees (and cuts) them
+        prev = "abcd"[i]
         lines.append(
             f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]"
         )
-    lines.append("passes: [{type: prune, method: wanda, sparsity: *h}]")
+    lines.append("passes: [{type: prune, method: wanda, sparsity: *d}]")
     recipe.write_text("\n".join(lines) + "\n")
     r = run("compress", model_dir("llama"), "-r", recipe, "-o", tmp_path / "out")
     assert_user_error(r, tmp_path / "out", "sparsity")
@@ -222,3 +222,27 @@ def test_loaded_output_still_works_with_plain_transformers(model_dir, tmp_path):
     out = tmp_path / "out"
     assert run("prune", model_dir("llama"), "-o", out, *PRUNE).exit_code == 0
     T.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_eval_checks_the_checkpoint_as_compress_does(model_dir, tmp_path):
+    bad = _copy(model_dir, "llama", tmp_path / "bad")
+    _edit(bad, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
+    assert_user_error(run("eval", bad, "--seq-len", "32"), None, "up_proj")
+    many = _copy(model_dir, "llama", tmp_path / "many")
+    cfg = json.loads((many / "config.json").read_text())
+    cfg["num_hidden_layers"] = 100_000
+    (many / "config.json").write_text(json.dumps(cfg))
+    for args in (["eval", many, "--seq-len", "32"], ["prune", many, "-o", tmp_path / "out", *PRUNE]):
+        assert_user_error(run(*args), None, "100000 layers", "holds 2")
+
+
+def test_a_ten_level_yaml_alias_bomb_is_refused_before_it_expands(model_dir, tmp_path):
+    lines = ["a: &a ['lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol']"]
+    for prev, name in zip("abcdefghi", "bcdefghij", strict=True):
+        lines.append(
+            f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]"
+        )
+    lines.append("passes: [{type: prune, method: wanda, sparsity: *j}]")
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    assert_user_error(run("compress", model_dir("llama"), "-r", recipe, "-o", tmp_path / "out"), None, "alias")

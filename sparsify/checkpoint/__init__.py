@@ -10,11 +10,13 @@ from sparsify.checkpoint.output import OutputPath, Partial, check_output, partia
 from sparsify.checkpoint.skeleton import (
     KeyMap,
     build_skeleton,
+    check_layer_count,
     check_tensors,
     materialize,
     release,
     set_tensor,
     tied_names,
+    verify,
 )
 from sparsify.checkpoint.source import (
     SAFE_DTYPES,
@@ -53,6 +55,7 @@ __all__ = [
     "assemble",
     "build_skeleton",
     "cache_dir",
+    "check_layer_count",
     "check_output",
     "check_tensors",
     "copy_aux_files",
@@ -65,5 +68,6 @@ __all__ = [
     "replace_dir",
     "set_tensor",
     "tied_names",
+    "verify",
     "write_shard",
 ]

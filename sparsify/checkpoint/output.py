@@ -112,9 +112,13 @@ def check_output(out: str | Path, reads: list[Path], model_dir: Path | None, ove
             raise SparsifyError(f"output {shown} is the model folder or inside it; choose another folder")
         if _is_within(m, r):
             raise SparsifyError(f"output {shown} contains the model folder {model_dir}; choose another folder")
+    work = r.parent / f".{r.name}.partial"
     for read in reads:
-        if _is_within(read.resolve(), r):
+        rr = read.resolve()
+        if _is_within(rr, r):
             raise SparsifyError(f"output {shown} contains {read}, which this run reads; choose another folder")
+        if _is_within(rr, work) or (rr.parent == r.parent and rr.name.startswith(f".{r.name}.partial")):
+            raise SparsifyError(f"{read} has the name of {shown}'s work folder; rename it or choose another output")
     if r.exists():
         if not r.is_dir():
             raise SparsifyError(f"{shown} exists and is not a folder")
@@ -223,6 +227,7 @@ class Partial:
     fd: int | None
     run_info: dict[str, Any]
     resumed: bool = False
+    begun: bool = False
     finished: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -242,6 +247,31 @@ class Partial:
         return done
 
     # ------------------------------------------------------------------ ending
+
+    def begin(self, run_info: dict[str, Any], overwrite: bool) -> None:
+        """This run's identity: recorded in a new folder; compared with a resumed one's (a mismatch is refused,
+        or with ``overwrite`` the old state is discarded)."""
+        info = {**run_info, "pid": os.getpid()}
+        if self.resumed:
+            old = _read_run_info(self.dir)
+            diff = _differences(old or {}, info) if old is not None else ["state (none recorded)"]
+            if not diff:
+                self.begun = True
+                return
+            if not overwrite:
+                raise SparsifyError(
+                    f"{self.dir} holds an unfinished run with another {', '.join(diff)}; resume it with the same"
+                    " model, recipe and settings, or pass --overwrite to discard it"
+                )
+            shutil.rmtree(self.state, ignore_errors=True)
+            for child in self.dir.iterdir():  # shards an earlier assembly finished
+                if child.is_file():
+                    child.unlink()
+            self.state.mkdir()
+            self.resumed = False
+        write_json(self.state / "run.json", info)
+        self.run_info = info
+        self.begun = True
 
     def release(self) -> None:
         if self.fd is not None and self.fd >= 0:
@@ -298,16 +328,28 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in sorted(set(old) | set(new)) if k not in ("pid", "started") and old.get(k) != new.get(k)]
 
 
-def _sweep_new(out: OutputPath) -> None:
-    """Remove half-created partial folders of runs that died before claiming (unlocked ones only)."""
+def _is_ours(folder: Path) -> bool:
+    """A work folder sparsify made: it holds the state folder (user folders are never touched)."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / STATE_DIR).is_dir()
+
+
+def _protected(folder: Path, protect: list[Path]) -> bool:
+    r = folder.resolve()
+    return any(_is_within(p.resolve(), r) or _is_within(r, p.resolve()) for p in protect)
+
+
+def _sweep_new(out: OutputPath, protect: list[Path]) -> None:
+    """Remove half-created work folders of runs that died before claiming: unlocked, ours, not an input."""
     for p in out.path.parent.glob(f".{out.path.name}.partial-new-*"):
+        if not _is_ours(p) or _protected(p, protect):
+            continue
         fd = _lock(p)
-        if fd is not None and fd >= 0:
+        if fd is not None:
             shutil.rmtree(p, ignore_errors=True)
-            os.close(fd)
+            Partial(p, fd, {}).release()
 
 
-def _create(out: OutputPath, run_info: dict[str, Any]) -> Partial | None:
+def _create(out: OutputPath) -> Partial | None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.path.name}.partial-new-", dir=out.path.parent))
     fd = None
     try:
@@ -316,29 +358,29 @@ def _create(out: OutputPath, run_info: dict[str, Any]) -> Partial | None:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder we create
         fd = _lock(tmp)
         (tmp / STATE_DIR).mkdir()
-        write_json(tmp / STATE_DIR / "run.json", run_info)
         if rename_noreplace(tmp, out.partial):
-            return Partial(out.partial, fd, run_info)
+            return Partial(out.partial, fd, {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        Partial(tmp, fd, run_info).release()
+        Partial(tmp, fd, {}).release()
         raise
     shutil.rmtree(tmp, ignore_errors=True)
-    Partial(tmp, fd, run_info).release()
+    Partial(tmp, fd, {}).release()
     return None
 
 
-def _claim(out: OutputPath, run_info: dict[str, Any], overwrite: bool, resume: bool) -> Partial:
-    _sweep_new(out)
+def _claim(out: OutputPath, overwrite: bool, resume: bool, protect: list[Path]) -> Partial:
+    """Lock OUT's work folder for this run: a new one, or (``resume``) an unfinished run's, checked later."""
+    _sweep_new(out, protect)
     for _ in range(5):
         existing = out.partial
         if not (existing.exists() or existing.is_symlink()):
-            created = _create(out, run_info)
+            created = _create(out)
             if created is not None:
                 return created
             continue  # another run claimed it first: look at theirs
-        if existing.is_symlink() or not existing.is_dir():
-            raise SparsifyError(f"{existing} is in the way and is not a sparsify partial folder; remove it")
+        if not _is_ours(existing):
+            raise SparsifyError(f"{existing} is in the way and is not a sparsify work folder; remove or rename it")
         fd = _lock(existing)
         if fd is None:
             other = _read_run_info(existing) or {}
@@ -347,51 +389,50 @@ def _claim(out: OutputPath, run_info: dict[str, Any], overwrite: bool, resume: b
                 f"another sparsify run{pid} is writing {out.shown} (its work is in {existing}); wait for it or"
                 " choose another output"
             )
-        old = _read_run_info(existing)
-        partial = Partial(existing, fd, run_info)
-        done = partial.progress()
-        if resume and old is not None:
-            diff = _differences(old, run_info)
-            if not diff:
-                partial.resumed = True
-                return partial
-            if not overwrite:
-                partial.release()
-                raise SparsifyError(
-                    f"{existing} holds an unfinished run with another {', '.join(diff)}; resume it with the same"
-                    " model, recipe and settings, or pass --overwrite to discard it"
-                )
+        partial = Partial(existing, fd, {})
+        if resume:
+            partial.resumed = True  # checked against this run in begin()
+            return partial
         if overwrite:
             partial.discard()
             continue
+        done = partial.progress()
         partial.release()
-        what = f"{done} layer{'s' if done != 1 else ''} done" if old is not None else "not resumable"
-        hint = (
-            "pass --resume to continue it or --overwrite to discard it"
-            if old is not None
-            else "pass --overwrite to discard it"
+        what = f"{done} layer{'s' if done != 1 else ''} done" if _read_run_info(existing) else "not resumable"
+        raise SparsifyError(
+            f"an unfinished run into {out.shown} left {existing} ({what}); pass --resume to continue it or"
+            " --overwrite to discard it"
         )
-        raise SparsifyError(f"an unfinished run into {out.shown} left {existing} ({what}); {hint}")
     raise SparsifyError(f"could not claim {out.partial}: other runs keep creating it")
 
 
 @contextlib.contextmanager
 def partial_output(
-    out: OutputPath, run_info: dict[str, Any], *, overwrite: bool = False, resume: bool = False
+    out: OutputPath,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    protect: list[Path] | None = None,
 ) -> Iterator[Partial]:
-    """Build the output in a locked partial folder; rename it to OUT when the block completes.
+    """Build the output in a locked work folder; rename it to OUT when the block completes.
 
-    On any exception the partial folder and the parent folders created for OUT are removed, except
-    that with ``resume`` an interruption by signal keeps finished layers for the next ``--resume``.
+    The folder is locked first, so a second run into OUT is refused from the start; the block calls
+    ``work.begin(run_info)`` once it knows what the run is (a resumed run is checked against it there).
+    On any exception the work folder and the parent folders created for OUT are removed, except that
+    with ``resume`` an interruption by signal keeps finished layers for the next ``--resume``, and an
+    unfinished run's folder that this run did not take over is left as it was.
     """
     created = _make_parents(out.path.parent)
     partial: Partial | None = None
     try:
-        partial = _claim(out, {**run_info, "pid": os.getpid()}, overwrite, resume)
+        partial = _claim(out, overwrite, resume, protect or [])
         yield partial
         interrupts.check()
         partial.finish(out, overwrite)
     except BaseException as e:
+        if partial is not None and partial.resumed and not partial.begun:  # someone else's work: untouched
+            partial.release()
+            raise
         with interrupts.deferred():
             finished = partial is not None and partial.finished
             keep = isinstance(e, interrupts.Interrupted) and resume and partial is not None and partial.progress() > 0

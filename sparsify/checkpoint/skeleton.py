@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 from torch import Tensor, nn
@@ -158,6 +159,32 @@ def check_tensors(
     known = set(keymap.to_ckpt.values())
     unexpected = [k for k in source.keys() if k not in known]
     return absent, unexpected
+
+
+def check_layer_count(source: TensorSource, layers_path: str, num_layers: int) -> None:
+    """Refuse at once a config that asks for more layers than the checkpoint has (before building a model that big)."""
+    pattern = re.compile(r"(?:^|\.)" + re.escape(layers_path) + r"\.(\d+)\.")
+    found = {int(m[1]) for key in source.keys() if (m := pattern.search(key))}
+    if found and num_layers > len(found):
+        raise SparsifyError(
+            f"config.json says {num_layers} layers but the checkpoint holds {len(found)} ({layers_path}.0 to"
+            f" {layers_path}.{max(found)}): the weights do not match the config"
+        )
+
+
+def verify(source: TensorSource, config, arch_layers: str | None, optional: tuple[str, ...], encoder: bool,
+           trust_remote_code: bool = False) -> list[str]:  # fmt: skip
+    """Every tensor the model built from ``config`` needs is in the checkpoint with its shape (what loading
+    with transformers would otherwise paper over with random weights); returns notes."""
+    if arch_layers:
+        check_layer_count(source, arch_layers, int(config.num_hidden_layers))
+    model = build_skeleton(config, encoder, trust_remote_code, None)
+    keymap = KeyMap(model, source)
+    absent, unexpected = check_tensors(model, source, keymap, optional)
+    notes = [f"not in the checkpoint (optional): {', '.join(absent)}"] if absent else []
+    if unexpected:
+        notes.append(f"{len(unexpected)} tensor(s) the model does not use, e.g. {unexpected[0]}")
+    return notes
 
 
 def set_tensor(root: nn.Module, name: str, value: Tensor) -> None:

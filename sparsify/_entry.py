@@ -1,0 +1,44 @@
+"""The ``sparsify`` command's entry point: signals handled from its first line to its last.
+
+While the command's modules import, Python would turn SIGINT into a traceback and let SIGTERM/SIGHUP
+kill it silently; after the command, while the interpreter shuts down (torch's exit hooks take a
+while), the same. Nothing is being written at either end, so one line and the shell's exit code
+(128 + the signal) are all there is to do; during the command, :mod:`sparsify.interrupts` takes over.
+Only the standard library is imported before the handlers are in place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+_phase = ["starting"]
+
+
+def _handler(signum: int, _frame: object) -> None:
+    what = "no output was written" if _phase[0] == "starting" else "after the command finished"
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"interrupted ({signal.Signals(signum).name}) {what}\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
+def main() -> None:
+    for s in _SIGNALS:
+        signal.signal(s, _handler)
+    from sparsify.cli import main as cli  # torch, transformers, typer: the slow part of starting
+
+    code: object = 0
+    try:
+        cli()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        _phase[0] = "finished"
+        for s in _SIGNALS:  # the command restored ours when it ended; make sure, for the shutdown
+            signal.signal(s, _handler)
+    sys.exit(code)
