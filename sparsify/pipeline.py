@@ -671,8 +671,10 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
             eval_info = embedding_similarity(work.dir, md.path, opts.eval_data, dtype=opts.dtype, device=opts.device)
         elif eval_before is not None:
             eval_info = _before_after(eval_before, _perplexity(work.dir, opts, lengths))
+        loader = "sparsify.load" if str(cfg.get("model_type", "")).startswith(SPARSIFY_TYPE_PREFIX) else "transformers"
         report = build_report(
             run_id=opts.run_id,
+            loader=loader,
             version=__version__,
             model=str(model_path),
             output=target.shown,

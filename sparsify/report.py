@@ -17,6 +17,7 @@ def build_report(
     *,
     run_id: str,
     version: str,
+    loader: str = "transformers",
     model: str,
     output: str,
     model_type: str,
@@ -49,6 +50,7 @@ def build_report(
     return {
         "sparsify_version": version,
         "run_id": run_id,
+        "loader": loader,  # what loads the output: transformers, or sparsify.load
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": model,
         "output": output,
@@ -281,7 +283,7 @@ def model_card(report: dict[str, Any], dense_card: Path | None = None) -> str:
         **_dense_card_metadata(dense_card),
     }
     passes = "; ".join(p["description"] for p in report.get("passes", []))
-    loader = "sparsify.load" if any("sparsify.load" in str(r.get("status", "")) for r in report["layers"]) else None
+    loader = report.get("loader") == "sparsify.load"
     load = (
         'import sparsify\nmodel = sparsify.load("OUT")  # the attention patterns need sparsify\'s runtime'
         if loader
@@ -291,17 +293,11 @@ def model_card(report: dict[str, Any], dense_card: Path | None = None) -> str:
         f"| {k} | {v} |" for k, v in summary_rows(report) if k not in ("output", "wall time", "peak memory (RSS)")
     )
     notes = "\n".join(f"- {n}" for n in report.get("notes", []))
-    dense_zeros = "prune" in kinds and not any(k in kinds for k in ("quantize", "moe"))
-    size_note = (
-        "\nPruning sets weights to zero but stores them dense: this checkpoint is as large as the dense one.\n"
-        if dense_zeros
-        else ""
-    )
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
         f"# {report['model_type']} compressed with sparsify\n\n"
         f"`{report['model']}` after: {passes}. Made with sparsify {report['sparsify_version']} on"
         f" {report['created'][:10]}; the recipe is in `recipe.yaml`, the full report in `sparsify_report.json`.\n"
-        f"{size_note}\n## Load\n\n```python\n{load}\n```\n\n## Measured\n\n| | |\n|---|---|\n{rows}\n"
+        f"\n## Load\n\n```python\n{load}\n```\n\n## Measured\n\n| | |\n|---|---|\n{rows}\n"
         + (f"\n## Notes\n\n{notes}\n" if notes else "")
     )

@@ -233,6 +233,7 @@ class PrunePass(Pass):
             ("target Linears", f"{len(pruned)} pruned", "target_linears", len(pruned)),
             ("target sparsity", f"{sparsity:.1%}", "target_sparsity", sparsity),
             ("", "", "target_parameters", params),
+            ("zeros", "stored dense: the file is as large as the dense one's", None, None),
         ]
         skipped = sorted({r["name"] for r in records if str(r.get("status", "")).startswith("skipped")})
         if skipped:
