@@ -23,21 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import OUT, wiki_eval_file
+from benchmarks.common import OUT, setting_value, wiki_eval_file
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.demo import smollm2_path
 from sparsify.evaluate import evaluate, load_tokenizer
 from sparsify.pipeline import Options, compress
 from sparsify.recipe import parse_recipe
-
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def parse_setting(spec: str) -> tuple[str, dict]:
@@ -49,7 +40,7 @@ def parse_setting(spec: str) -> tuple[str, dict]:
         step["sparsity"] = float(amount)
     for kv in extra:
         k, v = kv.split("=", 1)
-        step[k] = _value(v)
+        step[k] = setting_value(v)
     return tool, step
 
 

@@ -39,3 +39,15 @@ def python_docs_dir() -> Path:
         deb = next(root.glob("python3.11-doc_*.deb"))
         subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
     return sources
+
+
+def setting_value(v: str):
+    """A KEY=VALUE benchmark setting's value: true/false, an int, a float, else the string."""
+    if v in ("true", "false"):
+        return v == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v

@@ -58,6 +58,10 @@ class Arch:
     keys: ConfigKeys = ConfigKeys()
     # norm (relative to a layer) -> the Linears it feeds (SmoothQuant folds scales into it)
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    norm_offset: float = 0.0  # the norm scales by offset + weight (Gemma's RMSNorm: 1 + w)
+    # whether a norm's output goes only to the Linears it feeds (pre-norm); post-norm blocks (BERT) also
+    # send it down the residual stream, so scaling the norm would change the model
+    smoothable: bool = True
     notes: str = ""
     model_type: str = field(default="", compare=False)
 
@@ -107,9 +111,11 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": replace(_LLAMA_LIKE, window_config="mistral"),
     "qwen2": replace(_LLAMA_LIKE, window_config="qwen"),
     "qwen3": replace(_LLAMA_LIKE, window_config="qwen", keys=ConfigKeys(attn_bias="attention_bias")),
-    "gemma": replace(_LLAMA_LIKE, keys=ConfigKeys(attn_bias="attention_bias")),
-    "gemma2": replace(_GEMMA2_LIKE, window_config="layer_types"),
-    "gemma3_text": replace(_GEMMA2_LIKE, window_config="layer_types", layer_type_settings=("rope_parameters",)),
+    "gemma": replace(_LLAMA_LIKE, keys=ConfigKeys(attn_bias="attention_bias"), norm_offset=1.0),
+    "gemma2": replace(_GEMMA2_LIKE, window_config="layer_types", norm_offset=1.0),
+    "gemma3_text": replace(
+        _GEMMA2_LIKE, window_config="layer_types", layer_type_settings=("rope_parameters",), norm_offset=1.0
+    ),
     "phi3": Arch(
         layers="model.layers",
         embeddings=("model.embed_tokens",),
@@ -204,6 +210,7 @@ ARCHITECTURES: dict[str, Arch] = {
         causal=False,
         keys=ConfigKeys(kv_heads=None, head_dim=None, mlp_bias="native", attn_bias="native"),
         norm_feeds=(("attention.output.LayerNorm", ("intermediate.dense",)),),  # q/k/v: the previous layer's norm
+        smoothable=False,  # post-norm: the LayerNorm's output is also the residual stream
         optional=("pooler",),  # MLM and sentence-embedding checkpoints have no pooler
         notes="encoder: bidirectional attention, loaded with AutoModel",
     ),

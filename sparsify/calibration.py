@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sparsify import interrupts
 from sparsify.errors import SparsifyError
-from sparsify.modules import in_features, is_linear, weight_matrix
+from sparsify.modules import effective_weight, in_features, is_linear, weight_matrix
 from sparsify.progress import NoProgress, Progress
 from sparsify.statistics import InputStats
 
@@ -109,6 +109,9 @@ class LayerWork:
     stats: dict[str, InputStats]  # fqn -> statistics of its inputs (what the pass declared)
     inputs: list[Tensor]  # hidden states entering the layer, one tensor per calibration batch
     calls: list[LayerCall]  # the other arguments the backbone passes the layer, per batch
+    # fqn -> the float weight (out, in) its output error is measured against: the layer's dense weights; a
+    # pass that rewrites weights without changing the function (SmoothQuant's migration) updates them
+    reference: dict[str, Tensor] = field(default_factory=dict)
 
     def run(self, inputs: list[Tensor] | None = None) -> list[Tensor]:
         """The layer's outputs on ``inputs`` (default: the calibration inputs), batch by batch."""
@@ -151,7 +154,7 @@ class LayerwiseRunner:
         backbone: nn.Module,
         layers: nn.ModuleList,
         provider: LayerProvider,
-        tokens: Tensor,
+        tokens: Tensor | None,
         batch_size: int = 8,
         progress: Progress | None = None,
         device: torch.device | str = "cpu",
@@ -160,7 +163,7 @@ class LayerwiseRunner:
         self.backbone = backbone
         self.layers = layers
         self.provider = provider
-        self.tokens = tokens  # (samples, seq_len)
+        self.tokens = tokens  # (samples, seq_len); None: no calibration data (passes that need none)
         self.batch_size = batch_size
         self.progress = progress or NoProgress()
         self.device = torch.device(device)
@@ -171,6 +174,8 @@ class LayerwiseRunner:
 
     def _batches(self) -> list[Tensor]:
         """The first batch holds ``ERROR_WINDOWS`` windows: output errors are measured on it alone."""
+        if self.tokens is None:
+            return []
         head, rest = self.tokens[:ERROR_WINDOWS], self.tokens[ERROR_WINDOWS:]
         return [head, *rest.split(self.batch_size)] if rest.numel() else [head]
 
@@ -333,7 +338,9 @@ class LayerwiseRunner:
             touched = {fqn: m for p in passes for fqn, m in resolve(p, i, layer).items() if is_linear(m)}
             dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
             done = len(output.records)
-            dense_hidden = self._apply_passes(i, layer, passes, resolve, hidden, dense_hidden, cap.calls[i], output)
+            dense_hidden = self._apply_passes(
+                i, layer, passes, resolve, hidden, dense_hidden, cap.calls[i], output, dense
+            )
             hidden = self._propagate(i, layer, dense, reference, hidden, cap.calls[i], output.errors)
             errors = {
                 k: v for k, v in output.errors.items() if k == self.prefix(i) or k.startswith(self.prefix(i) + ".")
@@ -354,6 +361,7 @@ class LayerwiseRunner:
         dense_hidden: list[Tensor] | None,
         calls: list[LayerCall],
         output: RunOutput,
+        reference: dict[str, Tensor] | None = None,
     ) -> list[Tensor] | None:
         """Every pass on layer ``i``, stage by stage; returns the dense model's next hidden states (if tracked)."""
         next_dense = None
@@ -372,7 +380,7 @@ class LayerwiseRunner:
                     stats = self.collect(layer, watched, needs, hidden, calls, p.custom_stats)
                 else:
                     stats = {}
-                work = LayerWork(i, layer, self.prefix(i), stage, stats, hidden, calls)
+                work = LayerWork(i, layer, self.prefix(i), stage, stats, hidden, calls, reference or {})
                 with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
                     output.records.extend(p.compress_layer(work))
                 self.provider.round_to_storage(i, layer)
@@ -402,7 +410,7 @@ class LayerwiseRunner:
         still = {
             fqn: modules[fqn]
             for fqn, W in dense.items()
-            if fqn in modules and is_linear(modules[fqn]) and weight_matrix(modules[fqn]).shape == W.shape
+            if fqn in modules and (E := effective_weight(modules[fqn])) is not None and E.shape == W.shape
         }
         sums = {fqn: [0.0, 0.0] for fqn in still}
 
@@ -417,6 +425,8 @@ class LayerwiseRunner:
 
         with _hooked(still, hook):
             first = _run_layer(layer, hidden[:1], calls[:1])
+        if not first:  # no calibration data: nothing measured (never a 0.0 that looks like a result)
+            return []
         for fqn, (num, den) in sums.items():
             errors[fqn] = num / den if den > 0 else 0.0
         errors[self.prefix(i)] = _relative_error(first, reference)

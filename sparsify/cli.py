@@ -405,6 +405,83 @@ def prune(
     _run(model, data, output, opts, json_out, "flags")
 
 
+class Scheme(StrEnum):
+    w8a8 = "w8a8"
+    w8a8_static = "w8a8-static"
+    w4a16 = "w4a16"
+    w8a16 = "w8a16"
+
+
+class QuantMethod(StrEnum):
+    rtn = "rtn"
+    gptq = "gptq"
+
+
+class Observer(StrEnum):
+    minmax = "minmax"
+    percentile = "percentile"
+    mse = "mse"
+
+
+@app.command(
+    epilog="Examples: sparsify quantize ./model -o ./model-w8a8 --scheme w8a8 --smoothquant 0.5;"
+    " sparsify quantize ./model -o ./model-w4 --scheme w4a16 --method gptq --group-size 64",
+)
+@handle_errors
+def quantize(
+    model: ModelArg,
+    output: OutOpt,
+    scheme: Annotated[Scheme, typer.Option(help="w8a8 (int8 activations per token), w8a8-static, w4a16, w8a16")],
+    method: Annotated[QuantMethod | None, typer.Option(help="weight rounding: rtn or gptq [default: gptq]")] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="weights per scale (w4a16/w8a16) [default: 128 for 4-bit]; -1: per channel")
+    ] = None,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: columns in decreasing Hessian order")] = False,
+    asymmetric: Annotated[bool, typer.Option(help="asymmetric weights with a zero point (weight-only)")] = False,
+    observer: Annotated[Observer | None, typer.Option(help="w8a8-static: activation range [default: minmax]")] = None,
+    smoothquant: Annotated[float | None, typer.Option(help="W8A8: SmoothQuant migration strength alpha")] = None,
+    qat: Annotated[bool, typer.Option(help="then tune each layer with fake quantization (QAT)")] = False,
+    steps: Annotated[int | None, typer.Option(help="QAT: Adam steps per layer [default: 200]")] = None,
+    calib: CalibOpt = None,
+    text_column: TextColumnOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    targets: TargetsOpt = None,
+    ignore: IgnoreOpt = None,
+    dtype: DTypeOpt = DType.float32,
+    eval_data: EvalOpt = None,
+    eval_seq_len: EvalLenOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Quantize a model into the compressed-tensors format (transformers and vLLM load it): W8A8 with
+    dynamic or static activations (optionally SmoothQuant), weight-only int4/int8 with RTN or GPTQ, QAT."""
+    if steps is not None and not qat:
+        raise SparsifyError("--steps sets the QAT steps: add --qat")
+    step: dict[str, Any] = {"type": "quantize", "scheme": scheme.value}
+    given = {
+        "method": method.value if method else None,
+        "group_size": group_size,
+        "act_order": act_order or None,
+        "symmetric": False if asymmetric else None,
+        "observer": observer.value if observer else None,
+        "smoothquant": smoothquant,
+        "qat": ({"steps": steps} if steps is not None else {}) if qat else None,
+        "targets": targets or None,
+        "ignore": ignore or None,
+    }
+    step.update({k: v for k, v in given.items() if v is not None})
+    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
+    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
+    _run(model, data, output, opts, json_out, "flags")
+
+
 class Pattern(StrEnum):
     sliding_window = "sliding-window"
     sinks = "sinks"

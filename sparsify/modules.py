@@ -25,6 +25,15 @@ def set_weight_matrix(module: nn.Module, W: Tensor) -> None:
     stored.copy_((W.t() if isinstance(module, Conv1D) else W).to(stored.dtype))
 
 
+def effective_weight(module: nn.Module) -> Tensor | None:
+    """The ``(out, in)`` matrix a Linear-like module computes with (a quantized Linear's dequantized
+    weight), or None for any other module."""
+    if is_linear(module):
+        return weight_matrix(module)
+    dense = getattr(module, "dense_weight", None)
+    return dense() if callable(dense) else None
+
+
 def in_features(module: nn.Module) -> int:
     return weight_matrix(module).shape[1]
 

@@ -120,8 +120,8 @@ class LazyLayers:
         return layer
 
     def _storage_dtype(self, name: str, value: torch.Tensor) -> torch.dtype:
-        if name in self.stored:
-            return self.stored[name]
+        if name in self.stored and self.stored[name].is_floating_point == value.is_floating_point():
+            return self.stored[name]  # (a float weight a pass turned into integers keeps its integer dtype)
         floats = [d for d in self.stored.values() if d.is_floating_point]
         return max(set(floats), key=floats.count) if value.is_floating_point() and floats else value.dtype
 
@@ -178,6 +178,11 @@ class _Plan:
 
 def _plan(model: nn.Module, model_type: str, steps: list[tuple[int, Any]]) -> _Plan:
     """The layer passes ``steps`` (recipe index, config) bound to ``model``, their targets resolved on it."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise SparsifyError(
+            "the model is already quantized (quantization_config in config.json); sparsify's layer passes take"
+            " floating-point checkpoints (quantize last, in the same recipe)"
+        )
     arch = lookup(model_type)
     layers_path, layers = find_layers(model, arch)
     notes: list[str] = []
@@ -202,6 +207,7 @@ def _plan(model: nn.Module, model_type: str, steps: list[tuple[int, Any]]) -> _P
             raise SparsifyError(f"pass {index}: dense_targets is supported on the first pruning pass of a recipe only")
         passes.append(built)
         targets.append(per_layer)
+    _check_order(passes)
     return _Plan(arch, layers_path, layers, passes, targets, notes, list(range(len(layers))))
 
 
@@ -446,7 +452,9 @@ def _skeleton(md: ModelDir, config, opts: Options) -> _Skeleton:
     arch = lookup(config.model_type)
     if arch is not None:
         check_layer_count(md.source, arch.layers, int(config.num_hidden_layers))
-    model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
+    model = build_skeleton(
+        config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype, set(md.source.keys())
+    )
     keymap = KeyMap(model, md.source)
     arch = lookup(config.model_type)
     absent, unexpected = check_tensors(model, md.source, keymap, arch.optional if arch else ())
@@ -527,7 +535,6 @@ def _run_stage(
     plan = None
     output = RunOutput()
     if stage.layer_steps:
-        assert tokens is not None
         plan = _plan(skel.model, config.model_type, stage.layer_steps)
         _load_outside_layers(skel, plan, md, opts)
         device = torch.device(opts.device)
@@ -615,7 +622,11 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     opts = replace(opts, device=resolve_device(opts.device))
     t_start = time.perf_counter()
     md = open_model(model_path, opts.revision)
-    reads = [Path(p) for p in (recipe.calibration.data, opts.eval_data) if p and not str(p).startswith("builtin:")]
+    reads = [
+        Path(p)
+        for p in (recipe.calibration.data, opts.eval_data)
+        if p and not str(p).startswith("builtin:") and p != NO_DATA
+    ]
     if Path(model_path).expanduser().exists():  # a .gguf input is read too, not only its converted folder
         reads.append(Path(model_path).expanduser())
     target = check_output(out, md.read_paths() + reads, md.path, opts.overwrite)
@@ -631,12 +642,15 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         layered = any(s.layer_steps for s in stages)
         recipe, context_notes = _fit_context(recipe, config) if layered else (recipe, [])
         tokens, calib_name = None, None
-        if layered:
+        if layered and recipe.calibration.data == NO_DATA:
+            _check_data_free(stages, lookup(config.model_type))
+        elif layered:
             tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
             tokens, calib_name = _calibration_tokens(recipe, tokenizer)
         cfg = json.loads(md.config_path.read_text())
         _dry_run(stages, md, cfg, opts)  # every config pass and plan checked before any work
         all_passes = [build_pass(step, i, lookup(config.model_type)) for i, step in enumerate(recipe.passes)]
+        _check_order(all_passes)
         lengths, eval_notes = _eval_lengths(opts, all_passes, config)
         work.begin(_run_info(md, recipe, tokens, opts), opts.overwrite)
         eval_before = _perplexity(md.path, opts, lengths) if opts.eval_data is not None and not encoder else None
@@ -719,6 +733,34 @@ def _dry_run(stages: list[_Stage], md: ModelDir, cfg: dict[str, Any], opts: Opti
         model = build_skeleton(config, is_encoder(config.model_type), opts.trust_remote_code, opts.dtype)
         _plan(model, config.model_type, stage.layer_steps)
         break  # later stages' models exist only once the earlier stages have run
+
+
+NO_DATA = "none"  # calibration.data: run without calibration text (passes that need none)
+
+
+def _check_data_free(stages: list[_Stage], arch: Arch | None) -> None:
+    """With ``calibration.data: none`` every layer pass must work without data (magnitude, RTN weight-only)."""
+    for stage in stages:
+        for index, step in stage.layer_steps:
+            p = build_pass(step, index, arch)
+            if p.needs_data:
+                raise SparsifyError(
+                    f"pass {index} ({p.describe()}) needs calibration data; calibration.data is 'none'"
+                    " (data-free: magnitude pruning, RTN weight-only quantization)"
+                )
+
+
+def _check_order(passes: list[Pass]) -> None:
+    """No layer pass after a terminal one (quantization), in any stage of the recipe."""
+    last = None
+    for p in passes:
+        if last is not None and p.layerwise:
+            raise SparsifyError(
+                f"pass {p.index} ({p.config.type}) cannot follow pass {last.index} ({last.describe()}):"
+                f" {last.config.type} must be the last layer pass of a recipe"
+            )
+        if p.terminal:
+            last = p
 
 
 def peak_rss_bytes() -> int:

@@ -25,7 +25,9 @@ PassUnion = Annotated[Union[CONFIGS], Field(discriminator="type")] if len(CONFIG
 
 
 class Calibration(StrictModel):
-    data: str | None = Field(None, description="text file/folder/saved dataset; default: embedded pydoc topics")
+    data: str | None = Field(
+        None, description="text file/folder/saved dataset; default: embedded pydoc topics; 'none': no data"
+    )
     text_column: str | None = Field(None, description="column of records to use; default 'text', else chat 'messages'")
     samples: int = Field(128, gt=0, description="number of calibration windows")
     seq_len: int = Field(512, gt=0, description="tokens per window")

@@ -95,8 +95,13 @@ def _renamed(key: str, renamings: list, converters: list, prefix: str | None, me
     return key
 
 
-def build_skeleton(config, encoder: bool, trust_remote_code: bool, dtype: torch.dtype | None) -> nn.Module:
-    """The model with parameters on the meta device (buffers stay real: rotary tables, masks)."""
+def build_skeleton(
+    config, encoder: bool, trust_remote_code: bool, dtype: torch.dtype | None, keys: set[str] | None = None
+) -> nn.Module:
+    """The model with parameters on the meta device (buffers stay real: rotary tables, masks), as its
+    checkpoint stores it: a compressed-tensors checkpoint's quantized Linears are
+    :class:`~sparsify.runtime.quantized.QuantizedLinear` (``keys``: the checkpoint's tensor names, for
+    the optional ones such as ``weight_g_idx``)."""
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -110,6 +115,16 @@ def build_skeleton(config, encoder: bool, trust_remote_code: bool, dtype: torch.
             model = auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as e:
         raise SparsifyError(f"transformers cannot build model_type {config.model_type!r}: {e}") from e
+    from sparsify.checkpoint.compressed_tensors import (
+        add_g_idx,
+        is_compressed_tensors,
+        quantization_dict,
+        quantize_skeleton,
+    )
+
+    if is_compressed_tensors(config):
+        quantize_skeleton(model, quantization_dict(config), dtype)
+        add_g_idx(model, keys or set())
     return model.eval()
 
 
@@ -178,7 +193,7 @@ def verify(source: TensorSource, config, arch_layers: str | None, optional: tupl
     with transformers would otherwise paper over with random weights); returns notes."""
     if arch_layers:
         check_layer_count(source, arch_layers, int(config.num_hidden_layers))
-    model = build_skeleton(config, encoder, trust_remote_code, None)
+    model = build_skeleton(config, encoder, trust_remote_code, None, set(source.keys()))
     keymap = KeyMap(model, source)
     absent, unexpected = check_tensors(model, source, keymap, optional)
     notes = [f"not in the checkpoint (optional): {', '.join(absent)}"] if absent else []

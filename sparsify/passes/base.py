@@ -60,6 +60,8 @@ class Pass:
     custom_stats: ClassVar[dict[str, Callable]] = {}  # name -> Stat factory, for needs the standard ones lack
     needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)
     needs_grad: bool = False  # compress_layer runs with autograd on (training passes)
+    terminal: ClassVar[bool] = False  # leaves modules no later layer pass can take (it must be the last one)
+    needs_data: bool = True  # needs calibration text (False: e.g. magnitude pruning, RTN weight-only)
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at
 
     def __init__(self, config: PassConfig, index: int, arch: Arch | None = None):

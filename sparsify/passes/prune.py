@@ -175,6 +175,7 @@ class PrunePass(Pass):
             frozenset() if method == "magnitude" else frozenset({"hessian" if method == "sparsegpt" else "sq_norm"})
         )
         self.needs_dense_path = config.dense_targets
+        self.needs_data = method != "magnitude" or config.profile == "owl"
         self.layer_sparsity: list[float] | None = None  # set by OWL
         self.outlier_ratios: list[float] | None = None
 

@@ -98,6 +98,7 @@ class StructuredPrunePass(Pass):
         if self.what != "layers" and (self.metric == "flap" or c.bias_compensation):
             needs |= {"sq_norm", "sum"}
         self.needs = frozenset(needs)
+        self.needs_data = self.what == "layers" or bool(needs)
         self.removed_layers: list[int] = []
         self.layer_scores: list[float] = []
         self.sizes: dict[str, int] = {}  # what edit_config writes (new widths)

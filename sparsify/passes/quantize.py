@@ -1,0 +1,528 @@
+"""Quantization: W8A8 (dynamic or static activations, optionally SmoothQuant), weight-only int4/int8
+(RTN or GPTQ, per channel or per group), and quantization-aware tuning, written in the compressed-tensors
+format that transformers and vLLM load.
+
+```yaml
+- type: quantize
+  scheme: w4a16            # w8a8 | w8a8-static | w4a16 | w8a16
+  method: gptq             # rtn | gptq
+  group_size: 64           # weight-only default 128; -1 per channel (8-bit weights: per channel)
+  act_order: false         # GPTQ: columns in decreasing Hessian diagonal order (static groups)
+  symmetric: true          # false: asymmetric weights (weight-only schemes)
+  observer: minmax         # w8a8-static: minmax | percentile | mse (the input_scale)
+  smoothquant: 0.5         # W8A8: migrate activation outliers into the weights (alpha)
+  qat: {steps: 200, lr: 1.0e-4}   # then tune each layer with fake quantization (straight-through)
+```
+
+Papers: GPTQ (Frantar et al. 2022, arXiv:2210.17323), SmoothQuant (Xiao et al. 2023,
+arXiv:2211.10438), LSQ (Esser et al. 2020, arXiv:1902.08153) for the learned step sizes of QAT.
+
+Per layer, in this order: SmoothQuant folds ``1/s`` into each norm and ``s`` into the Linears it feeds
+(the float layer computes the same function; the statistics are rescaled to match); each target's
+weights are quantized (RTN from the observer's range, or GPTQ with the layer's Hessian; weights that are
+exactly zero, e.g. after 2:4 pruning, stay zero); static activation scales come from the observer over
+the (smoothed) calibration inputs; with ``qat`` the layer's quantized weights and scales are then tuned
+so that the layer reproduces the float layer's outputs on the calibration inputs (layer-wise,
+``steps`` Adam steps, straight-through rounding). Each target becomes a
+:class:`~sparsify.runtime.quantized.QuantizedLinear` holding the checkpoint's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from sparsify.algorithms.gptq import gptq_quantize
+from sparsify.algorithms.quant import (
+    PerChannel,
+    PerGroup,
+    QuantArgs,
+    dequantize,
+    fake_quantize,
+    fake_quantize_ste,
+    observe,
+    qparams,
+    quantize,
+)
+from sparsify.algorithms.smoothquant import smoothing_scales
+from sparsify.errors import SparsifyError
+from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
+from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
+from sparsify.statistics import Stat
+
+if TYPE_CHECKING:
+    from sparsify.arch import Arch
+    from sparsify.calibration import LayerWork
+
+SCHEMES = ("w8a8", "w8a8-static", "w4a16", "w8a16")
+SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE activation scales
+
+
+class QATConfig(StrictModel):
+    steps: int = Field(200, ge=1, description="Adam steps per layer")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the weights (scales: lr / 10)")
+    windows: int = Field(1, ge=1, description="calibration windows per step")
+
+
+class QuantizeConfig(LayerPassConfig):
+    type: Literal["quantize"] = "quantize"
+    scheme: Literal["w8a8", "w8a8-static", "w4a16", "w8a16"]
+    method: Literal["rtn", "gptq"] = "gptq"
+    group_size: int | None = Field(None, description="weights per scale along the input; -1: per channel")
+    symmetric: bool = True
+    act_order: bool = Field(False, description="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+    dampening: float = Field(0.01, gt=0.0, description="GPTQ: fraction of mean diag(H) added to H")
+    blocksize: int = Field(128, gt=0, description="GPTQ: columns solved per block")
+    observer: Literal["minmax", "percentile", "mse"] = Field("minmax", description="static activation range")
+    weight_observer: Literal["minmax", "mse"] = Field("minmax", description="weight range (RTN, GPTQ's groups)")
+    smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
+    qat: QATConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        acts = self.scheme.startswith("w8a8")
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be a positive width or -1 (per channel), got {self.group_size}")
+        if acts and self.group_size not in (None, -1):
+            raise ValueError(
+                f"{self.scheme} quantizes weights per channel (int8 kernels); group_size is for w4a16/w8a16"
+            )
+        if acts and not self.symmetric:
+            raise ValueError(f"{self.scheme} weights are symmetric (the int8 kernels take no zero point)")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order is a GPTQ option (method: gptq)")
+        if self.smoothquant is not None and not acts:
+            raise ValueError("smoothquant moves activation outliers into the weights: it needs w8a8 or w8a8-static")
+        if "observer" in self.model_fields_set and self.scheme != "w8a8-static":
+            raise ValueError("observer sets static activation scales: it needs scheme w8a8-static")
+        return self
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.scheme == "w4a16" else 8
+
+    @property
+    def weight_group(self) -> int | None:
+        if self.group_size == -1 or self.scheme.startswith("w8a8"):
+            return None
+        return self.group_size if self.group_size is not None else (128 if self.bits == 4 else None)
+
+    def quant_scheme(self) -> QuantScheme:
+        g = self.weight_group
+        weights = QuantArgs(self.bits, self.symmetric, PerGroup(g) if g else PerChannel())
+        acts = {"w8a8": "dynamic", "w8a8-static": "static"}.get(self.scheme)
+        return QuantScheme(weights, acts)  # type: ignore[arg-type]
+
+
+class InputSample(Stat):
+    """Up to ``SAMPLE_ROWS`` calibration tokens of an input, ``(rows, in)``, kept by seeded reservoir sampling."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.rows: Tensor = torch.empty(0, n_in, device=device)
+        self.seen = 0
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def add(self, X: Tensor) -> None:
+        n = X.shape[0]
+        room = SAMPLE_ROWS - self.rows.shape[0]
+        if room > 0:
+            self.rows = torch.cat([self.rows, X[:room]])
+        rest = X[max(room, 0) :]
+        if rest.shape[0]:
+            idx = self.seen + max(room, 0) + torch.arange(rest.shape[0])  # global index of each row
+            slot = (torch.rand(rest.shape[0], generator=self.gen) * (idx + 1)).long()  # reservoir: keep w.p. K/(i+1)
+            keep = slot < SAMPLE_ROWS
+            self.rows[slot[keep].to(self.rows.device)] = rest[keep.to(rest.device)]
+        self.seen += n
+
+    def value(self) -> Tensor:
+        return self.rows
+
+
+@register("quantize")
+class QuantizePass(Pass):
+    """Quantizes the target Linears (see the module docstring)."""
+
+    config_cls = QuantizeConfig
+    config: QuantizeConfig
+    kind = "quantize"
+    title = "Quantization, per Linear"
+    terminal: ClassVar[bool] = True  # its modules are not Linears any more: no layer pass may follow
+    columns = (
+        ("name", "Linear", "text"),
+        ("shape", "shape", "shape"),
+        ("scheme", "scheme", "text"),
+        ("group_size", "group", "text"),
+        ("method", "method", "text"),
+        ("weight_error", "weight error (H)", "err"),
+        ("rel_error", "output error", "err"),
+        ("qat_loss", "QAT loss (before → after)", "text"),
+        ("seconds", "time", "s"),
+    )
+
+    def __init__(self, config: QuantizeConfig, index: int, arch: Arch | None = None):
+        super().__init__(config, index, arch)
+        c = config
+        needs = {"hessian"} if c.method == "gptq" else set()
+        if c.smoothquant is not None or c.scheme == "w8a8-static":
+            needs.add("abs_max")
+        self.needs = frozenset(needs)
+        self.custom_stats = {"sample": InputSample} if c.scheme == "w8a8-static" and c.observer != "minmax" else {}
+        self.needs_grad = c.qat is not None
+        self.needs_data = c.method == "gptq" or c.scheme == "w8a8-static" or c.smoothquant is not None or bool(c.qat)
+        self.scheme = c.quant_scheme()
+        self.model: nn.Module | None = None
+        self.smoothed: list[str] = []
+
+    def describe(self) -> str:
+        c = self.config
+        group = f" g{c.weight_group}" if c.weight_group else ""
+        extra = (f" + SmoothQuant {c.smoothquant}" if c.smoothquant is not None else "") + (
+            f" + QAT {c.qat.steps} steps" if c.qat else ""
+        )
+        order = " act-order" if c.act_order else ""
+        sym = "" if c.symmetric else " asymmetric"
+        return f"quantize {c.scheme}{group} {c.method}{order}{sym}{extra}"
+
+    # ------------------------------------------------------------------------------- planning
+
+    def bind(self, model: nn.Module) -> None:
+        if self.config.smoothquant is not None and (self.arch is None or not self.arch.smoothable):
+            family = self.arch.model_type if self.arch else str(model.config.model_type)
+            why = (
+                "its norms also feed the residual stream (post-norm)" if self.arch else "its norms are not in the table"
+            )
+            raise SparsifyError(f"SmoothQuant cannot fold scales into {family}'s norms: {why}")
+        if self.config.smoothquant is not None and getattr(model.config, "do_layer_norm_before", True) is False:
+            raise SparsifyError("SmoothQuant cannot fold scales into a post-norm model's norms (do_layer_norm_before)")
+        self.model = model
+
+    def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
+        group = self.config.weight_group
+        for layer_targets in targets.values():
+            for fqn, module in layer_targets.items():
+                if not isinstance(module, nn.Linear):
+                    raise SparsifyError(
+                        f"{fqn} is a {type(module).__name__}, not an nn.Linear: the compressed-tensors format"
+                        " (and vLLM) quantize nn.Linear modules only"
+                    )
+                if group and module.in_features % group:
+                    divisors = [g for g in (32, 64, 128, 256) if module.in_features % g == 0]
+                    hint = f"; {', '.join(map(str, divisors))} divide it" if divisors else "; use -1 (per channel)"
+                    raise SparsifyError(f"group_size {group} does not divide {fqn}'s {module.in_features} inputs{hint}")
+
+    # ------------------------------------------------------------------------------- per layer
+
+    def compress_layer(self, work: LayerWork) -> list[dict[str, Any]]:
+        c = self.config
+        with torch.no_grad():
+            teacher = work.run() if c.qat is not None else None  # the float layer's outputs: what QAT reproduces
+        factors = self._smooth(work) if c.smoothquant is not None else {}
+        records, quantized = [], {}
+        for fqn, module in work.targets.items():
+            t0 = time.perf_counter()
+            stats = work.stats.get(fqn)
+            s = factors.get(fqn)
+            W = module.weight.detach().float()  # (out, in), already smoothed
+            H = None
+            if c.method == "gptq":
+                if stats is None or stats.tokens == 0:
+                    raise SparsifyError(f"{fqn}: saw no calibration tokens")
+                H = stats.mean("hessian")  # (in, in)
+                if s is not None:
+                    H = H / (s[:, None] * s[None, :])  # the smoothed inputs' X^T X
+            q, scale, zp, W_q = self._quantize_weight(fqn, W, H)
+            input_scale = self._input_scale(stats, s) if c.scheme == "w8a8-static" else None
+            record: dict[str, Any] = {
+                "kind": self.kind,
+                "name": fqn,
+                "layer": work.index,
+                "pass": self.index,
+                "shape": list(W.shape),
+                "scheme": c.scheme,
+                "bits": c.bits,
+                "group_size": c.weight_group or "channel",
+                "method": c.method + (" + QAT" if c.qat else ""),
+                "weight_error": _weight_error(W, W_q, H),
+                "status": "quantized",
+            }
+            bias = module.bias.detach() if module.bias is not None else None
+            quantized[fqn] = (q, scale.float(), zp, bias, input_scale, W)
+            record["seconds"] = time.perf_counter() - t0
+            records.append(record)
+        if c.qat is not None and teacher is not None:
+            losses = self._qat(work, quantized, teacher)
+            for r in records:
+                r["qat_loss"] = losses
+        for fqn, (q, scale, zp, bias, input_scale, _) in quantized.items():
+            new = QuantizedLinear.from_quantized(q, scale, zp, self.scheme, bias, input_scale)
+            _replace(work.layer, work.relative(fqn), new)
+        return records
+
+    def _quantize_weight(self, fqn: str, W: Tensor, H: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(q, scale, zero_point, dequantized)``; exact zeros stay zero."""
+        c, args = self.config, self.scheme.weights
+        mask = W != 0  # (out, in): zeros of an earlier pruning pass stay zeros
+        if H is not None:
+            try:
+                res = gptq_quantize(
+                    W, H, args, c.blocksize, c.dampening, c.act_order, mask=mask, observer=c.weight_observer
+                )
+            except ValueError as e:
+                raise SparsifyError(f"{fqn}: {e}") from e
+            return res.q, res.scale, res.zero_point, res.weight
+        scale, zp = qparams(*observe(W, args, c.weight_observer), args)
+        q = torch.where(mask, quantize(W, scale, zp, args), _expand(zp, W.shape, args))  # zp decodes to exactly 0
+        return q, scale, zp, dequantize(q, scale, zp, args)
+
+    def _input_scale(self, stats: Any, s: Tensor | None) -> Tensor:
+        """The static activation scale (per tensor, symmetric int8) from the observer over the inputs."""
+        c = self.config
+        if c.observer == "minmax" or "sample" not in stats:
+            absmax = stats["abs_max"] if s is None else stats["abs_max"] / s  # (in,)
+            amax = absmax.max().reshape(1)
+            scale, _ = qparams(-amax, amax, STATIC_ACT_ARGS)
+            return scale
+        rows = stats["sample"] if s is None else stats["sample"] / s  # (rows, in)
+        lo, hi = observe(rows.reshape(1, -1), STATIC_ACT_ARGS, c.observer)
+        scale, _ = qparams(lo.reshape(1), hi.reshape(1), STATIC_ACT_ARGS)
+        return scale
+
+    # --------------------------------------------------------------------------- SmoothQuant
+
+    def _smooth(self, work: LayerWork) -> dict[str, Tensor]:
+        """SmoothQuant on this layer: fqn → the factors ``s`` its input was divided by."""
+        assert self.arch is not None and self.config.smoothquant is not None
+        absmax = {}
+        for norm_name, fed in self.arch.norm_feeds:
+            watched = [f"{work.prefix}.{n}" for n in fed if f"{work.prefix}.{n}" in work.stats]
+            if watched:
+                absmax[norm_name] = work.stats[watched[0]]["abs_max"]  # (in,): one input for every Linear fed
+        factors = fold_smoothing(work.layer, self.arch, absmax, self.config.smoothquant)
+        self.smoothed += sorted(factors)
+        fed_by = dict(self.arch.norm_feeds)
+        by_linear = {f"{work.prefix}.{n}": s for norm, s in factors.items() for n in fed_by[norm]}
+        for fqn, s in by_linear.items():  # the same function: errors are measured against W * s on x / s
+            if fqn in work.reference:
+                work.reference[fqn] = work.reference[fqn] * s
+        return by_linear
+
+    # -------------------------------------------------------------------------------- QAT
+
+    def _qat(self, work: LayerWork, quantized: dict[str, tuple], teacher: list[Tensor]) -> str:
+        """Tune the layer's quantized weights and scales to reproduce ``teacher`` (straight-through rounding)."""
+        qat = self.config.qat
+        assert qat is not None
+        args = self.scheme.weights
+        modules: dict[str, _FakeQuantLinear] = {}
+        for fqn, (q, scale, zp, bias, input_scale, _W) in quantized.items():
+            W0 = dequantize(q, scale, zp, args).float()  # start from the PTQ result: step 0 is the PTQ layer
+            modules[fqn] = _FakeQuantLinear(W0, scale.float(), zp, bias, args, self.scheme.activations, input_scale)
+            _replace(work.layer, work.relative(fqn), modules[fqn])
+        weights = [m.weight for m in modules.values()]
+        scales = [m.scale for m in modules.values()]
+        opt = torch.optim.Adam([{"params": weights, "lr": qat.lr}, {"params": scales, "lr": qat.lr / 10}])
+        batches = [(h, call) for h, call in zip(work.inputs, work.calls, strict=True)]
+        windows = [(b, i) for b, (h, _) in enumerate(batches) for i in range(h.shape[0])]
+        gen = torch.Generator().manual_seed(work.index)
+        norm = sum(float(t.float().pow(2).mean()) for t in teacher) / len(teacher)
+
+        def loss_on(b: int, rows: list[int]) -> Tensor:
+            h, (pos, kw) = batches[b]
+            out = work.layer(h[rows], *pos, **_rows(kw, rows, h.shape[0]))
+            out = out[0] if isinstance(out, tuple) else out
+            return F.mse_loss(out.float(), teacher[b][rows].float()) / norm
+
+        with torch.no_grad():
+            first = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
+        for _ in range(qat.steps):
+            pick = torch.randint(len(windows), (1,), generator=gen).item()
+            b = windows[pick][0]
+            rows = [i for bb, i in windows if bb == b]
+            rows = [rows[int(j)] for j in torch.randperm(len(rows), generator=gen)[: qat.windows]]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_on(b, rows)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for m in modules.values():
+                    m.scale.clamp_(min=torch.finfo(torch.float32).eps)
+        with torch.no_grad():
+            last = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
+            for fqn, m in modules.items():
+                q, scale, zp, bias, input_scale, W = quantized[fqn]
+                scale_t = m.scale.detach().to(scale.dtype)
+                q_new = quantize(m.weight.detach(), scale_t.float(), zp, args)
+                q_new = torch.where(W != 0, q_new, _expand(zp, W.shape, args))  # pruned zeros stay zero
+                quantized[fqn] = (q_new.to(torch.int8), scale_t, zp, bias, input_scale, W)
+        return f"{first:.3g} → {last:.3g}"
+
+    # ---------------------------------------------------------------------------------- output
+
+    def edit_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        from sparsify.checkpoint.compressed_tensors import quantization_config
+
+        assert self.model is not None and self.matcher is not None
+        linears, schemes = [], {}
+        for fqn, module in self.model.named_modules():
+            if isinstance(module, nn.Linear | QuantizedLinear):
+                linears.append(fqn)
+                if isinstance(module, QuantizedLinear) or self.matcher.selects(fqn, module):
+                    schemes[fqn] = self.scheme
+        new = dict(cfg)
+        new["quantization_config"] = quantization_config(schemes, linears)
+        return new
+
+    def notes(self) -> list[str]:
+        c = self.config
+        notes = []
+        if c.smoothquant is not None and self.smoothed:
+            names = ", ".join(sorted(set(self.smoothed)))
+            notes.append(f"pass {self.index}: SmoothQuant (alpha {c.smoothquant}) folded into {names} of every layer")
+        if self.scheme.activations is None:
+            notes.append(
+                f"pass {self.index}: {c.scheme} is weight-only: sparsify.load dequantizes it once at load (the file"
+                " is smaller; the memory and speed are float's); vLLM runs it with its int4/int8 kernels"
+            )
+        return notes
+
+    @classmethod
+    def summary(cls, records: list[dict[str, Any]]) -> list[tuple[str, str, str | None, Any]]:
+        done = list({r["name"]: r for r in records if r.get("status") == "quantized"}.values())
+        if not done:
+            return []
+        schemes = sorted({f"{r['scheme']} (group {r['group_size']})" for r in done})
+        params = sum(r["shape"][0] * r["shape"][1] for r in done)
+        bits = done[0]["bits"]
+        groups = {r["group_size"] for r in done}
+        scale_bytes = sum(
+            r["shape"][0] * (r["shape"][1] // r["group_size"] if isinstance(r["group_size"], int) else 1) * 2
+            for r in done
+        )
+        q_bytes = params * bits / 8 + scale_bytes
+        errors = [r["weight_error"] for r in done if r.get("weight_error") is not None]
+        return [
+            ("quantized Linears", f"{len(done)}: {', '.join(schemes)}", "quantized_linears", len(done)),
+            (
+                "Linear weights",
+                f"{q_bytes / 2**20:.1f} MiB quantized vs {params * 2 / 2**20:.1f} MiB in fp16"
+                f" ({q_bytes / (params * 2):.3f}×, 16-bit scales included)",
+                "quantized_linear_bytes",
+                int(q_bytes),
+            ),
+            (
+                "weight error",
+                f"mean {sum(errors) / max(len(errors), 1):.2e} (relative, on the calibration inputs)",
+                "mean_weight_error",
+                sum(errors) / max(len(errors), 1),
+            ),
+            ("", "", "quantized_groups", sorted(str(g) for g in groups)),
+        ]
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+class _FakeQuantLinear(nn.Module):
+    """A Linear whose weight (and, for W8A8, input) is fake-quantized with straight-through rounding (QAT)."""
+
+    def __init__(self, W: Tensor, scale: Tensor, zp: Tensor, bias: Tensor | None, args: QuantArgs, acts, input_scale):
+        super().__init__()
+        self.weight = nn.Parameter(W.clone(), requires_grad=True)  # (out, in)
+        self.scale = nn.Parameter(scale.clone(), requires_grad=True)
+        self.register_buffer("zp", zp.clone())
+        self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
+        self.args, self.acts, self.input_scale = args, acts, input_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = fake_quantize_ste(self.weight, self.scale, self.zp, self.args)
+        if self.acts == "dynamic":
+            from sparsify.algorithms.quant import choose_qparams
+
+            with torch.no_grad():
+                s, z = choose_qparams(x.detach(), ACT_ARGS)
+            x = fake_quantize_ste(x, s, z, ACT_ARGS)
+        elif self.acts == "static":
+            s = self.input_scale.to(x.dtype)
+            x = fake_quantize_ste(x, s, torch.zeros_like(s, dtype=torch.int8), STATIC_ACT_ARGS)
+        return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _rows(kwargs: dict[str, Any], rows: list[int], batch: int) -> dict[str, Any]:
+    """The layer's keyword arguments for a subset of the batch's windows (masks and such sliced, shared ones kept)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            out[k] = v[rows]
+        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
+            out[k] = tuple(t[rows] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def _replace(layer: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+
+
+def _expand(zp: Tensor, shape: torch.Size, args: QuantArgs) -> Tensor:
+    """A per-channel or per-group zero point broadcast to the weight's ``(out, in)``."""
+    if isinstance(args.granularity, PerGroup):
+        return zp.repeat_interleave(args.granularity.size, dim=1)
+    return zp.expand(shape)
+
+
+@torch.no_grad()
+def fold_smoothing(layer: nn.Module, arch: Arch, absmax: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """SmoothQuant's migration in ``layer``, without changing what it computes: for each norm of
+    ``arch.norm_feeds`` with an activation range ``absmax[norm]: (in,)``, the factors
+    ``s = max|X|^alpha / max|W|^(1 - alpha)`` divide the norm's output (its weight, and bias) and multiply
+    the input columns of every Linear it feeds. Returns norm name → ``s``."""
+    factors = {}
+    for norm_name, fed in arch.norm_feeds:
+        if norm_name not in absmax:
+            continue
+        linears = [layer.get_submodule(n) for n in fed]
+        s = smoothing_scales(absmax[norm_name], [m.weight for m in linears], alpha)  # (in,)
+        _divide_norm(layer.get_submodule(norm_name), s, arch.norm_offset)
+        for m in linears:
+            m.weight.copy_((_wide(m.weight) * s).to(m.weight.dtype))  # (out, in) * (in,)
+        factors[norm_name] = s
+    return factors
+
+
+def _divide_norm(norm: nn.Module, s: Tensor, offset: float) -> None:
+    """Make ``norm``'s output ``1/s`` times what it was: weight (and bias) divided by ``s``.
+
+    A norm that scales by ``offset + weight`` (Gemma's ``1 + w``) gets ``(offset + w) / s - offset``.
+    """
+    w = norm.weight
+    w.copy_(((offset + _wide(w)) / s - offset).to(w.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.copy_((_wide(norm.bias) / s).to(norm.bias.dtype))
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 at least (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _weight_error(W: Tensor, W_q: Tensor, H: Tensor | None) -> float:
+    """``tr(ΔW H ΔW^T) / tr(W H W^T)``: the relative output error on the calibration inputs (``H = I`` without one)."""
+    D = (W - W_q.float()).float()  # (out, in)
+    if H is None:
+        return float(D.pow(2).sum() / W.float().pow(2).sum().clamp_min(1e-30))
+    num = float((D @ H * D).sum())
+    den = float((W.float() @ H * W.float()).sum())
+    return num / den if den > 0 else math.nan
+
+
+__all__ = ["SCHEMES", "QuantizeConfig", "QuantizePass", "fake_quantize"]
