@@ -361,3 +361,26 @@ def test_data_free_runs_need_no_calibration_text_and_others_say_they_do(model_di
         with pytest.raises(SparsifyError, match="needs calibration data"):
             compress(src, parse_recipe({"calibration": {"data": "none"}, "passes": [step]}), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a16"])
+def test_reads_llmcompressor_outputs(name, tmp_path):
+    """Checkpoints llmcompressor 0.14 wrote (tests/fixtures/llmcompressor): sparsify.load computes what
+    transformers + compressed-tensors compute, and sparsify eval measures them."""
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path / name
+    shutil.copytree(Path(__file__).parent / "fixtures" / "llmcompressor" / name, path)
+    zoo.tokenizer().save_pretrained(path)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    theirs = _outputs(T.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
+    ours = sparsify.load(path)
+    assert sum(isinstance(m, QuantizedLinear) for m in ours.modules()) == 14
+    torch.testing.assert_close(_outputs(ours, ids), theirs, rtol=0, atol=1e-4)
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsify", "eval", str(path), "--data", "heldout", "--seq-len", "128", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["perplexity"] > 1
