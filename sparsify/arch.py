@@ -14,6 +14,9 @@ from torch import nn
 from sparsify.errors import SparsifyError
 
 SPARSIFY_TYPE_PREFIX = "sparsify_"  # checkpoints whose attention only sparsify runs (sparsify.runtime)
+# The expert Linears of the MoE blocks sparsify writes (Mixtral's and Qwen's names), relative to a layer:
+# default targets of a pass after a dense -> MoE conversion (the routers are not among them)
+EXPERT_LINEARS = r"(mlp|block_sparse_moe)\.(experts\.\d+|shared_expert)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Arch:
     # whether a norm's output goes only to the Linears it feeds (pre-norm); post-norm blocks (BERT) also
     # send it down the residual stream, so scaling the norm would change the model
     smoothable: bool = True
+    # the native MoE families a dense FFN of this family converts into: (routed experts only, with shared
+    # experts); None where transformers has no MoE counterpart that keeps the rest of the layer
+    moe_families: tuple[str | None, str | None] = (None, None)
     notes: str = ""
     model_type: str = field(default="", compare=False)
 
@@ -106,11 +112,16 @@ _GEMMA2_LIKE = replace(
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": replace(  # same weights and names as Mistral
-        _LLAMA_LIKE, window_config="mistral", keys=ConfigKeys(mlp_bias="mlp_bias", attn_bias="attention_bias")
+        _LLAMA_LIKE,
+        window_config="mistral",
+        keys=ConfigKeys(mlp_bias="mlp_bias", attn_bias="attention_bias"),
+        moe_families=("mixtral", "qwen2_moe"),
     ),
-    "mistral": replace(_LLAMA_LIKE, window_config="mistral"),
-    "qwen2": replace(_LLAMA_LIKE, window_config="qwen"),
-    "qwen3": replace(_LLAMA_LIKE, window_config="qwen", keys=ConfigKeys(attn_bias="attention_bias")),
+    "mistral": replace(_LLAMA_LIKE, window_config="mistral", moe_families=("mixtral", "qwen2_moe")),
+    "qwen2": replace(_LLAMA_LIKE, window_config="qwen", moe_families=("qwen2_moe", "qwen2_moe")),
+    "qwen3": replace(
+        _LLAMA_LIKE, window_config="qwen", keys=ConfigKeys(attn_bias="attention_bias"), moe_families=("qwen3_moe", None)
+    ),
     "gemma": replace(_LLAMA_LIKE, keys=ConfigKeys(attn_bias="attention_bias"), norm_offset=1.0),
     "gemma2": replace(_GEMMA2_LIKE, window_config="layer_types", norm_offset=1.0),
     "gemma3_text": replace(

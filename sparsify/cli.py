@@ -482,6 +482,58 @@ def quantize(
     _run(model, data, output, opts, json_out, "flags")
 
 
+class Split(StrEnum):
+    cluster = "cluster"
+    coactivation = "coactivation"
+    random = "random"
+
+
+class Router(StrEnum):
+    centroid = "centroid"
+    analytic = "analytic"
+    trained = "trained"
+
+
+@app.command(
+    "moe-convert",
+    epilog="Examples: sparsify moe-convert ./llama -o ./llama-moe --experts 8 --top-k 2;"
+    " sparsify moe-convert ./llama -o ./llama-moe --experts 8 --top-k 2 --shared 1 --split coactivation"
+    " --router analytic",
+)
+@handle_errors
+def moe_convert(
+    model: ModelArg,
+    output: OutOpt,
+    experts: Annotated[int, typer.Option(help="E: equal groups of each FFN's neurons")] = 8,
+    top_k: Annotated[int, typer.Option(help="routed experts per token")] = 2,
+    shared: Annotated[int, typer.Option(help="of the E groups, always-on shared experts (CMoE)")] = 0,
+    split: Annotated[Split, typer.Option(help="how neurons are grouped")] = Split.cluster,
+    router: Annotated[Router, typer.Option(help="how the router is built")] = Router.centroid,
+    calib: CalibOpt = None,
+    text_column: TextColumnOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    seed: SeedOpt = None,
+    dtype: DTypeOpt = DType.float32,
+    eval_data: EvalOpt = None,
+    eval_seq_len: EvalLenOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert each dense FFN into routed (and shared) experts with a router: a native Mixtral, Qwen2-MoE or
+    Qwen3-MoE checkpoint that plain transformers and vLLM load."""
+    step = {"type": "moe", "experts": experts, "top_k": top_k, "shared": shared, "split": split.value,
+            "router": router.value}  # fmt: skip
+    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
+    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
+    _run(model, data, output, opts, json_out, "flags")
+
+
 class Pattern(StrEnum):
     sliding_window = "sliding-window"
     sinks = "sinks"

@@ -136,7 +136,10 @@ class LazyLayers:
     def finish(self, index: int, layer: nn.Module, write: bool, info: dict[str, Any] | None = None) -> None:
         if write and self.store is not None:
             params = [(name, p.detach().cpu()) for name, p in layer.named_parameters()]
-            out = {name: self.keymap.output_key(f"{self.layers_path}.{index}.{name}") for name, _ in params}
+            out = {
+                name: self.keymap.output_key(f"{self.layers_path}.{index}.{checkpoint_name(layer, name)}")
+                for name, _ in params
+            }
             entries = [(out[name], TensorInfo(self._storage_dtype(name, p), tuple(p.shape))) for name, p in params]
             tensors = ((out[name], self._stored_value(index, name, p)) for name, p in params)
             self.store.save(index, entries, tensors, info or {})
@@ -153,6 +156,18 @@ class LazyLayers:
         original = self.source.get_many([key])[key]
         untouched = value == original.to(value.dtype)  # the compute copy is the stored value, rounded
         return torch.where(untouched, original, value.to(dtype))
+
+
+def checkpoint_name(layer: nn.Module, name: str) -> str:
+    """The checkpoint name of parameter ``name`` of ``layer``: a module that declares a ``checkpoint_prefix``
+    (an MoE block written in its family's published layout, e.g. Mixtral's ``block_sparse_moe``) is written
+    under that prefix instead of its own path."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = getattr(layer.get_submodule(".".join(parts[:i])), "checkpoint_prefix", None)
+        if prefix:
+            return ".".join([prefix, *parts[i:]])
+    return name
 
 
 def _module_path(root: nn.Module, target: nn.Module) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from sparsify.arch import Arch, supported_list
+from sparsify.arch import EXPERT_LINEARS, Arch, supported_list
 from sparsify.errors import SparsifyError
 from sparsify.modules import is_linear
 
@@ -91,6 +91,7 @@ def select_targets(
                 "e.g. --targets 're:.*(q|k|v|o)_proj'"
             )
         patterns = [_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{re.escape(t)}$") for t in arch.targets]
+        patterns.append(_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{EXPERT_LINEARS}$"))  # after moe
     else:
         if not targets:
             raise SparsifyError("targets is empty; name at least one Linear or regex")

@@ -123,6 +123,10 @@ def build_skeleton(
     )
 
     if is_compressed_tensors(config):
+        if any(".experts.0." in k for k in keys or ()):  # quantized experts one by one: transformers cannot fuse them
+            from sparsify.runtime.moe import per_expert_blocks
+
+            per_expert_blocks(model, config)
         quantize_skeleton(model, quantization_dict(config), dtype)
         add_g_idx(model, keys or set())
     return model.eval()
