@@ -4,7 +4,8 @@
     python benchmarks/bench_structured.py [SETTING ...] [--samples 32] [--eval-windows 16]
 
 A SETTING is
-- ``channels/RATIO/METRIC[/bias]``, ``heads/RATIO/METRIC[/bias]``, ``layers/N/METRIC``: structured pruning;
+- ``channels/RATIO/METRIC[/bias][/refit]``, ``heads/RATIO/METRIC[/bias][/refit]``, ``layers/N/METRIC``: structured
+  pruning (``bias``: bias compensation; ``refit``: least-squares refit of the output projection);
 - ``wanda/SPARSITY/mlp|attn|all``: unstructured Wanda on those Linears (the same number of weights set to
   zero as a structured setting removes; zeros stored dense);
 - ``dense``.
@@ -73,8 +74,8 @@ def step_for(spec: str) -> dict:
     if kind == "layers":
         return {"type": "prune", "structured": "layers", "remove": int(amount), "metric": rest[0]}
     step = {"type": "prune", "structured": kind, "ratio": float(amount), "metric": rest[0]}
-    if rest[1:] == ["bias"]:
-        step["bias_compensation"] = True
+    for flag in rest[1:]:  # bias: bias compensation; refit: least-squares refit of the output projection
+        step[{"bias": "bias_compensation", "refit": "refit"}[flag]] = True
     return step
 
 

@@ -365,6 +365,9 @@ def prune(
     bias_compensation: Annotated[
         bool, typer.Option(help="structured: fold removed channels' mean output into the bias (FLAP)")
     ] = False,
+    refit: Annotated[
+        bool, typer.Option(help="structured: least-squares refit of the output projection on the kept channels")
+    ] = False,
     calib: CalibOpt = None,
     text_column: TextColumnOpt = None,
     samples: SamplesOpt = None,
@@ -396,6 +399,7 @@ def prune(
         "remove": remove,
         "metric": metric,
         "bias_compensation": bias_compensation or None,
+        "refit": refit or None,
         "targets": targets or None,
         "ignore": ignore or None,
     }

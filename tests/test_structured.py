@@ -281,3 +281,54 @@ def test_importance_functions_against_naive_loops():
     assert kept_width(1536, 0.2, 8) == 1232 and kept_width(1536, 0.2, 64) == 1216 and kept_width(64, 0.99, 8) == 8
     assert layers_to_remove("block-influence", [0.3, 0.1, 0.5, 0.05], 2) == [1, 3]
     assert layers_to_remove("angular", [0.4, 0.2, 0.3], 2) == [1, 2]
+
+
+def test_refit_output_is_the_least_squares_solution():
+    from sparsify.algorithms.structured import refit_output
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 24, generator=g, dtype=torch.float64) + 0.5  # (N, n), non-zero mean
+    W = torch.randn(8, 24, generator=g, dtype=torch.float64)  # (out, n)
+    kept = torch.tensor([0, 2, 3, 5, 8, 13, 21])
+    H = X.T @ X / X.shape[0]
+    W_new, b = refit_output(W, H, kept, dampening=0.0)
+    ref = torch.linalg.lstsq(X[:, kept], X @ W.T).solution.T  # (out, k)
+    torch.testing.assert_close(W_new, ref, rtol=1e-8, atol=1e-8)
+    assert b is None
+    W_aug, b = refit_output(W, H, kept, mean=X.mean(0), dampening=0.0)
+    ones = torch.ones(X.shape[0], 1, dtype=torch.float64)
+    ref_aug = torch.linalg.lstsq(torch.cat([X[:, kept], ones], 1), X @ W.T).solution.T  # (out, k + 1)
+    torch.testing.assert_close(W_aug, ref_aug[:, :-1], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(b, ref_aug[:, -1], rtol=1e-8, atol=1e-8)
+
+
+def test_refit_is_exact_for_channels_that_copy_kept_ones_and_lowers_the_error(model_dir, tmp_path):
+    """Llama: the last 32 FFN channels are copies of the first 32 (same gate/up rows): removing them and refitting
+    down_proj moves their columns onto their twins exactly; on the unedited model refit lowers the layer error."""
+
+    def twins(t):
+        for i in range(2):
+            for name in ("gate_proj", "up_proj"):
+                w = t[f"model.layers.{i}.mlp.{name}.weight"]
+                w[96:] = w[:32]
+
+    src = _edited(model_dir, tmp_path, "llama", twins)
+    step = {"type": "prune", "structured": "channels", "ratio": 0.25, "metric": "wanda", "refit": True}
+    with torch.no_grad():  # make the twins the least important by magnitude: shrink their down columns
+        t = load_file(src / "model.safetensors")
+        for i in range(2):
+            t[f"model.layers.{i}.mlp.down_proj.weight"][:, 96:] *= 1e-3
+        save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    report = compress(src, _recipe(step), tmp_path / "out")
+    assert _config(tmp_path / "out")["intermediate_size"] == 96
+    torch.testing.assert_close(_logits(tmp_path / "out", "llama"), _logits(src, "llama"), rtol=1e-4, atol=1e-4)
+    assert "refit" in report["passes"][0]["description"]
+
+    plain = {"type": "prune", "structured": "channels", "ratio": 0.25, "metric": "wanda"}
+    a = compress(model_dir("llama"), _recipe(plain), tmp_path / "plain")
+    b = compress(model_dir("llama"), _recipe({**plain, "refit": True}), tmp_path / "refit")
+
+    def layer_error(report):
+        return sum(r["rel_error"] for r in report["layers"]) / len(report["layers"])
+
+    assert layer_error(b) < layer_error(a)

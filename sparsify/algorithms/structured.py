@@ -78,6 +78,38 @@ def bias_compensation(W_out: Tensor, mean: Tensor, removed: Tensor) -> Tensor:
     return W_out.float()[:, removed] @ mean.float()[removed]
 
 
+def refit_output(
+    W_out: Tensor, H: Tensor, kept: Tensor, mean: Tensor | None = None, dampening: float = 1e-4
+) -> tuple[Tensor, Tensor | None]:
+    """The output projection over the kept inputs that best reproduces the full one on the calibration inputs.
+
+    Least squares ``min E || W' x_kept (+ b) - W x ||^2`` with ``H = E[x x^T]: (n, n)``: ``W' = W H[:, k]
+    H[k, k]^-1`` (dampened by ``dampening * mean(diag H[k, k])``), so what the removed inputs carried is moved
+    onto the kept ones they correlate with (the structured counterpart of SparseGPT's update; SlimGPT,
+    Ling et al. 2024, ZipLM, Kurtic et al. 2023). With ``mean = E[x]: (n,)`` a constant input joins the fit
+    and its weight ``b: (out,)`` is returned (the bias compensation, fitted jointly). ``W_out: (out, n)``;
+    returns ``(W': (out, k), b or None)``.
+    """
+    W = W_out.double()
+    H = H.double()
+    k = kept.numel()
+    G = H[kept][:, kept].clone()  # (k, k)
+    rhs = W @ H[:, kept]  # (out, k)
+    if mean is not None:
+        m = mean.double()
+        G = torch.cat([torch.cat([G, m[kept, None]], 1), torch.cat([m[kept], m.new_ones(1)])[None]], 0)  # (k+1, k+1)
+        rhs = torch.cat([rhs, (W @ m)[:, None]], 1)  # (out, k+1)
+    G.diagonal()[:k] += dampening * H[kept, kept].mean()
+    L, info = torch.linalg.cholesky_ex(G)
+    if info:
+        raise ValueError("the calibration Hessian of the kept inputs is not positive definite; increase dampening")
+    sol = torch.cholesky_solve(rhs.T, L).T  # (out, k[+1])
+    dtype = W_out.dtype if W_out.is_floating_point() else torch.float32
+    if mean is None:
+        return sol.to(dtype), None
+    return sol[:, :k].to(dtype), sol[:, k].to(dtype)
+
+
 def block_influence(h_in: Tensor, h_out: Tensor) -> float:
     """ShortGPT's BI of a layer: ``1 - mean_t cos(h_in_t, h_out_t)``; ``h: (tokens, hidden)``."""
     return float(1.0 - torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean())

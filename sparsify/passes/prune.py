@@ -75,6 +75,9 @@ class PruneConfig(LayerPassConfig):
     remove: int | None = Field(None, ge=1, description="layers: how many to remove")
     metric: str | None = Field(None, description="structured importance metric")
     bias_compensation: bool = Field(False, description="fold removed channels' mean output into the bias (FLAP)")
+    refit: bool = Field(
+        False, description="structured: least-squares refit of the output projection on the kept inputs"
+    )
     multiple_of: int = Field(8, ge=1, description="channels: kept width rounded to a multiple of this")
 
     @model_validator(mode="after")
@@ -84,8 +87,8 @@ class PruneConfig(LayerPassConfig):
         for key in ("ratio", "remove", "metric"):
             if getattr(self, key) is not None:
                 raise ValueError(f"{key} applies to structured pruning (structured: channels|heads|layers)")
-        if self.bias_compensation:
-            raise ValueError("bias_compensation applies to structured pruning of channels or heads")
+        if self.bias_compensation or self.refit:
+            raise ValueError("bias_compensation and refit apply to structured pruning of channels or heads")
         if self.pattern != "unstructured":
             match = _NM.match(self.pattern)
             if not match:
@@ -116,8 +119,8 @@ class PruneConfig(LayerPassConfig):
         if self.structured == "layers":
             if self.remove is None:
                 raise ValueError("structured layers needs remove (how many layers)")
-            if self.ratio is not None or self.bias_compensation:
-                raise ValueError("structured layers takes remove, not ratio or bias_compensation")
+            if self.ratio is not None or self.bias_compensation or self.refit:
+                raise ValueError("structured layers takes remove, not ratio, bias_compensation or refit")
         else:
             if self.ratio is None:
                 raise ValueError(f"structured {self.structured} needs a ratio in [0, 1)")

@@ -37,9 +37,10 @@ from sparsify.algorithms.structured import (
     keep_top,
     kept_width,
     layers_to_remove,
+    refit_output,
 )
 from sparsify.errors import SparsifyError
-from sparsify.modules import add_to_bias, keep_inputs, keep_outputs, out_features, weight_matrix
+from sparsify.modules import add_to_bias, keep_inputs, keep_outputs, out_features, set_weight_matrix, weight_matrix
 from sparsify.passes.base import Pass
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class StructuredPrunePass(Pass):
             needs.add("sq_norm")
         if self.what != "layers" and (self.metric == "flap" or c.bias_compensation):
             needs |= {"sq_norm", "sum"}
+        if self.what != "layers" and c.refit:
+            needs.add("hessian")
         self.needs = frozenset(needs)
         self.needs_data = self.what == "layers" or bool(needs)
         self.removed_layers: list[int] = []
@@ -110,7 +113,7 @@ class StructuredPrunePass(Pass):
     def describe(self) -> str:
         c = self.config
         amount = f"{c.remove} layers" if self.what == "layers" else f"{c.ratio:.0%} of {self.what}"
-        bias = " + bias compensation" if c.bias_compensation else ""
+        bias = (" + bias compensation" if c.bias_compensation else "") + (" + refit" if c.refit else "")
         return f"prune structured {amount} by {self.metric}{bias}"
 
     def bind(self, model: nn.Module) -> None:
@@ -231,13 +234,13 @@ class StructuredPrunePass(Pass):
         keep = kept_width(width, float(c.ratio or 0.0), c.multiple_of)
         kept = keep_top(channel_scores(self.metric, W_in, weight_matrix(out), sq_mean, mean), keep)  # (keep,)
         removed = _complement(kept, width)
-        delta = (
-            bias_compensation(weight_matrix(out), mean, removed) if c.bias_compensation and mean is not None else None
-        )
+        W_new, delta = self._output_update(weight_matrix(out), stats, kept, removed, mean)
         rows = torch.cat([kept, kept + width]) if concat else kept
         for m in ins:
             keep_outputs(m, rows)
         keep_inputs(out, kept)
+        if W_new is not None:
+            set_weight_matrix(out, W_new)
         self._add_biases(work, a.mlp, (*a.mlp_in, a.mlp_out), out, delta)
         self.sizes["ffn"] = keep
         self.sizes["ffn_from"] = width
@@ -265,7 +268,7 @@ class StructuredPrunePass(Pass):
         q_idx = torch.cat([torch.arange(g * per_group * hd, (g + 1) * per_group * hd) for g in kept_groups.tolist()])
         kv_idx = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in kept_groups.tolist()])
         removed = _complement(q_idx, heads * hd)
-        delta = bias_compensation(W_o, mean, removed) if c.bias_compensation and mean is not None else None
+        W_new, delta = self._output_update(W_o, stats, q_idx, removed, mean)
         if a.qkv_layout == "concat":
             (qkv,) = projections
             keep_outputs(qkv, torch.cat([q_idx, heads * hd + kv_idx, heads * hd + kv * hd + kv_idx]))
@@ -275,6 +278,8 @@ class StructuredPrunePass(Pass):
             keep_outputs(k, kv_idx)
             keep_outputs(v, kv_idx)
         keep_inputs(out, q_idx)
+        if W_new is not None:
+            set_weight_matrix(out, W_new)
         _set_head_counts(attn, keep * per_group, keep if kv != heads else keep * per_group, a.keys)
         self._add_biases(work, a.attention, (*a.attn_in, a.attn_out), out, delta)
         return {
@@ -282,6 +287,22 @@ class StructuredPrunePass(Pass):
             "kept": f"{keep * per_group} heads / {keep} KV",
             "status": "pruned",
         }
+
+    def _output_update(
+        self, W_out: Tensor, stats: Any, kept: Tensor, removed: Tensor, mean: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(new output weight over the kept inputs or None, bias delta or None)``: the refit (least squares
+        on the calibration inputs, the bias fitted with it when compensating) or FLAP's bias compensation."""
+        c = self.config
+        if c.refit:
+            H = stats.mean("hessian")  # (n, n) = E[x x^T] of the output projection's inputs
+            try:
+                return refit_output(W_out.float(), H, kept, mean if c.bias_compensation else None)
+            except ValueError as e:
+                raise SparsifyError(f"pass {self.index}: {e}") from e
+        if c.bias_compensation and mean is not None:
+            return None, bias_compensation(W_out, mean, removed)
+        return None, None
 
     def _add_biases(
         self, work: LayerWork, block: str, names: tuple[str, ...], out: nn.Module, delta: Tensor | None
