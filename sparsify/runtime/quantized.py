@@ -131,6 +131,7 @@ class QuantizedLinear(nn.Module):
         self.kernel = "reference"
         self._dense: Tensor | None = None  # the dequantized weight, kept by the "dequantized" kernel
         self._packed_fbgemm: Any = None
+        self._act_cache: dict[str, Any] | None = None  # the int8 input, shared by Linears fed the same tensor
         w = scheme.weights
         n_scales = in_features // w.granularity.size if isinstance(w.granularity, PerGroup) else 1
         scale_shape = (1,) if isinstance(w.granularity, PerTensor) else (out_features, n_scales)
@@ -243,19 +244,30 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(self.quantize_input(x), W, bias)
 
-    def _int_mm(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (M, in)
+    def _int8_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_q: (M, in) int8, scale: (M, 1))``, compressed-tensors' symmetric int8 of ``x``; shared with the
+        other Linears fed the very same tensor (q/k/v, gate/up) through ``_act_cache``."""
+        cache = self._act_cache
+        if cache is not None and cache.get("x") is x and cache.get("version") == x._version:
+            return cache["q"], cache["s"]
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         if self.scheme.activations == "static":
             s = self.input_scale.to(x.dtype).reshape(1, 1).expand(x2.shape[0], 1)
         else:
-            s = x2.abs().amax(-1, keepdim=True) / 127.5  # (M, 1): compressed-tensors' per-token scale
+            s = x2.abs().amax(-1, keepdim=True).div_(127.5)  # (M, 1): compressed-tensors' per-token scale
             s = torch.where(s == 0, torch.finfo(x.dtype).eps, s)
-        xq = torch.clamp(torch.round(x2 / s), -128, 127).to(torch.int8)  # (M, in)
+        q = (x2 / s).round_().clamp_(-128, 127).to(torch.int8)  # (M, in)
+        if cache is not None:
+            cache.update(x=x, version=x._version, q=q, s=s)
+        return q, s
+
+    def _int_mm(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        xq, s = self._int8_input(x)
         acc = torch._int_mm(xq, self.weight.t())  # (M, out) int32
-        y = acc.to(x.dtype) * (s * self.weight_scale.to(x.dtype).reshape(1, -1))
+        y = acc.to(x.dtype).mul_(s).mul_(self.weight_scale.to(x.dtype).reshape(1, -1))
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            y.add_(self.bias.to(x.dtype))
         return y.reshape(*shape[:-1], self.out_features)
 
     def _fbgemm(self, x: Tensor) -> Tensor:
@@ -333,18 +345,20 @@ def _time(fn, *args: Any, repeats: int = 5) -> float:
 
 @torch.no_grad()
 def choose_kernels(
-    modules: Iterable[QuantizedLinear], kernel: str = "auto", tokens: int = 128, dtype: torch.dtype = torch.float32
+    modules: Iterable[QuantizedLinear], kernel: str = "auto", tokens: int = 512, dtype: torch.dtype = torch.float32
 ) -> list[KernelChoice]:
     """Give every module a kernel; ``auto`` measures, per distinct shape and scheme, each candidate
     against the float matmul on ``tokens`` rows and keeps the fastest that beats it.
 
-    Exact kernels (``int_mm``) win ties over ``fbgemm``, whose per-tensor activations differ from the
-    checkpoint's per-token ones. Weight-only schemes are dequantized once (no CPU kernel reads packed
+    The exact ``int_mm`` is taken whenever it beats float; ``fbgemm``, whose per-tensor activations differ
+    from the checkpoint's per-token ones, only where ``int_mm`` does not (e.g. AVX2 without VNNI). Weight-only schemes are dequantized once (no CPU kernel reads packed
     int4 faster than float here; the choice is reported).
     """
     groups: dict[tuple, list[QuantizedLinear]] = {}
+    cache: dict[str, Any] = {}  # one int8 input at a time, for the whole model
     for m in modules:
         groups.setdefault((m.in_features, m.out_features, m.scheme), []).append(m)
+        m._act_cache = None  # measured without sharing (the same x is timed over and over)
     choices = []
     for (n_in, n_out, scheme), members in groups.items():
         first = members[0]
@@ -366,11 +380,13 @@ def choose_kernels(
                     seconds[k] = _time(first, x)
                 except RuntimeError as e:  # a kernel this build or CPU cannot run
                     log.debug("kernel %s unavailable for %s: %s", k, (n_in, n_out), e)
+            # exact int_mm whenever it beats float (in a model it also shares the int8 input of q/k/v and
+            # gate/up, which this measurement does not); fbgemm's per-tensor activations only where it cannot
             faster = [k for k in ("int_mm", "fbgemm") if k in seconds and seconds[k] < seconds["float"]]
-            penalty = {"fbgemm": 1.15}  # per-tensor activations: chosen only when clearly faster than exact int_mm
-            chosen = min(faster, key=lambda k: seconds[k] * penalty.get(k, 1.0)) if faster else "dequantized"
+            chosen = faster[0] if faster else "dequantized"
         for m in members:
             m.use(chosen)
+            m._act_cache = cache
         choices.append(KernelChoice((n_in, n_out), scheme.name, chosen, seconds, len(members)))
     return choices
 
