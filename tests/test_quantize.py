@@ -170,7 +170,10 @@ def test_kernels_compute_the_checkpoint_and_auto_never_loses_to_float(model_dir,
     reference = _outputs(sparsify.load(out, kernel="reference"), ids)
     int_mm = sparsify.load(out, kernel="int_mm")
     assert all(m.kernel == "int_mm" for m in int_mm.modules() if isinstance(m, QuantizedLinear))
-    torch.testing.assert_close(_outputs(int_mm, ids), reference, rtol=0, atol=1e-4)  # int32 accumulation
+    # int32 accumulation: the same function up to float rounding, which can move an activation across a rounding
+    # boundary of a later layer's int8 grid (one step of one value): close in norm, not bit-equal
+    got = _outputs(int_mm, ids)
+    assert float((got - reference).norm() / reference.norm()) < 1e-3
     if "fbgemm" in torch.backends.quantized.supported_engines:
         fb = _outputs(sparsify.load(out, kernel="fbgemm"), ids)  # activations per tensor, 7-bit: close, not equal
         assert (fb - reference).abs().max() < 0.2 * reference.abs().max()
