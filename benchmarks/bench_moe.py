@@ -37,7 +37,7 @@ from sparsify.recipe import parse_recipe
 
 def _convert(model: Path, out: Path, spec: str, samples: int) -> dict:
     experts, k, shared, *rest = spec.split("/")
-    split, router = (rest + ["cluster", "centroid"])[:2] if rest else ("cluster", "centroid")
+    split, router = [*rest, "cluster", "centroid"][:2] if rest else ("cluster", "centroid")
     step = {"type": "moe", "experts": int(experts), "top_k": int(k), "shared": int(shared), "split": split,
             "router": router}  # fmt: skip
     recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": 512}, "passes": [step]})

@@ -722,6 +722,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
             records=records,
             totals={
                 "parameters": counts.parameters,
+                "quantized_parameters": counts.quantized,
+                "input_bytes": sum(Path(f).stat().st_size for f in md.source.files),
                 "nonzeros": counts.nonzeros,
                 "bytes": counts.bytes,
                 "wall_seconds": time.perf_counter() - t_start,

@@ -149,8 +149,22 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
         )
     rows += [(label, text) for label, text in report.get("summary", [])]
     rows += [
-        ("parameters", f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {_pct(t['overall_sparsity'])} zeros)"),
-        ("size on disk", _fmt_bytes(t["bytes"])),
+        (
+            "parameters",
+            f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {_pct(t['overall_sparsity'])} zeros)"
+            + (
+                f" in floating point + {t['quantized_parameters']:,} quantized" if t.get("quantized_parameters") else ""
+            ),
+        ),
+        (
+            "size on disk",
+            _fmt_bytes(t["bytes"])
+            + (
+                f" ({t['bytes'] / t['input_bytes']:.3f}× the input's {_fmt_bytes(t['input_bytes'])})"
+                if t.get("input_bytes")
+                else ""
+            ),
+        ),
         ("wall time", f"{t['wall_seconds']:.1f} s"),
         ("peak memory (RSS)", _fmt_bytes(t["peak_rss_bytes"])),
     ]

@@ -141,7 +141,11 @@ def tied_names(model: nn.Module) -> set[str]:
 
 
 def check_tensors(
-    model: nn.Module, source: TensorSource, keymap: KeyMap, optional: tuple[str, ...] = ()
+    model: nn.Module,
+    source: TensorSource,
+    keymap: KeyMap,
+    optional: tuple[str, ...] = (),
+    converted_ok: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Compare every tensor of the checkpoint with the model built from its config.
 
@@ -160,6 +164,8 @@ def check_tensors(
             if any(name == o or name.startswith(o + ".") for o in optional):
                 absent.append(name)
                 continue
+            if keymap.converted and converted_ok:  # fused on load by transformers (MoE experts): it checks them
+                continue
             if keymap.converted:
                 raise SparsifyError(
                     f"transformers builds {name} on load by converting checkpoint tensors (e.g."
@@ -175,7 +181,7 @@ def check_tensors(
                 f"tensor {key} has shape {have} but config.json implies {tuple(tensor.shape)}:"
                 " the weights do not match the config"
             )
-    known = set(keymap.to_ckpt.values())
+    known = set(keymap.to_ckpt.values()) | set(keymap.converted)
     unexpected = [k for k in source.keys() if k not in known]
     return absent, unexpected
 
@@ -199,7 +205,7 @@ def verify(source: TensorSource, config, arch_layers: str | None, optional: tupl
         check_layer_count(source, arch_layers, int(config.num_hidden_layers))
     model = build_skeleton(config, encoder, trust_remote_code, None, set(source.keys()))
     keymap = KeyMap(model, source)
-    absent, unexpected = check_tensors(model, source, keymap, optional)
+    absent, unexpected = check_tensors(model, source, keymap, optional, converted_ok=True)
     notes = [f"not in the checkpoint (optional): {', '.join(absent)}"] if absent else []
     if unexpected:
         notes.append(f"{len(unexpected)} tensor(s) the model does not use, e.g. {unexpected[0]}")

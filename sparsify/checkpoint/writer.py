@@ -74,6 +74,7 @@ class ShardCounts:
     parameters: int = 0  # floating-point elements written
     nonzeros: int = 0
     bytes: int = 0
+    quantized: int = 0  # weights stored as integers (an int8 ``weight``, or the shape a ``weight_shape`` gives)
 
 
 def write_shard(
@@ -101,6 +102,10 @@ def write_shard(
             if data.is_floating_point():
                 counts.parameters += data.numel()
                 counts.nonzeros += int(torch.count_nonzero(data))
+            elif key.endswith(".weight") and data.dtype == torch.int8:
+                counts.quantized += data.numel()
+            elif key.endswith(".weight_shape"):  # compressed-tensors' packed weights: their unpacked shape
+                counts.quantized += int(torch.prod(data))
             f.seek(offset)
             if data.numel():
                 f.write(memoryview(data.view(torch.uint8).numpy()))  # no copy of the bytes
@@ -197,13 +202,14 @@ def assemble(
             counts = write_shard(
                 folder / name, [(k, info[k]) for k in keys], _stream(keys, tensors, layers, model_source)
             )
-            done = [counts.parameters, counts.nonzeros, counts.bytes]
+            done = [counts.parameters, counts.nonzeros, counts.bytes, counts.quantized]
             plan["done"][name] = done
             write_json(plan_path, plan)
             _drop_finished_layer_files(layer_files, plan)
         total.parameters += done[0]
         total.nonzeros += done[1]
         total.bytes += done[2]
+        total.quantized += done[3] if len(done) > 3 else 0
     if len(plan["shards"]) > 1:
         index = {
             "metadata": {

@@ -51,6 +51,7 @@ from sparsify.algorithms.moe import (
     train_router,
 )
 from sparsify.errors import SparsifyError
+from sparsify.modules import add_to_bias
 from sparsify.passes.base import LayerPassConfig, Pass, register
 from sparsify.runtime.moe import FAMILIES, Expert, MoEBlock
 
@@ -139,6 +140,12 @@ class MoEPass(Pass):
             raise SparsifyError(f"{target} experts have no biases; this model's MLP has (mlp_bias)")
         if getattr(config, "attention_bias", False) and target != "qwen3_moe":
             raise SparsifyError(f"{target} attention has no output bias; this model's has (attention_bias)")
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        if target == "qwen2_moe" and head_dim * heads != config.hidden_size:
+            raise SparsifyError(
+                f"qwen2_moe (in vLLM) takes head_dim = hidden_size / heads; this model's head_dim is {head_dim}"
+            )
         width = int(config.intermediate_size)
         if width % c.experts:
             divisors = [e for e in range(2, 65) if width % e == 0]
@@ -188,6 +195,9 @@ class MoEPass(Pass):
             block.shared_expert_gate.weight.zero_()
         parent, _, attr = a.mlp.rpartition(".")
         setattr(work.layer.get_submodule(parent) if parent else work.layer, attr, block)
+        if self.family == "qwen2_moe":  # its q/k/v always carry biases in vLLM: zero ones, exact
+            for name in a.attn_in:
+                add_to_bias(work.layer.get_submodule(f"{a.attention}.{name}"))
         return [
             {
                 "kind": self.kind,
@@ -323,7 +333,7 @@ class MoEPass(Pass):
             fields["intermediate_size"] = self.width  # for dense layers (none here)
         if self.family == "qwen2_moe":
             fields["shared_expert_intermediate_size"] = c.shared * width
-            fields["qkv_bias"] = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))
+            fields["qkv_bias"] = True  # vLLM's Qwen2-MoE attention always has q/k/v biases (zero ones are added)
         new = AutoConfig.for_model(**fields)
         for key in ("rope_parameters", "head_dim", "hidden_size", "num_key_value_heads", "rms_norm_eps", "hidden_act"):
             if getattr(dense, key, None) is not None and getattr(new, key, None) != getattr(dense, key):

@@ -161,7 +161,7 @@ class QuantizePass(Pass):
         ("scheme", "scheme", "text"),
         ("group_size", "group", "text"),
         ("method", "method", "text"),
-        ("weight_error", "weight error (H)", "err"),
+        ("weight_error", "weight error", "err"),
         ("rel_error", "output error", "err"),
         ("qat_loss", "QAT loss (before → after)", "text"),
         ("seconds", "time", "s"),

@@ -248,7 +248,7 @@ class StructuredPrunePass(Pass):
 
     def _heads(self, work: LayerWork) -> dict[str, Any]:
         assert self.arch is not None
-        a, c, s = self.arch, self.config, self.sizes
+        a, s = self.arch, self.sizes
         heads, kv, hd, keep = s["heads"], s["kv"], s["head_dim"], s["keep_groups"]
         per_group = heads // kv
         attn = work.layer.get_submodule(a.attention) if a.attention else work.layer
