@@ -50,6 +50,7 @@ from sparsify.algorithms.moe import (
     topk_recall,
     train_router,
 )
+from sparsify import interrupts
 from sparsify.errors import SparsifyError
 from sparsify.modules import add_to_bias
 from sparsify.passes.base import LayerPassConfig, Pass, register
@@ -292,7 +293,8 @@ class MoEPass(Pass):
         S = A @ M  # (T, E): each routed expert's activation mass
         if c.router == "trained":
             init = analytic_router(X.T @ X, X.T @ A, groups) if X.shape[0] > X.shape[1] else R
-            R = train_router(X, A, groups, init, c.top_k, c.router_steps, seed=c.seed)
+            R = train_router(X, A, groups, init, c.top_k, c.router_steps, seed=c.seed,
+                             callback=lambda _step, _loss: interrupts.check())  # fmt: skip
         logits = X @ R.T
         chosen = torch.zeros_like(S, dtype=torch.bool).scatter_(1, torch.topk(logits, c.top_k, dim=1).indices, True)
         coverage = float((S * chosen).sum() / A.sum().clamp_min(1e-30))  # of all neurons' mass, shared included

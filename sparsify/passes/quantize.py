@@ -51,6 +51,7 @@ from sparsify.algorithms.quant import (
     quantize,
 )
 from sparsify.algorithms.smoothquant import smoothing_scales
+from sparsify import interrupts
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
 from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
@@ -343,6 +344,7 @@ class QuantizePass(Pass):
         with torch.no_grad():
             first = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
         for _ in range(qat.steps):
+            interrupts.check()  # a long tuning stops at the next step on Ctrl-C / SIGTERM
             pick = torch.randint(len(windows), (1,), generator=gen).item()
             b = windows[pick][0]
             rows = [i for bb, i in windows if bb == b]
