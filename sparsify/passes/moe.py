@@ -37,6 +37,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from sparsify import interrupts
 from sparsify.algorithms.moe import (
     analytic_router,
     centroid_router,
@@ -50,7 +51,6 @@ from sparsify.algorithms.moe import (
     topk_recall,
     train_router,
 )
-from sparsify import interrupts
 from sparsify.errors import SparsifyError
 from sparsify.modules import add_to_bias
 from sparsify.passes.base import LayerPassConfig, Pass, register

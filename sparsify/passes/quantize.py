@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from sparsify import interrupts
 from sparsify.algorithms.gptq import gptq_quantize
 from sparsify.algorithms.quant import (
     PerChannel,
@@ -51,7 +52,6 @@ from sparsify.algorithms.quant import (
     quantize,
 )
 from sparsify.algorithms.smoothquant import smoothing_scales
-from sparsify import interrupts
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
 from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
