@@ -112,6 +112,7 @@ class LayerWork:
     # fqn -> the float weight (out, in) its output error is measured against: the layer's dense weights; a
     # pass that rewrites weights without changing the function (SmoothQuant's migration) updates them
     reference: dict[str, Tensor] = field(default_factory=dict)
+    progress: Progress = field(default_factory=NoProgress)  # for a pass's own long loops (QAT steps)
 
     def run(self, inputs: list[Tensor] | None = None) -> list[Tensor]:
         """The layer's outputs on ``inputs`` (default: the calibration inputs), batch by batch."""
@@ -380,7 +381,7 @@ class LayerwiseRunner:
                     stats = self.collect(layer, watched, needs, hidden, calls, p.custom_stats)
                 else:
                     stats = {}
-                work = LayerWork(i, layer, self.prefix(i), stage, stats, hidden, calls, reference or {})
+                work = LayerWork(i, layer, self.prefix(i), stage, stats, hidden, calls, reference or {}, self.progress)
                 with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
                     output.records.extend(p.compress_layer(work))
                 self.provider.round_to_storage(i, layer)

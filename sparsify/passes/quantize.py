@@ -29,6 +29,7 @@ so that the layer reproduces the float layer's outputs on the calibration inputs
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerWork
 
+log = logging.getLogger(__name__)
 SCHEMES = ("w8a8", "w8a8-static", "w4a16", "w8a16")
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE activation scales
 
@@ -343,7 +345,7 @@ class QuantizePass(Pass):
 
         with torch.no_grad():
             first = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
-        for _ in range(qat.steps):
+        for _ in work.progress.track(range(qat.steps), qat.steps, f"QAT {work.prefix}"):
             interrupts.check()  # a long tuning stops at the next step on Ctrl-C / SIGTERM
             pick = torch.randint(len(windows), (1,), generator=gen).item()
             b = windows[pick][0]
@@ -364,6 +366,7 @@ class QuantizePass(Pass):
                 q_new = quantize(m.weight.detach(), scale_t.float(), zp, args)
                 q_new = torch.where(W != 0, q_new, _expand(zp, W.shape, args))  # pruned zeros stay zero
                 quantized[fqn] = (q_new.to(torch.int8), scale_t, zp, bias, input_scale, W)
+        log.info("QAT %s: layer loss %.3g → %.3g in %d steps", work.prefix, first, last, qat.steps)
         return f"{first:.3g} → {last:.3g}"
 
     # ---------------------------------------------------------------------------------- output
