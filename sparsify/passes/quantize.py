@@ -102,6 +102,8 @@ class QuantizeConfig(LayerPassConfig):
             raise ValueError("act_order is a GPTQ option (method: gptq)")
         if self.smoothquant is not None and not acts:
             raise ValueError("smoothquant moves activation outliers into the weights: it needs w8a8 or w8a8-static")
+        if self.qat is not None and self.sequential:
+            raise ValueError("qat tunes each whole layer at once; it does not combine with sequential stages")
         if "observer" in self.model_fields_set and self.scheme != "w8a8-static":
             raise ValueError("observer sets static activation scales: it needs scheme w8a8-static")
         return self
