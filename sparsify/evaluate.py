@@ -65,7 +65,9 @@ def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool, device: str =
     verify(md.source, config, arch.layers if arch else None, arch.optional if arch else (), is_encoder(config.model_type),
            trust_remote_code)  # fmt: skip
     try:
-        model = load(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, kernel="exact"
+        )  # the checkpoint's numerics
     except SparsifyError:
         raise
     except Exception as e:

@@ -178,7 +178,8 @@ def load(path: str | Path, *, trust_remote_code: bool = False, kernel: str = "au
     Causal models come back as ``AutoModelForCausalLM``, encoders as ``AutoModel``; ``kwargs`` go to
     ``from_pretrained`` (``dtype``, ``device_map``, ...). A compressed-tensors checkpoint (sparsify's or
     another tool's) is built by sparsify itself (:mod:`sparsify.runtime.compressed`); ``kernel`` picks
-    its int kernel (``auto``: measured on this machine; see :mod:`sparsify.runtime.quantized`), and
+    its int kernel (``auto``: measured on this machine; ``exact``: likewise among the kernels that keep
+    the checkpoint's numerics; see :mod:`sparsify.runtime.quantized`), and
     ``model.sparsify_kernels`` says what was chosen.
     """
     from transformers import AutoModel, AutoModelForCausalLM

@@ -348,7 +348,8 @@ def choose_kernels(
     modules: Iterable[QuantizedLinear], kernel: str = "auto", tokens: int = 512, dtype: torch.dtype = torch.float32
 ) -> list[KernelChoice]:
     """Give every module a kernel; ``auto`` measures, per distinct shape and scheme, each candidate
-    against the float matmul on ``tokens`` rows and keeps the fastest that beats it.
+    against the float matmul on ``tokens`` rows and keeps the fastest that beats it; ``exact`` does the
+    same among the kernels that compute the checkpoint's own numerics (no ``fbgemm``: what evaluation uses).
 
     The exact ``int_mm`` is taken whenever it beats float; ``fbgemm``, whose per-tensor activations differ
     from the checkpoint's per-token ones, only where ``int_mm`` does not (e.g. AVX2 without VNNI). Weight-only schemes are dequantized once (no CPU kernel reads packed
@@ -362,9 +363,9 @@ def choose_kernels(
     choices = []
     for (n_in, n_out, scheme), members in groups.items():
         first = members[0]
-        candidates = [k for k in first.kernels() if k != "reference"]
+        candidates = [k for k in first.kernels() if k != "reference" and not (kernel == "exact" and k == "fbgemm")]
         seconds: dict[str, float] = {}
-        if kernel != "auto":
+        if kernel not in ("auto", "exact"):
             chosen = kernel
         elif scheme.activations is None:
             chosen = "dequantized"
