@@ -662,6 +662,12 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         elif layered:
             tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
             tokens, calib_name = _calibration_tokens(recipe, tokenizer)
+            if not _any_needs_data(stages, lookup(config.model_type)) and tokens.shape[0] > ERROR_WINDOWS:
+                tokens = tokens[:ERROR_WINDOWS]  # statistics unused: run only the windows errors are measured on
+                context_notes.append(
+                    f"no pass needs calibration statistics: only the {ERROR_WINDOWS} windows output errors are"
+                    " measured on were run"
+                )
         cfg = json.loads(md.config_path.read_text())
         _dry_run(stages, md, cfg, opts)  # every config pass and plan checked before any work
         all_passes = [build_pass(step, i, lookup(config.model_type)) for i, step in enumerate(recipe.passes)]
@@ -753,6 +759,10 @@ def _dry_run(stages: list[_Stage], md: ModelDir, cfg: dict[str, Any], opts: Opti
 
 
 NO_DATA = "none"  # calibration.data: run without calibration text (passes that need none)
+
+
+def _any_needs_data(stages: list[_Stage], arch: Arch | None) -> bool:
+    return any(build_pass(step, index, arch).needs_data for stage in stages for index, step in stage.layer_steps)
 
 
 def _check_data_free(stages: list[_Stage], arch: Arch | None) -> None:
