@@ -99,9 +99,10 @@ def quality(args) -> None:
                     {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step]}
                 )
                 t0 = time.perf_counter()
-                report = compress(model, recipe, out, Options(overwrite=True))
+                report = compress(model, recipe, out, Options(overwrite=True, dtype=getattr(torch, args.dtype)))
                 seconds = time.perf_counter() - t0
                 extra = {
+                    "compute_dtype": args.dtype,
                     "peak_rss_bytes": report["totals"]["peak_rss_bytes"],
                     "mean_weight_error": report["totals"].get("mean_weight_error"),
                 }
@@ -198,6 +199,7 @@ def main() -> None:
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--eval-windows", type=int, default=32)
     q.add_argument("--llmcompressor", help="python of a venv with llmcompressor installed")
+    q.add_argument("--dtype", default="float32", help="our compute dtype (llmcompressor's is float32)")
     s = sub.add_parser("speed")
     s.add_argument("--tokens", type=int, default=512)
     s.add_argument("--repeats", type=int, default=5)

@@ -440,7 +440,10 @@ def quantize(
     group_size: Annotated[
         int | None, typer.Option(help="weights per scale (w4a16/w8a16) [default: 128 for 4-bit]; -1: per channel")
     ] = None,
-    act_order: Annotated[bool, typer.Option(help="GPTQ: columns in decreasing Hessian order")] = False,
+    act_order: Annotated[
+        bool | None,
+        typer.Option("--act-order/--no-act-order", help="GPTQ: columns in decreasing Hessian order [default: on]"),
+    ] = None,
     asymmetric: Annotated[bool, typer.Option(help="asymmetric weights with a zero point (weight-only)")] = False,
     observer: Annotated[Observer | None, typer.Option(help="w8a8-static: activation range [default: minmax]")] = None,
     smoothquant: Annotated[float | None, typer.Option(help="W8A8: SmoothQuant migration strength alpha")] = None,
@@ -472,7 +475,7 @@ def quantize(
     given = {
         "method": method.value if method else None,
         "group_size": group_size,
-        "act_order": act_order or None,
+        "act_order": act_order,
         "symmetric": False if asymmetric else None,
         "observer": observer.value if observer else None,
         "smoothquant": smoothquant,

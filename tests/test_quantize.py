@@ -29,7 +29,8 @@ SCHEMES = [
     ("w8a8-static", {"observer": "mse"}),
     ("w8a8", {"smoothquant": 0.5}),
     ("w4a16", {"group_size": 32}),
-    ("w4a16", {"group_size": 32, "method": "rtn", "act_order": False}),
+    ("w4a16", {"group_size": 32, "method": "rtn"}),
+    ("w4a16", {"group_size": 32, "act_order": False}),
     ("w8a16", {}),
 ]
 FAMILIES = ["llama", "qwen3", "gemma2", "phi3", "opt", "gpt_neox", "bert"]

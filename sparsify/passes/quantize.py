@@ -7,7 +7,7 @@ format that transformers and vLLM load.
   scheme: w4a16            # w8a8 | w8a8-static | w4a16 | w8a16
   method: gptq             # rtn | gptq
   group_size: 64           # weight-only default 128; -1 per channel (8-bit weights: per channel)
-  act_order: false         # GPTQ: columns in decreasing Hessian diagonal order (static groups)
+  act_order: true          # GPTQ (default): columns in decreasing Hessian-diagonal order (static groups)
   symmetric: true          # false: asymmetric weights (weight-only schemes)
   observer: minmax         # w8a8-static: minmax | percentile | mse (the input_scale)
   smoothquant: 0.5         # W8A8: migrate activation outliers into the weights (alpha)
@@ -79,7 +79,9 @@ class QuantizeConfig(LayerPassConfig):
     method: Literal["rtn", "gptq"] = "gptq"
     group_size: int | None = Field(None, description="weights per scale along the input; -1: per channel")
     symmetric: bool = True
-    act_order: bool = Field(False, description="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+    act_order: bool | None = Field(
+        None, description="GPTQ: columns in decreasing Hessian-diagonal order (default on, as llm-compressor's)"
+    )
     dampening: float = Field(0.01, gt=0.0, description="GPTQ: fraction of mean diag(H) added to H")
     blocksize: int = Field(128, gt=0, description="GPTQ: columns solved per block")
     observer: Literal["minmax", "percentile", "mse"] = Field("minmax", description="static activation range")
@@ -98,7 +100,7 @@ class QuantizeConfig(LayerPassConfig):
             )
         if acts and not self.symmetric:
             raise ValueError(f"{self.scheme} weights are symmetric (the int8 kernels take no zero point)")
-        if self.act_order and self.method != "gptq":
+        if self.act_order is not None and self.method != "gptq":
             raise ValueError("act_order is a GPTQ option (method: gptq)")
         if self.smoothquant is not None and not acts:
             raise ValueError("smoothquant moves activation outliers into the weights: it needs w8a8 or w8a8-static")
@@ -107,6 +109,10 @@ class QuantizeConfig(LayerPassConfig):
         if "observer" in self.model_fields_set and self.scheme != "w8a8-static":
             raise ValueError("observer sets static activation scales: it needs scheme w8a8-static")
         return self
+
+    @property
+    def gptq_act_order(self) -> bool:
+        return self.method == "gptq" and self.act_order is not False
 
     @property
     def bits(self) -> int:
@@ -192,7 +198,7 @@ class QuantizePass(Pass):
         extra = (f" + SmoothQuant {c.smoothquant}" if c.smoothquant is not None else "") + (
             f" + QAT {c.qat.steps} steps" if c.qat else ""
         )
-        order = " act-order" if c.act_order else ""
+        order = " act-order" if c.gptq_act_order else ""
         sym = "" if c.symmetric else " asymmetric"
         return f"quantize {c.scheme}{group} {c.method}{order}{sym}{extra}"
 
@@ -278,7 +284,7 @@ class QuantizePass(Pass):
         if H is not None:
             try:
                 res = gptq_quantize(
-                    W, H, args, c.blocksize, c.dampening, c.act_order, mask=mask, observer=c.weight_observer
+                    W, H, args, c.blocksize, c.dampening, c.gptq_act_order, mask=mask, observer=c.weight_observer
                 )
             except ValueError as e:
                 raise SparsifyError(f"{fqn}: {e}") from e
