@@ -13,11 +13,14 @@ from benchmarks.common import OUT
 
 def quality() -> str:
     rows: dict[str, dict] = {}
-    for line in (OUT / "quality.jsonl").read_text().splitlines():
+    path = OUT / "quality.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
         compute = row.get("compute_dtype", "float32")
         key = row["setting"] + ("" if compute == "float32" else f" [{compute} compute]")
         rows[key] = row
+    if not rows:
+        return ""
     dense = rows.get("dense", {}).get("perplexity")
     lines = [
         "| setting | tool | perplexity | vs dense | wall time (s) |",
@@ -94,9 +97,77 @@ def attention() -> str:
     return "\n".join(out)
 
 
+def _rows(name: str) -> dict[str, dict]:
+    """The last row per setting of bench-out/NAME (several files may hold one benchmark's rows)."""
+    rows: dict[str, dict] = {}
+    for path in sorted(OUT.glob(name)):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            key = row["setting"] + ("" if row.get("compute_dtype", "float32") == "float32" else " [bf16 compute]")
+            rows[key] = row
+    return rows
+
+
+def structured() -> str:
+    rows = _rows("structured.jsonl")
+    if not rows:
+        return ""
+    dense = rows["dense"]
+    params = 134_515_008  # SmolLM2-135M
+    lines = [
+        "| setting | params removed | perplexity | vs dense | checkpoint (MB) | forward 512 tok (s) | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in rows.items():
+        removed = 1 - (r["nonzero_parameters"] or params) / params
+        t = r.get("forward_512_s")
+        speed = f"{r['dense_forward_512_s'] / t:.2f}×" if t and r.get("dense_forward_512_s") else "—"
+        lines.append(
+            f"| `{key}` | {removed:.1%} | {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity']:.2f}× |"
+            f" {r['bytes'] / 1e6:.0f} | {f'{t:.3f}' if t else '—'} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def quantize() -> str:
+    rows = _rows("quantize.jsonl")
+    if not rows:
+        return ""
+    dense = rows["dense"]
+    lines = [
+        "| setting | tool | perplexity | vs dense | Linear bytes vs fp16 | checkpoint (MB) | wall time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in rows.items():
+        tool = "llmcompressor 0.14" if key.startswith("lc/") else ("—" if key == "dense" else "sparsify")
+        lines.append(
+            f"| `{key}` | {tool} | {r['perplexity']:.3f} | {r['perplexity'] / dense['perplexity']:.3f}× |"
+            f" {r['linear_bytes_vs_fp16'] / 2 if key == 'dense' else r['linear_bytes_vs_fp16']:.3f} |"
+            f" {r['bytes'] / 1e6:.0f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def moe() -> str:
+    rows = _rows("moe.jsonl")
+    if not rows:
+        return ""
+    dense = rows["dense"]
+    lines = [
+        "| E/k/shared/split/router | FFN active | perplexity | vs dense | router recall | peak RSS (GB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in rows.items():
+        recall = f"{r['router_recall']:.1%}" if r.get("router_recall") is not None else "—"
+        rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" if r.get("peak_rss_bytes") else "—"
+        lines.append(
+            f"| `{key}` | {r['ffn_active']:.1%} | {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity']:.2f}× |"
+            f" {recall} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(quality())
-    print()
-    print(encoder())
-    print()
-    print(attention())
+    for table in (quality, encoder, attention, structured, quantize, moe):
+        print(table())
+        print()
