@@ -445,7 +445,7 @@ def quantize(
         typer.Option("--act-order/--no-act-order", help="GPTQ: columns in decreasing Hessian order [default: on]"),
     ] = None,
     asymmetric: Annotated[bool, typer.Option(help="asymmetric weights with a zero point (weight-only)")] = False,
-    observer: Annotated[Observer | None, typer.Option(help="w8a8-static: activation range [default: minmax]")] = None,
+    observer: Annotated[Observer | None, typer.Option(help="w8a8-static: activation range [default: mse]")] = None,
     smoothquant: Annotated[float | None, typer.Option(help="W8A8: SmoothQuant migration strength alpha")] = None,
     qat: Annotated[bool, typer.Option(help="then tune each layer with fake quantization (QAT)")] = False,
     steps: Annotated[int | None, typer.Option(help="QAT: Adam steps per layer [default: 200]")] = None,

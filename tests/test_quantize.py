@@ -26,7 +26,8 @@ from tests import zoo
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
 SCHEMES = [
     ("w8a8", {}),
-    ("w8a8-static", {"observer": "mse"}),
+    ("w8a8-static", {}),  # the default observer: mse
+    ("w8a8-static", {"observer": "minmax"}),
     ("w8a8", {"smoothquant": 0.5}),
     ("w4a16", {"group_size": 32}),
     ("w4a16", {"group_size": 32, "method": "rtn"}),

@@ -9,7 +9,7 @@ format that transformers and vLLM load.
   group_size: 64           # weight-only default 128; -1 per channel (8-bit weights: per channel)
   act_order: true          # GPTQ (default): columns in decreasing Hessian-diagonal order (static groups)
   symmetric: true          # false: asymmetric weights (weight-only schemes)
-  observer: minmax         # w8a8-static: minmax | percentile | mse (the input_scale)
+  observer: mse            # w8a8-static: mse | percentile | minmax (the input_scale)
   smoothquant: 0.5         # W8A8: migrate activation outliers into the weights (alpha)
   qat: {steps: 200, lr: 1.0e-4}   # then tune each layer with fake quantization (straight-through)
 ```
@@ -84,7 +84,9 @@ class QuantizeConfig(LayerPassConfig):
     )
     dampening: float = Field(0.01, gt=0.0, description="GPTQ: fraction of mean diag(H) added to H")
     blocksize: int = Field(128, gt=0, description="GPTQ: columns solved per block")
-    observer: Literal["minmax", "percentile", "mse"] = Field("minmax", description="static activation range")
+    observer: Literal["minmax", "percentile", "mse"] = Field(
+        "mse", description="static activation range (mse: the clipping that minimises the squared error)"
+    )
     weight_observer: Literal["minmax", "mse"] = Field("minmax", description="weight range (RTN, GPTQ's groups)")
     smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
     qat: QATConfig | None = None
