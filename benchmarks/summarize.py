@@ -129,6 +129,23 @@ def structured() -> str:
     return "\n".join(lines)
 
 
+def structured_latency() -> str:
+    rows = _rows("structured-latency.jsonl")
+    if not rows:
+        return ""
+    params = 134_515_008  # SmolLM2-135M
+    lines = [
+        "| shape (setting) | params removed | forward 512 tok (s) | dense, same run (s) | speed-up | CPU |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for key, r in rows.items():
+        lines.append(
+            f"| `{key}` | {1 - r['nonzero_parameters'] / params:.1%} | {r['forward_512_s']:.3f} |"
+            f" {r['dense_forward_512_s']:.3f} | {r['speedup']:.2f}× | {r['cpu']} |"
+        )
+    return "\n".join(lines)
+
+
 def quantize() -> str:
     rows = _rows("quantize.jsonl")
     if not rows:
@@ -154,20 +171,53 @@ def moe() -> str:
         return ""
     dense = rows["dense"]
     lines = [
-        "| E/k/shared/split/router | FFN active | perplexity | vs dense | router recall | peak RSS (GB) |",
+        "| E/k/shared/split/router | FFN active | perplexity | vs dense | router recall | conversion (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for key, r in rows.items():
         recall = f"{r['router_recall']:.1%}" if r.get("router_recall") is not None else "—"
-        rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" if r.get("peak_rss_bytes") else "—"
+        secs = f"{r['seconds']:.0f}" if r.get("seconds") else "—"
         lines.append(
             f"| `{key}` | {r['ffn_active']:.1%} | {r['perplexity']:.2f} | {r['perplexity'] / dense['perplexity']:.2f}× |"
-            f" {recall} | {rss} |"
+            f" {recall} | {secs} |"
         )
     return "\n".join(lines)
 
 
+def moe_speed() -> str:
+    path = OUT / "moe-speed.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = {(r["setting"], r["experts_implementation"]): r for r in rows if "error" not in r}
+    if not rows:
+        return ""
+    lines = [
+        "| E/k/shared | experts implementation | FFN FLOPs | FFN (ms) | dense FFN (ms) | FFN speed-up | forward (s) |"
+        " dense forward (s) | forward speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (spec, impl), r in rows.items():
+        lines.append(
+            f"| `{spec}` | {impl} | {r['ffn_flops_fraction']:.0%} | {r['ffn_s'] * 1e3:.1f} | {r['dense_ffn_s'] * 1e3:.1f} |"
+            f" {r['ffn_speedup']:.2f}× | {r['forward_s']:.3f} | {r['dense_forward_s']:.3f} | {r['forward_speedup']:.2f}× |"
+        )
+    return "\n".join([*lines, "", f"CPU: {next(iter(rows.values()))['cpu']}"])
+
+
+def moe_oracle() -> str:
+    path = OUT / "moe-oracle.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not rows:
+        return ""
+    splits = ("coactivation", "cluster", "random")
+    head = " | ".join(f"{s}: oracle / router" for s in splits)
+    lines = [f"| layer | FFN active | best neurons | {head} |", "|---:|---:|---:|" + "---:|" * len(splits)]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{s}/mass_oracle']:.3f} / {r[f'{s}/analytic']:.3f}" for s in splits)
+        lines.append(f"| {r['layer']} | {r['ffn_active']:.0%} | {r['neuron_oracle']:.3f} | {cells} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for table in (quality, encoder, attention, structured, quantize, moe):
+    for table in (quality, encoder, attention, structured, structured_latency, quantize, moe, moe_speed, moe_oracle):
         print(table())
         print()
