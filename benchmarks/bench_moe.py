@@ -180,18 +180,20 @@ def oracle(args) -> None:
             "cluster": M.cluster_partition(torch.cat([Wg, Wu], 1), args.experts),
             "random": M.random_partition(n, args.experts),
         }
+        XtX, XtA = Xc.T @ Xc, Xc.T @ Ac.abs()  # (d, d), (d, n): one set of router statistics for every split
+        scored = {}  # split -> (membership (n, E), {how: expert scores (Ne, E)})
+        for split, lab in labels.items():
+            groups = M.partition(lab, args.experts)
+            member = M.membership(groups, n)  # (n, E)
+            R = M.analytic_router(XtX, XtA, groups)  # (E, d)
+            scored[split] = (member, {"mass_oracle": Ae.abs() @ member, "analytic": Xe @ R.T})
         for frac in (0.25, 0.5, 0.75):
             k = round(frac * args.experts)
             top = Ae.abs().topk(int(frac * n), dim=1).indices
             row = {"layer": i, "experts": args.experts, "top_k": k, "ffn_active": k / args.experts,
                    "neuron_oracle": err(torch.zeros_like(Ae).scatter_(1, top, 1.0))}  # fmt: skip
-            for split, lab in labels.items():
-                groups = M.partition(lab, args.experts)
-                member = torch.zeros(n, args.experts)  # (n, E)
-                for e, g in enumerate(groups):
-                    member[g, e] = 1.0
-                R = M.analytic_router(Xc.T @ Xc, Xc.T @ Ac.abs(), groups)  # (E, d)
-                for how, scores in (("mass_oracle", Ae.abs() @ member), ("analytic", Xe @ R.T)):
+            for split, (member, by_how) in scored.items():
+                for how, scores in by_how.items():
                     chosen = torch.zeros(len(Xe), args.experts).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
                     row[f"{split}/{how}"] = err(chosen @ member.T)
             print(json.dumps(row), flush=True)

@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT
 
+SMOLLM2_PARAMS = 134_515_008  # SmolLM2-135M, embeddings included
+
 
 def quality() -> str:
     rows: dict[str, dict] = {}
@@ -113,13 +115,12 @@ def structured() -> str:
     if not rows:
         return ""
     dense = rows["dense"]
-    params = 134_515_008  # SmolLM2-135M
     lines = [
         "| setting | params removed | perplexity | vs dense | checkpoint (MB) | forward 512 tok (s) | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in rows.items():
-        removed = 1 - (r["nonzero_parameters"] or params) / params
+        removed = 1 - (r["nonzero_parameters"] or SMOLLM2_PARAMS) / SMOLLM2_PARAMS
         t = r.get("forward_512_s")
         speed = f"{r['dense_forward_512_s'] / t:.2f}×" if t and r.get("dense_forward_512_s") else "—"
         lines.append(
@@ -133,14 +134,13 @@ def structured_latency() -> str:
     rows = _rows("structured-latency.jsonl")
     if not rows:
         return ""
-    params = 134_515_008  # SmolLM2-135M
     lines = [
         "| shape (setting) | params removed | forward 512 tok (s) | dense, same run (s) | speed-up | CPU |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for key, r in rows.items():
         lines.append(
-            f"| `{key}` | {1 - r['nonzero_parameters'] / params:.1%} | {r['forward_512_s']:.3f} |"
+            f"| `{key}` | {1 - r['nonzero_parameters'] / SMOLLM2_PARAMS:.1%} | {r['forward_512_s']:.3f} |"
             f" {r['dense_forward_512_s']:.3f} | {r['speedup']:.2f}× | {r['cpu']} |"
         )
     return "\n".join(lines)

@@ -219,7 +219,7 @@ def check_partition(groups_idx: list[Tensor], n: int) -> None:
 # ---- routers --------------------------------------------------------------------------------------------------------
 
 
-def _membership(groups_idx: list[Tensor], n: int) -> Tensor:
+def membership(groups_idx: list[Tensor], n: int) -> Tensor:
     """``M: (n, E)`` float32 with ``M[j, e] = 1`` when neuron ``j`` is in expert ``e`` (rows of neurons in no
     group, such as shared ones, stay zero)."""
     M = torch.zeros(n, len(groups_idx), dtype=torch.float32)  # (n, E)
@@ -233,7 +233,7 @@ def centroid_router(W_gate_rows: Tensor, groups_idx: list[Tensor]) -> Tensor:
     ``W_gate_rows: (n, d)`` (MoEfication's and CMoE's cluster centre; for SwiGLU, ``W_g``)."""
     W = W_gate_rows.float()  # (n, d)
     W = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    M = _membership(groups_idx, W.shape[0])  # (n, E)
+    M = membership(groups_idx, W.shape[0])  # (n, E)
     return (M.T @ W) / M.sum(0).clamp(min=1)[:, None]  # (E, d)
 
 
@@ -254,7 +254,7 @@ def analytic_router(XtX: Tensor, XtA: Tensor, groups_idx: list[Tensor], ridge: f
     L, info = torch.linalg.cholesky_ex(G)  # (d, d), lower
     if info:
         raise ValueError("X^T X + ridge * I is not positive definite; increase ridge or calibrate on more tokens")
-    XtS = XtA.double() @ _membership(groups_idx, XtA.shape[1]).double()  # (d, E)
+    XtS = XtA.double() @ membership(groups_idx, XtA.shape[1]).double()  # (d, E)
     return torch.cholesky_solve(XtS, L).T.float().contiguous()  # (E, d)
 
 
@@ -308,7 +308,7 @@ def train_router(
     batch = min(1024, T)
     with torch.inference_mode(False), torch.no_grad():
         X = X.float().clone()  # (T, d): a normal tensor even if the caller's came from inference mode
-        S = A_abs.float() @ _membership(groups_idx, A_abs.shape[1]).to(A_abs.device)  # (T, E)
+        S = A_abs.float() @ membership(groups_idx, A_abs.shape[1]).to(A_abs.device)  # (T, E)
         S = S.to(X.device)
         z = (S - S.mean(1, keepdim=True)) / S.std(1, correction=0, keepdim=True).clamp(min=1e-6)  # (T, E)
         target = torch.softmax(z / tau, dim=1)  # (T, E)
