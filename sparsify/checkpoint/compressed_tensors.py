@@ -92,6 +92,14 @@ def quantization_config(schemes: dict[str, QuantScheme], linears: list[str]) -> 
     )
     data = config.model_dump(mode="json")
     data["quant_method"] = QUANT_METHOD
+    if any(s.packed and not s.weights.symmetric for s in distinct):
+        # transformers 5 builds a compressed model on the meta device with compressed-tensors' compress_model,
+        # whose meta path leaves weight_zero_point unpacked ((out, groups) int8) while the file holds it packed
+        # along the output dimension ((out * bits / 32, groups) int32, as compressed-tensors itself writes it):
+        # the load fails on a size mismatch (llm-compressor #1618). transformers reads ``dequantize`` from
+        # config.json (CompressedTensorsConfig(**quantization_config)) and then decompresses each Linear from
+        # the file's own tensors, packed zero point included. vLLM and compressed-tensors ignore the key.
+        data["dequantize"] = True
     try:
         from compressed_tensors import __version__ as ct_version
 
