@@ -9,6 +9,7 @@ Only the standard library is imported before the handlers are in place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -41,4 +42,31 @@ def main() -> None:
         _phase[0] = "finished"
         for s in _SIGNALS:  # the command restored ours when it ended; make sure, for the shutdown
             signal.signal(s, _handler)
-    sys.exit(code)
+    _exit(code)
+
+
+def _exit(code: object) -> None:
+    """Shut down with our handler in place until the process is gone.
+
+    Python's own shutdown restores the default handlers before it finishes (``_PySignal_Fini``), and
+    torch's exit hooks take a while: a signal landing then would kill the process with no word. So the
+    exit hooks run here, under our handler, the signals are then blocked, and the process ends at once.
+    """
+    import atexit
+    import logging
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`sparsify ... | head`): nothing to say there
+            stream.flush()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    os._exit(status)

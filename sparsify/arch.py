@@ -14,8 +14,8 @@ from torch import nn
 from sparsify.errors import SparsifyError
 
 SPARSIFY_TYPE_PREFIX = "sparsify_"  # checkpoints whose attention only sparsify runs (sparsify.runtime)
-# The expert Linears of the MoE blocks sparsify writes (Mixtral's and Qwen's names), relative to a layer:
-# default targets of a pass after a dense -> MoE conversion (the routers are not among them)
+# The expert Linears of MoE blocks as sparsify holds them (one Linear per expert; Mixtral's and Qwen's names),
+# relative to a layer: default targets in a MoE family (the routers are not among them: they stay in float)
 EXPERT_LINEARS = r"(mlp|block_sparse_moe)\.(experts\.\d+|shared_expert)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
 
 
@@ -40,12 +40,13 @@ class Arch:
     embeddings: tuple[str, ...]  # token / position embeddings
     final_norm: str | None  # norm after the last block ("" when the family has none)
     attention: str  # attention block, relative to a layer
-    mlp: str  # feed-forward block, relative to a layer
+    mlp: str  # feed-forward block, relative to a layer (a MoE family: the sparse MoE block)
     attn_in: tuple[str, ...]  # Linears reading the attention input (q, k, v or a fused qkv)
     attn_out: str  # attention output projection
     mlp_in: tuple[str, ...]  # Linears reading the MLP input (gate, up, or fc1)
     mlp_out: str  # MLP output projection
     norms: tuple[str, ...]  # per-layer norms, relative to a layer
+    ffn: str = "dense"  # "dense": mlp_in/mlp_out Linears; "experts": routed experts (EXPERT_LINEARS) and a router
     causal: bool = True  # decoder-only LM (False: bidirectional encoder)
     optional: tuple[str, ...] = ()  # modules a checkpoint may lack (not read by the layers; not written)
     # How the family's config expresses a sliding window natively (None: it cannot; sparsify.load runs it):
@@ -75,12 +76,14 @@ class Arch:
     def stages(self) -> list[tuple[str, ...]]:
         """Target Linears (relative to a layer) in data-flow order: attention in, attention out, MLP in, MLP out."""
         attn = [tuple(f"{self.attention}.{n}" for n in group) for group in (self.attn_in, (self.attn_out,))]
+        if self.ffn != "dense":  # experts: a last stage of their own (names not in a stage go last)
+            return attn
         mlp = [tuple(f"{self.mlp}.{n}" if self.mlp else n for n in group) for group in (self.mlp_in, (self.mlp_out,))]
         return attn + mlp
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """Default target Linears, relative to a layer."""
+        """Default target Linears, relative to a layer (a MoE family's experts: :data:`EXPERT_LINEARS` besides)."""
         return tuple(name for stage in self.stages for name in stage)
 
 
@@ -110,6 +113,18 @@ _GEMMA2_LIKE = replace(
     keys=ConfigKeys(attn_bias="attention_bias"),
 )
 
+# The MoE families sparsify writes (dense -> MoE) and reads back: Llama-like attention, a sparse MoE block at
+# `mlp` with a router `mlp.gate` and one Linear per expert (sparsify.runtime.moe.MoEBlock); the post-attention
+# norm feeds the router and every expert, so SmoothQuant folds only into q/k/v
+_MOE_LIKE = replace(
+    _LLAMA_LIKE,
+    ffn="experts",
+    mlp_in=(),
+    mlp_out="",
+    norm_feeds=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+    notes="sparse MoE: experts one Linear each, the router kept in float",
+)
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": replace(  # same weights and names as Mistral
         _LLAMA_LIKE,
@@ -122,6 +137,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen3": replace(
         _LLAMA_LIKE, window_config="qwen", keys=ConfigKeys(attn_bias="attention_bias"), moe_families=("qwen3_moe", None)
     ),
+    "mixtral": replace(_MOE_LIKE, window_config="uniform"),
+    "qwen2_moe": replace(_MOE_LIKE, window_config="qwen"),
+    "qwen3_moe": replace(_MOE_LIKE, window_config="uniform", keys=ConfigKeys(attn_bias="attention_bias")),
     "gemma": replace(_LLAMA_LIKE, keys=ConfigKeys(attn_bias="attention_bias"), norm_offset=1.0),
     "gemma2": replace(_GEMMA2_LIKE, window_config="layer_types", norm_offset=1.0),
     "gemma3_text": replace(
@@ -233,6 +251,21 @@ def lookup(model_type: str) -> Arch | None:
     model_type = model_type.removeprefix(SPARSIFY_TYPE_PREFIX)
     arch = ARCHITECTURES.get(model_type)
     return None if arch is None else replace(arch, model_type=model_type)
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's attention window as transformers runs ``config`` (None: full attention), whichever way the
+    family writes it (one ``sliding_window``, ``use_sliding_window``, per-layer ``layer_types``). A window as
+    long as the context changes nothing and reads as None."""
+    n = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not window or getattr(config, "use_sliding_window", True) is False or (positions and window >= positions):
+        return [None] * n
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [int(window)] * n
 
 
 def is_encoder(model_type: str) -> bool:

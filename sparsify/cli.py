@@ -6,6 +6,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -117,7 +118,10 @@ TargetsOpt = Annotated[
     list[str] | None, typer.Option("--targets", help="Linear names or 're:' regexes (repeatable)", show_default=False)
 ]
 IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="names or 're:' regexes to leave alone")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="compute dtype (the output keeps the input's dtype)")]
+DTypeOpt = Annotated[
+    DType | None,
+    typer.Option("--dtype", help="compute dtype (the output keeps the input's dtype) [default: the recipe's, float32]"),
+]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace an existing sparsify output (or discard an unfinished run's work)")
 ]
@@ -131,9 +135,26 @@ ResumeOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show progress notes on stderr (info logs)")]
+NoEvalOpt = Annotated[
+    bool, typer.Option("--no-eval", help="skip the perplexity before and after (held-out calibration windows)")
+]
+MaxPplOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-ppl-ratio",
+        help="fail (exit 1, output kept) if perplexity after / before exceeds this [default: warn above 3]",
+        min=1.0,
+        show_default=False,
+    ),
+]
 EvalOpt = Annotated[
     str | None,
-    typer.Option("--eval", help="text for perplexity before/after ('heldout' = embedded held-out text)"),
+    typer.Option(
+        "--eval",
+        help="text for the perplexity before/after ('heldout' = embedded held-out text) [default: windows of"
+        " the calibration text held out from calibration]",
+    ),
 ]
 EvalLenOpt = Annotated[
     list[int] | None,
@@ -150,16 +171,27 @@ DeviceOpt = Annotated[
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model folder's own Python code")]
 
 
-def _setup_logging(debug: bool) -> None:
-    from rich.logging import RichHandler
+class _LogLines(logging.Handler):
+    """Log records as lines on stderr, never wrapped (logs are read in files as often as on terminals): info as it
+    is, warnings and errors prefixed with their level, as the CLI's own lines are; above any progress bar."""
 
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=debug, show_time=False)],
-        force=True,
-    )
-    logging.getLogger("sparsify").setLevel(logging.DEBUG if debug else logging.INFO)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno != logging.INFO:
+                message = f"{record.levelname.lower()}: {message}"
+            err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # a logging failure must not end the run
+            self.handleError(record)
+
+
+def _setup_logging(debug: bool, verbose: bool = False) -> None:
+    """stderr stays quiet but for warnings, unless asked (``-v``: info, ``--debug``: everything)."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    handler = _LogLines()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if debug else "%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("sparsify").setLevel(level)
     for noisy in ("transformers", "datasets", "huggingface_hub", "filelock", "urllib3", "fsspec", "torch"):
         # CRITICAL: their own error lines would repeat ours (sparsify turns each failure into one line)
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.CRITICAL)
@@ -223,7 +255,7 @@ def handle_errors(fn: F) -> F:
         from sparsify.interrupts import handle_signals
 
         debug = bool(kwargs.get("debug"))
-        _setup_logging(debug)
+        _setup_logging(debug, bool(kwargs.get("verbose")))
         with handle_signals():
             try:
                 return fn(*args, **kwargs)
@@ -238,6 +270,9 @@ def handle_errors(fn: F) -> F:
                 if debug:
                     raise
                 _let_go(e)
+                report = getattr(e, "report", None)  # a run whose output was written but failed its quality bar
+                if report is not None:
+                    _render(report, bool(kwargs.get("json_out")))
                 if isinstance(e, SparsifyError):
                     _say(f"error: {e}")
                 else:
@@ -258,10 +293,10 @@ def _let_go(e: BaseException) -> None:
     gc.collect()
 
 
-def _dtype(d: DType):
+def _dtype(d: DType | None):
     import torch
 
-    return getattr(torch, d.value)
+    return None if d is None else getattr(torch, d.value)
 
 
 def _eval_path(value: str | None) -> str | None:
@@ -272,25 +307,32 @@ def _eval_path(value: str | None) -> str | None:
 
 def _options(
     overwrite: bool,
-    dtype: DType,
+    dtype: DType | None,
     eval_data: str | None,
     eval_lens: list[int] | None,
     trust: bool,
     resume: bool = False,
     device: str = "cpu",
     revision: str | None = None,
+    no_eval: bool = False,
+    max_ppl_ratio: float | None = None,
 ):
     from sparsify.pipeline import Options
     from sparsify.progress import RichProgress
 
+    if no_eval and (eval_data is not None or eval_lens or max_ppl_ratio is not None):
+        given = "--eval" if eval_data is not None else "--eval-seq-len" if eval_lens else "--max-ppl-ratio"
+        raise SparsifyError(f"--no-eval skips the perplexity that {given} is about; drop one of them")
     return Options(
         overwrite=overwrite,
         resume=resume,
         device=device,
         revision=revision,
         dtype=_dtype(dtype),
+        evaluate=not no_eval,
         eval_data=_eval_path(eval_data),
         eval_seq_lens=tuple(eval_lens) if eval_lens else None,
+        max_ppl_ratio=max_ppl_ratio,
         trust_remote_code=trust,
         progress=RichProgress(err_console),
     )
@@ -375,9 +417,11 @@ def prune(
     seed: SeedOpt = None,
     targets: TargetsOpt = None,
     ignore: IgnoreOpt = None,
-    dtype: DTypeOpt = DType.float32,
+    dtype: DTypeOpt = None,
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
+    no_eval: NoEvalOpt = False,
+    max_ppl_ratio: MaxPplOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "cpu",
@@ -385,6 +429,7 @@ def prune(
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Prune a model: unstructured or N:M (magnitude, Wanda, RIA, SparseGPT; zeros stored dense), or
     structured (FFN channels, attention head groups, whole layers; physically removed, a smaller config)."""
@@ -405,7 +450,9 @@ def prune(
     }
     step.update({k: v for k, v in given.items() if v is not None})  # only what was asked for: the recipe checks
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
-    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
+    opts = _options(
+        overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
+    )
     _run(model, data, output, opts, json_out, "flags")
 
 
@@ -456,9 +503,11 @@ def quantize(
     seed: SeedOpt = None,
     targets: TargetsOpt = None,
     ignore: IgnoreOpt = None,
-    dtype: DTypeOpt = DType.float32,
+    dtype: DTypeOpt = None,
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
+    no_eval: NoEvalOpt = False,
+    max_ppl_ratio: MaxPplOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "cpu",
@@ -466,6 +515,7 @@ def quantize(
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Quantize a model into the compressed-tensors format (transformers and vLLM load it): W8A8 with
     dynamic or static activations (optionally SmoothQuant), weight-only int4/int8 with RTN or GPTQ, QAT."""
@@ -485,7 +535,9 @@ def quantize(
     }
     step.update({k: v for k, v in given.items() if v is not None})
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
-    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
+    opts = _options(
+        overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
+    )
     _run(model, data, output, opts, json_out, "flags")
 
 
@@ -521,9 +573,11 @@ def moe_convert(
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
     seed: SeedOpt = None,
-    dtype: DTypeOpt = DType.float32,
+    dtype: DTypeOpt = None,
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
+    no_eval: NoEvalOpt = False,
+    max_ppl_ratio: MaxPplOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "cpu",
@@ -531,13 +585,16 @@ def moe_convert(
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Convert each dense FFN into routed (and shared) experts with a router: a native Mixtral, Qwen2-MoE or
     Qwen3-MoE checkpoint that plain transformers and vLLM load."""
     step = {"type": "moe", "experts": experts, "top_k": top_k, "shared": shared, "split": split.value,
             "router": router.value}  # fmt: skip
     data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
-    opts = _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
+    opts = _options(
+        overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
+    )
     _run(model, data, output, opts, json_out, "flags")
 
 
@@ -565,6 +622,8 @@ def attention(
     random_blocks: Annotated[int, typer.Option(help="block-sparse: random blocks per row", min=0)] = 0,
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
+    no_eval: NoEvalOpt = False,
+    max_ppl_ratio: MaxPplOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "cpu",
@@ -572,19 +631,21 @@ def attention(
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Swap the attention pattern: sliding window, sinks + window (StreamingLLM), block-sparse, local (encoders).
 
     A sliding window on Llama, Mistral, Qwen2/3, Gemma 2/3 or Phi-3 becomes the family's native config
     (plain transformers and vLLM load it). The other patterns are written for sparsify.load(OUT).
     """
-    step: dict[str, Any] = {"type": "attention", "pattern": pattern.value, "global_every": global_every, "sinks": sinks}
-    for key, value in (("window", window), ("block_size", block_size)):
-        if value is not None:
-            step[key] = value
+    step: dict[str, Any] = {"type": "attention", "pattern": pattern.value, "global_every": global_every}
+    given = {"window": window, "block_size": block_size, "sinks": sinks or None}
+    step.update({k: v for k, v in given.items() if v is not None})  # only what was asked for: the recipe checks
     if pattern is Pattern.block_sparse:
         step.update(global_blocks=global_blocks, random_blocks=random_blocks)
-    opts = _options(overwrite, DType.float32, eval_data, eval_seq_len, trust_remote_code, resume, device, revision)
+    opts = _options(
+        overwrite, None, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
+    )
     _run(model, {"passes": [step]}, output, opts, json_out, "flags")
 
 
@@ -599,9 +660,11 @@ def compress(
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
     seed: SeedOpt = None,
-    dtype: DTypeOpt = DType.float32,
+    dtype: DTypeOpt = None,
     eval_data: EvalOpt = None,
     eval_seq_len: EvalLenOpt = None,
+    no_eval: NoEvalOpt = False,
+    max_ppl_ratio: MaxPplOpt = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "cpu",
@@ -609,6 +672,7 @@ def compress(
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a whole recipe: its passes in order, layer by layer."""
     from sparsify.recipe import read_recipe_data
@@ -620,7 +684,18 @@ def compress(
         model,
         data,
         output,
-        _options(overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision),
+        _options(
+            overwrite,
+            dtype,
+            eval_data,
+            eval_seq_len,
+            trust_remote_code,
+            resume,
+            device,
+            revision,
+            no_eval,
+            max_ppl_ratio,
+        ),
         json_out,
         recipe.name,
     )
@@ -639,12 +714,13 @@ def eval_cmd(
     baseline: Annotated[
         str | None, typer.Option(help="encoders: dense model to compare mean-pooled embeddings with")
     ] = None,
-    dtype: DTypeOpt = DType.float32,
+    dtype: DTypeOpt = None,
     device: DeviceOpt = "cpu",
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Perplexity on held-out text (causal LMs), or embedding similarity to --baseline (encoders)."""
     from sparsify.arch import is_encoder
@@ -654,6 +730,7 @@ def eval_cmd(
     from sparsify.progress import RichProgress
 
     device = resolve_device(device)
+    dtype = dtype or DType.float32
     md = open_model(model, revision)
     if is_encoder(md.load_config(trust_remote_code).model_type):
         if baseline is None:
@@ -676,6 +753,12 @@ def eval_cmd(
             f" tokens, stride {r['seq_len']}, {result['dtype']})"
             for r in result.get("by_length", [result])
         )
+        bad = [r for r in result.get("by_length", [result]) if not math.isfinite(r["perplexity"])]
+        if bad:
+            raise SparsifyError(
+                f"perplexity is {bad[0]['perplexity']} at {bad[0]['seq_len']} tokens: the model's logits are not"
+                " finite (damaged weights, or a dtype too narrow for them: try --dtype float32)"
+            )
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -712,6 +795,7 @@ def inspect(
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Architecture found, target Linears and parameter counts."""
     from sparsify.inspect import inspect_model

@@ -28,6 +28,7 @@ class Text:
 
     name: str
     documents: list[str]
+    note: str = ""  # what was left out (records without text), for the run's notes
 
 
 @contextlib.contextmanager
@@ -80,7 +81,13 @@ def load_text(
         docs = [t for t in values if isinstance(t, str) and t.strip()]
     if not docs:
         raise SparsifyError(f"{p} holds no text in {column!r}")
-    return Text(str(p), docs)
+    note = ""
+    if len(docs) < len(values):
+        note = (
+            f"{p.name}: {len(values) - len(docs)} of {len(values)} records have no text in {column!r} and were skipped"
+        )
+        logging.getLogger(__name__).warning(note)
+    return Text(str(p), docs, note)
 
 
 def _read_dataset(p: Path):

@@ -14,10 +14,11 @@ from sparsify import interrupts
 from sparsify.arch import is_encoder
 from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
 from sparsify.errors import SparsifyError
-from sparsify.progress import NoProgress, Progress
+from sparsify.progress import NoProgress, Progress, library_bars_silenced
 from sparsify.runtime import load, read_config
 
 BATCH_TOKENS = 2048  # tokens per evaluation forward: the logits (tokens × vocab floats) dominate memory
+DEFAULT_EVAL_WINDOWS = 16  # windows of the perplexity a compressing run measures before and after
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -65,9 +66,8 @@ def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool, device: str =
     verify(md.source, config, arch.layers if arch else None, arch.optional if arch else (), is_encoder(config.model_type),
            trust_remote_code)  # fmt: skip
     try:
-        model = load(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, kernel="exact"
-        )  # the checkpoint's numerics
+        with library_bars_silenced():
+            model = load(path, dtype=dtype, trust_remote_code=trust_remote_code, kernel="exact")  # its own numerics
     except SparsifyError:
         raise
     except Exception as e:
@@ -147,16 +147,20 @@ def evaluate(
     progress: Progress | None = None,
     device: str = "cpu",
     text_column: str | None = None,
+    stream: Tensor | None = None,
+    text_name: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings.
 
     Several ``seq_len`` values evaluate the same text at each context length (the model is loaded once);
-    the result then describes the first length and lists all under ``by_length``.
+    the result then describes the first length and lists all under ``by_length``. ``stream`` (token ids,
+    named ``text_name``) is evaluated instead of ``data``: windows held out of a run's calibration text.
     """
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
-    stream = tokenize(text, tokenizer)
+    if stream is None:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
+        stream, text_name = tokenize(text, tokenizer), text.name
     model = load_causal_lm(path, dtype, trust_remote_code, device)
     check_context(lengths, getattr(model.config, "max_position_embeddings", None))
     results = []
@@ -173,7 +177,7 @@ def evaluate(
     first = results[0]
     info = {
         **first,
-        "text": text.name,
+        "text": text_name,
         "stride": first["seq_len"],
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterable, Iterator
 from typing import Protocol, TypeVar
 
@@ -38,3 +40,12 @@ class RichProgress:
             for item in items:
                 yield item
                 bar.advance(task)
+
+
+@contextlib.contextmanager
+def library_bars_silenced() -> Iterator[None]:
+    """Within the block, what libraries write to stderr is dropped: compressed-tensors draws its own tqdm bars
+    (no switch turns them off) when transformers loads a quantized checkpoint. For short blocks that log nothing
+    of sparsify's own."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -12,7 +12,7 @@ passes:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Field, ValidationError
@@ -36,11 +36,15 @@ class Calibration(StrictModel):
 
 
 class Recipe(StrictModel):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of calibration and the maths (the output keeps the input's dtypes)"
+    )
     calibration: Calibration = Calibration()
     passes: list[PassUnion] = Field(min_length=1)  # type: ignore[valid-type]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The recipe as it ran: every key that applies, defaults spelled out; it reads back as the same recipe."""
+        return yaml.safe_dump(self.dump(), sort_keys=False)
 
 
 def format_validation_error(e: ValidationError, where: str) -> str:

@@ -28,6 +28,7 @@ def build_report(
     totals: dict[str, Any],
     eval_info: dict[str, Any] | None,
     notes: list[str],
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as plain data. What each kind of pass did comes from its own hooks (``summary``,
     ``columns``): the report renders rows and tables, it never interprets a pass."""
@@ -68,8 +69,32 @@ def build_report(
             "overall_sparsity": 1 - totals["nonzeros"] / totals["parameters"] if totals.get("parameters") else 0.0,
         },
         "eval": eval_info,
+        "quality": quality,
         "notes": notes,
     }
+
+
+def quality_verdict(
+    eval_info: dict[str, Any] | None, max_ratio: float | None, warn_ratio: float
+) -> dict[str, Any] | None:
+    """How the perplexity after compares with before: ``ok``, ``warning`` (past ``warn_ratio``) or ``failed``
+    (past ``max_ratio``, when one is set), at the worst of the context lengths measured; None without one."""
+    import math
+
+    if not eval_info or "before" not in eval_info:
+        return None
+    pairs = [(e["before"], e["after"], e["seq_len"]) for e in eval_info.get("by_length", [eval_info])]
+    ratios = [(a / b if math.isfinite(a) and b > 0 else math.inf, b, a, n) for b, a, n in pairs]
+    ratio, before, after, length = max(ratios)
+    limit = max_ratio if max_ratio is not None else warn_ratio
+    status = "ok" if ratio <= limit else "failed" if max_ratio is not None else "warning"
+    what = "the --max-ppl-ratio limit" if max_ratio is not None else "the warning threshold"
+    message = (
+        f"perplexity {before:.4g} → {after:.4g} at {length} tokens of {eval_info.get('text')}: {ratio:.3g}× the"
+        f" input's, past {what} of {limit:g}×; the compression damaged this model badly (see the report; milder"
+        " settings keep more)"
+    )
+    return {"status": status, "ppl_ratio": ratio, "limit": limit, "message": message if status != "ok" else ""}
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
@@ -187,6 +212,9 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
                     f" stride {e['seq_len']})",
                 )
             )
+    quality = report.get("quality")
+    if quality and quality.get("status") != "ok":
+        rows.append(("QUALITY", f"{quality['status'].upper()}: {quality['message']}"))
     if baseline:
         rows.append(
             ("baseline", f"{baseline['path']}: {baseline['parameters']:,} parameters, {_fmt_bytes(baseline['bytes'])}")
@@ -196,16 +224,25 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
     return rows
 
 
+MARKDOWN_SPECIAL = "\\`*_{}[]<>#|~!"
+
+
+def md(text: Any) -> str:
+    """``text`` as literal Markdown: on one line, every character Markdown could read as syntax escaped."""
+    flat = " ".join(str(text).split())
+    return "".join("\\" + ch if ch in MARKDOWN_SPECIAL else ch for ch in flat)
+
+
 def render_markdown(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     lines = ["# sparsify report", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary_rows(report, baseline)]
+    lines += [f"| {md(k)} | {md(v)} |" for k, v in summary_rows(report, baseline)]
     for table, rows in _tables(report):
         columns = table["columns"]
-        lines += ["", f"## {table['title']}", "", "| " + " | ".join(c[1] for c in columns) + " |"]
+        lines += ["", f"## {md(table['title'])}", "", "| " + " | ".join(md(c[1]) for c in columns) + " |"]
         lines.append("|" + "---|" * len(columns))
-        lines += ["| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in columns) + " |" for r in rows]
+        lines += ["| " + " | ".join(md(_fmt(r.get(c[0]), c[2])) for c in columns) + " |" for r in rows]
     if report.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+        lines += ["", "## Notes", ""] + [f"- {md(n)}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -304,13 +341,15 @@ def model_card(report: dict[str, Any], dense_card: Path | None = None) -> str:
         else 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("OUT")'
     )
     rows = "\n".join(
-        f"| {k} | {v} |" for k, v in summary_rows(report) if k not in ("output", "wall time", "peak memory (RSS)")
+        f"| {md(k)} | {md(v)} |"
+        for k, v in summary_rows(report)
+        if k not in ("output", "wall time", "peak memory (RSS)")
     )
-    notes = "\n".join(f"- {n}" for n in report.get("notes", []))
+    notes = "\n".join(f"- {md(n)}" for n in report.get("notes", []))
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
         f"# {report['model_type']} compressed with sparsify\n\n"
-        f"`{report['model']}` after: {passes}. Made with sparsify {report['sparsify_version']} on"
+        f"{md(report['model'])} after: {md(passes)}. Made with sparsify {report['sparsify_version']} on"
         f" {report['created'][:10]}; the recipe is in `recipe.yaml`, the full report in `sparsify_report.json`.\n"
         f"\n## Load\n\n```python\n{load}\n```\n\n## Measured\n\n| | |\n|---|---|\n{rows}\n"
         + (f"\n## Notes\n\n{notes}\n" if notes else "")

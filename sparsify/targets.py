@@ -91,7 +91,8 @@ def select_targets(
                 "e.g. --targets 're:.*(q|k|v|o)_proj'"
             )
         patterns = [_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{re.escape(t)}$") for t in arch.targets]
-        patterns.append(_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{EXPERT_LINEARS}$"))  # after moe
+        if arch.ffn == "experts":
+            patterns.append(_compile(f"re:{re.escape(layers_path)}\\.\\d+\\.{EXPERT_LINEARS}$"))
     else:
         if not targets:
             raise SparsifyError("targets is empty; name at least one Linear or regex")

@@ -11,7 +11,11 @@ FAULT is one of
 - ``del@L``: SIGINT delivered inside an object's ``__del__`` when a pass starts on layer L (Python cannot
   raise out of a finalizer, so a plain KeyboardInterrupt would be lost there);
 - ``appear@L``: another "process" creates OUT (a folder with a file) when a pass starts on layer L;
-- ``slow@S``: every layer takes S more seconds (so that two runs overlap).
+- ``slow@S``: every layer takes S more seconds (so that two runs overlap);
+- ``gate@PATH``: the first layer waits until PATH exists (another run can then be started and finished
+  while this one holds its work folder: deterministic, whatever the machine's load);
+- ``killin@FUNC``: SIGKILL this process when sparsify's function FUNC is called (a hard death at a point
+  that is not a layer, e.g. ``begin`` before any state is written).
 """
 
 from __future__ import annotations
@@ -63,8 +67,21 @@ def main() -> None:
             if kind.startswith("SIG") and calls[0] == int(value):
                 os.kill(os.getpid(), getattr(signal, kind))
 
+    def kill_in(frame, event, _arg):
+        if event == "call" and frame.f_code.co_name == value and frame.f_code.co_filename.startswith(package):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     if kind == "count" or kind.startswith("SIG"):
         sys.setprofile(counter)
+    elif kind == "killin":
+        sys.setprofile(kill_in)
+    elif kind == "gate":
+
+        def wait(layer: int, n: int) -> None:
+            while n == 1 and not Path(value).exists():
+                time.sleep(0.05)
+
+        _on_layer(wait)
     elif kind == "raise":
 
         def fail(_layer: int, n: int) -> None:

@@ -209,7 +209,7 @@ def test_cli_attention_and_report(model_dir, tmp_path):
         ("bert", ["--pattern", "sinks", "--window", "8", "--sinks", "2"], "is an encoder"),
         ("llama", ["--pattern", "local", "--window", "8"], "bidirectional, for encoders"),
         ("llama", ["--pattern", "sinks", "--window", "8"], "needs sinks >= 1"),
-        ("llama", ["--window", "8", "--sinks", "4"], "sinks apply to pattern sinks"),
+        ("llama", ["--window", "8", "--sinks", "4"], "sinks applies to pattern sinks"),
         ("llama", ["--pattern", "block-sparse"], "needs block_size"),
         ("llama", ["--pattern", "block-sparse", "--block-size", "0"], "block_size"),
         ("llama", ["--pattern", "block-sparse", "--block-size", "48"], "does not divide max_position_embeddings 256"),

@@ -77,7 +77,7 @@ def test_eval_report_inspect(model_dir, tmp_path, calib_file):
     assert json.loads(r.stdout)["perplexity"] > 1
 
     md = run("report", out, "--baseline", model_dir("llama"))
-    assert md.exit_code == 0 and "| model.layers.0.self_attn.q_proj |" in md.stdout and "baseline" in md.stdout
+    assert md.exit_code == 0 and r"| model.layers.0.self\_attn.q\_proj |" in md.stdout and "baseline" in md.stdout
     html = run("report", out, "--format", "html")
     assert html.exit_code == 0 and html.stdout.startswith("<!doctype html>") and "<svg" in html.stdout
     js = run("report", out, "--format", "json")

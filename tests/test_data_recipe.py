@@ -113,7 +113,7 @@ def test_example_recipes_are_valid(path):
         ({"method": "wanda", "pattern": "2:4", "profile": "owl"}, "unstructured sparsity only"),
         ({"method": "wanda", "sparsity": 0.5, "owl_lambda": 0.7}, "owl_lambda"),
         ({"method": "sparsegpt", "sparsity": 0.5, "dampening": 0}, "dampening"),
-        ({"method": "wanda", "sparsity": 0.5, "dense_targets": True}, "needs method 'sparsegpt'"),
+        ({"method": "wanda", "sparsity": 0.5, "dense_targets": True}, "applies to method sparsegpt"),
         ({"method": "sparsegpt", "sparsity": 0.5, "dense_targets": True, "sequential": True}, "cannot be combined"),
         ({"method": "wanda", "sparsity": 0.5, "targets": ["re:("]}, None),
     ],

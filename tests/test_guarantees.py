@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -353,21 +354,24 @@ def test_a_stranger_folder_named_like_the_work_folder_is_left_alone(model_dir, t
 
 
 def test_overlapping_runs_with_overwrite_also_end_with_one_success(deep, tmp_path):
-    """The work folder is locked from the start of a run, not only for its last steps."""
+    """The work folder is locked from the start of a run, not only for its last steps. The first run holds at
+    its first layer until the second has been refused (a gate file, not a timing)."""
     out = tmp_path / "out"
+    gate = tmp_path / "gate"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    slow = [sys.executable, "-m", "tests.faults", "slow@0.5", "--", "prune", str(deep), "-o", str(out), *PRUNE]
-    first = subprocess.Popen([*slow, "--overwrite"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    import time
-
-    deadline = time.time() + 120
-    while not (tmp_path / ".out.partial").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    second = _fault(
-        "count", "prune", deep, "-o", out, "--method", "magnitude", "--sparsity", "0.3", *FAST, "--overwrite"
-    )
+    held = [sys.executable, "-m", "tests.faults", f"gate@{gate}", "--", "prune", str(deep), "-o", str(out), *PRUNE]
+    first = subprocess.Popen([*held, "--overwrite"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / ".out.partial").exists():  # claimed: the first run holds the lock from here on
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        second = _fault(
+            "count", "prune", deep, "-o", out, "--method", "magnitude", "--sparsity", "0.3", *FAST, "--overwrite"
+        )
+    finally:
+        gate.touch()
     assert first.wait(timeout=300) == 0, first.stderr.read()
-    assert second.returncode == 1 and "another sparsify run" in second.stderr
+    assert second.returncode == 1 and "another sparsify run" in second.stderr, second.stderr
     assert "wanda" in (out / "recipe.yaml").read_text()
 
 

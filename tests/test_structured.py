@@ -225,7 +225,7 @@ def test_recipes_mixing_structured_unstructured_and_attention(name, model_dir, t
         (["--structured", "layers", "--remove", "2"], "leaves none"),
         (["--structured", "heads", "--ratio", "0.9"], "removes all 2 head groups"),
         (["--structured", "channels", "--ratio", "0.5", "--metric", "angular"], "metric"),
-        (["--structured", "channels", "--ratio", "0.5", "--sparsity", "0.5"], "sparsity apply to unstructured"),
+        (["--structured", "channels", "--ratio", "0.5", "--sparsity", "0.5"], "sparsity applies to unstructured"),
         (["--structured", "channels", "--ratio", "0.5", "--targets", "q_proj"], "every layer"),
         (["--structured", "layers", "--remove", "1", "--bias-compensation"], "takes remove"),
         (["--ratio", "0.5"], "structured"),

@@ -2,10 +2,12 @@
 
 - :mod:`.source`: the files transformers would read, tensors on request (safetensors, ``.bin``, GGUF).
 - :mod:`.skeleton`: the model on the meta device, checked against the checkpoint, filled a module at a time.
+- :mod:`.lazy`: the layer provider the loop reads layers from and saves them through.
 - :mod:`.writer`: each finished layer to a file, then Hub-style shards, one tensor in memory at a time.
 - :mod:`.output`: output-path checks, the locked partial folder, ``--resume`` state, the final rename.
 """
 
+from sparsify.checkpoint.lazy import LazyLayers
 from sparsify.checkpoint.output import OutputPath, Partial, check_output, partial_output, replace_dir
 from sparsify.checkpoint.skeleton import (
     KeyMap,
@@ -45,6 +47,7 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "KeyMap",
     "LayerFiles",
+    "LazyLayers",
     "ModelDir",
     "OutputPath",
     "Partial",

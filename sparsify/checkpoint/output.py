@@ -178,6 +178,7 @@ class StageState:
 
     dir: Path
     resumed: bool
+    resumed_at: int | None = None  # the layer a resumed sweep continued from (set by resume_point)
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,16 @@ class StageState:
         tensors = load_file(str(self.dir / "hidden.safetensors")) if n else {}
         hidden = [tensors[f"hidden.{i}"] for i in range(n)]
         dense = [tensors[f"dense.{i}"] for i in range(n)] if "dense.0" in tensors else None
-        return int(progress["next_layer"]), hidden, dense
+        self.resumed_at = int(progress["next_layer"])
+        return self.resumed_at, hidden, dense
+
+    def save_decisions(self, decisions: dict[str, Any]) -> None:
+        """What the passes decided before the sweep (layers removed, OWL sparsities), for ``--resume``."""
+        write_json(self.dir / "decisions.json", decisions)
+
+    def decisions(self) -> dict[str, Any] | None:
+        path = self.dir / "decisions.json"
+        return json.loads(path.read_text()) if self.resumed and path.is_file() else None
 
     @property
     def complete(self) -> bool:
@@ -254,11 +264,11 @@ class Partial:
         info = {**run_info, "pid": os.getpid()}
         if self.resumed:
             old = _read_run_info(self.dir)
-            diff = _differences(old or {}, info) if old is not None else ["state (none recorded)"]
-            if not diff:
+            diff = _differences(old, info) if old is not None else []
+            if old is not None and not diff:
                 self.begun = True
                 return
-            if not overwrite:
+            if old is not None and not overwrite:
                 raise SparsifyError(
                     f"{self.dir} holds an unfinished run with another {', '.join(diff)}; resume it with the same"
                     " model, recipe and settings, or pass --overwrite to discard it"
@@ -393,12 +403,12 @@ def _claim(out: OutputPath, overwrite: bool, resume: bool, protect: list[Path]) 
         if resume:
             partial.resumed = True  # checked against this run in begin()
             return partial
-        if overwrite:
+        if overwrite or partial.progress() == 0:  # replaced on request, or nothing in it worth keeping
             partial.discard()
             continue
         done = partial.progress()
         partial.release()
-        what = f"{done} layer{'s' if done != 1 else ''} done" if _read_run_info(existing) else "not resumable"
+        what = f"{done} layer{'s' if done != 1 else ''} done"
         raise SparsifyError(
             f"an unfinished run into {out.shown} left {existing} ({what}); pass --resume to continue it or"
             " --overwrite to discard it"

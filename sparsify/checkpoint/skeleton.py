@@ -24,6 +24,8 @@ class KeyMap:
 
     def __init__(self, model: nn.Module, source: TensorSource):
         renamings, converters = _conversions(model)
+        if _has_per_expert_blocks(model):  # experts one Linear each, as stored: nothing to fuse
+            converters = []
         prefix = getattr(model, "base_model_prefix", "") or None
         meta = model.state_dict(keep_vars=True)
         self.to_ckpt: dict[str, str] = {}
@@ -38,12 +40,22 @@ class KeyMap:
             if name in self.to_ckpt:
                 raise SparsifyError(f"checkpoint tensors {self.to_ckpt[name]} and {key} both load into {name}")
             self.to_ckpt[name] = key
+        # module path -> its path in the checkpoint, where the two differ only before the tensor's own name
+        self._module_keys = {
+            n.rpartition(".")[0]: k.rpartition(".")[0]
+            for n, k in self.to_ckpt.items()
+            if k.rpartition(".")[2] == n.rpartition(".")[2]
+        }
 
     def output_key(self, name: str) -> str:
-        """The checkpoint key for model parameter ``name``: its input key, or for a new tensor (a bias a
-        pass added) the name under the checkpoint's prefix convention (``bert.`` added or not)."""
+        """The checkpoint key for model parameter ``name``: its input key, or for a new tensor (a bias, a
+        quantized weight's scale) its module's key in the checkpoint (Mixtral's ``block_sparse_moe`` for the
+        model's ``mlp``), else the name under the checkpoint's prefix convention (``bert.`` added or not)."""
         if name in self.to_ckpt:
             return self.to_ckpt[name]
+        module, _, leaf = name.rpartition(".")
+        if module in self._module_keys:
+            return f"{self._module_keys[module]}.{leaf}"
         add, strip = self._prefix_rule()
         return add + name.removeprefix(strip)
 
@@ -65,6 +77,12 @@ class KeyMap:
                 f"checkpoint has no tensor for {missing[0]} ({len(missing)} missing): incomplete or mismatched checkpoint"
             )
         return [self.to_ckpt[n] for n in names]
+
+
+def _has_per_expert_blocks(model: nn.Module) -> bool:
+    from sparsify.runtime.moe import MoEBlock
+
+    return any(isinstance(m, MoEBlock) for m in model.modules())
 
 
 def _conversions(model: nn.Module) -> tuple[list, list]:
@@ -99,9 +117,10 @@ def build_skeleton(
     config, encoder: bool, trust_remote_code: bool, dtype: torch.dtype | None, keys: set[str] | None = None
 ) -> nn.Module:
     """The model with parameters on the meta device (buffers stay real: rotary tables, masks), as its
-    checkpoint stores it: a compressed-tensors checkpoint's quantized Linears are
-    :class:`~sparsify.runtime.quantized.QuantizedLinear` (``keys``: the checkpoint's tensor names, for
-    the optional ones such as ``weight_g_idx``)."""
+    checkpoint stores it (``keys``: the checkpoint's tensor names; None: as sparsify writes it): a
+    compressed-tensors checkpoint's quantized Linears are :class:`~sparsify.runtime.quantized.QuantizedLinear`
+    (with the optional tensors ``keys`` has, such as ``weight_g_idx``); the experts of a MoE family stored one
+    by one (as sparsify writes them) are one Linear each (:class:`~sparsify.runtime.moe.MoEBlock`)."""
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -121,12 +140,11 @@ def build_skeleton(
         quantization_dict,
         quantize_skeleton,
     )
+    from sparsify.runtime.moe import per_expert_blocks
 
+    if keys is None or any(".experts.0." in k for k in keys):  # experts stored one by one (a fused layout: kept)
+        per_expert_blocks(model, config)
     if is_compressed_tensors(config):
-        if any(".experts.0." in k for k in keys or ()):  # quantized experts one by one: transformers cannot fuse them
-            from sparsify.runtime.moe import per_expert_blocks
-
-            per_expert_blocks(model, config)
         quantize_skeleton(model, quantization_dict(config), dtype)
         add_g_idx(model, keys or set())
     return model.eval()
@@ -159,7 +177,7 @@ def check_tensors(
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = keymap.to_ckpt.get(name)
         if key is None:
-            if name in tied or not isinstance(tensor, nn.Parameter):
+            if name in tied or not isinstance(tensor, nn.Parameter) or tensor.numel() == 0:  # (an empty shared expert)
                 continue
             if any(name == o or name.startswith(o + ".") for o in optional):
                 absent.append(name)

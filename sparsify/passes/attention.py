@@ -44,6 +44,16 @@ class AttentionConfig(PassConfig):
     global_blocks: int = Field(1, ge=0)
     random_blocks: int = Field(0, ge=0)
 
+    def inapplicable(self) -> dict[str, str]:
+        out = {}
+        if self.pattern != "block-sparse":
+            out.update(
+                dict.fromkeys(("block_size", "global_blocks", "random_blocks"), "applies to pattern block-sparse")
+            )
+        if self.pattern != "sinks":
+            out["sinks"] = f"applies to pattern sinks, not {self.pattern}"
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> AttentionConfig:
         if self.pattern in ("sliding-window", "sinks", "local") and self.window is None:
@@ -52,12 +62,8 @@ class AttentionConfig(PassConfig):
             raise ValueError("pattern block-sparse needs block_size")
         if self.pattern == "sinks" and self.sinks < 1:
             raise ValueError("pattern sinks needs sinks >= 1")
-        if self.pattern != "sinks" and self.sinks:
-            raise ValueError(f"sinks apply to pattern sinks, not {self.pattern}")
         if self.pattern == "block-sparse" and self.window is not None:
             raise ValueError("pattern block-sparse takes block_size, not window")
-        if self.pattern != "block-sparse" and (self.block_size is not None or self.random_blocks):
-            raise ValueError(f"block_size and random_blocks apply to pattern block-sparse, not {self.pattern}")
         return self
 
     def layer_pattern(self, layer: int) -> LayerPattern:
@@ -115,6 +121,7 @@ class AttentionPass(Pass):
     config_cls = AttentionConfig
     config: AttentionConfig
     layerwise = False
+    requires = frozenset()  # the config only: quantized or MoE models take a pattern too
     eval_lengths = (512, 2048)  # a pattern shows at contexts longer than its window
     kind = "attention"
     title = "Attention, per layer"
@@ -272,4 +279,5 @@ class AttentionPass(Pass):
             return {**cfg, "sliding_window": window, "layer_types": types}, cfg["model_type"]
         if not uniform:
             raise SparsifyError(f"{cfg['model_type']} has one sliding_window for all layers; drop global_every")
-        return {**cfg, "sliding_window": window}, cfg["model_type"]
+        switch = {"use_sliding_window": True} if "use_sliding_window" in cfg else {}  # Qwen3-MoE reads it too
+        return {**cfg, "sliding_window": window, **switch}, cfg["model_type"]

@@ -3,7 +3,7 @@
 ```
               recipe order ─────────────────────────────────────────────────▶
 config pass   edit_config(cfg)                                  (at its place in the recipe)
-layer pass    validate(plan) → prepare(runner) → compress_layer(work) per layer → edit_config(cfg)
+layer pass    bind(model) → validate(targets) → prepare(runner) → compress_layer(work) per layer → edit_config(cfg)
               report: records (one dict per row), summary(records), notes()
 ```
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -28,9 +28,41 @@ if TYPE_CHECKING:
 
 
 class StrictModel(BaseModel):
-    """Pydantic model that rejects unknown keys, so a YAML typo fails with its key path."""
+    """Pydantic model that rejects unknown keys, so a YAML typo fails with its key path.
+
+    A key may apply only with some values of the others (``observer`` with static activations): such keys
+    are named by :meth:`inapplicable`. One the user sets where it does not apply is an error (it would
+    change nothing, and the user thinks it does); :meth:`dump` leaves them out, so the recipe a run writes
+    reads back as exactly the same recipe.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def inapplicable(self) -> dict[str, str]:
+        """Keys that do not apply given the others: key -> why, completing "KEY ..." (e.g. "applies to ...")."""
+        return {}
+
+    @model_validator(mode="after")
+    def _only_applicable(self) -> StrictModel:
+        for key, why in self.inapplicable().items():
+            if key in self.model_fields_set:
+                raise ValueError(f"{key} {why}")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """Every key that applies with its value (defaults spelled out; None, meaning "the default", left out)."""
+        skip = self.inapplicable()
+        out = {}
+        for key, value in self.model_dump(mode="json").items():
+            if key in skip or value is None:
+                continue
+            nested = getattr(self, key)
+            if isinstance(nested, StrictModel):
+                value = nested.dump()
+            elif isinstance(nested, list | tuple) and nested and all(isinstance(v, StrictModel) for v in nested):
+                value = [v.dump() for v in nested]
+            out[key] = value
+        return out
 
 
 class PassConfig(StrictModel):
@@ -51,16 +83,25 @@ def stage_of(fqn: str, stages: list[tuple[str, ...]]) -> int:
     return len(stages)
 
 
+# What a pass may need of the model it is given, and what it may take away (the plan tracks these on the
+# config alone, pass after pass, and names the pass that took away what a later one needs):
+FACTS: dict[str, tuple[str, str]] = {  # fact -> (what it is, what the pass that takes it away did)
+    "float": ("floating-point Linears", "quantized them"),
+    "dense_ffn": ("a dense FFN (gate, up and down projections)", "turned it into experts"),
+}
+
+
 class Pass:
     """A recipe step. Every hook has a default that does nothing."""
 
     config_cls: ClassVar[type[PassConfig]]
     layerwise: ClassVar[bool] = True  # runs inside the layer-wise loop (False: edits the config only)
+    requires: frozenset[str] = frozenset({"float"})  # FACTS this pass needs of the model it is given
+    removes: frozenset[str] = frozenset()  # FACTS it takes away from the passes after it
     needs: frozenset[str] = frozenset()  # statistics of target inputs (sparsify.statistics.STATS names)
     custom_stats: ClassVar[dict[str, Callable]] = {}  # name -> Stat factory, for needs the standard ones lack
     needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)
     needs_grad: bool = False  # compress_layer runs with autograd on (training passes)
-    terminal: ClassVar[bool] = False  # leaves modules no later layer pass can take (it must be the last one)
     needs_data: bool = True  # needs calibration text (False: e.g. magnitude pruning, RTN weight-only)
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at
 
@@ -77,8 +118,17 @@ class Pass:
     # ---------------------------------------------------------------------------------- config
 
     def edit_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """The config (as a dict) this pass leaves behind; records for the report go to ``config_records``."""
+        """The config (as a dict) this pass leaves behind; records for the report go to ``config_records``.
+
+        A function of ``cfg``, of what :meth:`bind` read and of what :meth:`prepare` decided (see
+        :meth:`decisions`), never of the sweep: a resumed run whose layers are all done writes the same config.
+        """
         return cfg
+
+    def plan_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The config the plan expects this pass to leave, before anything ran: :meth:`edit_config`, with a
+        placeholder where it depends on a decision not yet made (which layers go: their number is known)."""
+        return self.edit_config(cfg)
 
     def config_records(self) -> list[dict[str, Any]]:
         """Report rows produced by :meth:`edit_config` (one per layer for an attention pattern)."""
@@ -103,12 +153,21 @@ class Pass:
     def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
         """Refuse, before any work, settings these targets cannot take (raise SparsifyError)."""
 
-    def prepare(self, runner: LayerwiseRunner, targets: dict[int, dict[str, nn.Module]]) -> None:
-        """Whole-model work before the compressing sweep (e.g. OWL's outlier statistics)."""
+    def prepare(self, runner: LayerwiseRunner) -> None:
+        """Whole-model work before the compressing sweep (e.g. OWL's outlier statistics); what it decides is
+        returned by :meth:`decisions`."""
 
     def layers_to_remove(self) -> list[int]:
         """Layers this pass removes from the model (decided in :meth:`prepare`); the loop never visits them."""
         return []
+
+    def decisions(self) -> dict[str, Any]:
+        """What :meth:`prepare` decided, as JSON data: saved with the run's state, so that ``--resume``
+        restores it (:meth:`restore`) instead of deciding again."""
+        return {}
+
+    def restore(self, decisions: dict[str, Any]) -> None:
+        """Take back what :meth:`decisions` returned in an earlier process."""
 
     # -------------------------------------------------------------------------------- per layer
 

@@ -51,15 +51,22 @@ from sparsify.algorithms.moe import (
     topk_recall,
     train_router,
 )
+from sparsify.arch import layer_windows, lookup
 from sparsify.errors import SparsifyError
 from sparsify.modules import add_to_bias
 from sparsify.passes.base import LayerPassConfig, Pass, register
+from sparsify.runtime import CONFIG_KEY, patterns_from_config, unwrap_config, wrap_config
 from sparsify.runtime.moe import FAMILIES, Expert, MoEBlock
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerWork
 
+# transformers 5 runs fused experts with torch's grouped_mm by default, whose kernel needs every matrix's row stride
+# to be a multiple of 16 bytes ("strides should be multiple of 16 bytes"): expert width and hidden size multiples of
+# 8 elements in bfloat16/float16 (4 in float32). Otherwise the config names the eager experts (honoured from
+# config.json); the expert count does not matter.
+GROUPED_MM_ALIGN = 8
 FLATNESS = 1e-3  # how far from 1/k a selected expert's routing weight may be (k < E)
 SAMPLE_TOKENS = 8192  # calibration tokens kept per layer for the trained router and the recall measure
 
@@ -76,6 +83,14 @@ class MoEConfig(LayerPassConfig):
         0.1, gt=0.0, lt=1.0, description="neurons counted active per token (co-activation, shared experts)"
     )
     seed: int = 0
+
+    def inapplicable(self) -> dict[str, str]:
+        out = dict.fromkeys(("targets", "ignore", "sequential"), "does not apply: moe converts every layer's FFN whole")
+        if self.router != "trained":
+            out["router_steps"] = "applies to router trained"
+        if self.split != "coactivation" and not self.shared:
+            out["active_fraction"] = "applies to split coactivation or shared experts"
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -95,6 +110,8 @@ class MoEPass(Pass):
     config: MoEConfig
     kind = "moe"
     uses_targets: ClassVar[bool] = False  # the FFN of every layer, from the architecture table
+    requires = frozenset({"float", "dense_ffn"})
+    removes = frozenset({"dense_ffn"})
     title = "MoE conversion, per layer"
     columns = (
         ("name", "layer", "text"),
@@ -113,6 +130,7 @@ class MoEPass(Pass):
         self.needs_data = c.split == "coactivation" or c.router != "centroid" or c.shared > 0
         self.family: str | None = None
         self.width = 0
+        self.hidden = 0
         self.dense: dict[str, Any] = {}
 
     def describe(self) -> str:
@@ -124,8 +142,6 @@ class MoEPass(Pass):
 
     def bind(self, model: nn.Module) -> None:
         c, arch, config = self.config, self.arch, model.config
-        if c.targets is not None or c.ignore:
-            raise SparsifyError(f"pass {self.index}: moe converts every layer's FFN; targets/ignore do not apply")
         if arch is None or arch.moe_families == (None, None):
             family = arch.model_type if arch else config.model_type
             raise SparsifyError(
@@ -154,7 +170,7 @@ class MoEPass(Pass):
                 f"experts {c.experts} does not divide intermediate_size {width}; try one of"
                 f" {', '.join(map(str, divisors[:12]))}"
             )
-        self.family, self.width = target, width
+        self.family, self.width, self.hidden = target, width, int(config.hidden_size)
 
     # ------------------------------------------------------------------------------- per layer
 
@@ -175,7 +191,9 @@ class MoEPass(Pass):
         width = n // c.experts
         stats = self._statistics(work, mlp) if self.needs_data or work.inputs else None
         shared_idx = (
-            shared_neurons(stats["counts"], c.shared * width) if c.shared and stats is not None else torch.empty(0)
+            shared_neurons(stats["counts"], c.shared * width)
+            if c.shared and stats is not None
+            else torch.empty(0, dtype=torch.long)
         )
         rest = _complement(shared_idx.long(), n)  # (n - shared,) neurons left for the routed experts
         routed = c.experts - c.shared
@@ -183,15 +201,16 @@ class MoEPass(Pass):
         groups = [rest[g] for g in partition(labels, routed)]  # original neuron indices per routed expert
         check_partition([*groups, shared_idx.long()] if c.shared else groups, n)
         R, recall, coverage = self._router(groups, W_g, stats)
-        block = MoEBlock(self.family, d, width, routed, c.top_k, c.shared * width if c.shared else None,
-                         mlp.act_fn, W_g.dtype, W_g.device)  # fmt: skip
+        # a family whose block always has a shared expert (Qwen2-MoE) gets one of width 0 when none is asked for
+        shared_width = c.shared * width if FAMILIES[self.family]["shared"] else None
+        block = MoEBlock(self.family, d, width, routed, c.top_k, shared_width, mlp.act_fn, W_g.dtype, W_g.device)
         if c.top_k == routed:
             block.gate.weight.zero_()  # every expert selected: uniform weights, exactly the dense sum
         else:
             block.gate.weight.copy_(R * self._flat_scale(R, stats, work))
         for expert, idx in zip(block.experts, groups, strict=True):
             _fill(expert, W_g[idx], W_u[idx], W_d[:, idx] * c.top_k)  # renormalised weights are 1/k each
-        if c.shared:
+        if shared_width is not None:
             _fill(block.shared_expert, W_g[shared_idx], W_u[shared_idx], W_d[:, shared_idx] * 2)  # sigmoid(0) = 1/2
             block.shared_expert_gate.weight.zero_()
         parent, _, attr = a.mlp.rpartition(".")
@@ -316,7 +335,16 @@ class MoEPass(Pass):
     # ---------------------------------------------------------------------------------- output
 
     def edit_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """The target family's config: every dense field carried over, the MoE fields set."""
+        """The target family's config: every dense field carried over (the attention's too: a native window,
+        or sparsify's attention patterns around the new family), the MoE fields set."""
+        if isinstance(cfg.get(CONFIG_KEY), dict):  # sparsify attention patterns: kept, around the MoE family
+            patterns, causal = patterns_from_config(cfg)
+            return wrap_config(
+                self._moe_config(unwrap_config(cfg)), patterns, causal, cfg.get("max_position_embeddings")
+            )
+        return self._moe_config(cfg)
+
+    def _moe_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
         from transformers import AutoConfig
 
         assert self.family is not None
@@ -337,15 +365,48 @@ class MoEPass(Pass):
             fields["shared_expert_intermediate_size"] = c.shared * width
             fields["qkv_bias"] = True  # vLLM's Qwen2-MoE attention always has q/k/v biases (zero ones are added)
         new = AutoConfig.for_model(**fields)
+        self._carry_windows(dense, fields)
         for key in ("rope_parameters", "head_dim", "hidden_size", "num_key_value_heads", "rms_norm_eps", "hidden_act"):
             if getattr(dense, key, None) is not None and getattr(new, key, None) != getattr(dense, key):
                 raise SparsifyError(
                     f"{self.family} cannot carry {key}={getattr(dense, key)!r} of this {dense.model_type} model"
                     f" (it makes {getattr(new, key, None)!r})"
                 )
+        if layer_windows(new) != layer_windows(dense):
+            raise SparsifyError(f"{self.family} cannot carry the attention windows of this {dense.model_type} model")
         out = new.to_dict()
         out.pop("transformers_version", None)
+        if not self._grouped_mm_runs():
+            out["experts_implementation"] = "eager"
         return out
+
+    def _grouped_mm_runs(self) -> bool:
+        """Whether transformers' default grouped_mm experts take this width and hidden size (see GROUPED_MM_ALIGN)."""
+        return (self.width // self.config.experts) % GROUPED_MM_ALIGN == 0 and self.hidden % GROUPED_MM_ALIGN == 0
+
+    def _carry_windows(self, dense: Any, fields: dict[str, Any]) -> None:
+        """The dense model's attention windows, written the target family's way (its ``window_config``)."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        for key in ("sliding_window", "use_sliding_window", "layer_types", "max_window_layers"):
+            fields.pop(key, None)
+        windows = layer_windows(dense)
+        sizes = {w for w in windows if w}
+        if not sizes:
+            return
+        style = (lookup(self.family) or self.arch).window_config
+        if len(sizes) > 1 or (style == "uniform" and not all(windows)) or style not in ("uniform", "qwen"):
+            raise SparsifyError(
+                f"{self.family} cannot express this {dense.model_type} model's attention windows"
+                f" ({', '.join(str(w or 'full') for w in windows)}); convert to MoE first, then set the windows"
+            )
+        (window,) = sizes
+        fields["sliding_window"] = window
+        if style == "qwen":
+            types = ["sliding_attention" if w else "full_attention" for w in windows]
+            fields.update(use_sliding_window=True, layer_types=types, max_window_layers=0)
+        elif "use_sliding_window" in CONFIG_MAPPING[self.family]().to_dict():  # Qwen3-MoE reads it too
+            fields["use_sliding_window"] = True
 
     def notes(self) -> list[str]:
         c = self.config
@@ -355,7 +416,16 @@ class MoEPass(Pass):
             if c.top_k == routed
             else f"routers scaled so the softmax over the {c.top_k} selected experts is flat to {FLATNESS:g}"
         )
-        return [f"pass {self.index}: written as {self.family}; {how}"] if self.family else []
+        if not self.family:
+            return []
+        notes = [f"pass {self.index}: written as {self.family}; {how}"]
+        if not self._grouped_mm_runs():
+            notes.append(
+                f"pass {self.index}: experts {self.width // c.experts} wide, hidden size {self.hidden} (not both"
+                f" multiples of {GROUPED_MM_ALIGN}): config.json names the eager experts, as transformers' grouped_mm"
+                " needs 16-byte row strides"
+            )
+        return notes
 
     @classmethod
     def summary(cls, records: list[dict[str, Any]]) -> list[tuple[str, str, str | None, Any]]:

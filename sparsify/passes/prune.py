@@ -51,6 +51,7 @@ STRUCTURED_METRICS = {"channels": ("magnitude", "wanda", "flap"), "heads": ("mag
                       "layers": ("block-influence", "angular")}  # fmt: skip
 UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "profile", "owl_threshold", "owl_lambda", "blocksize",
                      "dampening", "dense_targets", "sequential")  # fmt: skip
+STRUCTURED_ONLY = ("ratio", "remove", "metric", "bias_compensation", "refit", "multiple_of")
 
 
 class PruneConfig(LayerPassConfig):
@@ -80,15 +81,30 @@ class PruneConfig(LayerPassConfig):
     )
     multiple_of: int = Field(8, ge=1, description="channels: kept width rounded to a multiple of this")
 
+    def inapplicable(self) -> dict[str, str]:
+        if self.structured is not None:
+            out = {k: f"applies to unstructured pruning, not structured {self.structured}" for k in UNSTRUCTURED_ONLY}
+            out.update(dict.fromkeys(("targets", "ignore"), "does not apply to structured pruning: it changes every"
+                                     " layer alike (one width keeps the config native)"))  # fmt: skip
+            if self.structured == "layers":
+                out.update(dict.fromkeys(("ratio", "bias_compensation", "refit", "multiple_of"),
+                                         "does not apply to structured layers (it takes remove)"))  # fmt: skip
+            else:
+                out["remove"] = f"applies to structured layers, not {self.structured}"
+            if self.structured == "heads":
+                out["multiple_of"] = "applies to structured channels (heads go in whole KV groups)"
+            return out
+        out = {k: "applies to structured pruning (structured: channels|heads|layers)" for k in STRUCTURED_ONLY}
+        if self.profile != "owl":
+            out.update(dict.fromkeys(("owl_threshold", "owl_lambda"), "applies to profile owl"))
+        if self.method != "sparsegpt":
+            out.update(dict.fromkeys(("blocksize", "dampening", "dense_targets"), "applies to method sparsegpt"))
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> PruneConfig:
         if self.structured is not None:
             return self._check_structured()
-        for key in ("ratio", "remove", "metric"):
-            if getattr(self, key) is not None:
-                raise ValueError(f"{key} applies to structured pruning (structured: channels|heads|layers)")
-        if self.bias_compensation or self.refit:
-            raise ValueError("bias_compensation and refit apply to structured pruning of channels or heads")
         if self.pattern != "unstructured":
             match = _NM.match(self.pattern)
             if not match:
@@ -103,29 +119,18 @@ class PruneConfig(LayerPassConfig):
                 raise ValueError("profile 'owl' applies to unstructured sparsity only")
         elif self.sparsity is None:
             raise ValueError("unstructured pruning needs a sparsity in [0, 1)")
-        if self.dense_targets and self.method != "sparsegpt":
-            raise ValueError("dense_targets needs method 'sparsegpt' (it changes the weight update)")
         if self.dense_targets and self.sequential:
             raise ValueError("dense_targets and sequential cannot be combined yet")
         return self
 
     def _check_structured(self) -> PruneConfig:
-        given = sorted(k for k in UNSTRUCTURED_ONLY if k in self.model_fields_set)
-        if given:
-            raise ValueError(f"{', '.join(given)} apply to unstructured pruning, not structured {self.structured}")
         metrics = STRUCTURED_METRICS[self.structured]
         if self.metric is not None and self.metric not in metrics:
             raise ValueError(f"metric for structured {self.structured} must be one of {', '.join(metrics)}")
-        if self.structured == "layers":
-            if self.remove is None:
-                raise ValueError("structured layers needs remove (how many layers)")
-            if self.ratio is not None or self.bias_compensation or self.refit:
-                raise ValueError("structured layers takes remove, not ratio, bias_compensation or refit")
-        else:
-            if self.ratio is None:
-                raise ValueError(f"structured {self.structured} needs a ratio in [0, 1)")
-            if self.remove is not None:
-                raise ValueError(f"remove applies to structured layers, not {self.structured}")
+        if self.structured == "layers" and self.remove is None:
+            raise ValueError("structured layers needs remove (how many layers)")
+        if self.structured != "layers" and self.ratio is None:
+            raise ValueError(f"structured {self.structured} needs a ratio in [0, 1)")
         return self
 
     @property
@@ -204,7 +209,7 @@ class PrunePass(Pass):
                         f" at most {(n_in - 1) / n_in:.4f} keeps one weight per row"
                     )
 
-    def prepare(self, runner: LayerwiseRunner, targets: dict[int, dict[str, nn.Module]]) -> None:
+    def prepare(self, runner: LayerwiseRunner) -> None:
         if self.config.profile != "owl":
             return
         threshold = self.config.owl_threshold
@@ -214,11 +219,19 @@ class PrunePass(Pass):
             return outlier_ratio(scores, threshold) if scores else 0.0
 
         def layer_targets(i: int, layer: nn.Module) -> dict[str, nn.Module]:
-            return targets[i]
+            return self.targets_in(layer, runner.prefix(i))
 
         ratios = runner.observe(layer_ratio, "OWL outlier statistics", layer_targets, {"sq_norm"})
-        self.outlier_ratios = ratios
-        self.layer_sparsity = owl_layer_sparsities(ratios, self.config.target_sparsity, self.config.owl_lambda)
+        self.restore({"outlier_ratios": ratios})
+
+    def decisions(self) -> dict[str, Any]:
+        return {"outlier_ratios": self.outlier_ratios} if self.outlier_ratios is not None else {}
+
+    def restore(self, decisions: dict[str, Any]) -> None:
+        if "outlier_ratios" in decisions:
+            self.outlier_ratios = [float(r) for r in decisions["outlier_ratios"]]
+            c = self.config
+            self.layer_sparsity = owl_layer_sparsities(self.outlier_ratios, c.target_sparsity, c.owl_lambda)
 
     def notes(self) -> list[str]:
         if self.layer_sparsity is None or self.outlier_ratios is None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,21 @@ class QuantizeConfig(LayerPassConfig):
     smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
     qat: QATConfig | None = None
 
+    def inapplicable(self) -> dict[str, str]:
+        out = {}
+        if self.method != "gptq":
+            out.update(dict.fromkeys(("act_order", "dampening", "blocksize"), "is a GPTQ option (method: gptq)"))
+        if self.scheme != "w8a8-static":
+            out["observer"] = "sets static activation scales: it needs scheme w8a8-static"
+        if self.scheme.startswith("w8a8"):
+            out["group_size"] = f"is for w4a16/w8a16: {self.scheme} quantizes weights per channel (int8 kernels)"
+            out["symmetric"] = (
+                f"does not apply: {self.scheme} weights are symmetric (the int8 kernels take no zero point)"
+            )
+        else:
+            out["smoothquant"] = "moves activation outliers into the weights: it needs w8a8 or w8a8-static"
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
         acts = self.scheme.startswith("w8a8")
@@ -100,16 +115,8 @@ class QuantizeConfig(LayerPassConfig):
             raise ValueError(
                 f"{self.scheme} quantizes weights per channel (int8 kernels); group_size is for w4a16/w8a16"
             )
-        if acts and not self.symmetric:
-            raise ValueError(f"{self.scheme} weights are symmetric (the int8 kernels take no zero point)")
-        if self.act_order is not None and self.method != "gptq":
-            raise ValueError("act_order is a GPTQ option (method: gptq)")
-        if self.smoothquant is not None and not acts:
-            raise ValueError("smoothquant moves activation outliers into the weights: it needs w8a8 or w8a8-static")
         if self.qat is not None and self.sequential:
             raise ValueError("qat tunes each whole layer at once; it does not combine with sequential stages")
-        if "observer" in self.model_fields_set and self.scheme != "w8a8-static":
-            raise ValueError("observer sets static activation scales: it needs scheme w8a8-static")
         return self
 
     @property
@@ -167,7 +174,7 @@ class QuantizePass(Pass):
     config: QuantizeConfig
     kind = "quantize"
     title = "Quantization, per Linear"
-    terminal: ClassVar[bool] = True  # its modules are not Linears any more: no layer pass may follow
+    removes = frozenset({"float"})  # its modules are not float Linears any more
     columns = (
         ("name", "Linear", "text"),
         ("shape", "shape", "shape"),
@@ -406,7 +413,18 @@ class QuantizePass(Pass):
                 f"pass {self.index}: {c.scheme} is weight-only: sparsify.load dequantizes it once at load (the file"
                 " is smaller; the memory and speed are float's); vLLM runs it with its int4/int8 kernels"
             )
+        if not self.scheme.weights.symmetric and self._quantizes_experts():
+            notes.append(
+                f"pass {self.index}: asymmetric weights on MoE experts: transformers 5 cannot load this checkpoint"
+                " (its fused-expert dequantization drops the zero point); sparsify.load runs it"
+            )
         return notes
+
+    def _quantizes_experts(self) -> bool:
+        """Whether a quantized Linear is a routed expert's (``...experts.{e}...``), which transformers fuses."""
+        if self.model is None or self.matcher is None:
+            return False
+        return any(".experts." in fqn and self.matcher.selects(fqn, m) for fqn, m in self.model.named_modules())
 
     @classmethod
     def summary(cls, records: list[dict[str, Any]]) -> list[tuple[str, str, str | None, Any]]:

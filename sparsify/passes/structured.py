@@ -39,6 +39,7 @@ from sparsify.algorithms.structured import (
     layers_to_remove,
     refit_output,
 )
+from sparsify.arch import find_layers
 from sparsify.errors import SparsifyError
 from sparsify.modules import add_to_bias, keep_inputs, keep_outputs, out_features, set_weight_matrix, weight_matrix
 from sparsify.passes.base import Pass
@@ -61,7 +62,10 @@ def shorten_per_layer(cfg: dict[str, Any], keep: list[int], n: int) -> dict[str,
     """Every per-layer list of a config (length ``n``: ``layer_types``, sparsify's patterns) cut to ``keep``."""
     from sparsify.runtime import CONFIG_KEY
 
-    new = {k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n else v for k, v in cfg.items()}
+    new = {
+        k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n and not k.endswith("_token_id") else v
+        for k, v in cfg.items()
+    }
     section = cfg.get(CONFIG_KEY)
     if isinstance(section, dict) and isinstance(section.get("layers"), list) and len(section["layers"]) == n:
         new[CONFIG_KEY] = {**section, "layers": [section["layers"][i] for i in keep]}
@@ -102,6 +106,7 @@ class StructuredPrunePass(Pass):
             needs.add("hessian")
         self.needs = frozenset(needs)
         self.needs_data = self.what == "layers" or bool(needs)
+        self.requires = frozenset({"float", "dense_ffn"} if self.what == "channels" else {"float"})
         self.removed_layers: list[int] = []
         self.layer_scores: list[float] = []
         self.sizes: dict[str, int] = {}  # what edit_config writes (new widths)
@@ -121,12 +126,12 @@ class StructuredPrunePass(Pass):
         assert self.arch is not None
         c, keys, config = self.config, self.arch.keys, model.config
         family = self.arch.model_type
-        if c.targets is not None or c.ignore:
-            raise SparsifyError(
-                f"pass {self.index}: structured pruning applies to every layer (one width keeps the config native);"
-                " targets/ignore are for unstructured pruning"
-            )
         self._n_layers = int(config.num_hidden_layers)
+        if self.what == "channels":
+            first = find_layers(model, self.arch)[1][0]
+            width = out_features(first.get_submodule(_join(self.arch.mlp, self.arch.mlp_in[0])))
+            width //= 2 if self.arch.gate_up_layout == "concat" else 1
+            self.sizes = {"ffn_from": width, "ffn": kept_width(width, float(c.ratio or 0.0), c.multiple_of)}
         if self.what == "layers":
             if c.remove is not None and c.remove >= self._n_layers:
                 raise SparsifyError(f"pass {self.index}: removing {c.remove} of {self._n_layers} layers leaves none")
@@ -178,7 +183,7 @@ class StructuredPrunePass(Pass):
 
     # ------------------------------------------------------------------------------- layers
 
-    def prepare(self, runner: LayerwiseRunner, targets: dict[int, dict[str, nn.Module]]) -> None:
+    def prepare(self, runner: LayerwiseRunner) -> None:
         if self.what != "layers":
             return
         n = int(self.config.remove or 0)
@@ -203,6 +208,13 @@ class StructuredPrunePass(Pass):
     def layers_to_remove(self) -> list[int]:
         return self.removed_layers
 
+    def decisions(self) -> dict[str, Any]:
+        return {"removed_layers": self.removed_layers, "layer_scores": self.layer_scores} if self.removed_layers else {}
+
+    def restore(self, decisions: dict[str, Any]) -> None:
+        self.removed_layers = [int(i) for i in decisions.get("removed_layers", [])]
+        self.layer_scores = [float(x) for x in decisions.get("layer_scores", [])]
+
     # ------------------------------------------------------------------------------- per layer
 
     def compress_layer(self, work: LayerWork) -> list[dict[str, Any]]:
@@ -220,7 +232,7 @@ class StructuredPrunePass(Pass):
 
     def _channels(self, work: LayerWork) -> dict[str, Any]:
         assert self.arch is not None
-        a, c = self.arch, self.config
+        a = self.arch
         ins = [self._module(work, a.mlp, n) for n in a.mlp_in]
         out = self._module(work, a.mlp, a.mlp_out)
         concat = a.gate_up_layout == "concat"
@@ -231,7 +243,9 @@ class StructuredPrunePass(Pass):
         stats = work.stats.get(_join(work.prefix, self._out_name()))
         sq_mean = stats.mean("sq_norm") if stats is not None and "sq_norm" in stats else None
         mean = stats.mean("sum") if stats is not None and "sum" in stats else None
-        keep = kept_width(width, float(c.ratio or 0.0), c.multiple_of)
+        if width != self.sizes["ffn_from"]:
+            raise SparsifyError(f"{work.prefix}: FFN width {width}, but the plan saw {self.sizes['ffn_from']}")
+        keep = self.sizes["ffn"]
         kept = keep_top(channel_scores(self.metric, W_in, weight_matrix(out), sq_mean, mean), keep)  # (keep,)
         removed = _complement(kept, width)
         W_new, delta = self._output_update(weight_matrix(out), stats, kept, removed, mean)
@@ -242,8 +256,6 @@ class StructuredPrunePass(Pass):
         if W_new is not None:
             set_weight_matrix(out, W_new)
         self._add_biases(work, a.mlp, (*a.mlp_in, a.mlp_out), out, delta)
-        self.sizes["ffn"] = keep
-        self.sizes["ffn_from"] = width
         return {"what": f"{width - keep} of {width} channels", "kept": f"{keep} channels", "status": "pruned"}
 
     def _heads(self, work: LayerWork) -> dict[str, Any]:
@@ -320,10 +332,9 @@ class StructuredPrunePass(Pass):
         assert self.arch is not None
         keys, new = self.arch.keys, dict(cfg)
         if self.what == "layers":
-            keep = [i for i in range(self._n_layers) if i not in set(self.removed_layers)]
-            new = shorten_per_layer(new, keep, self._n_layers)
-            new[keys.layers] = len(keep)
-            return new
+            if not self.removed_layers:
+                raise RuntimeError(f"pass {self.index}: the layers to remove were never decided")
+            return self._without_layers(new, self.removed_layers)
         if self._bias_flag is not None:
             new[self._bias_flag] = True
         if self.what == "channels" and "ffn" in self.sizes:
@@ -336,6 +347,20 @@ class StructuredPrunePass(Pass):
                 new[keys.kv_heads] = s["keep_groups"] if s["kv"] != s["heads"] else s["keep_groups"] * per_group
             if keys.head_dim is not None:
                 new[keys.head_dim] = s["head_dim"]  # explicit: it may have been hidden_size / heads before
+        return new
+
+    def plan_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Which layers go is decided by the calibration data; how many is known: the last ones stand in."""
+        if self.what == "layers" and not self.removed_layers:
+            n, r = self._n_layers, int(self.config.remove or 0)
+            return self._without_layers(dict(cfg), list(range(n - r, n)))
+        return self.edit_config(cfg)
+
+    def _without_layers(self, cfg: dict[str, Any], removed: list[int]) -> dict[str, Any]:
+        assert self.arch is not None
+        keep = [i for i in range(self._n_layers) if i not in set(removed)]
+        new = shorten_per_layer(cfg, keep, self._n_layers)
+        new[self.arch.keys.layers] = len(keep)
         return new
 
     def notes(self) -> list[str]:

@@ -103,7 +103,9 @@ class MoEBlock(nn.Module):
 def per_expert_blocks(model: nn.Module, config: Any) -> int:
     """Replace (on the meta device) every sparse MoE block of a Mixtral / Qwen2-MoE / Qwen3-MoE ``model`` with a
     :class:`MoEBlock` of the same shapes; returns how many were replaced."""
-    family = str(getattr(config, "model_type", ""))
+    from sparsify.arch import SPARSIFY_TYPE_PREFIX
+
+    family = str(getattr(config, "model_type", "")).removeprefix(SPARSIFY_TYPE_PREFIX)
     spec = FAMILIES.get(family)
     if spec is None:
         return 0
