@@ -46,7 +46,7 @@ def main() -> None:
         out = OUT / "minilm"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        compress(model, recipe, out, Options(overwrite=True))
+        compress(model, recipe, out, Options(overwrite=True, evaluate=False))
         seconds = time.perf_counter() - t0
         sim = embedding_similarity(out, model, str(eval_file), seq_len=128, max_texts=512)
         row = {"method": method, "pattern": pattern, "seconds": round(seconds, 1), **sim}

@@ -45,7 +45,7 @@ def _convert(model: Path, out: Path, spec: str, samples: int) -> dict:
     step = {"type": "moe", "experts": int(experts), "top_k": int(k), "shared": int(shared), "split": split,
             "router": router}  # fmt: skip
     recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": 512}, "passes": [step]})
-    return compress(model, recipe, out, Options(overwrite=True))
+    return compress(model, recipe, out, Options(overwrite=True, evaluate=False))
 
 
 def quality(args) -> None:

@@ -78,7 +78,9 @@ def main() -> None:
                     {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step]}
                 )
                 t0 = time.perf_counter()
-                report = compress(model, recipe, out, Options(overwrite=True, dtype=getattr(torch, args.dtype)))
+                report = compress(
+                    model, recipe, out, Options(overwrite=True, evaluate=False, dtype=getattr(torch, args.dtype))
+                )
                 seconds = time.perf_counter() - t0
                 extra = {"peak_rss_bytes": report["totals"]["peak_rss_bytes"], "compute_dtype": args.dtype}
             elif tool == "lc":

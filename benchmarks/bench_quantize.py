@@ -99,7 +99,9 @@ def quality(args) -> None:
                     {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step]}
                 )
                 t0 = time.perf_counter()
-                report = compress(model, recipe, out, Options(overwrite=True, dtype=getattr(torch, args.dtype)))
+                report = compress(
+                    model, recipe, out, Options(overwrite=True, evaluate=False, dtype=getattr(torch, args.dtype))
+                )
                 seconds = time.perf_counter() - t0
                 extra = {
                     "compute_dtype": args.dtype,
@@ -154,7 +156,7 @@ def speed(args) -> None:
     if not (out / "config.json").is_file():
         recipe = parse_recipe({"calibration": {"samples": 16, "seq_len": 512}, "passes": [{"type": "quantize",
                                "scheme": "w8a8", "method": "rtn"}]})  # fmt: skip
-        compress(model, recipe, out, Options(overwrite=True))
+        compress(model, recipe, out, Options(overwrite=True, evaluate=False))
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     cpu = cpu_flags()
     print(f"CPU: {cpu}", flush=True)

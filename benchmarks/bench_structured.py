@@ -128,7 +128,7 @@ def main() -> None:
             recipe = parse_recipe(
                 {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step_for(spec)]}
             )
-            report = compress(model, recipe, out, Options(overwrite=True))
+            report = compress(model, recipe, out, Options(overwrite=True, evaluate=False))
             path, notes, params = out, report["notes"], report["totals"]["nonzeros"]
         seconds = time.perf_counter() - t0
         ppl = evaluate(path, eval_file, 512, args.eval_windows)
@@ -161,7 +161,7 @@ def latency_only(args) -> None:
         out = OUT / "structured-latency-model"
         shutil.rmtree(out, ignore_errors=True)
         recipe = parse_recipe({"calibration": {"samples": 2, "seq_len": args.seq_len}, "passes": [step_for(spec)]})
-        report = compress(model, recipe, out, Options(overwrite=True))
+        report = compress(model, recipe, out, Options(overwrite=True, evaluate=False))
         dense_t, t, dense_t2 = latency(model), latency(out), latency(model)  # dense timed on both sides
         dense = min(dense_t, dense_t2)
         row = {"setting": spec, "nonzero_parameters": report["totals"]["nonzeros"], "forward_512_s": t,

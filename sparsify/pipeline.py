@@ -201,9 +201,8 @@ class _Run:
     tokens: torch.Tensor | None
     calib_name: str | None
     eval_lengths: list[int]
-    eval_text: str | None  # a text for evaluate(), or None with eval_stream
-    eval_stream: torch.Tensor | None  # held-out calibration tokens
-    eval_name: str | None
+    eval_stream: torch.Tensor | None  # the perplexity's tokens (None: not measured)
+    eval_name: str | None  # what they are
     notes: list[str]
 
 
@@ -326,15 +325,14 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
             )
     check_tensors_of(md, config, opts)
     check_finite(md.source, opts.progress)
-    eval_text = opts.eval_data
-    eval_name = None
-    if opts.evaluate and eval_text is None and stream is None:
-        eval_text = BUILTIN_EVAL  # no calibration text of the user's to hold windows out of: the embedded one's
-    if stream is not None:
-        eval_name = f"{calib_name} (held-out windows, not calibrated on)"
+    eval_name = f"{calib_name} (held-out windows, not calibrated on)" if stream is not None else None
     if opts.evaluate and not encoder:
         notes += eval_notes
-    return _Run(recipe, plan, config, tokens, calib_name, lengths, eval_text, stream, eval_name, notes)
+        if stream is None:  # --eval FILE, or no calibration text of the user's: the embedded one's held-out part
+            tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
+            text = load_text(opts.eval_data, default=BUILTIN_EVAL, tokenizer=tokenizer)
+            stream, eval_name = tokenize(text, tokenizer), text.name
+    return _Run(recipe, plan, config, tokens, calib_name, lengths, stream, eval_name, notes)
 
 
 def _held_out(opts: Options, encoder: bool) -> bool:
@@ -343,7 +341,7 @@ def _held_out(opts: Options, encoder: bool) -> bool:
 
 
 def _measures_perplexity(run: _Run, opts: Options) -> bool:
-    return opts.evaluate and not is_encoder(run.config.model_type) and (run.eval_text or run.eval_stream is not None)
+    return run.eval_stream is not None
 
 
 def _builtin(path: str) -> bool:
@@ -610,7 +608,7 @@ def _perplexity(path: Path, run: _Run, opts: Options, dtype: torch.dtype) -> dic
     windows = opts.eval_max_windows or (None if opts.eval_data else DEFAULT_EVAL_WINDOWS)
     return evaluate(
         path,
-        run.eval_text,
+        None,
         run.eval_lengths,
         windows,
         dtype,

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 import sparsify
 from sparsify.algorithms.attention_masks import attention_fraction, sliding_window_mask
 from sparsify.cli import app
-from sparsify.pipeline import compress
 from sparsify.recipe import parse_recipe
 from tests import zoo
 from tests.test_cli import assert_user_error
+from tests.zoo import compress
 
 NATIVE = {  # family -> model_type written
     "llama": "mistral",

@@ -15,11 +15,11 @@ import sparsify
 from sparsify.algorithms.attention_masks import LayerPattern, pattern_mask
 from sparsify.cli import app
 from sparsify.errors import SparsifyError
-from sparsify.pipeline import compress
 from sparsify.recipe import parse_recipe
 from sparsify.runtime.cache import BoundedCache, WindowCacheLayer, bounded_cache
 from tests import zoo
 from tests.test_attention import assert_decoding_equals_recomputing
+from tests.zoo import compress
 
 DECODERS = [f for f in zoo.CONFIGS if f != "bert"]
 IDS = torch.randint(3, zoo.VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -11,9 +11,10 @@ from sparsify.arch import lookup
 from sparsify.checkpoint import open_model
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.evaluate import load_tokenizer
-from sparsify.pipeline import compress, compress_model
+from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from tests import zoo
+from tests.zoo import compress
 
 METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]
 PATTERNS = [("unstructured", 0.5), ("2:4", None)]

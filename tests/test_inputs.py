@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sparsify.report import render_html
 from tests import zoo
-from tests.test_cli import FAST, assert_user_error, run
+from tests.test_cli import CALIB, FAST, assert_user_error, run
 
 PRUNE = ["--method", "wanda", "--sparsity", "0.5", *FAST]
 
@@ -107,7 +107,21 @@ def test_seq_len_beyond_the_context_is_refused_when_asked_and_fitted_by_default(
     assert report["calibration"]["seq_len"] == 256 and report["recipe"]["calibration"]["seq_len"] == 256
     assert any("shortened" in n for n in report["notes"])
     assert_user_error(run("eval", model_dir("gpt2"), "--seq-len", "512"), None, "max_position_embeddings 256")
-    r = run("prune", model_dir("gpt2"), "-o", tmp_path / "o2", *PRUNE, "--eval", "heldout", "--eval-seq-len", "512")
+    r = run(
+        "prune",
+        model_dir("gpt2"),
+        "-o",
+        tmp_path / "o2",
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        *CALIB,
+        "--eval",
+        "heldout",
+        "--eval-seq-len",
+        "512",
+    )
     assert_user_error(r, tmp_path / "o2", "seq_len 512")
 
 

@@ -15,11 +15,12 @@ from safetensors import safe_open
 
 from sparsify.errors import SparsifyError
 from sparsify.passes.moe import MoEBlock
-from sparsify.pipeline import compress, compress_model
+from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from sparsify.runtime.quantized import QuantizedLinear
 from tests import zoo
 from tests.test_quantize import _tokens
+from tests.zoo import compress
 
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -19,10 +19,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests import zoo
-from tests.test_cli import FAST, assert_user_error, run
+from tests.test_cli import CALIB, FAST, assert_user_error, run
 from tests.test_guarantees import ROOT, _fault, _leftovers, _weights
-
-QUIET = [*FAST, "--no-eval"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +156,7 @@ def test_impossible_combinations_are_refused_before_any_work(deep, tmp_path, mon
 def test_a_quantized_input_takes_no_layer_pass(deep, tmp_path):
     q = tmp_path / "q"
     assert compress(deep, q, [W4], "--no-eval").exit_code == 0
-    assert_user_error(run("prune", q, "-o", tmp_path / "out", "--sparsity", "0.5", *QUIET), None, "already quantized")
+    assert_user_error(run("prune", q, "-o", tmp_path / "out", "--sparsity", "0.5", *FAST), None, "already quantized")
 
 
 # ---------------------------------------------------------------------------------- the output check
@@ -192,7 +190,7 @@ def test_an_output_missing_a_tensor_is_never_renamed_into_place(deep, tmp_path, 
 
 def test_resume_of_a_run_killed_after_its_sweep_writes_the_same_config(deep, tmp_path):
     reference = tmp_path / "reference"
-    args = ["prune", deep, "--structured", "channels", "--ratio", "0.25", *QUIET]
+    args = ["prune", deep, "--structured", "channels", "--ratio", "0.25", *FAST]
     assert run(*args[:2], "-o", reference, *args[2:]).exit_code == 0
     out = tmp_path / "out"
     r = _fault("killin@assemble", *args[:2], "-o", out, *args[2:])
@@ -220,7 +218,7 @@ def test_moe_then_quantize_killed_and_resumed_gives_the_same_bytes(deep, tmp_pat
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
 def test_a_run_killed_before_it_recorded_anything_runs_again_without_overwrite(deep, tmp_path, resume):
     out = tmp_path / "out"
-    args = ["prune", deep, "-o", out, "--sparsity", "0.5", *QUIET]
+    args = ["prune", deep, "-o", out, "--sparsity", "0.5", *FAST]
     r = _fault("killin@begin", *args)
     assert r.returncode == -signal.SIGKILL and (tmp_path / ".out.partial").is_dir()
     r = run(*args, *resume)
@@ -249,7 +247,7 @@ RECIPES = {
 def test_the_written_recipe_reproduces_the_output(deep, tmp_path, name):
     command, *flags = RECIPES[name]
     first, second = tmp_path / "first", tmp_path / "second"
-    r = run(command, deep, "-o", first, *flags, *QUIET)
+    r = run(command, deep, "-o", first, *flags, *FAST)
     assert r.exit_code == 0, r.output
     recipe = tmp_path / "recipe.yaml"
     shutil.copy(first / "recipe.yaml", recipe)
@@ -260,7 +258,7 @@ def test_the_written_recipe_reproduces_the_output(deep, tmp_path, name):
 
 def test_the_written_recipe_spells_out_only_what_applies(deep, tmp_path):
     out = tmp_path / "out"
-    assert run("quantize", deep, "-o", out, "--scheme", "w8a8", *QUIET).exit_code == 0
+    assert run("quantize", deep, "-o", out, "--scheme", "w8a8", *FAST).exit_code == 0
     step = yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]
     assert step["method"] == "gptq" and step["dampening"] == 0.01 and step["weight_observer"] == "minmax"
     assert "observer" not in step and "group_size" not in step and "smoothquant" not in step
@@ -295,7 +293,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_perplexity_before_and_after_is_measured_by_default_on_held_out_calibration_text(trained, tmp_path, calib_file):
     out = tmp_path / "out"
-    r = run("prune", trained, "-o", out, "--sparsity", "0.3", "--calib", calib_file, *FAST, "--json")
+    r = run("prune", trained, "-o", out, "--sparsity", "0.3", "--calib", calib_file, *CALIB, "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     ev = report["eval"]
@@ -311,14 +309,14 @@ def test_a_collapsed_model_is_a_loud_warning_and_with_max_ppl_ratio_an_error(tra
 
     monkeypatch.setattr(pipeline, "WARN_PPL_RATIO", 2.0)
     out = tmp_path / "out"
-    r = run("prune", trained, "-o", out, "--method", "magnitude", "--sparsity", "0.97", *FAST)
+    r = run("prune", trained, "-o", out, "--method", "magnitude", "--sparsity", "0.97", *CALIB)
     assert r.exit_code == 0, r.output
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: perplexity")]
     assert len(warnings) == 1 and "past the warning threshold of 2×" in warnings[0], r.stderr
     assert json.loads((out / "sparsify_report.json").read_text())["quality"]["status"] == "warning"
     strict = tmp_path / "strict"
     r = run(
-        "prune", trained, "-o", strict, "--method", "magnitude", "--sparsity", "0.97", *FAST, "--max-ppl-ratio", "2"
+        "prune", trained, "-o", strict, "--method", "magnitude", "--sparsity", "0.97", *CALIB, "--max-ppl-ratio", "2"
     )
     assert r.exit_code == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
@@ -328,9 +326,9 @@ def test_a_collapsed_model_is_a_loud_warning_and_with_max_ppl_ratio_an_error(tra
 
 
 def test_no_eval_skips_it(deep, tmp_path):
-    r = run("prune", deep, "-o", tmp_path / "out", "--sparsity", "0.5", *QUIET, "--json")
+    r = run("prune", deep, "-o", tmp_path / "out", "--sparsity", "0.5", *FAST, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["eval"] is None
-    assert_user_error(run("prune", deep, "-o", tmp_path / "o2", "--sparsity", "0.5", *QUIET, "--max-ppl-ratio", "2"),
+    assert_user_error(run("prune", deep, "-o", tmp_path / "o2", "--sparsity", "0.5", *FAST, "--max-ppl-ratio", "2"),
                       None, "--no-eval", "--max-ppl-ratio")  # fmt: skip
 
 
@@ -345,7 +343,7 @@ def test_a_non_finite_input_tensor_is_refused_naming_it(deep, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     assert_user_error(
-        run("prune", bad, "-o", out, "--sparsity", "0.5", *QUIET), out, "model.layers.2.mlp.up_proj.weight"
+        run("prune", bad, "-o", out, "--sparsity", "0.5", *FAST), out, "model.layers.2.mlp.up_proj.weight"
     )
     r = run("eval", bad, "--seq-len", "64", "--max-windows", "2")
     assert r.exit_code == 1 and "not finite" in r.stderr
@@ -355,7 +353,7 @@ def test_paths_are_escaped_in_markdown(deep, tmp_path):
     model = tmp_path / "my_*model*|[x]"
     shutil.copytree(deep, model)
     out = tmp_path / "out"
-    assert run("prune", model, "-o", out, "--sparsity", "0.5", *QUIET).exit_code == 0
+    assert run("prune", model, "-o", out, "--sparsity", "0.5", *FAST).exit_code == 0
     card = (out / "README.md").read_text()
     assert r"my\_\*model\*\|\[x\]" in card and "my_*model*" not in card
     md = run("report", out).stdout
@@ -366,14 +364,14 @@ def test_records_without_text_are_counted_and_warned_about(deep, tmp_path):
     data = tmp_path / "calib.jsonl"
     rows = [{"text": t} for t in zoo.training_text()] + [{"text": ""}, {"text": None}, {"other": "x"}]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    r = run("prune", deep, "-o", tmp_path / "out", "--sparsity", "0.5", "--calib", data, *QUIET, "--json")
+    r = run("prune", deep, "-o", tmp_path / "out", "--sparsity", "0.5", "--calib", data, *FAST, "--json")
     assert r.exit_code == 0, r.output
     assert "warning: calib.jsonl: 3 of 23 records have no text in 'text'" in r.stderr
     assert any("3 of 23 records" in n for n in json.loads(r.stdout)["notes"])
 
 
 def test_stderr_is_quiet_unless_asked(deep, tmp_path):
-    args = ["quantize", deep, "--scheme", "w4a16", "--group-size", "32", "--qat", "--steps", "2", *QUIET]
+    args = ["quantize", deep, "--scheme", "w4a16", "--group-size", "32", "--qat", "--steps", "2", *FAST]
     for extra in (["--json"], []):
         r = run(*args[:2], "-o", tmp_path / f"q{len(extra)}", *args[2:], *extra)
         assert r.exit_code == 0 and "layer loss" not in r.stderr and "Decompressing" not in r.stderr, r.stderr

@@ -18,10 +18,11 @@ from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import load_tokenizer
 from sparsify.passes.quantize import fold_smoothing
-from sparsify.pipeline import compress, compress_model
+from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from sparsify.runtime.quantized import QuantizedLinear
 from tests import zoo
+from tests.zoo import compress
 
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
 SCHEMES = [

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 import sparsify
 from sparsify.algorithms.structured import channel_scores, kept_width, layers_to_remove
-from sparsify.pipeline import compress
 from sparsify.recipe import parse_recipe
 from tests import zoo
 from tests.test_cli import FAST, assert_user_error, run
 from tests.test_families import _load, _outputs, assert_reload_equals_memory
+from tests.zoo import compress
 
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
 HEADS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]  # head_dim in the config

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 import sparsify
 from sparsify.errors import SparsifyError
-from tests.test_cli import FAST, assert_user_error, run
+from tests.test_cli import CALIB, FAST, assert_user_error, run
 
 PRUNE = ["--method", "wanda", "--sparsity", "0.5", *FAST]
+PRUNE_EVAL = ["--method", "wanda", "--sparsity", "0.5", *CALIB]
 
 
 def test_version():
@@ -31,7 +32,7 @@ def test_a_device_that_is_not_here_is_one_line(model_dir, tmp_path):
 
 
 def test_device_auto_runs_where_it_can(model_dir, tmp_path):
-    r = run("prune", model_dir("llama"), "-o", tmp_path / "out", *PRUNE, "--device", "auto", "--eval", "heldout",
+    r = run("prune", model_dir("llama"), "-o", tmp_path / "out", *PRUNE_EVAL, "--device", "auto", "--eval", "heldout",
             "--eval-seq-len", "64", "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["eval"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +40,7 @@ def test_device_auto_runs_where_it_can(model_dir, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_calibration_and_evaluation_on_cuda_equal_cpu(model_dir, tmp_path):
-    args = ["--method", "sparsegpt", "--sparsity", "0.5", *FAST, "--eval", "heldout", "--eval-seq-len", "64"]
+    args = ["--method", "sparsegpt", "--sparsity", "0.5", *CALIB, "--eval", "heldout", "--eval-seq-len", "64"]
     cpu = run("prune", model_dir("llama"), "-o", tmp_path / "cpu", *args, "--json")
     gpu = run("prune", model_dir("llama"), "-o", tmp_path / "gpu", *args, "--device", "cuda", "--json")
     assert cpu.exit_code == 0 and gpu.exit_code == 0, gpu.output
@@ -68,7 +69,7 @@ def test_model_card_describes_this_checkpoint(model_dir, tmp_path):
     shutil.copytree(model_dir("llama"), src)
     (src / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\ndatasets: [x]\n---\n# The dense model\n")
     out = tmp_path / "out"
-    assert run("prune", src, "-o", out, *PRUNE, "--eval", "heldout", "--eval-seq-len", "64").exit_code == 0
+    assert run("prune", src, "-o", out, *PRUNE_EVAL, "--eval", "heldout", "--eval-seq-len", "64").exit_code == 0
     card = (out / "README.md").read_text()
     assert "The dense model" not in card and "datasets" not in card
     assert "license: apache-2.0" in card and "- sparsify" in card and "base_model" not in card  # a local folder
