@@ -144,7 +144,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def fmt_sig(x: Any, digits: int = 3) -> str:
+def fmt_sig(x: Any, digits: int = 3, pad: bool = True) -> str:
     """A measured number with ``digits`` significant digits: ``0.0757``, ``321``, ``3.00e-6`` (never ``0.0000``
     for a small non-zero value); integers with thousands separators; None as a dash."""
     if x is None:
@@ -160,7 +160,8 @@ def fmt_sig(x: Any, digits: int = 3) -> str:
     if x == 0:
         return "0"
     if abs(x) >= 1e-3:
-        text = f"{x:.{digits}g}"
+        # trailing zeros kept (pad): 0.00510 lines up with 0.00495 in a column
+        text = f"{x:#.{digits}g}".rstrip(".") if pad else f"{x:.{digits}g}"
         return f"{x:,.0f}" if "e" in text else text
     mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
     return f"{mantissa}e{int(exponent)}"
@@ -192,7 +193,7 @@ def fmt_count(n: float | None) -> str:
         return "—"
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            return f"{n / size:#.3g}".rstrip(".") + f" {unit}"
     return f"{n:,.0f}"
 
 
@@ -632,7 +633,7 @@ def _metric_text(value: float, fmt: str, digits: int = 3) -> str:
         return fmt_pct(value) if digits <= 3 or value in (0, 1) else f"{value:.2%}"
     if fmt == "int":
         return f"{value:g}"
-    return fmt_sig(value, digits)
+    return fmt_sig(value, digits, pad=digits <= 4)
 
 
 def _module_of(record: dict[str, Any]) -> str | None:
@@ -847,7 +848,7 @@ def _settings(settings: dict[str, Any]) -> str:
             return ", ".join(f"{k} {show(x)}" for k, x in v.items())
         if isinstance(v, list):
             return ", ".join(show(x) for x in v) or "[]"
-        return fmt_sig(v, 4) if isinstance(v, float) else str(v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
 
     items = "".join(f"<span><b>{_e(k)}</b> {_e(show(v))}</span>" for k, v in settings.items())
     return f'<div class="settings">{items}</div>' if items else ""
@@ -1168,7 +1169,7 @@ def render_compare_html(reports: list[dict[str, Any]]) -> str:
     rows, best, smallest = _compare_rows(reports)
     has_latency = any(h["latency_after"] for h in rows)
     has_cos = any(h["cosine_mean"] is not None for h in rows)
-    top_bytes = max([h["bytes_after"] or 0 for h in rows] + [h["bytes_before"] or 0 for h in rows]) or 1
+    top_bytes = max([0, *(h["bytes_after"] or 0 for h in rows), *(h["bytes_before"] or 0 for h in rows)]) or 1
     head = (
         "<tr class='head'><th>output</th><th>passes</th><th class='num'>size on disk</th><th class='num'>parameters</th>"
         + ("<th class='num'>cosine to input</th>" if has_cos else "<th class='num'>perplexity</th>")

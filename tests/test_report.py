@@ -240,6 +240,15 @@ def test_the_compare_page_lists_each_output_and_marks_the_best():
     assert len(lines) == 3 and "(best)" in lines[1] and "(smallest)" in lines[2]
 
 
+def test_the_compare_page_warns_when_the_numbers_do_not_compare():
+    other = _report("/out/b")
+    other["model"] = "/models/qwen"
+    other["eval"]["seq_len"] = 2048
+    page = render_compare_html([_report("/out/a"), other])
+    assert "come from different models" in page and "different text or context lengths" in page
+    assert "banner" not in render_compare_html([_report("/out/a"), _report("/out/b")]).split("</style>")[1]
+
+
 def test_small_numbers_keep_their_digits():
     assert fmt_sig(3e-6) == "3.00e-6" and fmt_sig(0.07571) == "0.0757" and fmt_sig(0.0) == "0"
     assert fmt_pct(0.5) == "50.0%" and fmt_pct(2e-4) == "<0.1%" and fmt_pct(0.9999) == ">99.9%"
