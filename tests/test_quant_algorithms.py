@@ -23,7 +23,7 @@ from sparsify.algorithms.quant import (
     qparams,
     quantize,
 )
-from sparsify.algorithms.smoothquant import smooth_weights, smoothing_scales
+from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
 
 F32 = torch.float32
 EXACT = {"rtol": 0, "atol": 0}
@@ -554,3 +554,15 @@ def test_smoothing_zero_channels_and_refusals():
     with pytest.raises(ValueError, match="input columns"):
         smoothing_scales(a[:16], weights)
     assert smooth_weights(weights[0].bfloat16(), torch.ones(32)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's w * x_hat; Gemma's (1 + w) * x_hat
+def test_smooth_norm_divides_the_norm_output_by_s(offset):
+    g = _gen(3)
+    x_hat = torch.randn(4, 16, generator=g, dtype=torch.float64)  # the normalized input
+    w, b = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    s = torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+    w2, b2 = smooth_norm(w, b, s, offset)
+    torch.testing.assert_close((offset + w2) * x_hat + b2, ((offset + w) * x_hat + b) / s, rtol=1e-12, atol=1e-12)
+    w3, none = smooth_norm(w.bfloat16(), None, s, offset)
+    assert none is None and w3.dtype == torch.bfloat16

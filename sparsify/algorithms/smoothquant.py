@@ -41,3 +41,15 @@ def smooth_weights(W: Tensor, s: Tensor) -> Tensor:
     """
     dtype = torch.promote_types(W.dtype, torch.float32)
     return (W.to(dtype) * s.to(dtype)).to(W.dtype)
+
+
+def smooth_norm(weight: Tensor, bias: Tensor | None, s: Tensor, offset: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """The preceding norm's parameters with its output divided by ``s: (in,)``, in their dtypes.
+
+    A norm that scales by ``offset + weight`` (Gemma's ``1 + w``) gets ``(offset + w) / s - offset``;
+    the bias, if any, ``bias / s``. Computed in at least float32.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = ((offset + weight.to(dtype)) / s.to(dtype) - offset).to(weight.dtype)  # (in,)
+    b = None if bias is None else (bias.to(dtype) / s.to(dtype)).to(bias.dtype)  # (in,)
+    return w, b
