@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -302,9 +303,13 @@ class QuantizedLinear(nn.Module):
                 "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "x86"
             )
             scale = self.weight_scale.float().reshape(-1).expand(self.out_features).contiguous()
-            qw = torch._make_per_channel_quantized_tensor(
-                self.weight.cpu(), scale.double(), torch.zeros(self.out_features, dtype=torch.int64), 0
-            )
+            with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; fbgemm's kernel takes only them
+                warnings.filterwarnings(
+                    "ignore", message=".*quantized tensor creation functions.*", category=UserWarning
+                )
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.weight.cpu(), scale.double(), torch.zeros(self.out_features, dtype=torch.int64), 0
+                )
             bias = None if self.bias is None else self.bias.float()
             self._packed_fbgemm = torch.ops.quantized.linear_prepack(qw, bias)
         self.kernel = kernel
