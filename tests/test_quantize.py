@@ -205,12 +205,13 @@ def test_weight_only_int4_on_a_2of4_pruned_model_keeps_its_zeros(model_dir, tmp_
     )
     compress(src, recipe, out)
     model = sparsify.load(out, kernel="reference")
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            W = m.dequantize_weight()  # (out, in)
-            nonzero = (W != 0).reshape(W.shape[0], -1, 4).sum(-1)
-            assert nonzero.max() <= 2, name  # every group of 4 inputs keeps at most 2 weights
-            assert (m.codes() == 0).float().mean() >= 0.5
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 7 * model.config.num_hidden_layers  # every Linear of every layer, none skipped
+    for name, m in quantized:
+        W = m.dequantize_weight()  # (out, in)
+        nonzero = (W != 0).reshape(W.shape[0], -1, 4).sum(-1)
+        assert nonzero.max() <= 2, name  # every group of 4 inputs keeps at most 2 weights
+        assert (m.codes() == 0).float().mean() >= 0.5
 
 
 def test_structurally_pruned_model_quantizes(model_dir, tmp_path):
@@ -338,7 +339,7 @@ def test_cli_quantize_one_line_errors_and_report(model_dir, tmp_path):
         [*base, "-o", str(tmp_path / "x"), "--scheme", "w4a16", "--group-size", "48"], capture_output=True, text=True
     )
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not divide" in bad.stderr
-    steps = subprocess.run([*base, "-o", str(tmp_path / "y"), "--scheme", "w4a16", "--qat", "--steps", "0"],
+    steps = subprocess.run([*base, "-o", str(tmp_path / "y"), "--scheme", "w4a16", "--qat-steps", "0"],
                            capture_output=True, text=True)  # fmt: skip
     assert steps.returncode != 0 and len(steps.stderr.strip().splitlines()) == 1
     ok = subprocess.run(

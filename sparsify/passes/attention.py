@@ -36,13 +36,15 @@ _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
 
 class AttentionConfig(PassConfig):
     type: Literal["attention"] = "attention"
-    pattern: Literal["sliding-window", "sinks", "block-sparse", "local"] = "sliding-window"
+    pattern: Literal["sliding-window", "sinks", "block-sparse", "local"] = Field(
+        "sliding-window", description="attention pattern"
+    )
     window: int | None = Field(None, ge=1, description="keys each query sees (sliding-window, sinks, local)")
     sinks: int = Field(0, ge=0, description="leading tokens every query sees (StreamingLLM)")
     global_every: int = Field(0, ge=0, description="keep every N-th layer full attention (0: none)")
     block_size: int | None = Field(None, ge=1, description="block-sparse: tokens per block")
-    global_blocks: int = Field(1, ge=0)
-    random_blocks: int = Field(0, ge=0)
+    global_blocks: int = Field(1, ge=0, description="block-sparse: blocks every query sees (and that see all)")
+    random_blocks: int = Field(0, ge=0, description="block-sparse: seeded random blocks per query block")
 
     def inapplicable(self) -> dict[str, str]:
         out = {}
@@ -120,6 +122,16 @@ class AttentionPass(Pass):
 
     config_cls = AttentionConfig
     config: AttentionConfig
+    command = "attention"
+    command_help = (
+        "Swap the attention pattern: sliding window, sinks + window (StreamingLLM), block-sparse, local (encoders)."
+        " A sliding window on Llama, Mistral, Qwen2/3, Gemma 2/3 or Phi-3 becomes the family's native config (plain"
+        " transformers and vLLM load it); the other patterns are written for sparsify.load(OUT)."
+    )
+    command_examples = (
+        "Examples: sparsify attention ./llama -o ./llama-swa --window 1024 --global-every 4;"
+        " sparsify attention ./llama -o ./llama-sinks --pattern sinks --window 1020 --sinks 4"
+    )
     layerwise = False
     requires = frozenset()  # the config only: quantized or MoE models take a pattern too
     eval_lengths = (512, 2048)  # a pattern shows at contexts longer than its window

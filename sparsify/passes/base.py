@@ -16,9 +16,9 @@ only call these hooks; they never ask what kind of pass they hold.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -41,6 +41,19 @@ class StrictModel(BaseModel):
     def inapplicable(self) -> dict[str, str]:
         """Keys that do not apply given the others: key -> why, completing "KEY ..." (e.g. "applies to ...")."""
         return {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _choices_any_case(cls, data: Any) -> Any:
+        """``W8A8`` as ``w8a8``: a choice among lowercase names is matched whatever its case."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if isinstance(value, str) and field is not None and _lowercase_choices(field.annotation):
+                out[key] = value.lower()
+        return out
 
     @model_validator(mode="after")
     def _only_applicable(self) -> StrictModel:
@@ -65,14 +78,29 @@ class StrictModel(BaseModel):
         return out
 
 
+def _lowercase_choices(annotation: Any) -> bool:
+    """Whether ``annotation`` is a ``Literal`` of lowercase strings (possibly ``| None``)."""
+    args = (
+        [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) is not Literal
+        else [annotation]
+    )
+    literals = [a for a in args if get_origin(a) is Literal]
+    return bool(literals) and all(isinstance(v, str) and v == v.lower() for a in literals for v in get_args(a))
+
+
 class PassConfig(StrictModel):
     type: str
 
 
 class LayerPassConfig(PassConfig):
-    targets: list[str] | None = None  # None: the architecture table's defaults
-    ignore: list[str] = []
-    sequential: bool = False  # true-sequential: calibrate each stage of a layer after the stages before it
+    targets: list[str] | None = Field(
+        None, description="Linear names, class names or 're:' regexes [default: the architecture table's]"
+    )
+    ignore: list[str] = Field([], description="names or 're:' regexes to leave alone (applied first)")
+    sequential: bool = Field(
+        False, description="calibrate q/k/v, then o, then gate/up, then down, each after the ones before"
+    )
 
 
 def stage_of(fqn: str, stages: list[tuple[str, ...]]) -> int:
@@ -95,6 +123,9 @@ class Pass:
     """A recipe step. Every hook has a default that does nothing."""
 
     config_cls: ClassVar[type[PassConfig]]
+    command: ClassVar[str | None] = None  # the CLI command that runs this pass alone (its options: the config's fields)
+    command_help: ClassVar[str] = ""
+    command_examples: ClassVar[str] = ""
     layerwise: ClassVar[bool] = True  # runs inside the layer-wise loop (False: edits the config only)
     requires: frozenset[str] = frozenset({"float"})  # FACTS this pass needs of the model it is given
     removes: frozenset[str] = frozenset()  # FACTS it takes away from the passes after it
@@ -141,10 +172,6 @@ class Pass:
 
     def bind(self, model: nn.Module) -> None:
         """See the model (on the meta device) before anything runs: read sizes, refuse what cannot apply."""
-
-    def default_targets(self) -> tuple[str, ...]:
-        """Layer-relative names targeted when the recipe gives none (the table's Linears)."""
-        return self.arch.targets if self.arch is not None else ()
 
     def targets_in(self, layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
         """This pass's targets in ``layer`` (whose fqn is ``prefix``) as it is now, fqn -> module."""

@@ -56,10 +56,14 @@ STRUCTURED_ONLY = ("ratio", "remove", "metric", "bias_compensation", "refit", "m
 
 class PruneConfig(LayerPassConfig):
     type: Literal["prune"] = "prune"
-    method: Literal["magnitude", "wanda", "ria", "sparsegpt"] = "wanda"
+    method: Literal["magnitude", "wanda", "ria", "sparsegpt"] = Field("wanda", description="importance score / solver")
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N non-zeros in every M inputs)")
-    profile: Literal["uniform", "owl"] = "uniform"
+    profile: Literal["uniform", "owl"] = Field(
+        "uniform",
+        description="the same sparsity in every layer, or OWL's outlier-weighted layer sparsities",
+        json_schema_extra={"flag": "--sparsity-profile"},
+    )
     owl_threshold: float = Field(5.0, gt=0, description="OWL outlier threshold M: score > M x layer mean")
     owl_lambda: float = Field(
         0.08, ge=0.0, lt=0.5, description="OWL: layer sparsities span 2 x lambda around the target"
@@ -74,7 +78,10 @@ class PruneConfig(LayerPassConfig):
     )
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="channels/heads: fraction removed")
     remove: int | None = Field(None, ge=1, description="layers: how many to remove")
-    metric: str | None = Field(None, description="structured importance metric")
+    metric: str | None = Field(
+        None,
+        description="structured importance: magnitude|wanda|flap (channels, heads), block-influence|angular (layers)",
+    )
     bias_compensation: bool = Field(False, description="fold removed channels' mean output into the bias (FLAP)")
     refit: bool = Field(
         False, description="structured: least-squares refit of the output projection on the kept inputs"
@@ -154,6 +161,15 @@ class PrunePass(Pass):
     """Unstructured or N:M pruning of the target Linears (zeros stored dense)."""
 
     config_cls = PruneConfig
+    command = "prune"
+    command_help = (
+        "Prune a model: unstructured or N:M (magnitude, Wanda, RIA, SparseGPT; zeros stored dense), or structured"
+        " (FFN channels, attention head groups, whole layers; physically removed, a smaller config)."
+    )
+    command_examples = (
+        "Examples: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4;"
+        " sparsify prune ./model -o ./model-ffn80 --structured channels --ratio 0.2 --metric flap --bias-compensation"
+    )
     config: PruneConfig
     kind = "prune"
     title = "Pruning, per Linear"

@@ -52,7 +52,7 @@ from sparsify.algorithms.quant import (
     qparams,
     quantize,
 )
-from sparsify.algorithms.smoothquant import smoothing_scales
+from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
 from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
@@ -75,10 +75,16 @@ class QATConfig(StrictModel):
 
 class QuantizeConfig(LayerPassConfig):
     type: Literal["quantize"] = "quantize"
-    scheme: Literal["w8a8", "w8a8-static", "w4a16", "w8a16"]
-    method: Literal["rtn", "gptq"] = "gptq"
+    scheme: Literal["w8a8", "w8a8-static", "w4a16", "w8a16"] = Field(
+        description="w8a8 (int8 activations per token), w8a8-static (one calibrated scale), w4a16, w8a16 (weight-only)"
+    )
+    method: Literal["rtn", "gptq"] = Field("gptq", description="weight rounding: round-to-nearest or GPTQ")
     group_size: int | None = Field(None, description="weights per scale along the input; -1: per channel")
-    symmetric: bool = True
+    symmetric: bool = Field(
+        True,
+        description="weights symmetric around zero, or with a zero point (weight-only schemes)",
+        json_schema_extra={"flag": "--symmetric/--asymmetric"},
+    )
     act_order: bool | None = Field(
         None, description="GPTQ: columns in decreasing Hessian-diagonal order (default on, as llm-compressor's)"
     )
@@ -89,7 +95,7 @@ class QuantizeConfig(LayerPassConfig):
     )
     weight_observer: Literal["minmax", "mse"] = Field("minmax", description="weight range (RTN, GPTQ's groups)")
     smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
-    qat: QATConfig | None = None
+    qat: QATConfig | None = Field(None, description="then tune each layer with fake quantization (QAT)")
 
     def inapplicable(self) -> dict[str, str]:
         out = {}
@@ -171,6 +177,15 @@ class QuantizePass(Pass):
     """Quantizes the target Linears (see the module docstring)."""
 
     config_cls = QuantizeConfig
+    command = "quantize"
+    command_help = (
+        "Quantize a model into the compressed-tensors format (transformers and vLLM load it): W8A8 with dynamic or"
+        " static activations (optionally SmoothQuant), weight-only int4/int8 with RTN or GPTQ, QAT."
+    )
+    command_examples = (
+        "Examples: sparsify quantize ./model -o ./model-w8a8 --scheme w8a8 --smoothquant 0.5;"
+        " sparsify quantize ./model -o ./model-w4 --scheme w4a16 --method gptq --group-size 64"
+    )
     config: QuantizeConfig
     kind = "quantize"
     title = "Quantization, per Linear"
@@ -270,6 +285,7 @@ class QuantizePass(Pass):
                 "bits": c.bits,
                 "group_size": c.weight_group or "channel",
                 "method": c.method + (" + QAT" if c.qat else ""),
+                "act_order": c.gptq_act_order,
                 "weight_error": _weight_error(W, W_q, H),
                 "status": "quantized",
             }
@@ -441,12 +457,14 @@ class QuantizePass(Pass):
         )
         q_bytes = params * bits / 8 + scale_bytes
         errors = [r["weight_error"] for r in done if r.get("weight_error") is not None]
+        methods = sorted({_method_text(r) for r in done})
         return [
             ("quantized Linears", f"{len(done)}: {', '.join(schemes)}", "quantized_linears", len(done)),
+            ("weights rounded by", "; ".join(methods), "quantize_methods", methods),
             (
                 "Linear weights",
-                f"{q_bytes / 2**20:.1f} MiB quantized vs {params * 2 / 2**20:.1f} MiB in fp16"
-                f" ({q_bytes / (params * 2):.3f}×, 16-bit scales included)",
+                f"{q_bytes / 2**20:.1f} MiB quantized, {8 * q_bytes / params:.2f} bits per weight with 16-bit"
+                " scales (the size breakdown compares with the input as stored)",
                 "quantized_linear_bytes",
                 int(q_bytes),
             ),
@@ -461,6 +479,16 @@ class QuantizePass(Pass):
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def _method_text(record: dict[str, Any]) -> str:
+    """What rounded a record's weights, in words (the CLI's default, GPTQ with act-order, said plainly)."""
+    method = str(record.get("method", ""))
+    base, _, qat = method.partition(" + ")
+    text = {"gptq": "GPTQ", "rtn": "round-to-nearest"}.get(base, base)
+    if base == "gptq":
+        text += " with activation order" if record.get("act_order") else " in column order"
+    return text + (" + QAT (layer-wise, straight-through)" if qat else "")
 
 
 class _FakeQuantLinear(nn.Module):
@@ -525,27 +553,16 @@ def fold_smoothing(layer: nn.Module, arch: Arch, absmax: dict[str, Tensor], alph
             continue
         linears = [layer.get_submodule(n) for n in fed]
         s = smoothing_scales(absmax[norm_name], [m.weight for m in linears], alpha)  # (in,)
-        _divide_norm(layer.get_submodule(norm_name), s, arch.norm_offset)
+        norm = layer.get_submodule(norm_name)
+        bias = getattr(norm, "bias", None)
+        weight, new_bias = smooth_norm(norm.weight, bias, s, arch.norm_offset)  # (in,): output divided by s
+        norm.weight.copy_(weight)
+        if bias is not None:
+            bias.copy_(new_bias)
         for m in linears:
-            m.weight.copy_((_wide(m.weight) * s).to(m.weight.dtype))  # (out, in) * (in,)
+            m.weight.copy_(smooth_weights(m.weight, s))  # (out, in) * (in,)
         factors[norm_name] = s
     return factors
-
-
-def _divide_norm(norm: nn.Module, s: Tensor, offset: float) -> None:
-    """Make ``norm``'s output ``1/s`` times what it was: weight (and bias) divided by ``s``.
-
-    A norm that scales by ``offset + weight`` (Gemma's ``1 + w``) gets ``(offset + w) / s - offset``.
-    """
-    w = norm.weight
-    w.copy_(((offset + _wide(w)) / s - offset).to(w.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.copy_((_wide(norm.bias) / s).to(norm.bias.dtype))
-
-
-def _wide(t: Tensor) -> Tensor:
-    """``t`` in float32 at least (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _weight_error(W: Tensor, W_q: Tensor, H: Tensor | None) -> float:
