@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_structured import cpu_flags
 from benchmarks.common import OUT, setting_value, wiki_eval_file
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.demo import smollm2_path
+from sparsify.devices import cpu_flags
 from sparsify.evaluate import evaluate, load_tokenizer
 from sparsify.pipeline import Options, compress
 from sparsify.recipe import parse_recipe

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT, wiki_eval_file
 from sparsify.demo import smollm2_path
+from sparsify.devices import cpu_flags
 from sparsify.evaluate import evaluate
 from sparsify.pipeline import Options, compress
 from sparsify.recipe import parse_recipe
@@ -54,17 +55,6 @@ TARGETS = {
     "attn": ["re:.*self_attn\\.(q|k|v|o)_proj$"],
     "all": None,
 }
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
-    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]
-    return f"{model}; {' '.join(f for f in wanted if f in flags)}; {torch.get_num_threads()} threads"
 
 
 def step_for(spec: str) -> dict:

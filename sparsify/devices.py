@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sparsify.errors import SparsifyError
 
 CHOICES = "cpu, cuda, cuda:N or auto"
@@ -26,3 +28,19 @@ def resolve_device(spec: str) -> str:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise SparsifyError(f"device {spec!r}: there are {torch.cuda.device_count()} CUDA device(s) here")
     return str(device)
+
+
+def cpu_flags() -> str:
+    """This CPU, as speed figures must name it: model name, the vector and matrix units that decide kernel speed
+    (AVX2, AVX-512, BF16, VNNI, AMX), and torch's thread count."""
+    import torch
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"unknown CPU; {torch.get_num_threads()} threads"
+    lines = text.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]
+    return f"{model}; {' '.join(f for f in wanted if f in flags) or 'no AVX2'}; {torch.get_num_threads()} threads"

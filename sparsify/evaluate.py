@@ -92,6 +92,37 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
 
 
 @torch.no_grad()
+def forward_seconds(
+    path: Path,
+    seq_len: int,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    repeats: int = 5,
+) -> float:
+    """Median wall time of one forward over ``seq_len`` tokens (a prefill) of the model at ``path``, loaded as
+    its users load it, after one warm-up forward."""
+    import statistics
+    import time
+
+    model = _load(path, dtype, trust_remote_code, device)
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    ids = torch.arange(seq_len, device=device).reshape(1, -1) % vocab
+    times = []
+    for i in range(repeats + 1):
+        interrupts.check()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
 def _embed(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     hidden = model(**batch).last_hidden_state  # (B, T, H)
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)

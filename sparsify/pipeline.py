@@ -49,14 +49,22 @@ from sparsify.checkpoint import (
 )
 from sparsify.checkpoint.output import StageState, tensor_digest
 from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, load_text, sample_windows, tokenize
-from sparsify.devices import resolve_device
+from sparsify.devices import cpu_flags, resolve_device
 from sparsify.errors import SparsifyError
-from sparsify.evaluate import DEFAULT_EVAL_WINDOWS, check_context, embedding_similarity, evaluate, load_tokenizer
+from sparsify.evaluate import (
+    DEFAULT_EVAL_WINDOWS,
+    check_context,
+    embedding_similarity,
+    evaluate,
+    forward_seconds,
+    load_tokenizer,
+)
 from sparsify.passes import Pass
 from sparsify.plan import Plan, Stage, checked_config, config_from_dict, make_plan
 from sparsify.progress import NoProgress, Progress
 from sparsify.recipe import Recipe
 from sparsify.report import build_report, model_card, quality_verdict, write_report
+from sparsify.sizes import source_sizes
 from sparsify.verify import check_finite, check_written
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,7 @@ class Options:
     eval_seq_lens: tuple[int, ...] | None = None  # None: 512, or what the recipe's passes ask for
     eval_max_windows: int | None = None  # None: DEFAULT_EVAL_WINDOWS, or every window of eval_data when given
     max_ppl_ratio: float | None = None  # perplexity after / before above which the run fails (output kept)
+    latency: bool = False  # measure a forward's wall time before and after (the report's headline)
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     resume: bool = False  # continue an unfinished run into the same output (same model, recipe, settings)
     revision: str | None = None  # branch, tag or commit when the model is a Hugging Face Hub repo id
@@ -200,6 +209,7 @@ class _Run:
     config: Any  # the input's PretrainedConfig
     tokens: torch.Tensor | None
     calib_name: str | None
+    calib_why: str  # why fewer windows ran than the recipe asks for ("" when they all ran)
     eval_lengths: list[int]
     eval_stream: torch.Tensor | None  # the perplexity's tokens (None: not measured)
     eval_name: str | None  # what they are
@@ -229,9 +239,10 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         dtype = _dtype(recipe)
         work.begin(_run_info(md, recipe, run.tokens, opts), opts.overwrite)
         eval_before = _perplexity(md.path, run, opts, dtype) if _measures_perplexity(run, opts) else None
+        latency_before = _forward_seconds(md.path, run, opts) if opts.latency else None
         records: list[dict[str, Any]] = []
         notes = md.notes + run.notes
-        cfg = json.loads(md.config_path.read_text())
+        cfg = original_cfg = json.loads(md.config_path.read_text())
         source = md
         counts = None
         for k, stage in enumerate(run.plan.stages):
@@ -255,6 +266,14 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         elif eval_before is not None:
             eval_info = _before_after(eval_before, _perplexity(work.dir, run, opts, dtype))
         quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
+        latency = None
+        if latency_before is not None:
+            latency = {"seq_len": _latency_len(run), "before_s": latency_before,
+                       "after_s": _forward_seconds(work.dir, run, opts), "cpu": cpu_flags(), "device": opts.device}  # fmt: skip
+        sizes = {
+            "input": source_sizes(md.source, original_cfg),
+            "output": source_sizes(open_model(work.dir).source, cfg),
+        }
         report = build_report(
             run_id=opts.run_id,
             loader="sparsify.load"
@@ -280,6 +299,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
             eval_info=eval_info,
             quality=quality,
             notes=notes,
+            sizes=sizes,
+            latency=latency,
         )
         write_report(report, work.dir / "sparsify_report.json")
         (work.dir / "README.md").write_text(model_card(report, md.path / "README.md"))
@@ -308,7 +329,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
         notes += fitted
     lengths, eval_notes = _eval_lengths(opts, plan.passes, config)
     encoder = is_encoder(config.model_type)
-    tokens, calib_name, stream = None, None, None
+    tokens, calib_name, stream, why = None, None, None, ""
     if layered and recipe.calibration.data == NO_DATA:
         _check_data_free(plan)
     elif layered:
@@ -319,9 +340,9 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
         notes += calib_notes
         if not any(p.needs_data for p in plan.layer_passes) and tokens.shape[0] > ERROR_WINDOWS:
             tokens = tokens[:ERROR_WINDOWS]  # statistics unused: run only the windows errors are measured on
-            notes.append(
-                f"no pass needs calibration statistics: only the {ERROR_WINDOWS} windows output errors are"
-                " measured on were run"
+            why = (
+                f"only {ERROR_WINDOWS} of the {recipe.calibration.samples} windows ran: no pass here learns from"
+                " calibration data, the layers' output errors are measured on these"
             )
     check_tensors_of(md, config, opts)
     check_finite(md.source, opts.progress)
@@ -332,7 +353,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
             tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
             text = load_text(opts.eval_data, default=BUILTIN_EVAL, tokenizer=tokenizer)
             stream, eval_name = tokenize(text, tokenizer), text.name
-    return _Run(recipe, plan, config, tokens, calib_name, lengths, stream, eval_name, notes)
+    return _Run(recipe, plan, config, tokens, calib_name, why, lengths, stream, eval_name, notes)
 
 
 def _held_out(opts: Options, encoder: bool) -> bool:
@@ -582,6 +603,7 @@ def _calibration_info(run: _Run) -> dict[str, Any] | None:
         "seq_len": int(run.tokens.shape[1]),
         # output errors are measured on the first ERROR_WINDOWS calibration windows only
         "error_tokens": int(min(ERROR_WINDOWS, run.tokens.shape[0]) * run.tokens.shape[1]),
+        **({"why": run.calib_why} if run.calib_why else {}),
     }
 
 
@@ -602,6 +624,14 @@ def _eval_lengths(opts: Options, passes: list[Pass], config) -> tuple[list[int],
         kept = [int(limit)]
         notes.append(f"perplexity measured at the model's full context, {limit} tokens")
     return kept, notes
+
+
+def _latency_len(run: _Run) -> int:
+    return min(512, *run.eval_lengths)
+
+
+def _forward_seconds(path: Path, run: _Run, opts: Options) -> float:
+    return forward_seconds(path, _latency_len(run), torch.float32, opts.trust_remote_code, opts.device)
 
 
 def _perplexity(path: Path, run: _Run, opts: Options, dtype: torch.dtype) -> dict[str, Any]:

@@ -364,8 +364,12 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
     ]
     cal = report.get("calibration")
     if cal:
+        why = f"; {cal['why']}" if cal.get("why") else ""
         rows.append(
-            ("calibration", f"{cal['windows']} × {cal['seq_len']} tokens of {cal['text']} (seed {report.get('seed')})")
+            (
+                "calibration",
+                f"{cal['windows']} × {cal['seq_len']} tokens of {cal['text']} (seed {report.get('seed')}{why})",
+            )
         )
     rows += [(label, text) for label, text in report.get("summary", [])]
     if t.get("parameters") is not None:
