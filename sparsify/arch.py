@@ -69,6 +69,9 @@ class Arch:
     # the native MoE families a dense FFN of this family converts into: (routed experts only, with shared
     # experts); None where transformers has no MoE counterpart that keeps the rest of the layer
     moe_families: tuple[str | None, str | None] = (None, None)
+    # the model_type transformers' AutoConfig builds when this family's config.json has per-layer layer_types
+    # (a Mistral config with layer_types is a Ministral one); None: the family's own
+    with_layer_types: str | None = None
     notes: str = ""
     model_type: str = field(default="", compare=False)
 
@@ -132,7 +135,9 @@ ARCHITECTURES: dict[str, Arch] = {
         keys=ConfigKeys(mlp_bias="mlp_bias", attn_bias="attention_bias"),
         moe_families=("mixtral", "qwen2_moe"),
     ),
-    "mistral": replace(_LLAMA_LIKE, window_config="mistral", moe_families=("mixtral", "qwen2_moe")),
+    "mistral": replace(
+        _LLAMA_LIKE, window_config="mistral", moe_families=("mixtral", "qwen2_moe"), with_layer_types="ministral"
+    ),
     "qwen2": replace(_LLAMA_LIKE, window_config="qwen", moe_families=("qwen2_moe", "qwen2_moe")),
     "qwen3": replace(
         _LLAMA_LIKE, window_config="qwen", keys=ConfigKeys(attn_bias="attention_bias"), moe_families=("qwen3_moe", None)

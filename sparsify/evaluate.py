@@ -216,3 +216,43 @@ def evaluate(
     if len(results) > 1:
         info["by_length"] = results
     return info
+
+
+def eval_lengths(
+    requested: tuple[int, ...] | None, asked: list[tuple[int, ...]], config, measured: bool = True
+) -> tuple[list[int], list[str]]:
+    """Context lengths for the perplexity, within the model's context, and notes on those left out.
+
+    ``requested``: the user's (``--eval-seq-len``; refused beyond the context when ``measured``); else those
+    the passes ask for (``asked``, one tuple per pass: an attention window's), else 512.
+    """
+    wanted = list(requested or sorted({n for lengths in asked for n in lengths}) or [512])
+    limit = getattr(config, "max_position_embeddings", None)
+    if requested and measured:
+        check_context(wanted, limit)  # asked for explicitly: refused, not dropped
+    kept = [n for n in wanted if not limit or n <= limit]
+    notes = [
+        f"perplexity not measured at {n} tokens: beyond max_position_embeddings {limit}"
+        for n in wanted
+        if n not in kept
+    ]
+    if not kept:
+        kept = [int(limit)]
+        notes.append(f"perplexity measured at the model's full context, {limit} tokens")
+    return kept, notes
+
+
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation record with ``before`` and ``after`` perplexities, per context length too."""
+
+    def pair(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in a.items() if k != "perplexity"},
+            "before": b["perplexity"],
+            "after": a["perplexity"],
+        }
+
+    info = pair(before, after)
+    if "by_length" in after:
+        info["by_length"] = [pair(b, a) for b, a in zip(before["by_length"], after["by_length"], strict=True)]
+    return info

@@ -14,9 +14,9 @@ compress(model, recipe, out)
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import re
 import resource
 import shutil
 import time
@@ -29,32 +29,29 @@ import torch
 from torch import nn
 
 from sparsify import __version__, interrupts
-from sparsify.arch import SPARSIFY_TYPE_PREFIX, find_layers, is_encoder, lookup
+from sparsify.arch import SPARSIFY_TYPE_PREFIX, is_encoder, lookup
 from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, ResumePoint, RunOutput
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
-    KeyMap,
     LazyLayers,
     ModelDir,
     assemble,
-    build_skeleton,
     check_layer_count,
     check_output,
-    check_tensors,
     copy_aux_files,
-    materialize,
     open_model,
     partial_output,
-    set_tensor,
 )
-from sparsify.checkpoint.output import StageState, tensor_digest
+from sparsify.checkpoint.output import Partial, StageState, tensor_digest
+from sparsify.checkpoint.stage_model import Layers, load_outside_layers, open_stage_model, rest_keys
 from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, load_text, sample_windows, tokenize
 from sparsify.devices import cpu_flags, resolve_device
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import (
     DEFAULT_EVAL_WINDOWS,
-    check_context,
+    before_after,
     embedding_similarity,
+    eval_lengths,
     evaluate,
     forward_seconds,
     load_tokenizer,
@@ -105,16 +102,7 @@ class QualityError(SparsifyError):
 # ------------------------------------------------------------------------------------------- layers
 
 
-@dataclass
-class _Layers:
-    """Where the stage's sweep finds its layers, in the model it runs (the runtime skeleton or a model in memory)."""
-
-    path: str
-    modules: nn.ModuleList
-    source_index: list[int]  # model layer i is checkpoint layer source_index[i] (after layers were removed)
-
-
-def _remove_layers(model: nn.Module, layers: _Layers, removed: list[int]) -> None:
+def _remove_layers(model: nn.Module, layers: Layers, removed: list[int]) -> None:
     """Drop layers from the model (skeleton or in memory) before the sweep: its config, its layer list and
     each module's own ``layer_idx`` follow, so the forward and the loop see the smaller model."""
     from sparsify.passes.structured import shorten_per_layer
@@ -137,7 +125,7 @@ def _remove_layers(model: nn.Module, layers: _Layers, removed: list[int]) -> Non
     layers.source_index = [layers.source_index[i] for i in keep]
 
 
-def _prepare(model: nn.Module, layers: _Layers, passes: list[Pass], runner: LayerwiseRunner,
+def _prepare(model: nn.Module, layers: Layers, passes: list[Pass], runner: LayerwiseRunner,
              saved: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """Each pass's whole-model decisions in recipe order (``saved``: an earlier run's, restored instead);
     layers a pass removes are gone for the passes after it. Returns the decisions, to save."""
@@ -155,7 +143,7 @@ def _prepare(model: nn.Module, layers: _Layers, passes: list[Pass], runner: Laye
     return decisions
 
 
-def _resolver(layers: _Layers):
+def _resolver(layers: Layers):
     def resolve(p: Pass, i: int, layer: nn.Module) -> dict[str, nn.Module]:
         return p.targets_in(layer, f"{layers.path}.{i}")
 
@@ -183,8 +171,7 @@ def compress_model(
     if len(plan.stages) > 1 or plan.stages[0].config_passes:
         raise SparsifyError("compress_model runs layer passes only; attention passes rewrite a saved config")
     passes = plan.stages[0].layer_passes
-    path, modules = find_layers(model, lookup(str(model.config.model_type)))
-    layers = _Layers(path, modules, list(range(len(modules))))
+    layers = Layers.of(model)
     device = next(model.parameters()).device
     runner = LayerwiseRunner(
         model.base_model, layers.modules, InMemoryLayers(layers.modules), tokens, recipe.calibration.batch_size,
@@ -207,6 +194,7 @@ class _Run:
     recipe: Recipe
     plan: Plan
     config: Any  # the input's PretrainedConfig
+    cfg: dict[str, Any]  # the input's config.json
     tokens: torch.Tensor | None
     calib_name: str | None
     calib_why: str  # why fewer windows ran than the recipe asks for ("" when they all ran)
@@ -227,81 +215,22 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     opts = replace(opts, device=resolve_device(opts.device))
     t_start = time.perf_counter()
     md = open_model(model_path, opts.revision)
-    reads = [Path(p) for p in (recipe.calibration.data, opts.eval_data) if p and not _builtin(p) and p != NO_DATA]
-    if Path(model_path).expanduser().exists():  # a .gguf input is read too, not only its converted folder
-        reads.append(Path(model_path).expanduser())
-    target = check_output(out, md.read_paths() + reads, md.path, opts.overwrite)
+    reads = md.read_paths() + _user_files(model_path, recipe, opts)
+    target = check_output(out, reads, md.path, opts.overwrite)
 
     # The work folder is claimed (locked) first: a second run into OUT is refused from the start.
-    with partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=md.read_paths() + reads) as work:
+    with partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=reads) as work:
         run = _before_work(md, recipe, opts)
-        recipe = run.recipe
-        dtype = _dtype(recipe)
-        work.begin(_run_info(md, recipe, run.tokens, opts), opts.overwrite)
-        eval_before = _perplexity(md.path, run, opts, dtype) if _measures_perplexity(run, opts) else None
-        latency_before = _forward_seconds(md.path, run, opts) if opts.latency else None
-        records: list[dict[str, Any]] = []
-        notes = md.notes + run.notes
-        cfg = original_cfg = json.loads(md.config_path.read_text())
-        source = md
-        counts = None
-        for k, stage in enumerate(run.plan.stages):
-            interrupts.check()
-            last = k == len(run.plan.stages) - 1
-            out_dir = work.dir if last else work.stage(k).dir / "model"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            cfg, stage_records, stage_notes, counts = _run_stage(stage, source, cfg, out_dir, work.stage(k), run, opts)
-            records += stage_records
-            notes += stage_notes
-            if not last:  # the next stage reads this one's output
-                (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-                source = open_model(out_dir)
-        assert counts is not None
-        notes += [n for p in run.plan.passes for n in p.notes()]
-        _write_files(md, cfg, recipe, work.dir)
-        notes += check_written(work.dir, opts.trust_remote_code, run.tokens, set(md.source.keys()))
-        eval_info = None
-        if opts.evaluate and is_encoder(run.config.model_type):
-            eval_info = embedding_similarity(work.dir, md.path, opts.eval_data, dtype=dtype, device=opts.device)
-        elif eval_before is not None:
-            eval_info = _before_after(eval_before, _perplexity(work.dir, run, opts, dtype))
+        work.begin(_run_info(md, run.recipe, run.tokens, opts), opts.overwrite)
+        before = _measure(md.path, run, opts)
+        done = _run_stages(md, run, opts, work)
+        _write_files(md, run, done.config, work.dir)
+        done.notes += check_written(work.dir, opts.trust_remote_code, run.tokens, set(md.source.keys()))
+        after = _measure(work.dir, run, opts)
+        eval_info = _eval_info(md, work.dir, run, opts, before, after)
         quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
-        latency = None
-        if latency_before is not None:
-            latency = {"seq_len": _latency_len(run), "before_s": latency_before,
-                       "after_s": _forward_seconds(work.dir, run, opts), "cpu": cpu_flags(), "device": opts.device}  # fmt: skip
-        sizes = {
-            "input": source_sizes(md.source, original_cfg),
-            "output": source_sizes(open_model(work.dir).source, cfg),
-        }
-        report = build_report(
-            run_id=opts.run_id,
-            loader="sparsify.load"
-            if str(cfg.get("model_type", "")).startswith(SPARSIFY_TYPE_PREFIX)
-            else "transformers",
-            version=__version__,
-            model=str(model_path),
-            output=target.shown,
-            model_type=run.config.model_type,
-            recipe=recipe,
-            passes=run.plan.passes,
-            calibration=_calibration_info(run),
-            records=records,
-            totals={
-                "parameters": counts.parameters,
-                "quantized_parameters": counts.quantized,
-                "input_bytes": sum(Path(f).stat().st_size for f in md.source.files),
-                "nonzeros": counts.nonzeros,
-                "bytes": counts.bytes,
-                "wall_seconds": time.perf_counter() - t_start,
-                "peak_rss_bytes": peak_rss_bytes(),
-            },
-            eval_info=eval_info,
-            quality=quality,
-            notes=notes,
-            sizes=sizes,
-            latency=latency,
-        )
+        where = (str(model_path), target.shown, work.dir)
+        report = _report(md, where, run, opts, done, (eval_info, quality), (before, after), t_start)
         write_report(report, work.dir / "sparsify_report.json")
         (work.dir / "README.md").write_text(model_card(report, md.path / "README.md"))
     if quality is not None and quality["status"] == "failed":
@@ -309,6 +238,114 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     if quality is not None and quality["status"] == "warning":
         log.warning(quality["message"])
     return report
+
+
+def _user_files(model_path: str | Path, recipe: Recipe, opts: Options) -> list[Path]:
+    """Files of the user's the run reads besides the model folder (never written to or over)."""
+    reads = [Path(p) for p in (recipe.calibration.data, opts.eval_data) if p and not _builtin(p) and p != NO_DATA]
+    if Path(model_path).expanduser().exists():  # a .gguf input is read too, not only its converted folder
+        reads.append(Path(model_path).expanduser())
+    return reads
+
+
+@dataclass
+class _Done:
+    """What the stages left: the output's config, the per-module records, notes, and the output's counts."""
+
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    notes: list[str]
+    counts: Any
+
+
+def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
+    """Each stage of the plan in turn, the next reading the one before's output; the last writes into OUT."""
+    records: list[dict[str, Any]] = []
+    notes = md.notes + run.notes
+    cfg = copy.deepcopy(run.cfg)  # passes return edited copies; run.cfg stays the input's
+    source, counts = md, None
+    for k, stage in enumerate(run.plan.stages):
+        interrupts.check()
+        last = k == len(run.plan.stages) - 1
+        out_dir = work.dir if last else work.stage(k).dir / "model"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg, stage_records, stage_notes, counts = _run_stage(stage, source, cfg, out_dir, work.stage(k), run, opts)
+        records += stage_records
+        notes += stage_notes
+        if not last:  # the next stage reads this one's output
+            (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            source = open_model(out_dir)
+    notes += [n for p in run.plan.passes for n in p.notes()]
+    return _Done(cfg, records, notes, counts)
+
+
+@dataclass
+class _Measured:
+    """Perplexity (decoders) and a forward's wall time (``--latency``) of one folder; None: not measured."""
+
+    perplexity: dict[str, Any] | None
+    seconds: float | None
+
+
+def _measure(path: Path, run: _Run, opts: Options) -> _Measured:
+    ppl = _perplexity(path, run, opts) if run.eval_stream is not None else None
+    seconds = None
+    if opts.latency:
+        seconds = forward_seconds(path, _latency_len(run), torch.float32, opts.trust_remote_code, opts.device)
+    return _Measured(ppl, seconds)
+
+
+def _eval_info(
+    md: ModelDir, out_dir: Path, run: _Run, opts: Options, before: _Measured, after: _Measured
+) -> dict[str, Any] | None:
+    """Perplexity before and after (decoders), or the embeddings' similarity to the input's (encoders)."""
+    if opts.evaluate and is_encoder(run.config.model_type):
+        return embedding_similarity(out_dir, md.path, opts.eval_data, dtype=_dtype(run.recipe), device=opts.device)
+    if before.perplexity is None or after.perplexity is None:
+        return None
+    return before_after(before.perplexity, after.perplexity)
+
+
+def _report(md: ModelDir, where: tuple[str, str, Path], run: _Run, opts: Options, done: _Done,
+            verdict: tuple[dict[str, Any] | None, dict[str, Any] | None],
+            measured: tuple[_Measured, _Measured], t_start: float) -> dict[str, Any]:  # fmt: skip
+    """The run's report (sparsify_report.json; the HTML page and the model card are drawn from it)."""
+    (model, shown, out_dir), (eval_info, quality), (before, after) = where, verdict, measured
+    latency = None
+    if before.seconds is not None and after.seconds is not None:
+        latency = {"seq_len": _latency_len(run), "before_s": before.seconds, "after_s": after.seconds,
+                   "cpu": cpu_flags(), "device": opts.device}  # fmt: skip
+    sizes = {
+        "input": source_sizes(md.source, run.cfg),
+        "output": source_sizes(open_model(out_dir).source, done.config),
+    }
+    sparsify_type = str(done.config.get("model_type", "")).startswith(SPARSIFY_TYPE_PREFIX)
+    return build_report(
+        run_id=opts.run_id,
+        loader="sparsify.load" if sparsify_type else "transformers",
+        version=__version__,
+        model=model,
+        output=shown,
+        model_type=run.config.model_type,
+        recipe=run.recipe,
+        passes=run.plan.passes,
+        calibration=_calibration_info(run),
+        records=done.records,
+        totals={
+            "parameters": done.counts.parameters,
+            "quantized_parameters": done.counts.quantized,
+            "input_bytes": sum(Path(f).stat().st_size for f in md.source.files),
+            "nonzeros": done.counts.nonzeros,
+            "bytes": done.counts.bytes,
+            "wall_seconds": time.perf_counter() - t_start,
+            "peak_rss_bytes": peak_rss_bytes(),
+        },
+        eval_info=eval_info,
+        quality=quality,
+        notes=done.notes,
+        sizes=sizes,
+        latency=latency,
+    )
 
 
 def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
@@ -327,7 +364,9 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
     if layered:
         recipe, fitted = _fit_context(recipe, config)
         notes += fitted
-    lengths, eval_notes = _eval_lengths(opts, plan.passes, config)
+    lengths, eval_notes = eval_lengths(
+        opts.eval_seq_lens, [p.eval_lengths or () for p in plan.passes], config, opts.evaluate
+    )
     encoder = is_encoder(config.model_type)
     tokens, calib_name, stream, why = None, None, None, ""
     if layered and recipe.calibration.data == NO_DATA:
@@ -344,7 +383,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
                 f"only {ERROR_WINDOWS} of the {recipe.calibration.samples} windows ran: no pass here learns from"
                 " calibration data, the layers' output errors are measured on these"
             )
-    check_tensors_of(md, config, opts)
+    open_stage_model(md, config, opts.trust_remote_code, None)  # every tensor against the config's model
     check_finite(md.source, opts.progress)
     eval_name = f"{calib_name} (held-out windows, not calibrated on)" if stream is not None else None
     if opts.evaluate and not encoder:
@@ -353,16 +392,12 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
             tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
             text = load_text(opts.eval_data, default=BUILTIN_EVAL, tokenizer=tokenizer)
             stream, eval_name = tokenize(text, tokenizer), text.name
-    return _Run(recipe, plan, config, tokens, calib_name, why, lengths, stream, eval_name, notes)
+    return _Run(recipe, plan, config, cfg, tokens, calib_name, why, lengths, stream, eval_name, notes)
 
 
 def _held_out(opts: Options, encoder: bool) -> bool:
     """Whether the perplexity is measured on windows held out of the calibration text."""
     return opts.evaluate and opts.eval_data is None and not encoder
-
-
-def _measures_perplexity(run: _Run, opts: Options) -> bool:
-    return run.eval_stream is not None
 
 
 def _builtin(path: str) -> bool:
@@ -380,19 +415,14 @@ def _config_of(md: ModelDir, original: dict[str, Any], opts: Options):
     return config_of
 
 
-def check_tensors_of(md: ModelDir, config, opts: Options) -> None:
-    """Every tensor of the input against the model its config builds (names, shapes; missing ones)."""
-    _skeleton(md, config, opts.trust_remote_code, None)
-
-
-def _write_files(md: ModelDir, cfg: dict[str, Any], recipe: Recipe, folder: Path) -> None:
+def _write_files(md: ModelDir, run: _Run, cfg: dict[str, Any], folder: Path) -> None:
     """Tokenizer, generation and licence files, remote code, the config (if changed) and the effective recipe."""
     copy_aux_files(md.path, folder)
     for f in md.code_files():  # remote code travels with the checkpoint that needs it
         shutil.copy2(f, folder / f.name)
-    if cfg != json.loads(md.config_path.read_text()):
+    if cfg != run.cfg:
         (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (folder / "recipe.yaml").write_text(recipe.to_yaml())
+    (folder / "recipe.yaml").write_text(run.recipe.to_yaml())
 
 
 def _check_data_free(plan: Plan) -> None:
@@ -406,76 +436,6 @@ def _check_data_free(plan: Plan) -> None:
 
 
 # ----------------------------------------------------------------------------------- one stage
-
-
-@dataclass
-class _Skeleton:
-    model: nn.Module
-    keymap: KeyMap
-    notes: list[str] = field(default_factory=list)
-
-
-def _skeleton(md: ModelDir, config, trust_remote_code: bool, dtype: torch.dtype | None) -> _Skeleton:
-    """The model on the meta device, every tensor of the checkpoint checked against it."""
-    arch = lookup(config.model_type)
-    if arch is not None:
-        check_layer_count(md.source, arch.layers, int(config.num_hidden_layers))
-    model = build_skeleton(config, is_encoder(config.model_type), trust_remote_code, dtype, set(md.source.keys()))
-    keymap = KeyMap(model, md.source)
-    absent, unexpected = check_tensors(model, md.source, keymap, arch.optional if arch else ())
-    notes = []
-    if unexpected:
-        notes.append(
-            f"{len(unexpected)} tensor(s) the {config.model_type} model does not use, copied unchanged:"
-            f" {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
-        )
-    if absent:  # optional parts (an encoder's pooler): not written, zero for the forward, which never reads them
-        notes.append(f"not in the checkpoint and not written (optional): {', '.join(absent)}")
-        for name in absent:
-            set_tensor(model, name, torch.zeros(model.get_parameter(name).shape, dtype=dtype))
-    return _Skeleton(model, keymap, notes)
-
-
-def _load_outside_layers(skel: _Skeleton, layers: _Layers, md: ModelDir, dtype: torch.dtype, device: str) -> None:
-    """Read the tensors outside the layers (embeddings, final norm) onto the device; buffers too."""
-    model = skel.model
-    base_path = _module_path(model, model.base_model)
-    base_prefix = f"{base_path}." if base_path else ""
-    layer_prefix = layers.path + "."
-    outside = [n for n, p in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)]
-    outside = [n for n in outside if model.get_parameter(n).is_meta]
-    materialize(model, "", outside, md.source, skel.keymap, dtype, torch.device(device))
-    for name, buffer in list(model.named_buffers()):
-        set_tensor(model, name, buffer.to(device))
-
-
-def _module_path(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise RuntimeError("module not found under root")
-
-
-def _rest(md: ModelDir, keymap: KeyMap, layers: _Layers | None) -> list[tuple[str, str]]:
-    """``(input key, output key)`` of every tensor the loop does not write: outside the layers, copied as is;
-    a layer's extra tensors (unknown to the model) follow their layer, and go with a removed one."""
-    if layers is None:
-        return [(k, k) for k in md.source.keys()]
-    consumed = {k for n, k in keymap.to_ckpt.items() if n.startswith(layers.path + ".")}
-    add, strip = keymap._prefix_rule()
-    ckpt_layers = add + (layers.path + ".").removeprefix(strip)
-    new_index = {src: i for i, src in enumerate(layers.source_index)}
-    pattern = re.compile(re.escape(ckpt_layers) + r"(\d+)\.(.*)")
-    rest = []
-    for key in md.source.keys():
-        if key in consumed:
-            continue
-        match = pattern.fullmatch(key)
-        if match is None:
-            rest.append((key, key))
-        elif int(match[1]) in new_index:
-            rest.append((key, f"{ckpt_layers}{new_index[int(match[1])]}.{match[2]}"))
-    return rest
 
 
 def _run_stage(
@@ -497,13 +457,12 @@ def _run_stage(
     config = config_from_dict(
         cfg, json.loads(md.config_path.read_text()), lambda: md.load_config(opts.trust_remote_code)
     )
-    skel = _skeleton(md, config, opts.trust_remote_code, dtype)
+    skel = open_stage_model(md, config, opts.trust_remote_code, dtype)
     notes = list(skel.notes)
     layers = None
     if stage.layer_passes:
-        path, modules = find_layers(skel.model, lookup(config.model_type))
-        layers = _Layers(path, modules, list(range(len(modules))))
-        _load_outside_layers(skel, layers, md, dtype, opts.device)
+        layers = Layers.of(skel.model)
+        load_outside_layers(skel, layers, md, dtype, opts.device)
         device = torch.device(opts.device)
         provider = LazyLayers(layers.modules, layers.path, md.source, skel.keymap, state.layers, dtype, device)
         runner = LayerwiseRunner(
@@ -524,7 +483,9 @@ def _run_stage(
         records += output.records
         for p in stage.layer_passes:
             cfg = checked_config(p, p.edit_config(cfg))
-    counts = assemble(out_dir, state.layers, md.source, _rest(md, skel.keymap, layers), state.dir, opts.max_shard_bytes)
+    counts = assemble(
+        out_dir, state.layers, md.source, rest_keys(md, skel.keymap, layers), state.dir, opts.max_shard_bytes
+    )
     state.mark_complete()
     return cfg, records, notes, counts
 
@@ -538,7 +499,7 @@ def _saved_output(state: StageState, n_layers: int) -> RunOutput:
     return output
 
 
-def _sweep(runner: LayerwiseRunner, stage: Stage, layers: _Layers, state: StageState) -> RunOutput:
+def _sweep(runner: LayerwiseRunner, stage: Stage, layers: Layers, state: StageState) -> RunOutput:
     """The layer-wise loop, continuing from a checkpoint of an earlier run when resuming."""
     start: ResumePoint | None = state.resume_point()
     prior = RunOutput()
@@ -607,63 +568,24 @@ def _calibration_info(run: _Run) -> dict[str, Any] | None:
     }
 
 
-def _eval_lengths(opts: Options, passes: list[Pass], config) -> tuple[list[int], list[str]]:
-    """Context lengths for perplexity: the requested ones, or those the passes ask for, within the model's context."""
-    asked = sorted({n for p in passes for n in (p.eval_lengths or ())})
-    wanted = list(opts.eval_seq_lens or asked or [512])
-    limit = getattr(config, "max_position_embeddings", None)
-    if opts.eval_seq_lens and opts.evaluate:
-        check_context(wanted, limit)  # asked for explicitly: refused, not dropped
-    kept = [n for n in wanted if not limit or n <= limit]
-    notes = [
-        f"perplexity not measured at {n} tokens: beyond max_position_embeddings {limit}"
-        for n in wanted
-        if n not in kept
-    ]
-    if not kept:
-        kept = [int(limit)]
-        notes.append(f"perplexity measured at the model's full context, {limit} tokens")
-    return kept, notes
-
-
 def _latency_len(run: _Run) -> int:
     return min(512, *run.eval_lengths)
 
 
-def _forward_seconds(path: Path, run: _Run, opts: Options) -> float:
-    return forward_seconds(path, _latency_len(run), torch.float32, opts.trust_remote_code, opts.device)
-
-
-def _perplexity(path: Path, run: _Run, opts: Options, dtype: torch.dtype) -> dict[str, Any]:
+def _perplexity(path: Path, run: _Run, opts: Options) -> dict[str, Any]:
     windows = opts.eval_max_windows or (None if opts.eval_data else DEFAULT_EVAL_WINDOWS)
     return evaluate(
         path,
         None,
         run.eval_lengths,
         windows,
-        dtype,
+        _dtype(run.recipe),
         opts.trust_remote_code,
         opts.progress,
         opts.device,
         stream=run.eval_stream,
         text_name=run.eval_name,
     )
-
-
-def _before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """One evaluation record with ``before`` and ``after`` perplexities, per context length too."""
-
-    def pair(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
-        return {
-            **{k: v for k, v in a.items() if k != "perplexity"},
-            "before": b["perplexity"],
-            "after": a["perplexity"],
-        }
-
-    info = pair(before, after)
-    if "by_length" in after:
-        info["by_length"] = [pair(b, a) for b, a in zip(before["by_length"], after["by_length"], strict=True)]
-    return info
 
 
 def _fit_context(recipe: Recipe, config) -> tuple[Recipe, list[str]]:

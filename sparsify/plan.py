@@ -183,6 +183,7 @@ def config_from_dict(cfg: dict[str, Any], original: dict[str, Any], load_origina
     if str(cfg.get("model_type", "")).startswith(SPARSIFY_TYPE_PREFIX):
         register_model_type(cfg["model_type"])
     fields = {k: v for k, v in cfg.items() if k != "transformers_version"}
-    if fields.get("model_type") == "mistral" and "layer_types" in fields:
-        fields["model_type"] = "ministral"  # what AutoConfig.from_pretrained does with such a config.json
+    arch = lookup(str(fields.get("model_type", "")))
+    if arch is not None and arch.with_layer_types and "layer_types" in fields:
+        fields["model_type"] = arch.with_layer_types  # what AutoConfig.from_pretrained does with such a config.json
     return AutoConfig.for_model(**fields)

@@ -179,8 +179,8 @@ def test_an_output_whose_config_and_tensors_disagree_is_never_renamed_into_place
 def test_an_output_missing_a_tensor_is_never_renamed_into_place(deep, tmp_path, monkeypatch):
     from sparsify import pipeline
 
-    rest = pipeline._rest
-    monkeypatch.setattr(pipeline, "_rest", lambda *a: [kk for kk in rest(*a) if kk[0] != "model.norm.weight"])
+    rest = pipeline.rest_keys
+    monkeypatch.setattr(pipeline, "rest_keys", lambda *a: [kk for kk in rest(*a) if kk[0] != "model.norm.weight"])
     out = tmp_path / "out"
     assert_user_error(compress(deep, out, [{"type": "prune", "sparsity": 0.5}], "--no-eval"), out, "model.norm.weight")
 
