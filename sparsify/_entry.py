@@ -19,7 +19,9 @@ _phase = ["starting"]
 
 
 def _handler(signum: int, _frame: object) -> None:
-    what = "no output was written" if _phase[0] == "starting" else "after the command finished"
+    interrupts = sys.modules.get("sparsify.interrupts")  # imported with the command, if it got that far
+    ended = _phase[0] == "finished" or (interrupts is not None and interrupts.work_ended())
+    what = "after the command finished" if ended else "no output was written"
     try:
         sys.stdout.flush()
         sys.stderr.write(f"interrupted ({signal.Signals(signum).name}) {what}\n")

@@ -286,7 +286,7 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sparsify.interrupts import handle_signals
+        from sparsify.interrupts import handle_signals, recorded_only
 
         debug = bool(kwargs.get("debug"))
         _setup_logging(debug, bool(kwargs.get("verbose")))
@@ -298,20 +298,22 @@ def handle_errors(fn: F) -> F:
             except KeyboardInterrupt as e:
                 if debug:
                     raise
-                _let_go(e)
-                code = _interrupted(e)
+                with recorded_only():  # a signal while saying so is not raised out of here
+                    _let_go(e)
+                    code = _interrupted(e)
             except Exception as e:  # every failure: one line, unless --debug
                 if debug:
                     raise
-                _let_go(e)
-                report = getattr(e, "report", None)  # a run whose output was written but failed its quality bar
-                if report is not None:
-                    _render(report, bool(kwargs.get("json_out")))
-                if isinstance(e, SparsifyError):
-                    _say(f"error: {e}")
-                else:
-                    _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
-                code = 2 if isinstance(e, _FlagError) else 1
+                with recorded_only():
+                    _let_go(e)
+                    report = getattr(e, "report", None)  # output written, but it failed its quality bar
+                    if report is not None:
+                        _render(report, bool(kwargs.get("json_out")))
+                    if isinstance(e, SparsifyError):
+                        _say(f"error: {e}")
+                    else:
+                        _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+                    code = 2 if isinstance(e, _FlagError) else 1
         raise typer.Exit(code)  # outside the except blocks: nothing keeps the failed run's frames alive
 
     return wrapper  # type: ignore[return-value]
@@ -646,14 +648,10 @@ def demo(
             " run; CACHE is $SPARSIFY_CACHE, else ~/.cache/sparsify]",
         ),
     ] = None,
-    method: Annotated[
-        str, typer.Option(metavar="magnitude|wanda|ria|sparsegpt", help="pruning method [default: wanda]")
-    ] = "wanda",
+    method: Annotated[str, typer.Option(metavar="magnitude|wanda|ria|sparsegpt", help="pruning method")] = "wanda",
     sparsity: Annotated[float | None, typer.Option(metavar="X", help="unstructured sparsity [default: 0.5]")] = None,
-    pattern: Annotated[str, typer.Option(metavar="PATTERN", help="'unstructured' or N:M [default: unstructured]")] = (
-        "unstructured"
-    ),
-    samples: Annotated[int, typer.Option(metavar="N", min=1, help="calibration windows [default: 32]")] = 32,
+    pattern: Annotated[str, typer.Option(metavar="PATTERN", help="'unstructured' or N:M")] = ("unstructured"),
+    samples: Annotated[int, typer.Option(metavar="N", min=1, help="calibration windows")] = 32,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,

@@ -50,6 +50,7 @@ class _State:
     raised: bool = False  # Interrupted was raised for it once (later signals are only recorded)
     deferring: int = 0  # inside deferred(): record only
     active: bool = False
+    ended: bool = False  # a handle_signals block ran and ended (the command's work is over)
 
 
 _state = _State()
@@ -89,16 +90,38 @@ def handle_signals() -> Iterator[None]:
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     previous_hook = sys.unraisablehook
     _state.received, _state.raised, _state.deferring, _state.active = None, False, 0, True
+    _state.ended = False
     try:
         for s in SIGNALS:
             signal.signal(s, _handler)
         sys.unraisablehook = _unraisable(previous_hook)
         yield
     finally:
+        _state.deferring += 1  # from here a signal is recorded, never raised out of this cleanup
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, h)  # a signal arriving from now on goes to the previous handler directly
         sys.unraisablehook = previous_hook
+        late = _state.received if not _state.raised else None
         _state.received, _state.raised, _state.deferring, _state.active = None, False, 0, False
+        _state.ended = True
+        if late is not None:  # it came as the block ended: handed to the previous handler, not lost
+            signal.raise_signal(late)
+
+
+@contextlib.contextmanager
+def recorded_only() -> Iterator[None]:
+    """Signals arriving inside the block are only recorded (never raised there); the end of
+    :func:`handle_signals` hands one that was never raised to the handler in place before it."""
+    _state.deferring += 1
+    try:
+        yield
+    finally:
+        _state.deferring -= 1
+
+
+def work_ended() -> bool:
+    """Whether a :func:`handle_signals` block (the command's work) has ended in this process."""
+    return _state.ended
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@
 
 FAULT is one of
 - ``count``: no fault; print ``calls=N`` (calls into sparsify's own code) on stderr at exit;
-- ``SIGINT@N`` / ``SIGTERM@N`` / ``SIGHUP@N``: send that signal to this process at the N-th call into sparsify;
+- ``SIGINT@N`` / ``SIGTERM@N`` / ``SIGHUP@N``: send that signal to this process at the N-th call into sparsify
+  (or as it exits, when this run makes fewer calls than the one that counted them);
 - ``raise@K``: a pass raises RuntimeError on its K-th call (K counts compress calls, from 1);
 - ``kill@L``: SIGKILL this process when a pass starts on layer L (a hard death: no cleanup possible);
 - ``sigterm@L``: SIGTERM when a pass starts on layer L;
@@ -20,6 +21,7 @@ FAULT is one of
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -110,15 +112,21 @@ def main() -> None:
         _on_layer(act)
     elif kind == "slow":
         _on_layer(lambda layer, n: time.sleep(float(value)))
-    from sparsify.cli import main as cli
 
-    sys.argv = ["sparsify", *args]
-    try:
-        cli()
-    finally:
+    def at_exit() -> None:  # run by the entry point's exit, under its signal handler
         sys.setprofile(None)
         if kind == "count":
             print(f"calls={calls[0]}", file=sys.stderr)
+        elif kind.startswith("SIG") and calls[0] < int(value):
+            # This run made fewer calls than the counting one (its timed activation saves and progress lines
+            # vary with the machine's load): the signal arrives as the process exits instead.
+            os.kill(os.getpid(), getattr(signal, kind))
+
+    atexit.register(at_exit)
+    from sparsify import _entry
+
+    sys.argv = ["sparsify", *args]
+    _entry.main()  # as the installed command: signals handled from its first line to its last
 
 
 if __name__ == "__main__":
