@@ -91,6 +91,7 @@ def _load(folder: Path, config: Any, encoder: bool, trust_remote_code: bool) -> 
     from sparsify.runtime import load as sparsify_load
     from sparsify.runtime import register, register_model_type
     from sparsify.runtime.compressed import can_run
+    from sparsify.runtime.moe import zero_width_quiet
 
     if (
         is_compressed_tensors(config)
@@ -108,7 +109,7 @@ def _load(folder: Path, config: Any, encoder: bool, trust_remote_code: bool) -> 
         kwargs["attn_implementation"] = "sparsify"
     cls = AutoModel if encoder else AutoModelForCausalLM
     try:
-        with library_bars_silenced():
+        with library_bars_silenced(), zero_width_quiet():
             model, info = cls.from_pretrained(
                 folder, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
             )

@@ -328,7 +328,7 @@ def train_router(
             loss.backward()
             opt.step()
             if callback is not None:
-                callback(step, float(loss))
+                callback(step, float(loss.detach()))
         trained = R.detach()
     with torch.no_grad():
         if topk_recall(X @ init.T, S, top_k) > topk_recall(X @ trained.T, S, top_k):

@@ -128,9 +128,11 @@ def build_skeleton(
 
     if getattr(config, CONFIG_KEY, None) is not None:
         register()  # a checkpoint with sparsify attention patterns calibrates with them active
+    from sparsify.runtime.moe import zero_width_quiet
+
     auto = AutoModel if encoder else AutoModelForCausalLM
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), zero_width_quiet():
             model = auto.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as e:
         raise SparsifyError(f"transformers cannot build model_type {config.model_type!r}: {e}") from e

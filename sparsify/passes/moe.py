@@ -107,7 +107,8 @@ class MoEConfig(LayerPassConfig):
             raise ValueError(f"shared {self.shared} must be fewer than experts {self.experts} (some must be routed)")
         routed = self.experts - self.shared
         if self.top_k > routed:
-            raise ValueError(f"top_k {self.top_k} is more than the {routed} routed experts (experts - shared)")
+            default = "" if "top_k" in self.model_fields_set else " (the default)"
+            raise ValueError(f"top_k {self.top_k}{default} is more than the {routed} routed experts (experts - shared)")
         return self
 
 

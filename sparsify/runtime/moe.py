@@ -11,6 +11,9 @@ them as they are.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,14 +50,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+@contextlib.contextmanager
+def zero_width_quiet() -> Iterator[None]:
+    """Build models without torch's warning that initializing a zero-element tensor is a no-op: a Qwen2-MoE
+    written without shared experts has a zero-width shared expert (the family always has one), on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op", UserWarning)
+        yield
+
+
 class Expert(nn.Module):
     """One expert: ``down(act(gate x) * up x)`` under the target family's names."""
 
     def __init__(self, names: tuple[str, str, str], d: int, width: int, act, dtype, device):
         super().__init__()
         self.names = names
-        for name, shape in zip(names, ((width, d), (width, d), (d, width)), strict=True):
-            setattr(self, name, nn.Linear(shape[1], shape[0], bias=False, dtype=dtype, device=device))
+        with zero_width_quiet():
+            for name, shape in zip(names, ((width, d), (width, d), (d, width)), strict=True):
+                setattr(self, name, nn.Linear(shape[1], shape[0], bias=False, dtype=dtype, device="meta"))
+        self.to_empty(device=device)  # no random init: the weights are set from the dense FFN or the checkpoint
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
