@@ -246,6 +246,51 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
+@dataclass(frozen=True)
+class GgufArch:
+    """How llama.cpp runs one family: what ``convert_hf_to_gguf.py`` writes for it and what llama.cpp assumes.
+
+    Tensor names come from gguf's own ``TensorNameMap`` for ``name``; per-expert Linears are stacked into its
+    ``*_exps`` tensors (the name without the expert index). Norm weights are written as ``norm_offset + w``
+    (:attr:`Arch.norm_offset`), as llama.cpp multiplies by the stored weight alone.
+    """
+
+    name: str  # gguf's MODEL_ARCH name (general.architecture)
+    permute_qk: bool = False  # q/k rows reordered per head for llama.cpp's rotary pairs (Llama's converter)
+    # "none": llama.cpp runs no sliding window for this family; "uniform": one window for every layer;
+    # "every-N": the window on every layer but each N-th (Gemma 2: 2, Gemma 3: 6), fixed in llama.cpp
+    windows: str = "none"
+    softcapping: bool = False  # attention and final logit soft-capping (Gemma 2)
+    # config facts llama.cpp does not read but assumes: (field, field or number it must equal)
+    assumes: tuple[tuple[str, str | float], ...] = ()
+
+
+_GGUF_LLAMA = GgufArch("llama", permute_qk=True)
+GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family; any other is refused
+    "llama": _GGUF_LLAMA,
+    "mistral": _GGUF_LLAMA,  # llama.cpp runs Mistral as Llama (no sliding window)
+    "mixtral": _GGUF_LLAMA,  # Llama with stacked experts
+    "qwen2": GgufArch("qwen2"),
+    # llama.cpp's Qwen MoE routing: Qwen2-MoE never renormalises the top-k weights, Qwen3-MoE always does
+    "qwen2_moe": GgufArch("qwen2moe", assumes=(("norm_topk_prob", False),)),
+    "qwen3": GgufArch("qwen3"),
+    "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True),)),
+    "gemma": GgufArch("gemma"),
+    # llama.cpp scales queries by 1/sqrt(head_dim) (Gemma 2 27B: hidden/heads; checked in the exporter)
+    "gemma2": GgufArch("gemma2", windows="every-2", softcapping=True, assumes=(("query_pre_attn_scalar", "head_dim"),)),
+    # Gemma 3's local layers use RoPE base 10000 in llama.cpp, whatever the config says
+    "gemma3_text": GgufArch(
+        "gemma3",
+        windows="every-6",
+        assumes=(
+            ("query_pre_attn_scalar", "head_dim"),
+            ("rope_parameters.sliding_attention.rope_theta", 10000.0),
+        ),
+    ),
+    "phi3": GgufArch("phi3", windows="uniform"),
+}
+
+
 def lookup(model_type: str) -> Arch | None:
     """The table entry for ``model_type`` (a sparsify-attention checkpoint's: its family's), or None."""
     model_type = model_type.removeprefix(SPARSIFY_TYPE_PREFIX)
