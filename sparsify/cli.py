@@ -739,7 +739,7 @@ def reference() -> str:
     commands = [(name, command, ctx) for name, command in group.commands.items()]
     while commands:
         name, command, parent = commands.pop(0)
-        if isinstance(command, click.Group):  # export: one command per format
+        if hasattr(command, "commands"):  # a group (export): one command per format
             here = click.Context(command, info_name=name, parent=parent)
             commands[:0] = [(f"{name} {n}", c, here) for n, c in command.commands.items()]
             continue
