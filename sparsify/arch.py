@@ -261,6 +261,9 @@ class GgufArch:
     # "every-N": the window on every layer but each N-th (Gemma 2: 2, Gemma 3: 6), fixed in llama.cpp
     windows: str = "none"
     softcapping: bool = False  # attention and final logit soft-capping (Gemma 2)
+    # Gemma's query_pre_attn_scalar, which llama.cpp does not read: it scales queries by 1/sqrt(head_dim), or at
+    # this many layers (the 27B models) by 1/sqrt(hidden / heads); 0: the family has no such setting
+    query_scale_layers: int = 0
     # config facts llama.cpp does not read but assumes: (field, field or number it must equal)
     assumes: tuple[tuple[str, str | float], ...] = ()
 
@@ -276,16 +279,13 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family;
     "qwen3": GgufArch("qwen3"),
     "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True),)),
     "gemma": GgufArch("gemma"),
-    # llama.cpp scales queries by 1/sqrt(head_dim) (Gemma 2 27B: hidden/heads; checked in the exporter)
-    "gemma2": GgufArch("gemma2", windows="every-2", softcapping=True, assumes=(("query_pre_attn_scalar", "head_dim"),)),
+    "gemma2": GgufArch("gemma2", windows="every-2", softcapping=True, query_scale_layers=46),
     # Gemma 3's local layers use RoPE base 10000 in llama.cpp, whatever the config says
     "gemma3_text": GgufArch(
         "gemma3",
         windows="every-6",
-        assumes=(
-            ("query_pre_attn_scalar", "head_dim"),
-            ("rope_parameters.sliding_attention.rope_theta", 10000.0),
-        ),
+        query_scale_layers=62,
+        assumes=(("rope_parameters.sliding_attention.rope_theta", 10000.0),),
     ),
     "phi3": GgufArch("phi3", windows="uniform"),
 }

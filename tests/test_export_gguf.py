@@ -326,7 +326,7 @@ def test_refusals_are_one_line_and_write_nothing(source, model_dir, tmp_path):
     assert_user_error(run("export", "gguf", source("llama"), "-o", out, "--type", "q5_k"), out, "--type")
     assert_user_error(run("export", "gguf", source("llama"), "-o", tmp_path / "x.bin"), None, "does not end in .gguf")
     gemma2 = model_dir("gemma2")  # query_pre_attn_scalar 256 with head_dim 16: llama.cpp would scale by 1/4
-    assert_user_error(run("export", "gguf", gemma2, "-o", out), out, "query_pre_attn_scalar", "head_dim")
+    assert_user_error(run("export", "gguf", gemma2, "-o", out), out, "query_pre_attn_scalar is 256", "head_dim")
     _no_output(tmp_path)
 
     out.write_bytes(b"mine")
@@ -351,3 +351,17 @@ def test_refused_windows_and_routing(source, tmp_path):
     with pytest.raises(SparsifyError, match="norm_topk_prob"):
         export(qmoe, tmp_path / "q.gguf")
     _no_output(tmp_path)
+
+
+def test_gemma_query_scale_as_llama_cpp_fixes_it():
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) at the 27B depths."""
+    from sparsify.arch import GGUF_ARCHITECTURES
+    from sparsify.export.gguf import _check_config
+
+    for family, cls, depth in (("gemma2", T.Gemma2Config, 46), ("gemma3_text", T.Gemma3TextConfig, 62)):
+        fam = GGUF_ARCHITECTURES[family]
+        wide = dict(hidden_size=64, num_attention_heads=4, head_dim=8, query_pre_attn_scalar=16)  # hidden / heads
+        _check_config(cls(**wide, num_hidden_layers=depth), fam)
+        with pytest.raises(SparsifyError, match="query_pre_attn_scalar is 16"):
+            _check_config(cls(**wide, num_hidden_layers=depth - 1), fam)
+        _check_config(cls(**{**wide, "query_pre_attn_scalar": 8}, num_hidden_layers=depth - 1), fam)

@@ -388,12 +388,28 @@ def _check_config(cfg, fam: GgufArch) -> None:
                 f"{path} is {got} but llama.cpp's {fam.name} assumes {want}"
                 f"{f' ({expected})' if isinstance(expected, str) else ''}: it would compute another model"
             )
+    if fam.query_scale_layers:
+        _check_query_scale(cfg, fam)
     windows = layer_windows(cfg)
     if any(windows) and _expressible(cfg, fam, windows) is False:
         shown = ", ".join("full" if w is None else str(w) for w in windows)
         raise SparsifyError(
             f"llama.cpp's {fam.name} cannot run these attention windows per layer ({shown}):"
             f" {'it runs no sliding window' if fam.windows == 'none' else 'its pattern is ' + fam.windows}"
+        )
+
+
+def _check_query_scale(cfg, fam: GgufArch) -> None:
+    """Gemma's query scaling as llama.cpp fixes it: 1/sqrt(head_dim), or 1/sqrt(hidden / heads) at the 27B depth."""
+    heads, layers = int(cfg.num_attention_heads), int(cfg.num_hidden_layers)
+    wide = layers == fam.query_scale_layers
+    want = cfg.hidden_size // heads if wide else int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    got = getattr(cfg, "query_pre_attn_scalar", None)
+    if got is not None and got != want:
+        rule = f"hidden_size / heads at {layers} layers" if wide else f"head_dim at {layers} layers"
+        raise SparsifyError(
+            f"query_pre_attn_scalar is {got} but llama.cpp's {fam.name} scales queries by {rule} ({want}): it would"
+            " compute another model"
         )
 
 
