@@ -260,6 +260,7 @@ class GgufArch:
     # "none": llama.cpp runs no sliding window for this family; "uniform": one window for every layer;
     # "every-N": the window on every layer but each N-th (Gemma 2: 2, Gemma 3: 6), fixed in llama.cpp
     windows: str = "none"
+    rope_freqs: bool = False  # reads a ``rope_freqs`` tensor of per-frequency divisors (Llama 3's RoPE scaling)
     softcapping: bool = False  # attention and final logit soft-capping (Gemma 2)
     # Gemma's query_pre_attn_scalar, which llama.cpp does not read: it scales queries by 1/sqrt(head_dim), or at
     # this many layers (the 27B models) by 1/sqrt(hidden / heads); 0: the family has no such setting
@@ -268,7 +269,7 @@ class GgufArch:
     assumes: tuple[tuple[str, str | float], ...] = ()
 
 
-_GGUF_LLAMA = GgufArch("llama", permute_qk=True)
+_GGUF_LLAMA = GgufArch("llama", permute_qk=True, rope_freqs=True)
 GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family; any other is refused
     "llama": _GGUF_LLAMA,
     "mistral": _GGUF_LLAMA,  # llama.cpp runs Mistral as Llama (no sliding window)

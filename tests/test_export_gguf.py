@@ -365,3 +365,21 @@ def test_gemma_query_scale_as_llama_cpp_fixes_it():
         with pytest.raises(SparsifyError, match="query_pre_attn_scalar is 16"):
             _check_config(cls(**wide, num_hidden_layers=depth - 1), fam)
         _check_config(cls(**{**wide, "query_pre_attn_scalar": 8}, num_hidden_layers=depth - 1), fam)
+
+
+def test_llama3_rope_scaling_as_rope_freqs(tmp_path):
+    """Llama 3's RoPE scaling as llama.cpp reads it: frequencies divided by ``rope_freqs``; the divided ones are
+    transformers' own."""
+    config = zoo.CONFIGS["llama"]()
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "llama3")
+    zoo.tokenizer().save_pretrained(tmp_path / "llama3")
+    export(tmp_path / "llama3", tmp_path / "m.gguf")
+    divisors = torch.from_numpy(_tensors(tmp_path / "m.gguf")["rope_freqs.weight"][0].copy())
+    dim = config.hidden_size // config.num_attention_heads
+    plain = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    torch.testing.assert_close(plain / divisors, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    assert divisors.max() == 8 and divisors.min() < 8  # long wavelengths by the whole factor, one smoothly

@@ -188,6 +188,7 @@ class Planned:
     permute_heads: int = 0  # q/k rows permuted for this many heads (0: not)
     offset: float = 0.0  # added to the weight (norms: Gemma's 1 + w)
     reshape: tuple[int, ...] | None = None
+    values: Tensor | None = None  # computed, not read (rope_freqs)
 
 
 @dataclass
@@ -253,6 +254,8 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
             tensors[name].sources.append(key)
             continue
         tensors[name] = Planned(name, [key], shape, None, "")
+    if _rope(cfg).get("rope_type") == "llama3":
+        tensors["rope_freqs.weight"] = _llama3_rope_freqs(cfg)
     if fam.name == "qwen2moe" and "output.weight" not in tensors:  # llama.cpp's qwen2moe requires its own output
         tensors["output.weight"] = replace(tensors["token_embd.weight"], name="output.weight")
     layouts = {k: layout for k, (_, layout) in entries.items() if layout is not None}
@@ -262,6 +265,23 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
         t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), config.tensor_type, _float_dtype(model_dir, t))
     notes += _type_notes(list(tensors.values()), layouts, config.tensor_type)
     return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts)
+
+
+def _llama3_rope_freqs(cfg) -> Planned:
+    """Llama 3's RoPE scaling as llama.cpp runs it: each frequency divided by a factor (``rope_freqs``), 1 for
+    short wavelengths, ``factor`` for long ones, smoothly between (transformers' ``_compute_llama3_parameters``)."""
+    rope = _rope(cfg)
+    dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    base, factor = float(rope.get("rope_theta", 10000.0)), float(rope["factor"])
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    context = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim / 2,)
+    wavelen = 2 * torch.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    divisor = 1 / ((1 - smooth) / factor + smooth)
+    divisor = torch.where(wavelen < context / high, 1.0, torch.where(wavelen > context / low, factor, divisor))
+    values = divisor.to(torch.float32)
+    return Planned("rope_freqs.weight", [], tuple(values.shape), None, "", values=values)
 
 
 def _model_arch(name: str):
@@ -286,7 +306,7 @@ def _shape_and_transform(t: Planned, cfg, fam: GgufArch, norm_offset: float) -> 
 
 
 def _float_dtype(model_dir, t: Planned) -> torch.dtype:
-    key = t.sources[0]
+    key = t.sources[0] if t.sources else ""
     return model_dir.source.info(key).dtype if key in model_dir.source else torch.float32
 
 
@@ -377,9 +397,11 @@ class _ScaleChanges:
 def _check_config(cfg, fam: GgufArch) -> None:
     """Refuse what llama.cpp would run differently from transformers: windows, RoPE scaling, fixed settings."""
     rope = _rope(cfg)
-    if rope.get("rope_type") not in _ROPE_TYPES:
+    kinds = _ROPE_TYPES + (("llama3",) if fam.rope_freqs else ())
+    if rope.get("rope_type") not in kinds:
         raise SparsifyError(
-            f"RoPE scaling {rope.get('rope_type')!r} is not exported to GGUF yet (supported: none, linear)"
+            f"RoPE scaling {rope.get('rope_type')!r} is not exported to GGUF for {fam.name} yet (supported:"
+            f" {', '.join(str(k) for k in kinds[1:])})"
         )
     for path, expected in fam.assumes:
         got, want = _config_value(cfg, path), _config_value(cfg, expected) if isinstance(expected, str) else expected
@@ -544,6 +566,8 @@ def _info(t: Planned) -> tuple[tuple[int, ...], Any, int, Any]:
 
 def _load(t: Planned, p: Plan, md) -> Stored:
     """The tensor's weight, stacked, permuted, offset and reshaped as GGUF holds it."""
+    if t.values is not None:
+        return Stored(tensor=t.values)
     parts = [_read_quantized(md.source, s.rpartition(".")[0]) if s in p.layouts
              else Stored(tensor=md.source.get_many([s])[s]) for s in t.sources]  # fmt: skip
     w = stack(parts) if len(parts) > 1 else parts[0]
