@@ -257,8 +257,8 @@ class GgufArch:
 
     name: str  # gguf's MODEL_ARCH name (general.architecture)
     permute_qk: bool = False  # q/k rows reordered per head for llama.cpp's rotary pairs (Llama's converter)
-    # "none": llama.cpp runs no sliding window for this family; "uniform": one window for every layer;
-    # "every-N": the window on every layer but each N-th (Gemma 2: 2, Gemma 3: 6), fixed in llama.cpp
+    # "none": llama.cpp runs no sliding window for this family; "every-N": the window on every layer but each
+    # N-th (Gemma 2: 2, Gemma 3: 6), a pattern fixed in llama.cpp
     windows: str = "none"
     rope_freqs: bool = False  # reads a ``rope_freqs`` tensor of per-frequency divisors (Llama 3's RoPE scaling)
     softcapping: bool = False  # attention and final logit soft-capping (Gemma 2)
@@ -288,7 +288,7 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family;
         query_scale_layers=62,
         assumes=(("rope_parameters.sliding_attention.rope_theta", 10000.0),),
     ),
-    "phi3": GgufArch("phi3", windows="uniform"),
+    "phi3": GgufArch("phi3"),  # llama.cpp reads Phi-3's sliding_window but runs full attention (disabled there)
 }
 
 

@@ -383,3 +383,22 @@ def test_llama3_rope_scaling_as_rope_freqs(tmp_path):
     plain = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     torch.testing.assert_close(plain / divisors, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
     assert divisors.max() == 8 and divisors.min() < 8  # long wavelengths by the whole factor, one smoothly
+
+
+def test_windows_llama_cpp_can_run():
+    """Gemma 2 and 3 run their window on a fixed pattern of layers in llama.cpp; Llama, Mistral, Qwen and Phi-3
+    run none. A window that covers the whole context is no window."""
+    from sparsify.arch import GGUF_ARCHITECTURES as G
+    from sparsify.export.gguf import _check_config
+
+    small = dict(num_hidden_layers=4, max_position_embeddings=256)
+    _check_config(T.Gemma2Config(**small, sliding_window=16, head_dim=256), G["gemma2"])  # sliding, full, ...
+    _check_config(T.Gemma3TextConfig(**small, sliding_window=16, head_dim=256), G["gemma3_text"])  # 5 of 6
+    _check_config(T.MistralConfig(**small, sliding_window=256), G["mistral"])  # the whole context
+    everywhere = ["sliding_attention"] * 4
+    with pytest.raises(SparsifyError, match="its pattern is every-2"):
+        _check_config(T.Gemma2Config(**small, sliding_window=16, head_dim=256, layer_types=everywhere), G["gemma2"])
+    for cfg, family in ((T.MistralConfig(**small, sliding_window=16), "mistral"),
+                        (T.Phi3Config(**small, sliding_window=16), "phi3")):  # fmt: skip
+        with pytest.raises(SparsifyError, match="runs no sliding window"):
+            _check_config(cfg, G[family])

@@ -75,6 +75,8 @@ def export(
     if format not in FORMATS:
         raise SparsifyError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     fmt = FORMATS[format]
+    if Path(out).suffix != fmt.suffix:
+        raise SparsifyError(f"{out} does not end in {fmt.suffix}; name the {format.upper()} file to write")
     try:
         config = fmt.config.model_validate(options)
     except ValidationError as e:

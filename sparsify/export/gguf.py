@@ -436,8 +436,6 @@ def _check_query_scale(cfg, fam: GgufArch) -> None:
 
 
 def _expressible(cfg, fam: GgufArch, windows: list[int | None]) -> bool:
-    if fam.windows == "uniform":
-        return len(set(windows)) == 1
     if fam.windows.startswith("every-"):
         n = int(fam.windows.removeprefix("every-"))
         window = int(cfg.sliding_window)
@@ -486,9 +484,8 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
 
     out = _check_output(out, overwrite)
     md = open_model(model)
-    if md.path.resolve() == out.parent.resolve() and out.suffix != ".gguf":  # pragma: no cover (suffix checked)
-        raise SparsifyError(f"{out} is inside the model folder")
     p = plan(md, out, config)
+    log.info("%s: %d tensors, %s", out.name, len(p.tensors), ", ".join(f"{n} {k}" for k, n in _types(p).items()))
     with _aside(out, overwrite) as tmp:
         _write(p, md, tmp, progress)
     return _summary(p, out)
@@ -496,8 +493,6 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
 
 def _check_output(out: Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
-    if out.suffix != ".gguf":
-        raise SparsifyError(f"{out} does not end in .gguf; name the GGUF file to write")
     if out.is_dir():
         raise SparsifyError(f"{out} is a folder; name the GGUF file to write")
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -692,6 +687,10 @@ def _tokenizer_metadata(w, vocab: Vocab, folder: Path) -> None:
         w.add_chat_template(template)
 
 
+def _types(p: Plan) -> dict[str, int]:
+    return dict(sorted(Counter(t.qtype.name for t in p.tensors).items()))
+
+
 def _summary(p: Plan, out: Path) -> dict[str, Any]:
     return {
         "format": "gguf",
@@ -699,7 +698,7 @@ def _summary(p: Plan, out: Path) -> dict[str, Any]:
         "bytes": out.stat().st_size,
         "architecture": p.arch.name,
         "tensors": len(p.tensors),
-        "types": dict(sorted(Counter(t.qtype.name for t in p.tensors).items())),
+        "types": _types(p),
         "as_stored": sum(t.how == "as stored" for t in p.tensors),
         "requantized": sum(t.how == "requantized" for t in p.tensors),
         "requantized_tensors": [t.name for t in p.tensors if t.how == "requantized"],
