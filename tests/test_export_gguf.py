@@ -402,3 +402,41 @@ def test_windows_llama_cpp_can_run():
                         (T.Phi3Config(**small, sliding_window=16), "phi3")):  # fmt: skip
         with pytest.raises(SparsifyError, match="runs no sliding window"):
             _check_config(cfg, G[family])
+
+
+def _spm_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (byte fallback, "▁" for spaces, BOS added), as Llama 2 and Gemma have."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # fmt: skip
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(zoo.training_text(), trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     add_bos_token=True)  # fmt: skip
+
+
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """Scores from the merge ranks: the tokenizer transformers rebuilds from the GGUF (by those scores, as llama.cpp
+    merges) encodes as the source does; byte, unknown and control tokens typed; BOS added as the source adds it."""
+    tok, folder = _spm_tokenizer(), tmp_path / "spm"
+    config = zoo.CONFIGS["llama"]()
+    config.vocab_size = len(tok)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    export(folder, tmp_path / "m.gguf")
+    f = _fields(tmp_path / "m.gguf")
+    assert f["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in f
+    assert f["tokenizer.ggml.token_type"][:5] == [2, 3, 3, 6, 6]  # <unk> <s> </s> <0x00> <0x01>
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_space_prefix"] is True
+    rebuilt = T.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in [*zoo.training_text()[:4], "héllo wörld, 日本"]:
+        assert rebuilt(text)["input_ids"] == tok(text)["input_ids"]
+
+    small = tmp_path / "small"  # a tokenizer with more ids than the model has rows
+    zoo.build("llama").save_pretrained(small)
+    tok.save_pretrained(small)
+    with pytest.raises(SparsifyError, match="beyond the model's vocab_size 320"):
+        export(small, tmp_path / "small.gguf")

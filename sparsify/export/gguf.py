@@ -682,6 +682,8 @@ def _tokenizer_metadata(w, vocab: Vocab, folder: Path) -> None:
         getattr(w, f"add_{name}_token_id")(i)
     w.add_add_bos_token(vocab.add_bos)
     w.add_add_eos_token(vocab.add_eos)
+    if vocab.space_prefix is not None:
+        w.add_add_space_prefix(vocab.space_prefix)
     template = chat_template(folder)
     if template:
         w.add_chat_template(template)

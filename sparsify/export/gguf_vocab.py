@@ -2,8 +2,7 @@
 
 Two kinds of Hugging Face fast tokenizer map onto llama.cpp's: byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM:
 ``tokenizer.ggml.model = "gpt2"``, merges, a named pre-tokenizer) and SentencePiece-style BPE with byte
-fallback (Llama 2, Mistral v0.1, Gemma: ``"llama"``, scores, no pre-tokenizer; gguf's own ``LlamaHfVocab``
-reads it). llama.cpp knows each byte-level pre-tokenizer by name, not by its regex: the names of the ones
+fallback (Llama 2, Mistral v0.1, Gemma: ``"llama"``, scores from the merge ranks, no pre-tokenizer). llama.cpp knows each byte-level pre-tokenizer by name, not by its regex: the names of the ones
 recognised here are in :data:`PRE_TOKENIZERS`; any other is refused, as llama.cpp's converter refuses it
 (a wrong split changes every token id).
 """
@@ -11,6 +10,7 @@ recognised here are in :data:`PRE_TOKENIZERS`; any other is refused, as llama.cp
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     (f"Split:{_QWEN2}", "ByteLevel"): "qwen2",
     ("Digits:individual", _GPT2): "smollm",
 }
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4  # gguf.TokenType values
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6  # gguf.TokenType
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Vocab:
     special: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad -> id
     add_bos: bool = False
     add_eos: bool = False
+    space_prefix: bool | None = None  # SentencePiece-style: "▁" put before the text (None: not said)
 
 
 def read_vocab(folder: Path, vocab_size: int) -> Vocab:
@@ -54,7 +55,11 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
     if model.get("type") != "BPE":
         raise SparsifyError(f"the tokenizer is {model.get('type')}: llama.cpp's GGUF takes BPE tokenizers here")
     tok = _hf_tokenizer(folder)
-    vocab = _spm_vocab(folder, vocab_size) if model.get("byte_fallback") else _bpe_vocab(data, tok, vocab_size)
+    if max(tok.get_vocab().values()) >= vocab_size:
+        raise SparsifyError(
+            f"the tokenizer has ids up to {max(tok.get_vocab().values())}, beyond the model's vocab_size {vocab_size}"
+        )
+    vocab = (_spm_vocab if model.get("byte_fallback") else _bpe_vocab)(data, tok, vocab_size)
     vocab.special = _special_ids(tok)
     vocab.add_bos, vocab.add_eos = _adds_specials(tok)
     return vocab
@@ -114,24 +119,45 @@ def _bpe_vocab(data: dict[str, Any], tok, vocab_size: int) -> Vocab:
     return Vocab("gpt2", pre, tokens, types)
 
 
-def _spm_vocab(folder: Path, vocab_size: int) -> Vocab:
-    """SentencePiece-style BPE with byte fallback, read by gguf's own ``LlamaHfVocab`` (scores and types)."""
-    from gguf.vocab import LlamaHfVocab
-
-    try:
-        hf = LlamaHfVocab(folder)
-    except (FileNotFoundError, TypeError) as e:
-        raise SparsifyError(f"cannot read the SentencePiece-style tokenizer in {folder}: {e}") from e
+def _spm_vocab(data: dict[str, Any], tok, vocab_size: int) -> Vocab:
+    """SentencePiece-style BPE with byte fallback, as a SentencePiece model llama.cpp merges by score: a token's
+    score is minus the rank of the merge that makes it (earlier merges first, as the BPE applies them), byte
+    tokens ``<0xNN>`` typed byte, the unknown token unknown, other added specials control."""
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(data["model"].get("merges") or []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(a + b, i)
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    added = dict(tok.added_tokens_decoder.items())
     tokens, scores, types = [], [], []
-    for text, score, kind in hf.all_tokens():
-        tokens.append(text.decode("utf-8"))
-        scores.append(float(score))
-        types.append(int(kind))
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(TOKEN_USER_DEFINED)
-    return Vocab("llama", None, tokens[:vocab_size], types[:vocab_size], scores[:vocab_size])
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        tokens.append(text if text is not None else f"[PAD{i}]")
+        scores.append(-float(rank.get(text, 0)) if text is not None else -1000.0)
+        if text is None:
+            types.append(TOKEN_USER_DEFINED)
+        elif i == tok.unk_token_id:
+            types.append(TOKEN_UNKNOWN)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types.append(TOKEN_BYTE)
+        elif i in added:
+            types.append(TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
+        else:
+            types.append(TOKEN_NORMAL)
+    return Vocab("llama", None, tokens, types, scores, space_prefix=_space_prefix(data))
+
+
+def _space_prefix(data: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before a text (a Prepend normalizer, or a Metaspace that prepends)."""
+    steps = []
+    for part in (data.get("normalizer"), data.get("pre_tokenizer")):
+        if part:
+            steps += part.get("normalizers") or part.get("pretokenizers") or [part]
+    return any(
+        (st.get("type") == "Prepend" and st.get("prepend") == "\u2581")
+        or (st.get("type") == "Metaspace" and st.get("prepend_scheme", "always") != "never")
+        for st in steps
+    )
 
 
 def _special_ids(tok) -> dict[str, int]:
