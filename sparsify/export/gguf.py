@@ -240,6 +240,7 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
     _check_config(cfg, fam)
     notes = _check_quantization(cfg)
     vocab = read_vocab(model_dir.path, int(cfg.vocab_size))
+    notes += vocab.notes
     entries = _entries(model_dir.source, cfg.to_dict())
     names = gguf.get_tensor_name_map(_model_arch(fam.name), int(cfg.num_hidden_layers))
     tensors: dict[str, Planned] = {}

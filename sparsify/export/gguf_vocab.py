@@ -43,6 +43,7 @@ class Vocab:
     add_bos: bool = False
     add_eos: bool = False
     space_prefix: bool | None = None  # SentencePiece-style: "▁" put before the text (None: not said)
+    notes: list[str] = field(default_factory=list)
 
 
 def read_vocab(folder: Path, vocab_size: int) -> Vocab:
@@ -55,12 +56,15 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
     if model.get("type") != "BPE":
         raise SparsifyError(f"the tokenizer is {model.get('type')}: llama.cpp's GGUF takes BPE tokenizers here")
     tok = _hf_tokenizer(folder)
-    if max(tok.get_vocab().values()) >= vocab_size:
+    beyond = {t: i for t, i in tok.get_vocab().items() if i >= vocab_size}
+    if any(i not in tok.added_tokens_decoder for i in beyond.values()):
         raise SparsifyError(
-            f"the tokenizer has ids up to {max(tok.get_vocab().values())}, beyond the model's vocab_size {vocab_size}"
+            f"the tokenizer has ids up to {max(beyond.values())}, beyond the model's vocab_size {vocab_size}"
         )
     vocab = (_spm_vocab if model.get("byte_fallback") else _bpe_vocab)(data, tok, vocab_size)
-    vocab.special = _special_ids(tok)
+    if beyond:  # added tokens the model has no embedding rows for (a tokenizer class's own extras)
+        vocab.notes.append(f"tokens past the model's vocab_size {vocab_size} not written: {', '.join(beyond)}")
+    vocab.special = {k: i for k, i in _special_ids(tok).items() if i < vocab_size}
     vocab.add_bos, vocab.add_eos = _adds_specials(tok)
     return vocab
 
