@@ -440,3 +440,14 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     tok.save_pretrained(small)
     with pytest.raises(SparsifyError, match="beyond the model's vocab_size 320"):
         export(small, tmp_path / "small.gguf")
+
+
+def test_export_is_in_the_help_and_made_from_the_registry():
+    from sparsify.export import FORMATS
+
+    assert "export" in run("-h").stdout
+    listed = run("export", "-h")
+    assert listed.exit_code == 0 and all(name in listed.stdout for name in FORMATS)
+    text = " ".join(run("export", "gguf", "-h").stdout.split()).replace("python -m ", "")
+    assert "Usage: sparsify export gguf MODEL [OPTIONS]" in text
+    assert "--type auto|f32|f16|bf16|q8_0|q4_0|q4_1" in text and "--overwrite" in text and "--json" in text
