@@ -37,6 +37,7 @@ from sparsify.errors import SparsifyError
 from sparsify.export import GgufConfig
 from sparsify.export import ggml_blocks as blocks
 from sparsify.export.gguf_vocab import Vocab, chat_template, merges, read_vocab
+from sparsify.export.gguf_weights import Layout, Stored, read_layout, read_quantized, stack
 from sparsify.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -46,131 +47,6 @@ _QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_
 _KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers stay in F32, as llama.cpp's converter keeps them
 _ONE_ROW = ("ffn_gate_inp_shexp",)  # a (1, hidden) Linear that llama.cpp reads as a vector
 _ROPE_TYPES = (None, "default", "linear")
-
-
-# ------------------------------------------------------------------------------------------------ the weights
-
-
-@dataclass
-class Stored:
-    """One weight as the checkpoint holds it: a float tensor, or integer codes with scales (compressed-tensors)."""
-
-    tensor: Tensor | None = None  # float, any shape
-    codes: Tensor | None = None  # (..., rows, cols) int8
-    scale: Tensor | None = None  # (..., rows, groups)
-    zero_point: Tensor | None = None  # (..., rows, groups) int8; None: symmetric
-    bits: int = 0
-    group: int = 0  # input columns per scale (the row's length: one scale per row)
-
-    @property
-    def quantized(self) -> bool:
-        return self.codes is not None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple((self.codes if self.codes is not None else self.tensor).shape)  # type: ignore[union-attr]
-
-    def dense(self) -> Tensor:
-        """The float32 weight it means: ``(q - zp) * scale``."""
-        if not self.quantized:
-            return self.tensor.to(torch.float32)  # type: ignore[union-attr]
-        q = self.codes.to(torch.float32).unflatten(-1, (-1, self.group))  # type: ignore[union-attr]  # (..., rows, groups, g)
-        zp = 0 if self.zero_point is None else self.zero_point.to(torch.float32).unsqueeze(-1)
-        return ((q - zp) * self.scale.to(torch.float32).unsqueeze(-1)).flatten(-2)  # type: ignore[union-attr]
-
-    def rows(self, index: Tensor) -> Stored:
-        """The rows ``index`` (along the second-to-last dim of a matrix; a vector: its entries)."""
-        if not self.quantized:
-            t = self.tensor
-            return replace(self, tensor=t[index] if t.ndim == 1 else t[..., index, :])  # type: ignore[union-attr]
-        pick = lambda x: None if x is None else x[..., index, :]  # noqa: E731
-        return replace(self, codes=pick(self.codes), scale=pick(self.scale), zero_point=pick(self.zero_point))
-
-
-def stack(parts: list[Stored]) -> Stored:
-    """Experts' weights as one ``(experts, rows, cols)`` weight; quantized only if every part has one layout."""
-    first = parts[0]
-    same = all(p.quantized and (p.bits, p.group, p.zero_point is None) == (first.bits, first.group,
-               first.zero_point is None) for p in parts)  # fmt: skip
-    if not same:
-        return Stored(tensor=torch.stack([p.dense() for p in parts]))
-    zp = None if first.zero_point is None else torch.stack([p.zero_point for p in parts])  # type: ignore[misc]
-    return replace(
-        first,
-        codes=torch.stack([p.codes for p in parts]),  # type: ignore[misc]
-        scale=torch.stack([p.scale for p in parts]),  # type: ignore[misc]
-        zero_point=zp,
-    )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a compressed-tensors Linear is quantized, read from its tensors' headers (no data)."""
-
-    bits: int
-    group: int  # input columns per scale (the row's length: per channel)
-    symmetric: bool
-
-    def gguf_type(self):
-        """The GGUF block type with exactly this layout (None: none has it)."""
-        from gguf import GGMLQuantizationType as Q
-
-        if self.group != blocks.BLOCK:
-            return None
-        if self.bits == 4:
-            return Q.Q4_0 if self.symmetric else Q.Q4_1
-        return Q.Q8_0 if self.bits == 8 and self.symmetric else None
-
-    def describe(self, cols: int) -> str:
-        where = "per channel" if self.group >= cols else f"in groups of {self.group}"
-        return f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric'} {where}"
-
-
-def _layout(source, module: str) -> tuple[tuple[int, int], Layout]:
-    """``((rows, cols), layout)`` of the compressed-tensors Linear ``module``."""
-    keys = set(source.keys())
-    scale = source.info(f"{module}.weight_scale").shape
-    if f"{module}.weight_packed" in keys:
-        shape = source.get_many([f"{module}.weight_shape"])[f"{module}.weight_shape"]
-        rows, cols = (int(x) for x in shape.tolist())
-        bits = round(source.info(f"{module}.weight_packed").shape[1] * 32 / cols)
-    else:
-        rows, cols = source.info(f"{module}.weight").shape
-        bits = 8
-    group = cols // scale[-1] if len(scale) > 1 else cols
-    return (rows, cols), Layout(bits, group, f"{module}.weight_zero_point" not in keys)
-
-
-def _read_quantized(source, module: str) -> Stored:
-    """A compressed-tensors Linear's codes, scales and zero points, unpacked with sparsify's own module."""
-    from sparsify.algorithms.quant import PerChannel, PerGroup, QuantArgs
-    from sparsify.runtime.quantized import QuantizedLinear, QuantScheme
-
-    keys = [k for k in source.keys() if k.rpartition(".")[0] == module]
-    t = source.get_many(keys)
-    packed = f"{module}.weight_packed" in t
-    scale = t[f"{module}.weight_scale"]
-    if packed:
-        rows, cols = (int(x) for x in t[f"{module}.weight_shape"].tolist())
-        bits = round(t[f"{module}.weight_packed"].shape[1] * 32 / cols)
-    else:
-        rows, cols = t[f"{module}.weight"].shape
-        bits = 8
-    if f"{module}.weight_g_idx" in t:
-        g_idx = t[f"{module}.weight_g_idx"].long()
-        if not torch.equal(g_idx, torch.arange(cols) // (cols // scale.shape[-1])):
-            raise SparsifyError(
-                f"{module} has activation-order groups (weight_g_idx): GGUF blocks are consecutive columns"
-            )
-    group = cols // scale.shape[-1] if scale.numel() > 1 else cols
-    args = QuantArgs(bits, f"{module}.weight_zero_point" not in t, PerGroup(group) if group < cols else PerChannel())
-    linear = QuantizedLinear(cols, rows, QuantScheme(args, None, "packed" if packed else "int"), False, scale.dtype)
-    state = {k.rpartition(".")[2]: v for k, v in t.items() if k.rpartition(".")[2] in linear.state_dict()}
-    linear.load_state_dict(state, strict=False)
-    if scale.numel() == 1:  # per tensor: one scale for every row
-        scale = scale.reshape(1, 1).expand(rows, 1)
-    zp = None if args.symmetric else linear.zero_point().reshape(rows, -1)
-    return Stored(codes=linear.codes(), scale=scale.reshape(rows, -1), zero_point=zp, bits=bits, group=group)
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -211,7 +87,7 @@ def _entries(source, cfg: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], La
         if leaf in _QUANT_SUFFIXES:
             continue
         if leaf == "weight_packed" or (leaf == "weight" and f"{module}.weight_scale" in keys):
-            out[f"{module}.weight"] = _layout(source, module)
+            out[f"{module}.weight"] = read_layout(source, module)
         else:
             out[key] = (tuple(source.info(key).shape), None)
     if cfg.get("tie_word_embeddings") and "lm_head.weight" in out:
@@ -564,7 +440,7 @@ def _load(t: Planned, p: Plan, md) -> Stored:
     """The tensor's weight, stacked, permuted, offset and reshaped as GGUF holds it."""
     if t.values is not None:
         return Stored(tensor=t.values)
-    parts = [_read_quantized(md.source, s.rpartition(".")[0]) if s in p.layouts
+    parts = [read_quantized(md.source, s.rpartition(".")[0], p.layouts[s]) if s in p.layouts
              else Stored(tensor=md.source.get_many([s])[s]) for s in t.sources]  # fmt: skip
     w = stack(parts) if len(parts) > 1 else parts[0]
     if t.permute_heads:
