@@ -265,8 +265,9 @@ class GgufArch:
     # Gemma's query_pre_attn_scalar, which llama.cpp does not read: it scales queries by 1/sqrt(head_dim), or at
     # this many layers (the 27B models) by 1/sqrt(hidden / heads); 0: the family has no such setting
     query_scale_layers: int = 0
-    # config facts llama.cpp does not read but assumes: (field, field or number it must equal)
-    assumes: tuple[tuple[str, str | float], ...] = ()
+    output_required: bool = False  # llama.cpp needs ``output.weight`` even where the embeddings are tied
+    # config facts llama.cpp does not read but assumes: (dotted config path, the value it must have)
+    assumes: tuple[tuple[str, object], ...] = ()
 
 
 _GGUF_LLAMA = GgufArch("llama", permute_qk=True, rope_freqs=True)
@@ -276,7 +277,7 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family;
     "mixtral": _GGUF_LLAMA,  # Llama with stacked experts
     "qwen2": GgufArch("qwen2"),
     # llama.cpp's Qwen MoE routing: Qwen2-MoE never renormalises the top-k weights, Qwen3-MoE always does
-    "qwen2_moe": GgufArch("qwen2moe", assumes=(("norm_topk_prob", False),)),
+    "qwen2_moe": GgufArch("qwen2moe", output_required=True, assumes=(("norm_topk_prob", False),)),
     "qwen3": GgufArch("qwen3"),
     "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True),)),
     "gemma": GgufArch("gemma"),

@@ -97,28 +97,47 @@ def _entries(source, cfg: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], La
 
 def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
     """Every check and every tensor's name, shape and type, before anything is written."""
-    import gguf
-
     cfg = model_dir.load_config()
-    model_type = cfg.model_type
+    fam, norm_offset = _family(cfg.model_type)
+    _check_config(cfg, fam)
+    notes = _check_quantization(cfg)
+    vocab = read_vocab(model_dir.path, int(cfg.vocab_size))
+    entries = _entries(model_dir.source, cfg.to_dict())
+    tensors = _named(entries, fam, int(cfg.num_hidden_layers))
+    if _rope(cfg).get("rope_type") == "llama3":
+        tensors["rope_freqs.weight"] = _llama3_rope_freqs(cfg)
+    if fam.output_required and "output.weight" not in tensors:
+        tensors["output.weight"] = replace(tensors["token_embd.weight"], name="output.weight")
+    layouts = {k: layout for k, (_, layout) in entries.items() if layout is not None}
+    for t in tensors.values():
+        _shape_and_transform(t, cfg, fam, norm_offset)
+        parts = [layouts[s] for s in t.sources if s in layouts]
+        t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), config.tensor_type, _float_dtype(model_dir, t))
+    notes += vocab.notes + _type_notes(list(tensors.values()), layouts, config.tensor_type)
+    return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts)
+
+
+def _family(model_type: str) -> tuple[GgufArch, float]:
+    """llama.cpp's facts for ``model_type`` and its norm offset; refused if llama.cpp cannot run it."""
     if model_type.startswith(SPARSIFY_TYPE_PREFIX):
         raise SparsifyError(
             "this output's attention patterns (sinks, block-sparse, local windows) run only in sparsify's runtime"
             " (sparsify.load); llama.cpp cannot run them: export the model before the attention pass"
         )
-    fam = GGUF_ARCHITECTURES.get(model_type)
-    arch = lookup(model_type)
+    fam, arch = GGUF_ARCHITECTURES.get(model_type), lookup(model_type)
     if fam is None or arch is None:
         raise SparsifyError(
             f"llama.cpp has no architecture sparsify exports for {model_type!r}; GGUF export covers"
             f" {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
-    _check_config(cfg, fam)
-    notes = _check_quantization(cfg)
-    vocab = read_vocab(model_dir.path, int(cfg.vocab_size))
-    notes += vocab.notes
-    entries = _entries(model_dir.source, cfg.to_dict())
-    names = gguf.get_tensor_name_map(_model_arch(fam.name), int(cfg.num_hidden_layers))
+    return fam, arch.norm_offset
+
+
+def _named(entries: dict, fam: GgufArch, layers: int) -> dict[str, Planned]:
+    """GGUF name -> planned tensor, named by gguf's TensorNameMap; experts grouped under their stacked name."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(_model_arch(fam.name), layers)
     tensors: dict[str, Planned] = {}
     for key, (shape, _) in entries.items():
         module, _, leaf = key.rpartition(".")
@@ -129,19 +148,9 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
         name = f"{target}.{leaf}"
         if name in tensors:  # another expert of a stacked tensor
             tensors[name].sources.append(key)
-            continue
-        tensors[name] = Planned(name, [key], shape, None, "")
-    if _rope(cfg).get("rope_type") == "llama3":
-        tensors["rope_freqs.weight"] = _llama3_rope_freqs(cfg)
-    if fam.name == "qwen2moe" and "output.weight" not in tensors:  # llama.cpp's qwen2moe requires its own output
-        tensors["output.weight"] = replace(tensors["token_embd.weight"], name="output.weight")
-    layouts = {k: layout for k, (_, layout) in entries.items() if layout is not None}
-    for t in tensors.values():
-        _shape_and_transform(t, cfg, fam, arch.norm_offset)
-        parts = [layouts[s] for s in t.sources if s in layouts]
-        t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), config.tensor_type, _float_dtype(model_dir, t))
-    notes += _type_notes(list(tensors.values()), layouts, config.tensor_type)
-    return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts)
+        else:
+            tensors[name] = Planned(name, [key], shape, None, "")
+    return tensors
 
 
 def _llama3_rope_freqs(cfg) -> Planned:
@@ -280,12 +289,11 @@ def _check_config(cfg, fam: GgufArch) -> None:
             f"RoPE scaling {rope.get('rope_type')!r} is not exported to GGUF for {fam.name} yet (supported:"
             f" {', '.join(str(k) for k in kinds[1:])})"
         )
-    for path, expected in fam.assumes:
-        got, want = _config_value(cfg, path), _config_value(cfg, expected) if isinstance(expected, str) else expected
+    for path, want in fam.assumes:
+        got = _config_value(cfg, path)
         if got is not None and got != want:
             raise SparsifyError(
-                f"{path} is {got} but llama.cpp's {fam.name} assumes {want}"
-                f"{f' ({expected})' if isinstance(expected, str) else ''}: it would compute another model"
+                f"{path} is {got} but llama.cpp's {fam.name} assumes {want}: it would compute another model"
             )
     if fam.query_scale_layers:
         _check_query_scale(cfg, fam)
