@@ -451,3 +451,45 @@ def test_export_is_in_the_help_and_made_from_the_registry():
     text = " ".join(run("export", "gguf", "-h").stdout.split()).replace("python -m ", "")
     assert "Usage: sparsify export gguf MODEL [OPTIONS]" in text
     assert "--type auto|f32|f16|bf16|q8_0|q4_0|q4_1" in text and "--overwrite" in text and "--json" in text
+
+
+def test_blocks_are_ggml_layout_byte_for_byte():
+    """Codes whose blocks each reach the end of the range: gguf's own quantizer finds the same scale and codes,
+    so its bytes must be ours."""
+    from sparsify.export import ggml_blocks
+
+    g = torch.Generator().manual_seed(0)
+    scale = (torch.rand(6, 4, generator=g) * 0.02 + 0.001).half()  # (rows, blocks)
+    for qtype, low, high, end in ((Q.Q4_0, -8, 8, -8), (Q.Q8_0, -127, 128, 127)):
+        codes = torch.randint(low, high, (6, 128), generator=g, dtype=torch.int16)
+        codes[:, ::32] = end  # each block's largest magnitude
+        x = (codes.float().unflatten(1, (4, 32)) * scale.float().unsqueeze(-1)).flatten(1).numpy()
+        ours = ggml_blocks.q4_0(codes, scale) if qtype == Q.Q4_0 else ggml_blocks.q8_0(codes, scale)
+        assert np.array_equal(ours, gguf.quants.quantize(x, qtype)), qtype.name
+        assert np.array_equal(dequantize(ours, qtype), x)
+    zp = torch.randint(-8, 8, (6, 4), generator=g, dtype=torch.int16)
+    codes = torch.randint(-8, 8, (6, 128), generator=g, dtype=torch.int16)
+    want = ((codes.float().unflatten(1, (4, 32)) - zp.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).flatten(1)
+    m = ggml_blocks.q4_1_min(scale, zp).half().float()  # the fp16 minimum is the only rounding
+    got = dequantize(ggml_blocks.q4_1(codes, scale, zp), Q.Q4_1)
+    np.testing.assert_allclose(
+        got, want.numpy(), rtol=0, atol=float((m - ggml_blocks.q4_1_min(scale, zp)).abs().max()) + 1e-7
+    )
+
+
+def test_a_failure_while_writing_leaves_nothing(source, tmp_path, monkeypatch):
+    from sparsify.export import gguf as writer
+
+    calls = []
+
+    def failing(t, w):
+        calls.append(t.name)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return encode(t, w)
+
+    encode = writer._encode
+    monkeypatch.setattr(writer, "_encode", failing)
+    out = tmp_path / "m.gguf"
+    assert_user_error(run("export", "gguf", source("llama"), "-o", out), out, "disk full")
+    assert list(tmp_path.iterdir()) == []
