@@ -46,6 +46,9 @@ _EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<index>\d+)\.(?P<linear>[^.]+)
 _QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
 _KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers stay in F32, as llama.cpp's converter keeps them
 _ONE_ROW = ("ffn_gate_inp_shexp",)  # a (1, hidden) Linear that llama.cpp reads as a vector
+# with 4-bit --type, the embeddings and the output head take Q8_0: llama.cpp's quantizer gives them more bits too
+# (Q6_K, which gguf-py does not write), and a tied embedding is also the output head
+_WIDE = ("token_embd", "output")
 _ROPE_TYPES = (None, "default", "linear")
 
 
@@ -221,8 +224,10 @@ def _choose(t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: 
         return (Q.Q8_0 if p.bits > 4 else Q.Q4_0 if p.symmetric else Q.Q4_1), "requantized"
     if want in floats:
         return floats[want], "float"
+    if want in quants and fits:
+        return (Q.Q8_0 if kind in _WIDE and want.startswith("q4") else quants[want]), "quantized"
     if want in quants:
-        return (quants[want], "quantized") if fits else (Q.F16, "float")
+        return Q.F16, "float"
     return (Q.BF16 if dtype == torch.bfloat16 else Q.F16), "float"
 
 
