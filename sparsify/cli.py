@@ -3,7 +3,8 @@
 Each compressing command is generated from its pass (a pass class names its ``command``): one option per
 field of the pass's config (:mod:`sparsify.cli_options`), the calibration settings and the compute dtype
 (from the recipe's own fields), and the run settings every compressing command shares, declared once in
-:data:`RUN_OPTIONS`. Adding a knob to a pass is adding one field.
+:data:`RUN_OPTIONS`. Adding a knob to a pass is adding one field. ``sparsify export <format>`` is generated
+likewise, one command per entry of :data:`sparsify.export.FORMATS`, with one option per field of its config.
 """
 
 from __future__ import annotations
