@@ -282,12 +282,16 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family;
     "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True),)),
     "gemma": GgufArch("gemma"),
     "gemma2": GgufArch("gemma2", windows="every-2", softcapping=True, query_scale_layers=46),
-    # Gemma 3's local layers use RoPE base 10000 in llama.cpp, whatever the config says
+    # Gemma 3 in llama.cpp: local layers with RoPE base 10000, whatever the config says, and no soft-capping
     "gemma3_text": GgufArch(
         "gemma3",
         windows="every-6",
         query_scale_layers=62,
-        assumes=(("rope_parameters.sliding_attention.rope_theta", 10000.0),),
+        assumes=(
+            ("rope_parameters.sliding_attention.rope_theta", 10000.0),
+            ("attn_logit_softcapping", None),
+            ("final_logit_softcapping", None),
+        ),
     ),
     "phi3": GgufArch("phi3"),  # llama.cpp reads Phi-3's sliding_window but runs full attention (disabled there)
 }

@@ -357,7 +357,7 @@ def test_refused_windows_and_routing(source, tmp_path):
     _no_output(tmp_path)
 
 
-def test_gemma_query_scale_as_llama_cpp_fixes_it():
+def test_gemma_settings_llama_cpp_fixes():
     """llama.cpp scales Gemma's queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) at the 27B depths."""
     from sparsify.arch import GGUF_ARCHITECTURES
     from sparsify.export.gguf import _check_config
@@ -369,6 +369,8 @@ def test_gemma_query_scale_as_llama_cpp_fixes_it():
         with pytest.raises(SparsifyError, match="query_pre_attn_scalar is 16"):
             _check_config(cls(**wide, num_hidden_layers=depth - 1), fam)
         _check_config(cls(**{**wide, "query_pre_attn_scalar": 8}, num_hidden_layers=depth - 1), fam)
+    with pytest.raises(SparsifyError, match=r"final_logit_softcapping is 30\.0 but .* gemma3 assumes None"):
+        _check_config(T.Gemma3TextConfig(head_dim=256, final_logit_softcapping=30.0), GGUF_ARCHITECTURES["gemma3_text"])
 
 
 def test_llama3_rope_scaling_as_rope_freqs(tmp_path):
