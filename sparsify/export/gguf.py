@@ -90,7 +90,7 @@ def _entries(source, cfg: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], La
         if leaf in _QUANT_SUFFIXES:
             continue
         if leaf == "weight_packed" or (leaf == "weight" and f"{module}.weight_scale" in keys):
-            out[f"{module}.weight"] = read_layout(source, module)
+            out[f"{module}.weight"] = read_layout(source, module, keys)
         else:
             out[key] = (tuple(source.info(key).shape), None)
     if cfg.get("tie_word_embeddings") and "lm_head.weight" in out:

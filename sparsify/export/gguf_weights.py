@@ -88,9 +88,8 @@ class Layout:
         return f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric'} {where}"
 
 
-def read_layout(source, module: str) -> tuple[tuple[int, int], Layout]:
-    """``((rows, cols), layout)`` of the compressed-tensors Linear ``module``."""
-    keys = set(source.keys())
+def read_layout(source, module: str, keys: set[str]) -> tuple[tuple[int, int], Layout]:
+    """``((rows, cols), layout)`` of the compressed-tensors Linear ``module`` (``keys``: the checkpoint's)."""
     scale = source.info(f"{module}.weight_scale").shape
     if f"{module}.weight_packed" in keys:
         shape = source.get_many([f"{module}.weight_shape"])[f"{module}.weight_shape"]
