@@ -502,23 +502,32 @@ def _export_command(group: typer.Typer, fmt: Any) -> None:
 
     def command(model: str, **given: Any) -> None:
         from sparsify.export import export
+        from sparsify.interrupts import Interrupted
         from sparsify.progress import RichProgress
 
         config = values(options, given).get("export", {})
         summary = export(model, given["output"], fmt.name, overwrite=given["overwrite"],
                          progress=RichProgress(err_console), **config)  # fmt: skip
-        if given["json_out"]:
-            sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-            return
-        types = ", ".join(f"{n} {k}" for k, n in summary["types"].items())
-        line = f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors: {types})"
-        for text in (line, *(f"note: {n}" for n in summary["notes"])):
-            out_console.print(text, markup=False, highlight=False)
+        try:
+            _render_export(summary, given["json_out"])
+        except Interrupted as e:  # the file is written
+            e.finished = summary["path"]
+            raise
 
     command.__name__ = command.__qualname__ = f"export_{fmt.name}"
     command.__doc__ = fmt.help
     fn = with_options(command, [_MODEL, output], options, [_keyword(p, a, d) for p, a, d in _EXPORT_RUN])
     group.command(fmt.name, epilog=fmt.examples, context_settings=HELP, cls=_Command)(handle_errors(fn))
+
+
+def _render_export(summary: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    types = ", ".join(f"{n} {k}" for k, n in summary["types"].items())
+    line = f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors: {types})"
+    for text in (line, *(f"note: {n}" for n in summary["notes"])):
+        out_console.print(text, markup=False, highlight=False)
 
 
 def _export_group() -> None:

@@ -38,6 +38,7 @@ from sparsify.export import GgufConfig
 from sparsify.export import ggml_blocks as blocks
 from sparsify.export.gguf_vocab import Vocab, chat_template, merges, read_vocab
 from sparsify.export.gguf_weights import Layout, Stored, read_layout, read_quantized, stack
+from sparsify.interrupts import Interrupted, check, deferred
 from sparsify.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,11 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
     log.info("%s: %d tensors, %s", out.name, len(p.tensors), ", ".join(f"{n} {k}" for k, n in _types(p).items()))
     with _aside(out, overwrite) as tmp:
         _write(p, md, tmp, progress)
-    return _summary(p, out)
+    try:
+        return _summary(p, out)
+    except Interrupted as e:  # the file is in place: say so
+        e.finished = str(out)
+        raise
 
 
 def _check_output(out: Path, overwrite: bool) -> Path:
@@ -405,10 +410,17 @@ def _aside(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp.chmod(0o666 & ~umask)  # as a plain open() would create it (mkstemp's is private)
     try:
         yield tmp
-        if overwrite:
-            os.replace(tmp, out)
-        elif not rename_noreplace(tmp, out):
-            raise SparsifyError(f"{out} appeared while writing; pass --overwrite to replace it")
+        check()  # a safe point: the last before the rename
+        try:
+            with deferred():  # a signal during the rename is raised after it
+                if overwrite:
+                    os.replace(tmp, out)
+                elif not rename_noreplace(tmp, out):
+                    raise SparsifyError(f"{out} appeared while writing; pass --overwrite to replace it")
+        except Interrupted as e:
+            if not tmp.exists():  # renamed: the file is complete and in place
+                e.finished = str(out)
+            raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -426,6 +438,7 @@ def _write(p: Plan, md, path: Path, progress: Progress) -> None:
     writer.write_ti_data_to_file()
     changes = _ScaleChanges()
     for t in progress.track(p.tensors, len(p.tensors), "writing GGUF"):
+        check()  # a safe point between tensors
         w = _load(t, p, md)
         if t.how == "as stored":
             changes.add(w)
