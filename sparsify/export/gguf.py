@@ -393,7 +393,7 @@ def _check_output(out: Path, overwrite: bool) -> Path:
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise SparsifyError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
-        raise SparsifyError(f"{out.parent} is not a folder")
+        raise SparsifyError(f"{out.parent} is not a folder: the GGUF file goes into an existing folder")
     return out
 
 
