@@ -499,3 +499,15 @@ def test_a_failure_while_writing_leaves_nothing(source, tmp_path, monkeypatch):
     out = tmp_path / "m.gguf"
     assert_user_error(run("export", "gguf", source("llama"), "-o", out), out, "disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pruned_then_quantized_keeps_its_zeros(source, tmp_path):
+    """Wanda 50% then int4 in groups of 32: Q4_0 as stored, and the pruned weights are exact zeros in the file."""
+    out = tmp_path / "pruned-w4"
+    steps = ({"type": "prune", "method": "wanda", "sparsity": 0.5},
+             {"type": "quantize", "scheme": "w4a16", "group_size": 32, "method": "rtn"})  # fmt: skip
+    compress(source("llama", torch.float16), _recipe(*steps), out)
+    summary = export(out, tmp_path / "m.gguf")
+    assert summary["as_stored"] == 14 and summary["notes"] == []
+    w, t = _tensors(tmp_path / "m.gguf")["blk.1.ffn_up.weight"]
+    assert t == Q.Q4_0 and (w == 0).mean() >= 0.5
