@@ -283,6 +283,7 @@ class _ScaleChanges:
         return (
             f"{' and '.join(what)} are not exactly fp16, GGUF's block scale type:"
             f" rounded to fp16 (largest relative change {self.worst:.1e}); the integer weights are as stored"
+            + ("" if self.minimums and not self.changed else " (a float16 checkpoint quantizes to fp16 scales)")
         )
 
 
