@@ -271,15 +271,17 @@ class GgufArch:
 
 
 _GGUF_LLAMA = GgufArch("llama", permute_qk=True, rope_freqs=True)
+_ALL_MOE = (("decoder_sparse_step", 1), ("mlp_only_layers", []))  # Qwen MoE configs: every layer a MoE layer
 GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family; any other is refused
     "llama": _GGUF_LLAMA,
     "mistral": _GGUF_LLAMA,  # llama.cpp runs Mistral as Llama (no sliding window)
     "mixtral": _GGUF_LLAMA,  # Llama with stacked experts
     "qwen2": GgufArch("qwen2"),
-    # llama.cpp's Qwen MoE routing: Qwen2-MoE never renormalises the top-k weights, Qwen3-MoE always does
-    "qwen2_moe": GgufArch("qwen2moe", output_required=True, assumes=(("norm_topk_prob", False),)),
+    # llama.cpp's Qwen MoE routing: Qwen2-MoE never renormalises the top-k weights, Qwen3-MoE always does; and
+    # every layer is a MoE layer there
+    "qwen2_moe": GgufArch("qwen2moe", output_required=True, assumes=(("norm_topk_prob", False), *_ALL_MOE)),
     "qwen3": GgufArch("qwen3"),
-    "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True),)),
+    "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True), *_ALL_MOE)),
     "gemma": GgufArch("gemma"),
     "gemma2": GgufArch("gemma2", windows="every-2", softcapping=True, query_scale_layers=46),
     # Gemma 3 in llama.cpp: local layers with RoPE base 10000, whatever the config says, and no soft-capping

@@ -369,6 +369,8 @@ def test_gemma_settings_llama_cpp_fixes():
         with pytest.raises(SparsifyError, match="query_pre_attn_scalar is 16"):
             _check_config(cls(**wide, num_hidden_layers=depth - 1), fam)
         _check_config(cls(**{**wide, "query_pre_attn_scalar": 8}, num_hidden_layers=depth - 1), fam)
+    with pytest.raises(SparsifyError, match=r"mlp_only_layers is \[1\] but llama.cpp's qwen3moe assumes \[\]"):
+        _check_config(T.Qwen3MoeConfig(norm_topk_prob=True, mlp_only_layers=[1]), GGUF_ARCHITECTURES["qwen3_moe"])
     with pytest.raises(SparsifyError, match=r"final_logit_softcapping is 30\.0 but .* gemma3 assumes None"):
         _check_config(T.Gemma3TextConfig(head_dim=256, final_logit_softcapping=30.0), GGUF_ARCHITECTURES["gemma3_text"])
 
