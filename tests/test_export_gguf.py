@@ -513,3 +513,15 @@ def test_pruned_then_quantized_keeps_its_zeros(source, tmp_path):
     assert summary["as_stored"] == 14 and summary["notes"] == []
     w, t = _tensors(tmp_path / "m.gguf")["blk.1.ffn_up.weight"]
     assert t == Q.Q4_0 and (w == 0).mean() >= 0.5
+
+
+def test_auto_keeps_16_bit_floats(source, tmp_path):
+    """auto: a bf16 checkpoint's matrices in BF16, a float16 one's in F16, bit for bit; norms in F32."""
+    for dtype, qtype in ((torch.bfloat16, Q.BF16), (torch.float16, Q.F16)):
+        src, out = source("llama", dtype), tmp_path / f"{qtype.name}.gguf"
+        assert export(src, out)["types"] == {qtype.name: 16, "F32": 5}
+        w = _tensors(out)["blk.0.ffn_down.weight"][0]
+        ref = T.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).state_dict()[
+            "model.layers.0.mlp.down_proj.weight"
+        ]
+        assert np.array_equal(w, ref.float().numpy())
