@@ -326,6 +326,10 @@ def test_refusals_are_one_line_and_write_nothing(source, model_dir, tmp_path):
     compress(source("llama"), _recipe({"type": "attention", "pattern": "sinks", "window": 8, "sinks": 2},
                                       calibrate=False), sinks)  # fmt: skip
     assert_user_error(run("export", "gguf", sinks, "-o", out), out, "only in sparsify's runtime")
+    bigbird = tmp_path / "bigbird"
+    compress(source("llama"), _recipe({"type": "attention", "pattern": "block-sparse", "block_size": 8},
+                                      calibrate=False), bigbird)  # fmt: skip
+    assert_user_error(run("export", "gguf", bigbird, "-o", out), out, "only in sparsify's runtime")
     assert_user_error(run("export", "gguf", model_dir("gpt2"), "-o", out), out, "no architecture", "'gpt2'")
     assert_user_error(run("export", "gguf", source("llama"), "-o", out, "--type", "q5_k"), out, "--type")
     assert_user_error(run("export", "gguf", source("llama"), "-o", tmp_path / "x.bin"), None, "does not end in .gguf")
