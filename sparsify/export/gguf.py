@@ -434,17 +434,19 @@ def _write(p: Plan, md, path: Path, progress: Progress) -> None:
     for t in p.tensors:
         shape, dtype, nbytes, raw = _info(t)
         writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
     changes = _ScaleChanges()
-    for t in progress.track(p.tensors, len(p.tensors), "writing GGUF"):
-        check()  # a safe point between tensors
-        w = _load(t, p, md)
-        if t.how == "as stored":
-            changes.add(w)
-        writer.write_tensor_data(_encode(t, w))
-    writer.close()
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in progress.track(p.tensors, len(p.tensors), "writing GGUF"):
+            check()  # a safe point between tensors
+            w = _load(t, p, md)
+            if t.how == "as stored":
+                changes.add(w)
+            writer.write_tensor_data(_encode(t, w))
+    finally:
+        writer.close()
     note = changes.note()
     if note:
         p.notes.append(note)
