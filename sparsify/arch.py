@@ -251,6 +251,59 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
+@dataclass(frozen=True)
+class GgufArch:
+    """How llama.cpp runs one family: what ``convert_hf_to_gguf.py`` writes for it and what llama.cpp assumes.
+
+    Tensor names come from gguf's own ``TensorNameMap`` for ``name``; per-expert Linears are stacked into its
+    ``*_exps`` tensors (the name without the expert index). Norm weights are written as ``norm_offset + w``
+    (:attr:`Arch.norm_offset`), as llama.cpp multiplies by the stored weight alone.
+    """
+
+    name: str  # gguf's MODEL_ARCH name (general.architecture)
+    permute_qk: bool = False  # q/k rows reordered per head for llama.cpp's rotary pairs (Llama's converter)
+    # "none": llama.cpp runs no sliding window for this family; "every-N": the window on every layer but each
+    # N-th (Gemma 2: 2, Gemma 3: 6), a pattern fixed in llama.cpp
+    windows: str = "none"
+    rope_freqs: bool = False  # reads a ``rope_freqs`` tensor of per-frequency divisors (Llama 3's RoPE scaling)
+    softcapping: bool = False  # attention and final logit soft-capping (Gemma 2)
+    # Gemma's query_pre_attn_scalar, which llama.cpp does not read: it scales queries by 1/sqrt(head_dim), or at
+    # this many layers (the 27B models) by 1/sqrt(hidden / heads); 0: the family has no such setting
+    query_scale_layers: int = 0
+    output_required: bool = False  # llama.cpp needs ``output.weight`` even where the embeddings are tied
+    # config facts llama.cpp does not read but assumes: (dotted config path, the value it must have)
+    assumes: tuple[tuple[str, object], ...] = ()
+
+
+_GGUF_LLAMA = GgufArch("llama", permute_qk=True, rope_freqs=True)
+_ALL_MOE = (("decoder_sparse_step", 1), ("mlp_only_layers", []))  # Qwen MoE configs: every layer a MoE layer
+GGUF_ARCHITECTURES: dict[str, GgufArch] = {  # model_type -> llama.cpp's family; any other is refused
+    "llama": _GGUF_LLAMA,
+    "mistral": _GGUF_LLAMA,  # llama.cpp runs Mistral as Llama (no sliding window)
+    "mixtral": _GGUF_LLAMA,  # Llama with stacked experts
+    "qwen2": GgufArch("qwen2"),
+    # llama.cpp's Qwen MoE routing: Qwen2-MoE never renormalises the top-k weights, Qwen3-MoE always does; and
+    # every layer is a MoE layer there
+    "qwen2_moe": GgufArch("qwen2moe", output_required=True, assumes=(("norm_topk_prob", False), *_ALL_MOE)),
+    "qwen3": GgufArch("qwen3"),
+    "qwen3_moe": GgufArch("qwen3moe", assumes=(("norm_topk_prob", True), *_ALL_MOE)),
+    "gemma": GgufArch("gemma"),
+    "gemma2": GgufArch("gemma2", windows="every-2", softcapping=True, query_scale_layers=46),
+    # Gemma 3 in llama.cpp: local layers with RoPE base 10000, whatever the config says, and no soft-capping
+    "gemma3_text": GgufArch(
+        "gemma3",
+        windows="every-6",
+        query_scale_layers=62,
+        assumes=(
+            ("rope_parameters.sliding_attention.rope_theta", 10000.0),
+            ("attn_logit_softcapping", None),
+            ("final_logit_softcapping", None),
+        ),
+    ),
+    "phi3": GgufArch("phi3"),  # llama.cpp reads Phi-3's sliding_window but runs full attention (disabled there)
+}
+
+
 def lookup(model_type: str) -> Arch | None:
     """The table entry for ``model_type`` (a sparsify-attention checkpoint's: its family's), or None."""
     model_type = model_type.removeprefix(SPARSIFY_TYPE_PREFIX)

@@ -3,7 +3,8 @@
 Each compressing command is generated from its pass (a pass class names its ``command``): one option per
 field of the pass's config (:mod:`sparsify.cli_options`), the calibration settings and the compute dtype
 (from the recipe's own fields), and the run settings every compressing command shares, declared once in
-:data:`RUN_OPTIONS`. Adding a knob to a pass is adding one field.
+:data:`RUN_OPTIONS`. Adding a knob to a pass is adding one field. ``sparsify export <format>`` is generated
+likewise, one command per entry of :data:`sparsify.export.FORMATS`, with one option per field of its config.
 """
 
 from __future__ import annotations
@@ -480,6 +481,70 @@ app.command(
 )(handle_errors(_compress_fn))  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------- export
+
+_ExportOutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False, help="file to write (appears only when complete)"
+    ),
+]
+_EXPORT_RUN = [
+    ("overwrite", Annotated[bool, typer.Option("--overwrite", help="replace an existing file")], False),
+    ("json_out", JsonOpt, False),
+    ("verbose", VerboseOpt, False),
+    ("debug", DebugOpt, False),
+]
+
+
+def _export_command(group: typer.Typer, fmt: Any) -> None:
+    """``sparsify export <format>`` for one entry of :data:`sparsify.export.FORMATS`: its config's fields."""
+    options = config_options(fmt.config, ("export",))
+    output = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, annotation=_ExportOutputOpt)
+
+    def command(model: str, **given: Any) -> None:
+        from sparsify.export import export
+        from sparsify.interrupts import Interrupted
+        from sparsify.progress import RichProgress
+
+        config = values(options, given).get("export", {})
+        summary = export(model, given["output"], fmt.name, overwrite=given["overwrite"],
+                         progress=RichProgress(err_console), **config)  # fmt: skip
+        try:
+            _render_export(summary, given["json_out"])
+        except Interrupted as e:  # the file is written
+            e.finished = summary["path"]
+            raise
+
+    command.__name__ = command.__qualname__ = f"export_{fmt.name}"
+    command.__doc__ = fmt.help
+    fn = with_options(command, [_MODEL, output], options, [_keyword(p, a, d) for p, a, d in _EXPORT_RUN])
+    group.command(fmt.name, epilog=fmt.examples, context_settings=HELP, cls=_Command)(handle_errors(fn))
+
+
+def _render_export(summary: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    types = ", ".join(f"{n} {k}" for k, n in summary["types"].items())
+    line = f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors: {types})"
+    for text in (line, *(f"note: {n}" for n in summary["notes"])):
+        out_console.print(text, markup=False, highlight=False)
+
+
+def _export_group() -> None:
+    from sparsify.export import FORMATS
+
+    group = typer.Typer(help="Write a model in another runtime's format.", no_args_is_help=True,
+                        rich_markup_mode=None, context_settings=HELP)  # fmt: skip
+    for fmt in FORMATS.values():
+        _export_command(group, fmt)
+    app.add_typer(group, name="export")
+
+
+_export_group()
+
+
 # ------------------------------------------------------------------------------------------------- the rest
 
 
@@ -679,8 +744,14 @@ def reference() -> str:
     group = typer.main.get_command(app)
     ctx = click.Context(group, info_name="sparsify")
     lines = [REFERENCE_START, ""]
-    for name, command in group.commands.items():
-        sub = click.Context(command, info_name=name, parent=ctx)
+    commands = [(name, command, ctx) for name, command in group.commands.items()]
+    while commands:
+        name, command, parent = commands.pop(0)
+        if hasattr(command, "commands"):  # a group (export): one command per format
+            here = click.Context(command, info_name=name, parent=parent)
+            commands[:0] = [(f"{name} {n}", c, here) for n, c in command.commands.items()]
+            continue
+        sub = click.Context(command, info_name=name, parent=parent)
         args = " ".join(p.metavar or p.name.upper() for p in command.params if p.param_type_name == "argument")
         lines += [f"### `sparsify {name} {args}`", "", (command.help or "").split("\n\n")[0].replace("\n", " "), ""]
         lines += ["| option | meaning |", "|---|---|"]

@@ -108,7 +108,8 @@ def _never() -> Option:
 
 
 def values(options: list[Option], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The given values by destination, ``{"pass": {...}, "calibration": {...}, "recipe": {...}}``. A nested
+    """The given values by destination, ``{"pass": {...}, "calibration": {...}, "recipe": {...}}`` (and any other
+    section an option's path names, e.g. ``"export"``). A nested
     config's switch (its path ends in "") turns it on (its defaults) or off (null); naming one of its fields
     turns it on."""
     out: dict[str, dict[str, Any]] = {"pass": {}, "calibration": {}, "recipe": {}}
@@ -117,6 +118,7 @@ def values(options: list[Option], given: dict[str, Any]) -> dict[str, dict[str, 
         if value is None:
             continue
         section, key, *sub = option.path
+        out.setdefault(section, {})
         if not sub:
             out[section][key] = _plain(value)
         elif sub == [""]:

@@ -240,6 +240,27 @@ def test_signals_stop_the_run_clean_up_and_exit_with_the_signal_code(deep, tmp_p
     assert _tree(deep) == before
 
 
+def test_signals_while_exporting_gguf_leave_the_file_whole_or_absent(model_dir, tmp_path):
+    """A real signal (a fresh process, tests/faults.py) in the middle and at the very end: the exit code of the
+    signal, one line that says whether the file was written, and no temporary file either way."""
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+
+    src = model_dir("llama")
+    probe = _fault("count", "export", "gguf", src, "-o", tmp_path / "probe.gguf")
+    assert probe.returncode == 0, probe.stderr
+    total = int(probe.stderr.rsplit("calls=", 1)[1].split()[0])
+    for at, name, code, done in ((total - 100, "SIGINT", 130, False), (total - 2, "SIGTERM", 143, True)):
+        out = tmp_path / f"at{at}.gguf"  # at total - 100 calls the tensors are being written; at total - 2, done
+        r = _fault(f"{name}@{at}", "export", "gguf", src, "-o", out)
+        assert r.returncode == code and out.exists() == done, r.stderr
+        written = f"interrupted ({name}) after {out} was written"
+        assert _error_lines(r.stderr) == [written if done else f"interrupted ({name}); no output was written"]
+        if done:
+            assert len(GGUFReader(out).tensors) == 21
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_fault_injection_at_random_points(deep, tmp_path):
     """SIGINT, SIGTERM and SIGHUP at random calls into sparsify, and exceptions raised inside a pass:
     every time the input is intact, nothing is left beside OUT, OUT is absent or complete, the exit is non-zero."""

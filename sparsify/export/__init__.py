@@ -1,0 +1,86 @@
+"""Output formats other runtimes load: one entry of :data:`FORMATS` per format.
+
+An entry names its options (a strict pydantic config: the CLI makes one flag per field, as for the passes),
+the file suffix it writes and, as ``module:function``, the writer, imported only when it runs. ``sparsify
+export <name> MODEL -o FILE`` is generated from each entry; adding a format is adding an entry.
+
+The writer's contract: ``write(model_path, out, config, overwrite, progress) -> summary``, where ``out`` is
+written aside and renamed when complete, nothing is written before every refusal has had its say, and the
+summary is a JSON-ready dict (``path``, ``bytes``, ``notes``, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from sparsify.errors import SparsifyError
+from sparsify.passes.base import StrictModel
+from sparsify.progress import NoProgress, Progress
+
+
+class GgufConfig(StrictModel):
+    tensor_type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] = Field(
+        "auto",
+        description="tensor type of the weight matrices: auto keeps quantized layouts as stored (others rounded to"
+        " the nearest GGUF block type) and floats in 16 bits (bf16 stays bf16, else f16); q* (re)quantize",
+        json_schema_extra={"flag": "--type"},
+    )
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    suffix: str  # the file name's suffix the output must have
+    config: type[StrictModel]
+    writer: str  # "module:function", imported when the format runs
+    help: str
+    examples: str
+
+    def write(
+        self, model: str | Path, out: str | Path, config: StrictModel, overwrite: bool, progress: Progress
+    ) -> dict[str, Any]:
+        module, _, function = self.writer.partition(":")
+        return getattr(importlib.import_module(module), function)(model, Path(out), config, overwrite, progress)
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "gguf": ExportFormat(
+        name="gguf",
+        suffix=".gguf",
+        config=GgufConfig,
+        writer="sparsify.export.gguf:write_gguf",
+        help="One GGUF file for llama.cpp and Ollama: quantized layouts kept as stored where GGUF has them.",
+        examples="Examples: sparsify export gguf ./model-w4 -o model-w4.gguf;"
+        " sparsify export gguf ./model-wanda50 -o model.gguf --type q8_0",
+    ),
+}
+
+
+def export(
+    model: str | Path,
+    out: str | Path,
+    format: str = "gguf",
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Write ``model`` (a folder, sparsify's output or any supported checkpoint) to ``out`` in ``format``;
+    ``options`` are the format's config fields (``tensor_type="q8_0"``). Returns the summary."""
+    if format not in FORMATS:
+        raise SparsifyError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    fmt = FORMATS[format]
+    if Path(out).suffix != fmt.suffix:
+        raise SparsifyError(f"{out} does not end in {fmt.suffix}; name the {format.upper()} file to write")
+    try:
+        config = fmt.config.model_validate(options)
+    except ValidationError as e:
+        from sparsify.recipe import format_validation_error
+
+        raise SparsifyError(format_validation_error(e, f"export {format}")) from None
+    return fmt.write(model, out, config, overwrite, progress or NoProgress())
