@@ -60,7 +60,7 @@ def _join(*parts: str) -> str:
 
 def shorten_per_layer(cfg: dict[str, Any], keep: list[int], n: int) -> dict[str, Any]:
     """Every per-layer list of a config (length ``n``: ``layer_types``, sparsify's patterns) cut to ``keep``."""
-    from sparsify.runtime import CONFIG_KEY
+    from sparsify.runtime.format import CONFIG_KEY
 
     new = {
         k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n and not k.endswith("_token_id") else v
