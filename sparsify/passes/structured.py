@@ -47,7 +47,7 @@ from sparsify.passes.base import Pass
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork
-    from sparsify.passes.prune import PruneConfig
+    from sparsify.passes.prune_config import PruneConfig
 
 METRIC_WINDOWS = 16  # calibration windows the layer metrics compare (hidden states held per layer)
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads")  # attention-module attributes that count query heads
