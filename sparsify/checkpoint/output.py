@@ -33,6 +33,7 @@ from torch import Tensor
 
 from sparsify import interrupts
 from sparsify.checkpoint import atomic
+from sparsify.checkpoint.atomic import rename_noreplace
 from sparsify.checkpoint.writer import LayerFiles, save_tensors, write_json
 from sparsify.errors import SparsifyError
 
@@ -271,7 +272,7 @@ class Partial:
         with interrupts.deferred():
             shutil.rmtree(self.state, ignore_errors=True)
             dst = out.path
-            if not (dst.exists() or dst.is_symlink()) and atomic.rename_noreplace(self.dir, dst):
+            if not (dst.exists() or dst.is_symlink()) and rename_noreplace(self.dir, dst):
                 self.finished = True
                 return
             if not overwrite:
@@ -336,7 +337,7 @@ def _create(out: OutputPath) -> Partial | None:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder we create
         fd = _lock(tmp)
         (tmp / STATE_DIR).mkdir()
-        if atomic.rename_noreplace(tmp, out.partial):
+        if rename_noreplace(tmp, out.partial):
             return Partial(out.partial, fd, {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
