@@ -193,15 +193,15 @@ def test_moe_then_quantize_and_prune_then_moe(model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("family", "step", "message"),
     [
-        ("llama", {"experts": 5}, "does not divide intermediate_size 128"),
+        ("llama", {"experts": 5, "top_k": 2}, "does not divide intermediate_size 128"),
         ("llama", {"experts": 4, "top_k": 5}, "top_k 5 is more than the 4 routed"),
         ("llama", {"experts": 4, "top_k": 0}, "top_k"),
         ("llama", {"experts": 4, "shared": 4}, "must be fewer than experts"),
         ("llama", {"experts": 4, "shared": 1, "top_k": 4}, "routed"),
-        ("qwen3", {"experts": 4, "shared": 1}, "no shared experts"),
-        ("gemma", {"experts": 4}, "no native MoE counterpart"),
-        ("gpt2", {"experts": 4}, "no native MoE counterpart"),
-        ("bert", {"experts": 4}, "no native MoE counterpart"),
+        ("qwen3", {"experts": 4, "shared": 1, "top_k": 2}, "no shared experts"),
+        ("gemma", {"experts": 4, "top_k": 2}, "no native MoE counterpart"),
+        ("gpt2", {"experts": 4, "top_k": 2}, "no native MoE counterpart"),
+        ("bert", {"experts": 4, "top_k": 2}, "no native MoE counterpart"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(family, step, message, model_dir, tmp_path):
