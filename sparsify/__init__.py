@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+from sparsify._version import __version__
+
+__all__ = ["__version__", "compress", "load"]
 
 
 def compress(model: str | Path, recipe: Any, out: str | Path, **options: Any) -> dict[str, Any]:
@@ -55,7 +57,7 @@ def compress(model: str | Path, recipe: Any, out: str | Path, **options: Any) ->
 
 
 def load(path: Any, **kwargs: Any) -> Any:
-    """Load a checkpoint sparsify wrote, with its attention patterns active (see :func:`sparsify.runtime.load`)."""
-    from sparsify.runtime import load as _load
+    """Load a checkpoint sparsify wrote, with its attention patterns active (see :func:`sparsify.loading.load`)."""
+    from sparsify.loading import load as _load
 
     return _load(path, **kwargs)

@@ -52,7 +52,7 @@ def _exit(code: object) -> None:
 
     Python's own shutdown restores the default handlers before it finishes (``_PySignal_Fini``), and
     torch's exit hooks take a while: a signal landing then would kill the process with no word. So the
-    exit hooks run here, under our handler, the signals are then blocked, and the process ends at once.
+    exit hooks run here, under our handler, the signals are then ignored and blocked, and the process ends at once.
     """
     import atexit
     import logging
@@ -69,6 +69,8 @@ def _exit(code: object) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (`sparsify ... | head`): nothing to say there
             stream.flush()
+    for s in _SIGNALS:  # blocking below covers this thread only: another one (torch's) would still take a signal
+        signal.signal(s, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     os._exit(status)

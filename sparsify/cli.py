@@ -242,7 +242,7 @@ def _setup_logging(debug: bool, verbose: bool = False) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from sparsify import __version__
+        from sparsify._version import __version__
 
         out_console.print(f"sparsify {__version__}", markup=False, highlight=False)
         raise typer.Exit()

@@ -14,8 +14,9 @@ from sparsify import interrupts
 from sparsify.arch import is_encoder
 from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
 from sparsify.errors import SparsifyError
+from sparsify.loading import load
 from sparsify.progress import NoProgress, Progress, library_bars_silenced
-from sparsify.runtime import load, read_config
+from sparsify.runtime.format import read_config
 
 BATCH_TOKENS = 2048  # tokens per evaluation forward: the logits (tokens × vocab floats) dominate memory
 DEFAULT_EVAL_WINDOWS = 16  # windows of the perplexity a compressing run measures before and after
@@ -52,7 +53,7 @@ def load_causal_lm(
 
 
 def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool, device: str = "cpu") -> nn.Module:
-    """:func:`sparsify.runtime.load` in eval mode on ``device``, a transformers failure turned into one line.
+    """:func:`sparsify.loading.load` in eval mode on ``device``, a transformers failure turned into one line.
 
     The checkpoint is checked first, as ``compress`` checks its input: transformers would fill a missing
     or misshapen tensor with random weights and evaluate that.

@@ -29,7 +29,7 @@ def describe_attention(config: Any) -> str:
     """The attention pattern a config asks for: sparsify's own, the family's native window, or dense."""
     from collections import Counter
 
-    from sparsify.runtime import CONFIG_KEY, patterns_from_config
+    from sparsify.runtime.format import CONFIG_KEY, patterns_from_config
 
     if getattr(config, CONFIG_KEY, None) is not None:
         patterns, _ = patterns_from_config(config)

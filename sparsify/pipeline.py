@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsify import __version__, interrupts
+from sparsify import interrupts
+from sparsify._version import __version__
 from sparsify.arch import SPARSIFY_TYPE_PREFIX, is_encoder, lookup
 from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, ResumePoint, RunOutput
 from sparsify.checkpoint import (

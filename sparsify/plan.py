@@ -30,7 +30,7 @@ from sparsify.errors import SparsifyError
 from sparsify.passes import Pass, build_pass
 from sparsify.passes.base import FACTS
 from sparsify.recipe import Recipe
-from sparsify.runtime import register_model_type
+from sparsify.runtime.format import register_model_type
 from sparsify.targets import select_targets
 
 ConfigOf = Callable[[dict[str, Any]], Any]  # config dict -> PretrainedConfig

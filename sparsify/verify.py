@@ -87,10 +87,10 @@ def _load(folder: Path, config: Any, encoder: bool, trust_remote_code: bool) -> 
     """The output loaded as its users load it, and the loader's report of keys it could not place."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from sparsify.checkpoint.compressed_tensors import is_compressed_tensors
-    from sparsify.runtime import load as sparsify_load
-    from sparsify.runtime import register, register_model_type
-    from sparsify.runtime.compressed import can_run
+    from sparsify.checkpoint.compressed_tensors import can_run, is_compressed_tensors
+    from sparsify.loading import load as sparsify_load
+    from sparsify.runtime.attention import register
+    from sparsify.runtime.format import register_model_type
     from sparsify.runtime.moe import zero_width_quiet
 
     if (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsify.arch import find_layers, lookup
-from sparsify.calibration import InMemoryLayers, LayerwiseRunner, _run_layer
+from sparsify.calibration import InMemoryLayers, LayerwiseRunner, run_layer
 from tests import zoo
 
 
@@ -17,13 +17,13 @@ def test_layer_by_layer_replay_equals_the_full_forward(family):
     ids = torch.randint(3, zoo.VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
     _, layers = find_layers(model, lookup(model.config.model_type))
     runner = LayerwiseRunner(model.base_model, layers, InMemoryLayers(layers), ids, batch_size=2)
-    captured = runner._capture()
+    captured = runner.capture()
     hidden = captured.hidden
     with torch.no_grad():
         expected = model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
         for i, layer in enumerate(layers):
             assert torch.allclose(torch.cat(hidden), expected[i], atol=1e-5), f"input of layer {i}"
-            hidden = _run_layer(layer, hidden, captured.calls[i])
+            hidden = run_layer(layer, hidden, captured.calls[i])
     assert len(captured.calls) == len(layers) and all(len(c) == 2 for c in captured.calls)
 
 
@@ -32,7 +32,7 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
     layer = model.model.layers[0]
     ids = torch.randint(3, zoo.VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
     runner = LayerwiseRunner(model.base_model, model.model.layers, InMemoryLayers(model.model.layers), ids, 2)
-    captured = runner._capture()
+    captured = runner.capture()
     targets = {f"model.layers.0.{n}": layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj",
                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
     needs = {"hessian", "sq_norm", "sum", "abs_max", "active_count"}
@@ -41,7 +41,7 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
     inputs: dict[str, list[torch.Tensor]] = {k: [] for k in targets}
     handles = [m.register_forward_hook(lambda _m, a, _o, k=k: inputs[k].append(a[0])) for k, m in targets.items()]
     with torch.no_grad():
-        _run_layer(layer, captured.hidden, captured.calls[0])
+        run_layer(layer, captured.hidden, captured.calls[0])
     for h in handles:
         h.remove()
     for fqn in targets:

@@ -11,12 +11,13 @@ from sparsify.arch import lookup
 from sparsify.checkpoint import open_model
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.evaluate import load_tokenizer
+from sparsify.passes.prune_methods import PRUNE_METHODS
 from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from tests import zoo
 from tests.zoo import compress
 
-METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]
+METHODS = list(PRUNE_METHODS)  # every registered method, on every family
 PATTERNS = [("unstructured", 0.5), ("2:4", None)]
 
 

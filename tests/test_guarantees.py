@@ -119,14 +119,14 @@ def test_dangling_symlink_output_is_refused_and_symlinked_output_is_followed(mod
 def test_a_failing_final_rename_leaves_nothing_behind(model_dir, tmp_path, monkeypatch, existing):
     import errno
 
-    from sparsify.checkpoint import output
+    from sparsify.checkpoint import atomic, output
 
     out = tmp_path / "out"
     if existing:
         assert run("prune", model_dir("llama"), "-o", out, *PRUNE).exit_code == 0
     before = _tree(tmp_path)
 
-    renameat2, rename = output._renameat2, os.rename
+    renameat2, rename = atomic.renameat2, os.rename
 
     def busy(original):  # renames onto OUT fail (a mount point, say); the others work
         def call(src, dst, *args):
@@ -136,7 +136,7 @@ def test_a_failing_final_rename_leaves_nothing_behind(model_dir, tmp_path, monke
 
         return call
 
-    monkeypatch.setattr(output, "_renameat2", busy(renameat2))
+    monkeypatch.setattr(atomic, "renameat2", busy(renameat2))
     monkeypatch.setattr(output.os, "rename", busy(rename))
     r = run("prune", model_dir("llama"), "-o", out, *PRUNE, "--overwrite")
     assert_user_error(r, None, "cannot move the finished output", "busy")

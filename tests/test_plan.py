@@ -148,7 +148,7 @@ def test_impossible_combinations_are_refused_before_any_work(deep, tmp_path, mon
     def no_work(*_a, **_k):
         raise AssertionError("a layer was processed before the refusal")
 
-    monkeypatch.setattr(LayerwiseRunner, "_capture", no_work)
+    monkeypatch.setattr(LayerwiseRunner, "capture", no_work)
     out = tmp_path / "out"
     assert_user_error(compress(deep, out, passes), out, *fragments)
 

@@ -18,6 +18,7 @@ under multi-head attention): rows of q/k/v, and a block of ``head_dim`` columns 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -30,24 +31,45 @@ def channel_scores(
     sq_mean: Tensor | None = None,
     mean: Tensor | None = None,
 ) -> Tensor:
-    """Importance of each of ``I`` channels, ``(I,)``.
+    """Importance of each of ``I`` channels, ``(I,)``, by a metric of :data:`CHANNEL_METRICS`.
 
     ``W_in``: the input projections, each ``(I, hidden)``; ``W_out``: the output projection ``(hidden, I)``;
     ``sq_mean``/``mean``: ``E[x_j^2]`` and ``E[x_j]`` of the output projection's inputs (data metrics).
     """
-    W_out = W_out.float()
-    if metric == "magnitude":
-        return sum(W.float().pow(2).sum(1) for W in W_in) + W_out.pow(2).sum(0)
+    if metric not in CHANNEL_METRICS:
+        raise ValueError(f"unknown channel metric {metric!r}")
+    return CHANNEL_METRICS[metric](W_in, W_out.float(), sq_mean, mean)
+
+
+def magnitude_channels(W_in: list[Tensor], W_out: Tensor, sq_mean: Tensor | None, mean: Tensor | None) -> Tensor:
+    """The squared weights of each channel's rows and column, ``(I,)``."""
+    return sum(W.float().pow(2).sum(1) for W in W_in) + W_out.pow(2).sum(0)
+
+
+def wanda_channels(W_in: list[Tensor], W_out: Tensor, sq_mean: Tensor | None, mean: Tensor | None) -> Tensor:
+    """``sum_i |W_out[i, j]| * ||x_j||``, ``(I,)``."""
     if sq_mean is None:
-        raise ValueError(f"metric {metric} needs calibration statistics")
-    if metric == "wanda":
-        return (W_out.abs() * sq_mean.float().clamp(min=0).sqrt()).sum(0)
-    if metric == "flap":
-        if mean is None:
-            raise ValueError("metric flap needs the mean input")
-        var = (sq_mean.float() - mean.float().pow(2)).clamp(min=0)  # (I,)
-        return var * W_out.pow(2).sum(0)
-    raise ValueError(f"unknown channel metric {metric!r}")
+        raise ValueError("metric wanda needs calibration statistics")
+    return (W_out.abs() * sq_mean.float().clamp(min=0).sqrt()).sum(0)
+
+
+def flap_channels(W_in: list[Tensor], W_out: Tensor, sq_mean: Tensor | None, mean: Tensor | None) -> Tensor:
+    """FLAP's fluctuation ``Var(x_j) * ||W_out[:, j]||^2``, ``(I,)``."""
+    if sq_mean is None:
+        raise ValueError("metric flap needs calibration statistics")
+    if mean is None:
+        raise ValueError("metric flap needs the mean input")
+    var = (sq_mean.float() - mean.float().pow(2)).clamp(min=0)  # (I,)
+    return var * W_out.pow(2).sum(0)
+
+
+ChannelMetric = Callable[[list[Tensor], Tensor, Tensor | None, Tensor | None], Tensor]
+CHANNEL_METRICS: dict[str, ChannelMetric] = {  # name -> (W_in, W_out (float), sq_mean, mean) -> (I,)
+    "magnitude": magnitude_channels,
+    "wanda": wanda_channels,
+    "flap": flap_channels,
+}
+LAYER_METRICS = ("block-influence", "angular")  # whole layers: see :func:`layers_to_remove`
 
 
 def group_scores(channel: Tensor, group_size: int) -> Tensor:

@@ -4,11 +4,13 @@
 - :mod:`.skeleton`: the model on the meta device, checked against the checkpoint, filled a module at a time.
 - :mod:`.lazy`: the layer provider the loop reads layers from and saves them through.
 - :mod:`.writer`: each finished layer to a file, then Hub-style shards, one tensor in memory at a time.
+- :mod:`.atomic`: atomic renames and folders written whole (the bottom: no other module of the package).
 - :mod:`.output`: output-path checks, the locked partial folder, ``--resume`` state, the final rename.
 """
 
+from sparsify.checkpoint.atomic import replace_dir
 from sparsify.checkpoint.lazy import LazyLayers
-from sparsify.checkpoint.output import OutputPath, Partial, check_output, partial_output, replace_dir
+from sparsify.checkpoint.output import OutputPath, Partial, check_output, partial_output
 from sparsify.checkpoint.skeleton import (
     KeyMap,
     build_skeleton,

@@ -42,6 +42,14 @@ def quantization_dict(cfg: Any) -> dict[str, Any] | None:
     return qc
 
 
+def can_run(config: Any) -> str | None:
+    """None if sparsify runs this compressed-tensors checkpoint itself, else why not."""
+    qc = quantization_dict(config)
+    if qc is None:
+        return "no quantization_config"
+    return read_schemes(qc)[2]
+
+
 # -------------------------------------------------------------------------------------- writing
 
 

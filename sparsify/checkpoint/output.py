@@ -19,9 +19,6 @@ Rules (docs/guarantees.md says how each is tested):
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import json
 import os
 import shutil
@@ -35,6 +32,8 @@ import torch
 from torch import Tensor
 
 from sparsify import interrupts
+from sparsify.checkpoint import atomic
+from sparsify.checkpoint.atomic import rename_noreplace
 from sparsify.checkpoint.writer import LayerFiles, save_tensors, write_json
 from sparsify.errors import SparsifyError
 
@@ -45,36 +44,6 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; concurrent
 
 STATE_DIR = ".sparsify-state"
 REPORT_MARKER = "sparsify_report.json"  # what makes a folder an earlier sparsify output
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool | None:
-    """``renameat2(src, dst, flags)``: True on success, False if ``dst`` exists, None if unsupported here."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError, TypeError):
-        return None
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EEXIST, errno.ENOTEMPTY):
-        return False
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return None
-    raise OSError(err, os.strerror(err), str(dst))
-
-
-def rename_noreplace(src: Path, dst: Path) -> bool:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists; False if it does."""
-    done = _renameat2(src, dst, _RENAME_NOREPLACE)
-    if done is not None:
-        return done
-    if dst.exists() or dst.is_symlink():  # no atomic primitive: check, then rename (a small window)
-        return False
-    os.rename(src, dst)
-    return True
 
 
 @dataclass(frozen=True)
@@ -311,7 +280,7 @@ class Partial:
             if not dst.is_dir() or dst.is_symlink():
                 raise SparsifyError(f"{out.shown} appeared during the run and is not a folder; not replaced")
             check_replaceable(dst, out.shown)
-            swapped = _renameat2(self.dir, dst, _RENAME_EXCHANGE)
+            swapped = atomic.renameat2(self.dir, dst, atomic.RENAME_EXCHANGE)
             if swapped:
                 self.finished = True
                 shutil.rmtree(self.dir, ignore_errors=True)  # now holds the old output
@@ -457,20 +426,6 @@ def partial_output(
     finally:
         if partial is not None:
             partial.release()
-
-
-@contextlib.contextmanager
-def replace_dir(target: Path) -> Iterator[Path]:
-    """A cache folder written whole or not at all (no locking, no checks: for sparsify's own cache)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if not rename_noreplace(tmp, target):  # someone else made it meanwhile: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def tensor_digest(t: torch.Tensor) -> str:

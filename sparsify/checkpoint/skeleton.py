@@ -124,7 +124,8 @@ def build_skeleton(
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from sparsify.runtime import CONFIG_KEY, register
+    from sparsify.runtime.attention import register
+    from sparsify.runtime.format import CONFIG_KEY
 
     if getattr(config, CONFIG_KEY, None) is not None:
         register()  # a checkpoint with sparsify attention patterns calibrates with them active

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import Tensor
 
+from sparsify.checkpoint.atomic import replace_dir
 from sparsify.errors import SparsifyError
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class ModelDir:
     notes: list[str] = field(default_factory=list)
 
     def load_config(self, trust_remote_code: bool = False):  # -> PretrainedConfig
-        from sparsify.runtime import read_config
+        from sparsify.runtime.format import read_config
 
         raw = _read_json(self.config_path)
         if raw.get("auto_map") and not trust_remote_code:
@@ -340,8 +341,6 @@ def cache_dir() -> Path:
 
 def gguf_to_folder(path: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors folder (needs ``gguf`` and ``accelerate``)."""
-    from sparsify.checkpoint.output import replace_dir
-
     stat = path.stat()
     digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{path.stem}-{digest}"

@@ -27,7 +27,7 @@ from sparsify.algorithms.attention_masks import LayerPattern, attention_fraction
 from sparsify.arch import lookup, supported_list
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import Pass, PassConfig, register
-from sparsify.runtime import CONFIG_KEY, unwrap_config, wrap_config
+from sparsify.runtime.format import CONFIG_KEY, unwrap_config, wrap_config
 
 FLOPS_AT = 4096  # sequence length at which the report states the attention-FLOPs fraction
 

@@ -55,7 +55,7 @@ from sparsify.arch import layer_windows, lookup
 from sparsify.errors import SparsifyError
 from sparsify.modules import add_to_bias
 from sparsify.passes.base import LayerPassConfig, Pass, register
-from sparsify.runtime import CONFIG_KEY, patterns_from_config, unwrap_config, wrap_config
+from sparsify.runtime.format import CONFIG_KEY, patterns_from_config, unwrap_config, wrap_config
 from sparsify.runtime.moe import FAMILIES, Expert, MoEBlock
 
 if TYPE_CHECKING:

@@ -18,142 +18,24 @@ structured (channels, heads, whole layers) in :mod:`sparsify.passes.structured`,
 
 from __future__ import annotations
 
-import re
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from sparsify.algorithms import (
-    dense_output_target,
-    magnitude_mask,
-    nm_mask,
-    outlier_ratio,
-    owl_layer_sparsities,
-    ria_scores,
-    sparsegpt_prune,
-    unstructured_mask,
-    wanda_scores,
-)
+from sparsify.algorithms import outlier_ratio, owl_layer_sparsities, wanda_scores
 from sparsify.errors import SparsifyError
 from sparsify.modules import in_features, set_weight_matrix, weight_matrix
-from sparsify.passes.base import LayerPassConfig, Pass, register
+from sparsify.passes.base import Pass, register
+from sparsify.passes.prune_config import PruneConfig
+from sparsify.passes.prune_methods import PRUNE_METHODS
+from sparsify.passes.structured import StructuredPrunePass
 from sparsify.statistics import InputStats
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork
-
-_NM = re.compile(r"^(\d+):(\d+)$")
-STRUCTURED_METRICS = {"channels": ("magnitude", "wanda", "flap"), "heads": ("magnitude", "wanda", "flap"),
-                      "layers": ("block-influence", "angular")}  # fmt: skip
-UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "profile", "owl_threshold", "owl_lambda", "blocksize",
-                     "dampening", "dense_targets", "sequential")  # fmt: skip
-STRUCTURED_ONLY = ("ratio", "remove", "metric", "bias_compensation", "refit", "multiple_of")
-
-
-class PruneConfig(LayerPassConfig):
-    type: Literal["prune"] = "prune"
-    method: Literal["magnitude", "wanda", "ria", "sparsegpt"] = Field("wanda", description="importance score / solver")
-    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
-    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N non-zeros in every M inputs)")
-    profile: Literal["uniform", "owl"] = Field(
-        "uniform",
-        description="the same sparsity in every layer, or OWL's outlier-weighted layer sparsities",
-        json_schema_extra={"flag": "--sparsity-profile"},
-    )
-    owl_threshold: float = Field(5.0, gt=0, description="OWL outlier threshold M: score > M x layer mean")
-    owl_lambda: float = Field(
-        0.08, ge=0.0, lt=0.5, description="OWL: layer sparsities span 2 x lambda around the target"
-    )
-    blocksize: int = Field(128, gt=0, description="SparseGPT: columns solved per block")
-    dampening: float = Field(0.01, gt=0.0, description="SparseGPT: fraction of mean diag(H) added to H")
-    dense_targets: bool = Field(
-        False, description="SparseGPT: reconstruct the dense model's outputs, correcting upstream pruning error"
-    )
-    structured: Literal["channels", "heads", "layers"] | None = Field(
-        None, description="remove whole FFN channels, attention heads (KV groups) or layers instead"
-    )
-    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="channels/heads: fraction removed")
-    remove: int | None = Field(None, ge=1, description="layers: how many to remove")
-    metric: str | None = Field(
-        None,
-        description="structured importance: magnitude|wanda|flap (channels, heads), block-influence|angular (layers)",
-    )
-    bias_compensation: bool = Field(False, description="fold removed channels' mean output into the bias (FLAP)")
-    refit: bool = Field(
-        False, description="structured: least-squares refit of the output projection on the kept inputs"
-    )
-    multiple_of: int = Field(8, ge=1, description="channels: kept width rounded to a multiple of this")
-
-    def inapplicable(self) -> dict[str, str]:
-        if self.structured is not None:
-            out = {k: f"applies to unstructured pruning, not structured {self.structured}" for k in UNSTRUCTURED_ONLY}
-            out.update(dict.fromkeys(("targets", "ignore"), "does not apply to structured pruning: it changes every"
-                                     " layer alike (one width keeps the config native)"))  # fmt: skip
-            if self.structured == "layers":
-                out.update(dict.fromkeys(("ratio", "bias_compensation", "refit", "multiple_of"),
-                                         "does not apply to structured layers (it takes remove)"))  # fmt: skip
-            else:
-                out["remove"] = f"applies to structured layers, not {self.structured}"
-            if self.structured == "heads":
-                out["multiple_of"] = "applies to structured channels (heads go in whole KV groups)"
-            return out
-        out = {k: "applies to structured pruning (structured: channels|heads|layers)" for k in STRUCTURED_ONLY}
-        if self.profile != "owl":
-            out.update(dict.fromkeys(("owl_threshold", "owl_lambda"), "applies to profile owl"))
-        if self.method != "sparsegpt":
-            out.update(dict.fromkeys(("blocksize", "dampening", "dense_targets"), "applies to method sparsegpt"))
-        return out
-
-    @model_validator(mode="after")
-    def _check(self) -> PruneConfig:
-        if self.structured is not None:
-            return self._check_structured()
-        if self.pattern != "unstructured":
-            match = _NM.match(self.pattern)
-            if not match:
-                raise ValueError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {self.pattern!r}")
-            n, m = int(match[1]), int(match[2])
-            if not 0 < n < m:
-                raise ValueError(f"pattern {self.pattern}: N:M needs 0 < N < M")
-            implied = 1 - n / m
-            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-6:
-                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (implies {implied:g})")
-            if self.profile == "owl":
-                raise ValueError("profile 'owl' applies to unstructured sparsity only")
-        elif self.sparsity is None:
-            raise ValueError("unstructured pruning needs a sparsity in [0, 1)")
-        if self.dense_targets and self.sequential:
-            raise ValueError("dense_targets and sequential cannot be combined yet")
-        return self
-
-    def _check_structured(self) -> PruneConfig:
-        metrics = STRUCTURED_METRICS[self.structured]
-        if self.metric is not None and self.metric not in metrics:
-            raise ValueError(f"metric for structured {self.structured} must be one of {', '.join(metrics)}")
-        if self.structured == "layers" and self.remove is None:
-            raise ValueError("structured layers needs remove (how many layers)")
-        if self.structured != "layers" and self.ratio is None:
-            raise ValueError(f"structured {self.structured} needs a ratio in [0, 1)")
-        return self
-
-    @property
-    def structured_metric(self) -> str:
-        assert self.structured is not None
-        return self.metric or ("block-influence" if self.structured == "layers" else "wanda")
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        match = _NM.match(self.pattern)
-        return (int(match[1]), int(match[2])) if match else None
-
-    @property
-    def target_sparsity(self) -> float:
-        nm = self.nm
-        return 1 - nm[0] / nm[1] if nm else float(self.sparsity or 0.0)
 
 
 @register("prune")
@@ -187,19 +69,15 @@ class PrunePass(Pass):
     @classmethod
     def build(cls, config: PruneConfig, index: int, arch: Arch | None = None) -> Pass:  # type: ignore[override]
         if config.structured is not None:
-            from sparsify.passes.structured import StructuredPrunePass
-
             return StructuredPrunePass(config, index, arch)
         return cls(config, index, arch)
 
     def __init__(self, config: PruneConfig, index: int, arch: Arch | None = None):
         super().__init__(config, index, arch)
-        method = config.method
-        self.needs = (
-            frozenset() if method == "magnitude" else frozenset({"hessian" if method == "sparsegpt" else "sq_norm"})
-        )
+        self.method = PRUNE_METHODS[config.method]
+        self.needs = self.method.needs
         self.needs_dense_path = config.dense_targets
-        self.needs_data = method != "magnitude" or config.profile == "owl"
+        self.needs_data = bool(self.method.needs) or config.profile == "owl"
         self.layer_sparsity: list[float] | None = None  # set by OWL
         self.outlier_ratios: list[float] | None = None
 
@@ -309,23 +187,13 @@ class PrunePass(Pass):
     def _prune(
         self, fqn: str, W: torch.Tensor, stats: InputStats | None, sparsity: float, nm: tuple[int, int] | None
     ) -> torch.Tensor:
-        method = self.config.method
-        if method == "magnitude":
-            return W * magnitude_mask(W, sparsity, nm)
-        if stats is None or stats.tokens == 0:
+        """``W: (out, in)`` pruned by the config's method (:data:`~sparsify.passes.prune_methods.PRUNE_METHODS`)."""
+        if self.method.needs and (stats is None or stats.tokens == 0):
             raise SparsifyError(f"{fqn}: saw no calibration tokens")
-        if method == "sparsegpt":
-            H = stats.mean("hessian")
-            try:
-                if stats.cross is not None:
-                    W = dense_output_target(W, stats.cross / stats.tokens, H, self.config.dampening)
-                W_new, _ = sparsegpt_prune(
-                    W, H, sparsity, nm, self.config.blocksize, self.config.dampening, inplace=True
-                )
-            except ValueError as e:
-                raise SparsifyError(f"{fqn}: {e}") from e
-            return W_new
-        scorer = wanda_scores if method == "wanda" else ria_scores
-        scores = scorer(W, stats.mean("sq_norm"))  # (out, in)
-        keep = nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, "row")
-        return W * keep
+        try:
+            return self.method.prune(W, stats, sparsity, nm, self.config)
+        except ValueError as e:
+            raise SparsifyError(f"{fqn}: {e}") from e
+
+
+__all__ = ["PruneConfig", "PrunePass"]

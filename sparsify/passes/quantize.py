@@ -40,7 +40,6 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from sparsify import interrupts
-from sparsify.algorithms.gptq import gptq_quantize
 from sparsify.algorithms.quant import (
     PerChannel,
     PerGroup,
@@ -55,7 +54,8 @@ from sparsify.algorithms.quant import (
 from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
-from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
+from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, expand_zero_point
+from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
 from sparsify.statistics import Stat
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
     from sparsify.calibration import LayerWork
 
 log = logging.getLogger(__name__)
-SCHEMES = ("w8a8", "w8a8-static", "w4a16", "w8a16")
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE activation scales
 
 
@@ -75,10 +74,10 @@ class QATConfig(StrictModel):
 
 class QuantizeConfig(LayerPassConfig):
     type: Literal["quantize"] = "quantize"
-    scheme: Literal["w8a8", "w8a8-static", "w4a16", "w8a16"] = Field(
+    scheme: Literal[tuple(SCHEMES)] = Field(
         description="w8a8 (int8 activations per token), w8a8-static (one calibrated scale), w4a16, w8a16 (weight-only)"
     )
-    method: Literal["rtn", "gptq"] = Field("gptq", description="weight rounding: round-to-nearest or GPTQ")
+    method: Literal[tuple(QUANTIZE_METHODS)] = Field("gptq", description="weight rounding: round-to-nearest or GPTQ")
     group_size: int | None = Field(None, description="weights per scale along the input; -1: per channel")
     symmetric: bool = Field(
         True,
@@ -99,11 +98,13 @@ class QuantizeConfig(LayerPassConfig):
 
     def inapplicable(self) -> dict[str, str]:
         out = {}
-        if self.method != "gptq":
-            out.update(dict.fromkeys(("act_order", "dampening", "blocksize"), "is a GPTQ option (method: gptq)"))
-        if self.scheme != "w8a8-static":
+        for other in QUANTIZE_METHODS.values():
+            if other.name != self.method:
+                why = f"is a {other.title} option (method: {other.name})"
+                out.update({k: why for k in other.options if k not in QUANTIZE_METHODS[self.method].options})
+        if self.activations != "static":
             out["observer"] = "sets static activation scales: it needs scheme w8a8-static"
-        if self.scheme.startswith("w8a8"):
+        if self.activations is not None:
             out["group_size"] = f"is for w4a16/w8a16: {self.scheme} quantizes weights per channel (int8 kernels)"
             out["symmetric"] = (
                 f"does not apply: {self.scheme} weights are symmetric (the int8 kernels take no zero point)"
@@ -114,7 +115,7 @@ class QuantizeConfig(LayerPassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
-        acts = self.scheme.startswith("w8a8")
+        acts = self.activations is not None
         if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size must be a positive width or -1 (per channel), got {self.group_size}")
         if acts and self.group_size not in (None, -1):
@@ -131,19 +132,22 @@ class QuantizeConfig(LayerPassConfig):
 
     @property
     def bits(self) -> int:
-        return 4 if self.scheme == "w4a16" else 8
+        return SCHEMES[self.scheme].bits
+
+    @property
+    def activations(self) -> Activations:
+        return SCHEMES[self.scheme].activations
 
     @property
     def weight_group(self) -> int | None:
-        if self.group_size == -1 or self.scheme.startswith("w8a8"):
+        if self.group_size == -1 or self.activations is not None:
             return None
         return self.group_size if self.group_size is not None else (128 if self.bits == 4 else None)
 
     def quant_scheme(self) -> QuantScheme:
         g = self.weight_group
         weights = QuantArgs(self.bits, self.symmetric, PerGroup(g) if g else PerChannel())
-        acts = {"w8a8": "dynamic", "w8a8-static": "static"}.get(self.scheme)
-        return QuantScheme(weights, acts)  # type: ignore[arg-type]
+        return QuantScheme(weights, self.activations)
 
 
 class InputSample(Stat):
@@ -205,13 +209,15 @@ class QuantizePass(Pass):
     def __init__(self, config: QuantizeConfig, index: int, arch: Arch | None = None):
         super().__init__(config, index, arch)
         c = config
-        needs = {"hessian"} if c.method == "gptq" else set()
-        if c.smoothquant is not None or c.scheme == "w8a8-static":
+        self.method = QUANTIZE_METHODS[c.method]
+        static = c.activations == "static"
+        needs = set(self.method.needs)
+        if c.smoothquant is not None or static:
             needs.add("abs_max")
         self.needs = frozenset(needs)
-        self.custom_stats = {"sample": InputSample} if c.scheme == "w8a8-static" and c.observer != "minmax" else {}
+        self.custom_stats = {"sample": InputSample} if static and c.observer != "minmax" else {}
         self.needs_grad = c.qat is not None
-        self.needs_data = c.method == "gptq" or c.scheme == "w8a8-static" or c.smoothquant is not None or bool(c.qat)
+        self.needs_data = bool(self.method.needs) or static or c.smoothquant is not None or bool(c.qat)
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
         self.smoothed: list[str] = []
@@ -267,14 +273,14 @@ class QuantizePass(Pass):
             s = factors.get(fqn)
             W = module.weight.detach().float()  # (out, in), already smoothed
             H = None
-            if c.method == "gptq":
+            if "hessian" in self.method.needs:
                 if stats is None or stats.tokens == 0:
                     raise SparsifyError(f"{fqn}: saw no calibration tokens")
                 H = stats.mean("hessian")  # (in, in)
                 if s is not None:
                     H = H / (s[:, None] * s[None, :])  # the smoothed inputs' X^T X
             q, scale, zp, W_q = self._quantize_weight(fqn, W, H)
-            input_scale = self._input_scale(stats, s) if c.scheme == "w8a8-static" else None
+            input_scale = self._input_scale(stats, s) if c.activations == "static" else None
             record: dict[str, Any] = {
                 "kind": self.kind,
                 "name": fqn,
@@ -303,20 +309,13 @@ class QuantizePass(Pass):
         return records
 
     def _quantize_weight(self, fqn: str, W: Tensor, H: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(q, scale, zero_point, dequantized)``; exact zeros stay zero."""
-        c, args = self.config, self.scheme.weights
+        """``(q, scale, zero_point, dequantized)`` by the config's method; exact zeros stay zero."""
         mask = W != 0  # (out, in): zeros of an earlier pruning pass stay zeros
-        if H is not None:
-            try:
-                res = gptq_quantize(
-                    W, H, args, c.blocksize, c.dampening, c.gptq_act_order, mask=mask, observer=c.weight_observer
-                )
-            except ValueError as e:
-                raise SparsifyError(f"{fqn}: {e}") from e
-            return res.q, res.scale, res.zero_point, res.weight
-        scale, zp = qparams(*observe(W, args, c.weight_observer), args)
-        q = torch.where(mask, quantize(W, scale, zp, args), _expand(zp, W.shape, args))  # zp decodes to exactly 0
-        return q, scale, zp, dequantize(q, scale, zp, args)
+        try:
+            r = self.method.round(W, H, self.scheme.weights, mask, self.config)
+        except ValueError as e:
+            raise SparsifyError(f"{fqn}: {e}") from e
+        return r.q, r.scale, r.zero_point, r.weight
 
     def _input_scale(self, stats: Any, s: Tensor | None) -> Tensor:
         """The static activation scale (per tensor, symmetric int8) from the observer over the inputs."""
@@ -397,7 +396,7 @@ class QuantizePass(Pass):
                 q, scale, zp, bias, input_scale, W = quantized[fqn]
                 scale_t = m.scale.detach().to(scale.dtype)
                 q_new = quantize(m.weight.detach(), scale_t.float(), zp, args)
-                q_new = torch.where(W != 0, q_new, _expand(zp, W.shape, args))  # pruned zeros stay zero
+                q_new = torch.where(W != 0, q_new, expand_zero_point(zp, W.shape, args))  # pruned zeros stay zero
                 quantized[fqn] = (q_new.to(torch.int8), scale_t, zp, bias, input_scale, W)
         log.info("QAT %s: layer loss %.3g → %.3g in %d steps", work.prefix, first, last, qat.steps)
         return f"{first:.3g} → {last:.3g}"
@@ -485,7 +484,7 @@ def _method_text(record: dict[str, Any]) -> str:
     """What rounded a record's weights, in words (the CLI's default, GPTQ with act-order, said plainly)."""
     method = str(record.get("method", ""))
     base, _, qat = method.partition(" + ")
-    text = {"gptq": "GPTQ", "rtn": "round-to-nearest"}.get(base, base)
+    text = QUANTIZE_METHODS[base].title if base in QUANTIZE_METHODS else base
     if base == "gptq":
         text += " with activation order" if record.get("act_order") else " in column order"
     return text + (" + QAT (layer-wise, straight-through)" if qat else "")
@@ -532,13 +531,6 @@ def _rows(kwargs: dict[str, Any], rows: list[int], batch: int) -> dict[str, Any]
 def _replace(layer: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(layer.get_submodule(parent) if parent else layer, attr, new)
-
-
-def _expand(zp: Tensor, shape: torch.Size, args: QuantArgs) -> Tensor:
-    """A per-channel or per-group zero point broadcast to the weight's ``(out, in)``."""
-    if isinstance(args.granularity, PerGroup):
-        return zp.repeat_interleave(args.granularity.size, dim=1)
-    return zp.expand(shape)
 
 
 @torch.no_grad()

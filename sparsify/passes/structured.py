@@ -47,7 +47,7 @@ from sparsify.passes.base import Pass
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork
-    from sparsify.passes.prune import PruneConfig
+    from sparsify.passes.prune_config import PruneConfig
 
 METRIC_WINDOWS = 16  # calibration windows the layer metrics compare (hidden states held per layer)
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads")  # attention-module attributes that count query heads
@@ -60,7 +60,7 @@ def _join(*parts: str) -> str:
 
 def shorten_per_layer(cfg: dict[str, Any], keep: list[int], n: int) -> dict[str, Any]:
     """Every per-layer list of a config (length ``n``: ``layer_types``, sparsify's patterns) cut to ``keep``."""
-    from sparsify.runtime import CONFIG_KEY
+    from sparsify.runtime.format import CONFIG_KEY
 
     new = {
         k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n and not k.endswith("_token_id") else v

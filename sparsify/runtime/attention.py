@@ -1,4 +1,5 @@
-"""The ``sparsify`` attention function: a layer's pattern mask AND transformers' mask, then SDPA."""
+"""The ``sparsify`` attention function: a layer's pattern mask AND transformers' mask, then SDPA;
+:func:`register` makes it transformers' ``attn_implementation="sparsify"``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsify.algorithms.attention_masks import LayerPattern, Rule, pattern_mask, pattern_rule, window_rule
-from sparsify.runtime import CONFIG_KEY
+from sparsify.runtime.format import CONFIG_KEY, IMPLEMENTATION
 
 FLEX_MIN_QUERIES = 128  # on CUDA, inputs this long use flex_attention block masks; decoding steps use SDPA
 
@@ -167,3 +168,12 @@ def _banded(module, query, key, value, allowed, p, dropout, scaling, softcap, kw
         )
         outputs.append(out)  # (B, c, H, D)
     return torch.cat(outputs, dim=1), None  # (B, q, H, D)
+
+
+def register() -> None:
+    """Make ``attn_implementation="sparsify"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, sparsify_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)

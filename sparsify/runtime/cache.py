@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from sparsify.runtime import patterns_from_config
+from sparsify.runtime.format import patterns_from_config
 
 
 class WindowCacheLayer(DynamicLayer):

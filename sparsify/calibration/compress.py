@@ -1,0 +1,65 @@
+"""Step 2 of each layer: every pass in recipe order, stage by stage, on the layer as the passes before left it,
+each given the statistics it declared about its targets' inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsify.calibration.gather import gather_paired_stats, gather_stats
+from sparsify.calibration.work import LayerWork, run_layer
+from sparsify.errors import SparsifyError
+from sparsify.statistics import InputStats
+
+# (pass, layer index, layer module) -> the pass's targets in that layer as it is now, fqn -> module
+Resolver = Callable[[Any, int, nn.Module], dict[str, nn.Module]]
+
+
+def compress_layer(
+    layer_work: LayerWork,
+    passes: list[Any],
+    resolve: Resolver,
+    dense_hidden: list[Tensor] | None,
+    device: torch.device,
+    round_to_storage: Callable[[], None],
+    records: list[Any],
+) -> list[Tensor] | None:
+    """Every pass on the layer of ``layer_work`` (its targets and statistics filled in per stage), its report
+    rows appended to ``records``; returns the dense model's next hidden states (if ``dense_hidden`` is tracked)."""
+    i, layer, hidden, calls = layer_work.index, layer_work.layer, layer_work.inputs, layer_work.calls
+    next_dense = None
+    if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
+        next_dense = run_layer(layer, dense_hidden, calls)  # the layer is still dense here
+    for p in passes:
+        targets = resolve(p, i, layer)  # by name, on the layer as the passes before left it
+        if not targets:
+            continue
+        for stage in p.stages(targets):
+            watched = p.stat_targets(stage)
+            stats: dict[str, InputStats] = {}
+            if p.needs_dense_path:  # the first pass only (checked when the plan is made)
+                assert dense_hidden is not None
+                stats, next_dense = gather_paired_stats(layer, watched, p.needs, dense_hidden, hidden, calls, device)
+            elif p.needs or p.custom_stats:
+                needs = set(p.needs) | set(p.custom_stats)
+                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats)
+            work = dataclasses.replace(layer_work, targets=stage, stats=stats)
+            with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
+                records.extend(p.compress_layer(work))
+            round_to_storage()
+        _check_finite(layer, layer_work.prefix, p)
+    return next_dense
+
+
+def _check_finite(layer: nn.Module, prefix: str, p: Any) -> None:
+    bad = [n for n, t in layer.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SparsifyError(
+            f"{prefix}.{bad[0]}: NaN/inf after pass {p.index} ({p.describe()}); check the input"
+            " weights and the pass's settings"
+        )

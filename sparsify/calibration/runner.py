@@ -1,0 +1,164 @@
+"""The layer-wise sweeps: :meth:`LayerwiseRunner.run` compresses, :meth:`LayerwiseRunner.observe` only looks.
+
+Per layer: load it, compress it (:mod:`.compress`), feed the calibration data forward through it
+(:mod:`.forward`), hand it back to the provider; the layers' inputs come from one recorded forward of the
+backbone (:mod:`.capture`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsify import interrupts
+from sparsify.calibration.capture import Captured, calibration_batches, capture_inputs
+from sparsify.calibration.compress import Resolver, compress_layer
+from sparsify.calibration.forward import feed_forward
+from sparsify.calibration.gather import gather_stats
+from sparsify.calibration.work import LayerCall, LayerProvider, LayerWork, RunOutput, run_layer
+from sparsify.modules import is_linear, weight_matrix
+from sparsify.progress import NoProgress, Progress
+from sparsify.statistics import InputStats
+
+log = logging.getLogger(__name__)
+
+# (first layer to compress, hidden states entering it, the dense model's hidden states or None)
+ResumePoint = tuple[int, list[Tensor], list[Tensor] | None]
+Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None], None]
+
+
+class LayerwiseRunner:
+    """Runs calibration token windows through a model one layer at a time."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: nn.ModuleList,
+        provider: LayerProvider,
+        tokens: Tensor | None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+        device: torch.device | str = "cpu",
+        layers_path: str = "layers",
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.provider = provider
+        self.tokens = tokens  # (samples, seq_len); None: no calibration data (passes that need none)
+        self.batch_size = batch_size
+        self.progress = progress or NoProgress()
+        self.device = torch.device(device)
+        self.layers_path = layers_path
+
+    def prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}"
+
+    def capture(self) -> Captured:
+        """What enters every layer on the calibration batches (see :mod:`.capture`)."""
+        return capture_inputs(
+            self.backbone, self.layers, calibration_batches(self.tokens, self.batch_size), self.device
+        )
+
+    def collect(
+        self,
+        layer: nn.Module,
+        targets: dict[str, nn.Module],
+        needs: set[str] | frozenset[str],
+        hidden: list[Tensor],
+        calls: list[LayerCall],
+        custom: dict[str, Callable] | None = None,
+    ) -> dict[str, InputStats]:
+        """The statistics ``needs`` of ``targets``' inputs over all batches (see :func:`.gather.gather_stats`)."""
+        return gather_stats(layer, targets, needs, hidden, calls, self.device, custom)
+
+    @torch.no_grad()
+    def observe(
+        self,
+        fn: Callable[[LayerWork, list[Tensor]], Any],
+        description: str,
+        targets: Callable[[int, nn.Module], dict[str, nn.Module]] | None = None,
+        needs: set[str] | frozenset[str] = frozenset(),
+    ) -> list[Any]:
+        """A dense sweep: per layer, gather ``needs`` about ``targets(i, layer)`` and call
+        ``fn(work, outputs)`` with the layer's outputs; nothing is modified or written."""
+        cap = self.capture()
+        hidden = cap.hidden
+        results = []
+        for i in self.progress.track(range(len(self.layers)), len(self.layers), description):
+            interrupts.check()
+            layer = self.provider.load(i)
+            layer_targets = targets(i, layer) if targets is not None else {}
+            stats = self.collect(layer, layer_targets, needs, hidden, cap.calls[i]) if needs else {}
+            work = LayerWork(i, layer, self.prefix(i), layer_targets, stats, hidden, cap.calls[i])
+            outputs = run_layer(layer, hidden, cap.calls[i])
+            results.append(fn(work, outputs))
+            hidden = outputs
+            self.provider.finish(i, layer, write=False)
+        return results
+
+    @torch.no_grad()
+    def run(
+        self,
+        passes: list[Any],
+        resolve: Resolver,
+        start: ResumePoint | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> RunOutput:
+        """The compressing sweep: every pass is applied to each layer in turn, in recipe order.
+
+        ``resolve(pass, i, layer)`` gives a pass's targets in the layer as it is at that moment.
+        ``start`` continues an earlier run from a layer with the activations saved for it;
+        ``checkpoint(next_layer, hidden, dense_hidden)`` is called after each layer is saved.
+        """
+        output = RunOutput()
+        cap = self.capture()
+        hidden = cap.hidden
+        dense_hidden = hidden if any(p.needs_dense_path for p in passes) else None  # the dense model's path
+        first = 0
+        if start is not None:
+            first, hidden, saved_dense = start
+            hidden = [h.to(self.device) for h in hidden]
+            if dense_hidden is not None:
+                dense_hidden = [h.to(self.device) for h in (saved_dense or [])]
+        n = len(self.layers)
+        for i in self.progress.track(range(first, n), n - first, "compressing layers"):
+            interrupts.check()
+            t0 = time.perf_counter()
+            hidden, dense_hidden = self._sweep_layer(i, passes, resolve, hidden, dense_hidden, cap.calls[i], output)
+            if checkpoint is not None:
+                checkpoint(i + 1, hidden, dense_hidden)
+            log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
+        return output
+
+    def _sweep_layer(
+        self,
+        i: int,
+        passes: list[Any],
+        resolve: Resolver,
+        hidden: list[Tensor],
+        dense_hidden: list[Tensor] | None,
+        calls: list[LayerCall],
+        output: RunOutput,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """Load layer ``i``, compress it, feed the data forward through it, save it; the next layer's inputs
+        (the compressed model's, and the dense model's if tracked)."""
+        prefix = self.prefix(i)
+        layer = self.provider.load(i)
+        reference = run_layer(layer, hidden[:1], calls[:1])  # the dense layer's first-batch outputs
+        touched = {fqn: m for p in passes for fqn, m in resolve(p, i, layer).items() if is_linear(m)}
+        dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
+        done = len(output.records)
+        work = LayerWork(i, layer, prefix, {}, {}, hidden, calls, dense, self.progress)
+        dense_hidden = compress_layer(
+            work, passes, resolve, dense_hidden, self.device, lambda: self.provider.round_to_storage(i, layer),
+            output.records,
+        )  # fmt: skip
+        hidden = feed_forward(prefix, layer, dense, reference, hidden, calls, output.errors)
+        errors = {k: v for k, v in output.errors.items() if k == prefix or k.startswith(prefix + ".")}
+        self.provider.finish(i, layer, write=True, info={"records": output.records[done:], "errors": errors})
+        return hidden, dense_hidden
