@@ -264,12 +264,14 @@ def _say(message: str) -> None:
     err_console.print(one_line(message), markup=False, highlight=False)
 
 
-def _interrupted(e: KeyboardInterrupt) -> int:
-    """One line for an interruption; the exit code (128 + signal)."""
+def _interrupted(e: KeyboardInterrupt, late: bool = False) -> int:
+    """One line for an interruption; the exit code (128 + signal). ``late``: it came as the command ended."""
     from sparsify.interrupts import Interrupted
 
     name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
-    if isinstance(e, Interrupted) and e.finished:
+    if late:
+        _say(f"interrupted ({name}) after the command finished")
+    elif isinstance(e, Interrupted) and e.finished:
         _say(f"interrupted ({name}) after {e.finished} was written")
     elif isinstance(e, Interrupted) and e.kept:
         _say(f"interrupted ({name}); finished layers kept in {e.kept}: run the same command with --resume to continue")
@@ -291,30 +293,35 @@ def handle_errors(fn: F) -> F:
 
         debug = bool(kwargs.get("debug"))
         _setup_logging(debug, bool(kwargs.get("verbose")))
-        with handle_signals():
-            try:
-                return fn(*args, **kwargs)
-            except typer.Exit:
+        try:
+            with handle_signals():
+                try:
+                    return fn(*args, **kwargs)
+                except typer.Exit:
+                    raise
+                except KeyboardInterrupt as e:
+                    if debug:
+                        raise
+                    with recorded_only():  # a signal while saying so is not raised out of here
+                        _let_go(e)
+                        code = _interrupted(e)
+                except Exception as e:  # every failure: one line, unless --debug
+                    if debug:
+                        raise
+                    with recorded_only():
+                        _let_go(e)
+                        report = getattr(e, "report", None)  # output written, but it failed its quality bar
+                        if report is not None:
+                            _render(report, bool(kwargs.get("json_out")))
+                        if isinstance(e, SparsifyError):
+                            _say(f"error: {e}")
+                        else:
+                            _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+                        code = 2 if isinstance(e, _FlagError) else 1
+        except KeyboardInterrupt as e:  # raised at the call that puts the handlers back: the work had ended
+            if debug:
                 raise
-            except KeyboardInterrupt as e:
-                if debug:
-                    raise
-                with recorded_only():  # a signal while saying so is not raised out of here
-                    _let_go(e)
-                    code = _interrupted(e)
-            except Exception as e:  # every failure: one line, unless --debug
-                if debug:
-                    raise
-                with recorded_only():
-                    _let_go(e)
-                    report = getattr(e, "report", None)  # output written, but it failed its quality bar
-                    if report is not None:
-                        _render(report, bool(kwargs.get("json_out")))
-                    if isinstance(e, SparsifyError):
-                        _say(f"error: {e}")
-                    else:
-                        _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
-                    code = 2 if isinstance(e, _FlagError) else 1
+            code = _interrupted(e, late=True)
         raise typer.Exit(code)  # outside the except blocks: nothing keeps the failed run's frames alive
 
     return wrapper  # type: ignore[return-value]

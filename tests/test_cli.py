@@ -374,3 +374,22 @@ def test_the_cli_reference_in_the_docs_is_the_cli():
     assert reference() in docs, (
         "docs/cli.md is stale: run python -c 'from sparsify.cli import write_reference; write_reference()'"
     )
+
+
+def test_a_signal_as_the_handlers_are_put_back_is_one_line_not_a_silent_130(model_dir, monkeypatch):
+    """A signal taken at the very call that restores the handlers raises there, outside the command's own
+    error handling: it still ends with its one line and 128 + the signal."""
+    import contextlib
+    import signal
+
+    from sparsify import interrupts
+
+    @contextlib.contextmanager
+    def late_signal():
+        yield
+        raise interrupts.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(interrupts, "handle_signals", late_signal)
+    r = run("inspect", str(model_dir("llama")))
+    assert r.exit_code == 128 + signal.SIGTERM
+    assert r.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM) after the command finished"
