@@ -230,8 +230,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         after = _measure(work.dir, run, opts)
         eval_info = _eval_info(md, work.dir, run, opts, before, after)
         quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
-        where = (str(model_path), target.shown, work.dir)
-        report = _report(md, where, run, opts, done, (eval_info, quality), (before, after), t_start)
+        report = _report(md, run, opts, done, model=str(model_path), shown=target.shown, out_dir=work.dir,
+                         eval_info=eval_info, quality=quality, before=before, after=after, t_start=t_start)  # fmt: skip
         write_report(report, work.dir / "sparsify_report.json")
         (work.dir / "README.md").write_text(model_card(report, md.path / "README.md"))
     if quality is not None and quality["status"] == "failed":
@@ -307,11 +307,10 @@ def _eval_info(
     return before_after(before.perplexity, after.perplexity)
 
 
-def _report(md: ModelDir, where: tuple[str, str, Path], run: _Run, opts: Options, done: _Done,
-            verdict: tuple[dict[str, Any] | None, dict[str, Any] | None],
-            measured: tuple[_Measured, _Measured], t_start: float) -> dict[str, Any]:  # fmt: skip
+def _report(md: ModelDir, run: _Run, opts: Options, done: _Done, *, model: str, shown: str, out_dir: Path,
+            eval_info: dict[str, Any] | None, quality: dict[str, Any] | None, before: _Measured, after: _Measured,
+            t_start: float) -> dict[str, Any]:  # fmt: skip
     """The run's report (sparsify_report.json; the HTML page and the model card are drawn from it)."""
-    (model, shown, out_dir), (eval_info, quality), (before, after) = where, verdict, measured
     latency = None
     if before.seconds is not None and after.seconds is not None:
         latency = {"seq_len": _latency_len(run), "before_s": before.seconds, "after_s": after.seconds,

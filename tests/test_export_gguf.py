@@ -382,14 +382,10 @@ def test_gemma_settings_llama_cpp_fixes():
 def test_llama3_rope_scaling_as_rope_freqs(tmp_path):
     """Llama 3's RoPE scaling as llama.cpp reads it: frequencies divided by ``rope_freqs``; the divided ones are
     transformers' own."""
-    config = zoo.CONFIGS["llama"]()
-    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "llama3")
-    zoo.tokenizer().save_pretrained(tmp_path / "llama3")
-    export(tmp_path / "llama3", tmp_path / "m.gguf")
+    src = zoo.save_llama3(tmp_path / "llama3")
+    model = T.AutoModelForCausalLM.from_pretrained(src)  # its rotary frequencies, as transformers scales them
+    config = model.config
+    export(src, tmp_path / "m.gguf")
     divisors = torch.from_numpy(_tensors(tmp_path / "m.gguf")["rope_freqs.weight"][0].copy())
     dim = config.hidden_size // config.num_attention_heads
     plain = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)

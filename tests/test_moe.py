@@ -43,18 +43,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _llama3(tmp_path):
-    """A Llama with Llama-3 RoPE scaling and a RoPE base unlike Mixtral's default: dropping either changes logits."""
-    config = zoo.CONFIGS["llama"]()
-    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "llama3")
-    zoo.tokenizer().save_pretrained(tmp_path / "llama3")
-    return tmp_path / "llama3"
-
-
 CASES = [  # family, shared, native type
     ("llama", 0, "mixtral"),
     ("llama", 1, "qwen2_moe"),
@@ -71,7 +59,7 @@ CASES = [  # family, shared, native type
 @pytest.mark.parametrize(("family", "shared", "native"), CASES)
 @pytest.mark.parametrize(("split", "router"), [("cluster", "centroid"), ("coactivation", "analytic")])
 def test_k_equal_to_all_experts_reproduces_the_dense_model(family, shared, native, split, router, model_dir, tmp_path):
-    src = _llama3(tmp_path) if family == "llama3" else model_dir(family)
+    src = zoo.save_llama3(tmp_path / "llama3") if family == "llama3" else model_dir(family)
     experts = 4
     out = tmp_path / "out"
     report = compress(

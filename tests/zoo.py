@@ -107,6 +107,20 @@ def save(
     return folder
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def save_llama3(folder: Path) -> Path:
+    """A Llama with Llama-3 RoPE scaling (:data:`LLAMA3_ROPE`) and a RoPE base unlike the family defaults."""
+    config = CONFIGS["llama"]()
+    config.rope_parameters = dict(LLAMA3_ROPE)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
 def compress(model, recipe, out, options=None):
     """``sparsify.pipeline.compress`` without the perplexity before and after, for tests that are not about it."""
     from sparsify.pipeline import Options
