@@ -130,6 +130,35 @@ def test_qparams_quantize_dequantize_match_loops(granularity, bits, symmetric):
     assert torch.equal(s2, scale) and torch.equal(z2, zp)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_signed_scale_puts_each_groups_extreme_on_qmin(bits):
+    """llama.cpp's Q4_0 rule: the largest |w| of each group, with its sign, is exactly level qmin; no clipping."""
+    args = QuantArgs(bits, True, PerGroup(8), signed_scale=True)
+    W = torch.randn(16, 64, generator=_gen(5))
+    W[0, :8] = torch.tensor([0.1, -0.2, 3.0, 0.0, 0.5, -2.9, 1.0, 0.2])  # a positive extreme: negative scale
+    W[1, :8] = 0.0  # an all-zero group
+    scale, zp = choose_qparams(W, args)
+    assert torch.equal(zp, torch.zeros_like(zp))
+    groups = W.reshape(16, 8, 8)  # (out, in // g, g)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]  # (out, in // g) signed
+    for r in range(16):
+        for k in range(8):
+            e = float(extreme[r, k])
+            want = e / args.qmin if e != 0 else torch.finfo(F32).eps
+            assert float(scale[r, k]) == pytest.approx(want, rel=1e-7, abs=0)
+    assert float(scale[0, 0]) < 0 < float(scale[2, 0]) or float(scale[2, 0]) < 0
+    q = quantize(W, scale, zp, args)
+    at_extreme = q.reshape(16, 8, 8).gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
+    assert torch.equal(at_extreme[extreme != 0], torch.full_like(at_extreme[extreme != 0], args.qmin))
+    deq = dequantize(q, scale, zp, args)
+    assert torch.equal(deq.reshape(16, 8, 8).gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0], extreme)
+    assert torch.equal(deq[1, :8], torch.zeros(8))
+    # Gaussian groups: a finer step and nothing clipped, so less squared error than abs-max (max|w| / 7.5 at 4 bits)
+    absmax = QuantArgs(bits, True, PerGroup(8))
+    err = lambda a: float((fake_quantize(W, *choose_qparams(W, a), a) - W).pow(2).sum())  # noqa: E731
+    assert err(args) < err(absmax)
+
+
 def test_minmax_shapes_and_torch_reductions():
     W = torch.randn(6, 32, generator=_gen(1))
     X = torch.randn(2, 3, 32, generator=_gen(2))
@@ -362,7 +391,7 @@ def _naive_gptq(W, H, args: QuantArgs, act_order: bool, dampening: float, follow
     """
     n_out, n_in = W.shape
     group = args.granularity.size if isinstance(args.granularity, PerGroup) else None
-    col_args = QuantArgs(args.bits, args.symmetric, PerChannel())
+    col_args = QuantArgs(args.bits, args.symmetric, PerChannel(), signed_scale=args.signed_scale)
     static = group is None or act_order
     if static:
         scale, zp = choose_qparams(W.float(), args)  # from the original W
@@ -420,6 +449,8 @@ GPTQ_CASES = {
     "4bit-g16": (QuantArgs(4, True, PerGroup(16)), False),
     "4bit-g16-asym": (QuantArgs(4, False, PerGroup(16)), False),
     "3bit-g16-actorder": (QuantArgs(3, True, PerGroup(16)), True),
+    "4bit-g16-signed": (QuantArgs(4, True, PerGroup(16), signed_scale=True), False),
+    "4bit-g16-signed-actorder": (QuantArgs(4, True, PerGroup(16), signed_scale=True), True),
     "8bit-channel-asym-actorder": (QuantArgs(8, False, PerChannel()), True),
 }
 

@@ -108,6 +108,23 @@ def test_packed_int4_decodes_to_the_codes_in_memory(model_dir, tmp_path):
             torch.testing.assert_close(codes, m.codes(), rtol=0, atol=0)
             assert codes.min() >= -8 and codes.max() <= 7
             torch.testing.assert_close(f.get_tensor(f"{name}.weight_scale"), m.weight_scale.detach(), rtol=0, atol=0)
+            assert (codes == -8).any() and (f.get_tensor(f"{name}.weight_scale") < 0).any()  # signed-max: all 16 levels
+
+
+def test_abs_max_weight_scales_are_compressed_tensors_own(model_dir, tmp_path):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    src, out = model_dir("llama"), tmp_path / "out"
+    compress(src, _recipe("w4a16", group_size=32, method="rtn", weight_scale="abs-max"), out)
+    ref = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).model.layers[0].mlp.down_proj.weight
+    lo, hi = ref.detach().reshape(ref.shape[0], -1, 32).aminmax(dim=-1)
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=32)
+    want, _ = calculate_qparams(lo, hi, args)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        got = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+    assert (got > 0).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(("scheme", "extra"), [("w4a16", {"group_size": 32}), ("w8a16", {})], ids=["w4a16", "w8a16"])
@@ -309,6 +326,8 @@ def test_reads_a_checkpoint_written_by_compressed_tensors_itself(tmp_path):
         ("llama", {"scheme": "w4a16", "method": "rtn", "act_order": True}, "GPTQ"),
         ("llama", {"scheme": "w4a2"}, "scheme"),
         ("llama", {"scheme": "w4a16", "qat": {"steps": 0}}, "steps"),
+        ("llama", {"scheme": "w8a8", "weight_scale": "signed-max"}, "positive abs-max"),
+        ("llama", {"scheme": "w4a16", "symmetric": False, "weight_scale": "abs-max"}, "asymmetric"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(family, step, message, model_dir, tmp_path):

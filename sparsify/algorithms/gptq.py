@@ -13,7 +13,7 @@ group's parameters come from the original ``W`` in the original column order up 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -72,7 +72,7 @@ def gptq_quantize(
     W = W.float().clone()  # (out, in)
     H = H.float() if inplace else H.float().clone()  # (in, in)
     n_out, n_in = W.shape
-    col_args = QuantArgs(args.bits, args.symmetric, PerChannel())  # one column (or group) of rows at a time
+    col_args = replace(args, granularity=PerChannel())  # one column (or group) of rows at a time
     group = args.granularity.size if isinstance(args.granularity, PerGroup) else None
     if group is not None and n_in % group:
         raise ValueError(f"{n_in} input columns are not a multiple of the group size {group}")

@@ -7,6 +7,11 @@ decode the same way there: the observed range is widened to include 0; a symmetr
 ``clamp(round(x / scale + zp), qmin, qmax)`` with ``torch.round`` (half to even) and dequantization
 ``(q - zp) * scale``. Weights are ``W: (out, in)``; activations ``X: (..., in)``.
 
+``QuantArgs(signed_scale=True)`` is llama.cpp's Q4_0 rule for a symmetric grid instead: each slice's
+largest-magnitude value, with its sign, lands exactly on ``qmin`` (scale = extreme / qmin, negative when the
+extreme is positive), so all ``2**bits`` levels are in use and nothing is clipped; compressed-tensors and
+vLLM decode it unchanged (``q * scale``). At 4 bits the step is 7.5/8 of the abs-max rule's.
+
 The straight-through fake quantization for training learns the scale as LSQ does (Esser et al. 2020,
 "Learned Step Size Quantization", arXiv:1902.08153).
 """
@@ -57,6 +62,9 @@ class QuantArgs:
     bits: int = 8  # 2..8: the codes are stored as int8
     symmetric: bool = True  # zero point 0 (what int8 GEMM kernels want); False adds an int8 zero point
     granularity: Granularity = PerChannel()  # one scale per output row: the usual weight choice
+    # symmetric only: the slice's extreme lands exactly on qmin, scale = extreme / qmin (negative when the extreme
+    # is positive), so all 2**bits levels are in use; llama.cpp's Q4_0 rule. False: compressed-tensors' max|x| / 7.5
+    signed_scale: bool = False
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -126,7 +134,11 @@ def qparams(min_val: Tensor, max_val: Tensor, args: QuantArgs) -> tuple[Tensor, 
     lo = torch.minimum(min_val, zeros)  # 0 must be exactly representable
     hi = torch.maximum(max_val, zeros)
     levels = args.qmax - args.qmin  # 2**bits - 1
-    if args.symmetric:
+    if args.symmetric and args.signed_scale:
+        extreme = torch.where(hi > lo.abs(), hi, lo)  # the larger magnitude, with its sign (ties: the negative end)
+        scale = _nonzero(extreme / args.qmin)  # extreme / scale == qmin exactly
+        zero_point = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+    elif args.symmetric:
         scale = _nonzero(torch.maximum(lo.abs(), hi.abs()) / (levels / 2))
         zero_point = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
     else:

@@ -46,7 +46,6 @@ from sparsify.algorithms.quant import (
     QuantArgs,
     dequantize,
     fake_quantize,
-    fake_quantize_ste,
     observe,
     qparams,
     quantize,
@@ -55,7 +54,8 @@ from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothi
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, expand_zero_point
-from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
+from sparsify.passes.trainable import FakeQuantLinear, replace_module, rows_of
+from sparsify.runtime.quantized import STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
 from sparsify.statistics import Stat
 
 if TYPE_CHECKING:
@@ -84,6 +84,11 @@ class QuantizeConfig(LayerPassConfig):
         description="weights symmetric around zero, or with a zero point (weight-only schemes)",
         json_schema_extra={"flag": "--symmetric/--asymmetric"},
     )
+    weight_scale: Literal["signed-max", "abs-max"] = Field(
+        "signed-max",
+        description="symmetric weight-only grids: signed-max puts each group's extreme on the end level -8 "
+        "(llama.cpp Q4_0's rule, all 16 levels used; scales may be negative); abs-max is max|w|/7.5",
+    )
     act_order: bool | None = Field(
         None, description="GPTQ: columns in decreasing Hessian-diagonal order (default on, as llm-compressor's)"
     )
@@ -109,6 +114,9 @@ class QuantizeConfig(LayerPassConfig):
             out["symmetric"] = (
                 f"does not apply: {self.scheme} weights are symmetric (the int8 kernels take no zero point)"
             )
+            out["weight_scale"] = f"is for w4a16/w8a16: {self.scheme} keeps positive abs-max weight scales"
+        elif not self.symmetric:
+            out["weight_scale"] = "chooses a symmetric grid's scale: asymmetric weights take (max - min) / 15"
         else:
             out["smoothquant"] = "moves activation outliers into the weights: it needs w8a8 or w8a8-static"
         return out
@@ -146,7 +154,8 @@ class QuantizeConfig(LayerPassConfig):
 
     def quant_scheme(self) -> QuantScheme:
         g = self.weight_group
-        weights = QuantArgs(self.bits, self.symmetric, PerGroup(g) if g else PerChannel())
+        signed = self.activations is None and self.symmetric and self.weight_scale == "signed-max"
+        weights = QuantArgs(self.bits, self.symmetric, PerGroup(g) if g else PerChannel(), signed_scale=signed)
         return QuantScheme(weights, self.activations)
 
 
@@ -305,7 +314,7 @@ class QuantizePass(Pass):
                 r["qat_loss"] = losses
         for fqn, (q, scale, zp, bias, input_scale, _) in quantized.items():
             new = QuantizedLinear.from_quantized(q, scale, zp, self.scheme, bias, input_scale)
-            _replace(work.layer, work.relative(fqn), new)
+            replace_module(work.layer, work.relative(fqn), new)
         return records
 
     def _quantize_weight(self, fqn: str, W: Tensor, H: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -356,11 +365,11 @@ class QuantizePass(Pass):
         qat = self.config.qat
         assert qat is not None
         args = self.scheme.weights
-        modules: dict[str, _FakeQuantLinear] = {}
+        modules: dict[str, FakeQuantLinear] = {}
         for fqn, (q, scale, zp, bias, input_scale, _W) in quantized.items():
             W0 = dequantize(q, scale, zp, args).float()  # start from the PTQ result: step 0 is the PTQ layer
-            modules[fqn] = _FakeQuantLinear(W0, scale.float(), zp, bias, args, self.scheme.activations, input_scale)
-            _replace(work.layer, work.relative(fqn), modules[fqn])
+            modules[fqn] = FakeQuantLinear(W0, scale.float(), zp, bias, args, self.scheme.activations, input_scale)
+            replace_module(work.layer, work.relative(fqn), modules[fqn])
         weights = [m.weight for m in modules.values()]
         scales = [m.scale for m in modules.values()]
         opt = torch.optim.Adam([{"params": weights, "lr": qat.lr}, {"params": scales, "lr": qat.lr / 10}])
@@ -371,7 +380,7 @@ class QuantizePass(Pass):
 
         def loss_on(b: int, rows: list[int]) -> Tensor:
             h, (pos, kw) = batches[b]
-            out = work.layer(h[rows], *pos, **_rows(kw, rows, h.shape[0]))
+            out = work.layer(h[rows], *pos, **rows_of(kw, rows, h.shape[0]))
             out = out[0] if isinstance(out, tuple) else out
             return F.mse_loss(out.float(), teacher[b][rows].float()) / norm
 
@@ -389,7 +398,7 @@ class QuantizePass(Pass):
             opt.step()
             with torch.no_grad():
                 for m in modules.values():
-                    m.scale.clamp_(min=torch.finfo(torch.float32).eps)
+                    m.keep_scale_sign()
         with torch.no_grad():
             last = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
             for fqn, m in modules.items():
@@ -488,49 +497,6 @@ def _method_text(record: dict[str, Any]) -> str:
     if base == "gptq":
         text += " with activation order" if record.get("act_order") else " in column order"
     return text + (" + QAT (layer-wise, straight-through)" if qat else "")
-
-
-class _FakeQuantLinear(nn.Module):
-    """A Linear whose weight (and, for W8A8, input) is fake-quantized with straight-through rounding (QAT)."""
-
-    def __init__(self, W: Tensor, scale: Tensor, zp: Tensor, bias: Tensor | None, args: QuantArgs, acts, input_scale):
-        super().__init__()
-        self.weight = nn.Parameter(W.clone(), requires_grad=True)  # (out, in)
-        self.scale = nn.Parameter(scale.clone(), requires_grad=True)
-        self.register_buffer("zp", zp.clone())
-        self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
-        self.args, self.acts, self.input_scale = args, acts, input_scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        W = fake_quantize_ste(self.weight, self.scale, self.zp, self.args)
-        if self.acts == "dynamic":
-            from sparsify.algorithms.quant import choose_qparams
-
-            with torch.no_grad():
-                s, z = choose_qparams(x.detach(), ACT_ARGS)
-            x = fake_quantize_ste(x, s, z, ACT_ARGS)
-        elif self.acts == "static":
-            s = self.input_scale.to(x.dtype)
-            x = fake_quantize_ste(x, s, torch.zeros_like(s, dtype=torch.int8), STATIC_ACT_ARGS)
-        return F.linear(x, W.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-def _rows(kwargs: dict[str, Any], rows: list[int], batch: int) -> dict[str, Any]:
-    """The layer's keyword arguments for a subset of the batch's windows (masks and such sliced, shared ones kept)."""
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
-            out[k] = v[rows]
-        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
-            out[k] = tuple(t[rows] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t for t in v)
-        else:
-            out[k] = v
-    return out
-
-
-def _replace(layer: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(layer.get_submodule(parent) if parent else layer, attr, new)
 
 
 @torch.no_grad()
