@@ -114,6 +114,7 @@ def make_plan(
             _bind(p, models[key], arch, str(cfg.get("model_type", "")), notes)
             if p.needs_dense_path and stages[-1].layer_passes:
                 raise SparsifyError(f"pass {index}: dense_targets is supported on the first pruning pass of a stage")
+            p.after(list(stages[-1].layer_passes))
             stages[-1].layer_passes.append(p)
         elif stages[-1].layer_passes:
             stages.append(Stage([p], []))

@@ -35,6 +35,9 @@ def compress_layer(
     next_dense = None
     if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
         next_dense = run_layer(layer, dense_hidden, calls)  # the layer is still dense here
+    dense_layer_out = None
+    if any(p.teacher == "layer" for p in passes):
+        dense_layer_out = run_layer(layer, hidden, calls)  # the dense layer on the compressed model's inputs
     for p in passes:
         targets = resolve(p, i, layer)  # by name, on the layer as the passes before left it
         if not targets:
@@ -48,7 +51,8 @@ def compress_layer(
             elif p.needs or p.custom_stats:
                 needs = set(p.needs) | set(p.custom_stats)
                 stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats)
-            work = dataclasses.replace(layer_work, targets=stage, stats=stats)
+            teacher = {"layer": dense_layer_out, "model": next_dense}.get(p.teacher or "")
+            work = dataclasses.replace(layer_work, targets=stage, stats=stats, teacher=teacher)
             with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
                 records.extend(p.compress_layer(work))
             round_to_storage()

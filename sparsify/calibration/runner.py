@@ -118,7 +118,8 @@ class LayerwiseRunner:
         output = RunOutput()
         cap = self.capture()
         hidden = cap.hidden
-        dense_hidden = hidden if any(p.needs_dense_path for p in passes) else None  # the dense model's path
+        tracked = any(p.needs_dense_path or p.teacher == "model" for p in passes)
+        dense_hidden = hidden if tracked else None  # the dense model's path
         first = 0
         if start is not None:
             first, hidden, saved_dense = start

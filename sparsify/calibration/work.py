@@ -62,6 +62,7 @@ class LayerWork:
     # pass that rewrites weights without changing the function (SmoothQuant's migration) updates them
     reference: dict[str, Tensor] = field(default_factory=dict)
     progress: Progress = field(default_factory=NoProgress)  # for a pass's own long loops (QAT steps)
+    teacher: list[Tensor] | None = None  # per batch: the outputs a training pass fits (see Pass.teacher)
 
     def run(self, inputs: list[Tensor] | None = None) -> list[Tensor]:
         """The layer's outputs on ``inputs`` (default: the calibration inputs), batch by batch."""

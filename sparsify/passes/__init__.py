@@ -6,7 +6,7 @@ therefore fills :data:`PASSES`, and :data:`CONFIGS` is what the recipe schema ac
 
 from __future__ import annotations
 
-from sparsify.passes import attention, moe, prune, quantize, structured  # noqa: F401 - registration
+from sparsify.passes import attention, heal, moe, prune, quantize, structured  # noqa: F401 - registration
 from sparsify.passes.base import PASSES, Pass, PassConfig, register
 
 CONFIGS: tuple[type[PassConfig], ...] = tuple(cls.config_cls for cls in PASSES.values())

@@ -133,6 +133,9 @@ class Pass:
     custom_stats: ClassVar[dict[str, Callable]] = {}  # name -> Stat factory, for needs the standard ones lack
     needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)
     needs_grad: bool = False  # compress_layer runs with autograd on (training passes)
+    # the outputs a training pass fits (LayerWork.teacher): "layer", the dense layer's on the compressed model's
+    # inputs; "model", the dense model's hidden states after the layer (tracked beside the compressed ones)
+    teacher: Literal["layer", "model"] | None = None
     needs_data: bool = True  # needs calibration text (False: e.g. magnitude pruning, RTN weight-only)
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at
 
@@ -176,6 +179,10 @@ class Pass:
     def targets_in(self, layer: nn.Module, prefix: str) -> dict[str, nn.Module]:
         """This pass's targets in ``layer`` (whose fqn is ``prefix``) as it is now, fqn -> module."""
         return self.matcher.resolve(layer, prefix) if self.matcher is not None else {}
+
+    def after(self, earlier: list[Pass]) -> None:
+        """See the layer passes before this one in its sweep (when the plan is made); refuse (raise
+        SparsifyError) an order that cannot work."""
 
     def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
         """Refuse, before any work, settings these targets cannot take (raise SparsifyError)."""

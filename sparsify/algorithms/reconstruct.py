@@ -1,0 +1,94 @@
+"""Block-wise reconstruction: fit one compressed block to reproduce a teacher's outputs on calibration inputs.
+
+The recovery step of BRECQ (Li et al. 2021, arXiv:2102.05426), OmniQuant / EfficientQAT's Block-AP (Chen et
+al. 2024, arXiv:2407.11062) and the regional optimisation of Wanda++ (arXiv:2503.04992): after a decoder layer
+is compressed, its remaining free parameters are trained with Adam to minimise
+
+    L = mean_b ||f(X_b) - Y_b||^2 / mean_b ||Y_b||^2
+
+over the calibration windows, ``X_b: (windows, seq, hidden)`` the inputs the compressed model gives the
+layer and ``Y_b`` the teacher's outputs (the dense layer on the same inputs, or the dense model's hidden
+states there). What the compression decided is kept by ``project`` after every step (pruned weights back
+to zero, scales keep their sign); the learning rate warms up linearly then follows a cosine to zero.
+
+Everything here is tensors and callables: the caller builds the trainable copy of the block and says how
+to run it on a subset of a batch's windows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class FitResult:
+    loss_before: float  # the normalised loss over every window, before the first step
+    loss_after: float  # the same, after the last step (the parameters kept are the last step's)
+    steps: int
+
+
+def cosine_lr(step: int, steps: int, warmup: int) -> float:
+    """The learning-rate factor at ``step`` (0-based): linear warm-up over ``warmup`` steps, then a cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def fit_block(
+    run: Callable[[int, list[int]], Tensor],
+    targets: list[Tensor],
+    groups: list[dict],
+    steps: int,
+    windows_per_step: int,
+    generator: torch.Generator,
+    project: Callable[[], None] = lambda: None,
+    between_steps: Callable[[], None] = lambda: None,
+    warmup: float = 0.05,
+    step_iter: Iterable[int] | None = None,
+    step_scale: Callable[[float], float] = lambda loss: 1.0,
+) -> FitResult:
+    """Adam on ``groups`` (torch.optim parameter groups, each with its ``lr``) for ``steps`` steps.
+
+    ``run(b, rows)`` is the block's output on windows ``rows`` of batch ``b``, shaped as ``targets[b][rows]``;
+    each step draws one batch and ``windows_per_step`` of its windows (seeded by ``generator``), so an epoch
+    is ``sum(len(t) for t in targets) / windows_per_step`` steps. ``project()`` runs after every step (the
+    constraints), ``between_steps()`` before each (an interruption check); ``step_iter``, if given, is
+    ``range(steps)`` wrapped by a progress display. ``step_scale(loss_before)`` multiplies every group's
+    learning rate (finer steps for a block that starts closer to its teacher).
+    """
+    if steps < 1 or windows_per_step < 1:
+        raise ValueError(f"steps and windows per step must be positive, got {steps} and {windows_per_step}")
+    norm = sum(float(t.float().pow(2).mean()) for t in targets) / len(targets)  # mean ||Y||^2 per element
+    norm = norm if norm > 0 else 1.0
+
+    def loss_on(b: int, rows: list[int]) -> Tensor:
+        return torch.nn.functional.mse_loss(run(b, rows).float(), targets[b][rows].float()) / norm
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss_on(b, list(range(len(t))))) for b, t in enumerate(targets)) / len(targets)
+
+    before = full_loss()
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] * step_scale(before) for g in opt.param_groups]
+    n_warm = max(1, int(warmup * steps))
+    sizes = [len(t) for t in targets]
+    for step in step_iter if step_iter is not None else range(steps):
+        between_steps()
+        factor = cosine_lr(step, steps, n_warm)
+        for g, lr in zip(opt.param_groups, base, strict=True):
+            g["lr"] = lr * factor
+        b = int(torch.randint(len(targets), (1,), generator=generator))
+        rows = torch.randperm(sizes[b], generator=generator)[:windows_per_step].tolist()
+        opt.zero_grad(set_to_none=True)
+        loss_on(b, rows).backward()
+        opt.step()
+        with torch.no_grad():
+            project()
+    return FitResult(before, full_loss(), steps)
