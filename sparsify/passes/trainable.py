@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from sparsify.algorithms.quant import (
     QuantArgs,
     choose_qparams,
-    dequantize,
     fake_quantize_ste,
     quantize,
 )
@@ -57,11 +56,6 @@ class FakeQuantLinear(nn.Module):
             q = torch.where(keep, q, expand_zero_point(self.zp, q.shape, self.args))
         bias = None if self.bias is None else self.bias.detach().to(dtype)
         return QuantizedLinear.from_quantized(q, scale, self.zp, scheme, bias, self.input_scale)
-
-    def dequantized(self) -> Tensor:
-        """The weight the forward computes with, ``(out, in)``."""
-        scale = self.scale.detach()
-        return dequantize(quantize(self.weight.detach(), scale, self.zp, self.args), scale, self.zp, self.args)
 
     @torch.no_grad()
     def keep_scale_sign(self) -> None:
