@@ -35,7 +35,6 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -50,6 +49,7 @@ from sparsify.algorithms.quant import (
     qparams,
     quantize,
 )
+from sparsify.algorithms.reconstruct import fit_block
 from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
@@ -67,7 +67,7 @@ SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE act
 
 
 class QATConfig(StrictModel):
-    steps: int = Field(200, ge=1, description="Adam steps per layer")
+    steps: int = Field(200, ge=1, description="Adam steps per layer (linear warm-up over 5%, then a cosine to 0)")
     lr: float = Field(1e-4, gt=0, description="learning rate of the weights (scales: lr / 10)")
     windows: int = Field(1, ge=1, description="calibration windows per step")
 
@@ -372,35 +372,23 @@ class QuantizePass(Pass):
             replace_module(work.layer, work.relative(fqn), modules[fqn])
         weights = [m.weight for m in modules.values()]
         scales = [m.scale for m in modules.values()]
-        opt = torch.optim.Adam([{"params": weights, "lr": qat.lr}, {"params": scales, "lr": qat.lr / 10}])
-        batches = [(h, call) for h, call in zip(work.inputs, work.calls, strict=True)]
-        windows = [(b, i) for b, (h, _) in enumerate(batches) for i in range(h.shape[0])]
-        gen = torch.Generator().manual_seed(work.index)
-        norm = sum(float(t.float().pow(2).mean()) for t in teacher) / len(teacher)
+        groups = [{"params": weights, "lr": qat.lr}, {"params": scales, "lr": qat.lr / 10}]
 
-        def loss_on(b: int, rows: list[int]) -> Tensor:
-            h, (pos, kw) = batches[b]
+        def run(b: int, rows: list[int]) -> Tensor:
+            h, (pos, kw) = work.inputs[b], work.calls[b]
             out = work.layer(h[rows], *pos, **rows_of(kw, rows, h.shape[0]))
-            out = out[0] if isinstance(out, tuple) else out
-            return F.mse_loss(out.float(), teacher[b][rows].float()) / norm
+            return out[0] if isinstance(out, tuple) else out
 
+        def project() -> None:
+            for m in modules.values():
+                m.keep_scale_sign()
+
+        result = fit_block(
+            run, teacher, groups, qat.steps, qat.windows, torch.Generator().manual_seed(work.index), project=project,
+            between_steps=interrupts.check, step_iter=work.progress.track(range(qat.steps), qat.steps, f"QAT {work.prefix}"),
+        )  # fmt: skip
+        first, last = result.loss_before, result.loss_after
         with torch.no_grad():
-            first = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
-        for _ in work.progress.track(range(qat.steps), qat.steps, f"QAT {work.prefix}"):
-            interrupts.check()  # a long tuning stops at the next step on Ctrl-C / SIGTERM
-            pick = torch.randint(len(windows), (1,), generator=gen).item()
-            b = windows[pick][0]
-            rows = [i for bb, i in windows if bb == b]
-            rows = [rows[int(j)] for j in torch.randperm(len(rows), generator=gen)[: qat.windows]]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_on(b, rows)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for m in modules.values():
-                    m.keep_scale_sign()
-        with torch.no_grad():
-            last = float(sum(loss_on(b, list(range(h.shape[0]))) for b, (h, _) in enumerate(batches)) / len(batches))
             for fqn, m in modules.items():
                 q, scale, zp, bias, input_scale, W = quantized[fqn]
                 scale_t = m.scale.detach().to(scale.dtype)
