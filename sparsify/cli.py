@@ -429,44 +429,46 @@ def _names(options: list[Option], step: str | None) -> dict[str, str]:
 
 def _pass_command(name: str, cls: type) -> None:
     """The command ``name`` for pass ``cls``: its config's fields, the recipe's settings, the shared options,
-    and for a compressing layer pass ``--heal`` (a heal step after it, with the heal config's fields)."""
+    and for a compressing layer pass each follow-up pass's switch and fields (``--heal``, ``--heal-steps``: a
+    step after it)."""
     options = config_options(cls.config_cls, ("pass",)) + _recipe_options(calibrates=cls.layerwise)
-    heal = _heal_options() if cls.layerwise else []
+    follow = _follow_up_options() if cls.layerwise else {}
     pass_type = cls.config_cls.model_fields["type"].default
     run = ["output", *(p for p, _, _ in RUN_OPTIONS)]
     names = {"passes.0": "", **_names(options, "passes.0")}
-    names.update({f"passes.1.{o.path[2]}" if o.path[2] else "passes.1": o.flag for o in heal})
+    extra = [o for opts in follow.values() for o in opts]
 
     def command(model: str, **given: Any) -> None:
-        parts = values(options + heal, given)
+        parts = values(options + extra, given)
         data: dict[str, Any] = {"passes": [{"type": pass_type, **parts["pass"]}], **parts["recipe"]}
-        if (heal_step := parts.get("heal", {}).get("heal")) is not None:
-            data["passes"].append({"type": "heal", **heal_step})
+        step_names = dict(names)
+        for kind, opts in follow.items():
+            if (step := parts.get("follow", {}).get(kind)) is not None:
+                at = f"passes.{len(data['passes'])}"
+                step_names.update({f"{at}.{o.path[2]}" if o.path[2] else at: o.flag for o in opts})
+                data["passes"].append({"type": kind, **step})
         if parts["calibration"]:
             data["calibration"] = parts["calibration"]
-        _run(model, data, {k: given[k] for k in run}, "", names)
+        _run(model, data, {k: given[k] for k in run}, "", step_names)
 
     command.__name__ = command.__qualname__ = name.replace("-", "_")
     command.__doc__ = cls.command_help
-    fn = with_options(command, [_MODEL, _OUTPUT], options + heal, [_keyword(p, a, d) for p, a, d in RUN_OPTIONS])
+    fn = with_options(command, [_MODEL, _OUTPUT], options + extra, [_keyword(p, a, d) for p, a, d in RUN_OPTIONS])
     app.command(name, epilog=cls.command_examples, context_settings=HELP, cls=_Command)(handle_errors(fn))
 
 
-def _heal_options() -> list[Option]:
-    """``--heal`` and ``--heal-KEY`` for each field of the heal step's config."""
-    from pydantic import BaseModel, Field
+def _follow_up_options() -> dict[str, list[Option]]:
+    """For each pass with a ``follow_up`` text: ``--TYPE`` and ``--TYPE-KEY`` for each field of its config."""
+    from pydantic import Field, create_model
 
     from sparsify.passes import PASSES
 
-    heal_config: Any = PASSES["heal"].config_cls
-
-    class _Heal(BaseModel):
-        heal: heal_config | None = Field(  # type: ignore[valid-type]
-            None,
-            description="then heal each compressed layer: fit it to the dense layer's outputs (see docs/methods/heal.md)",
-        )
-
-    return config_options(_Heal, ("heal",))
+    out = {}
+    for kind, cls in PASSES.items():
+        if cls.follow_up:
+            switch = create_model(f"_{kind}", **{kind: (cls.config_cls | None, Field(None, description=cls.follow_up))})
+            out[kind] = config_options(switch, ("follow",))
+    return out
 
 
 def _commands() -> None:

@@ -44,3 +44,52 @@ def cpu_flags() -> str:
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]
     return f"{model}; {' '.join(f for f in wanted if f in flags) or 'no AVX2'}; {torch.get_num_threads()} threads"
+
+
+def has_bf16_units(device: str = "cpu") -> bool:
+    """Whether ``device`` has bf16 matrix units: a CPU with AVX-512 BF16 or AMX, a GPU torch runs bf16 on."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bf16_speedup(n_in: int, n_out: int, device: str = "cpu", tokens: int = 1024, repeats: int = 5) -> float:
+    """How many times faster a Linear's forward and backward (``tokens`` rows, ``n_in -> n_out``) runs under
+    bf16 autocast than in fp32 on ``device``: the best of ``repeats`` each, interleaved, after a warm-up. Above
+    1 where the chip has bf16 units (AMX, AVX-512 BF16, tensor cores) and the shape is large enough to use
+    them; far below 1 on a CPU with AVX2 only."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, n_in, generator=gen).to(device)
+    W = torch.randn(n_out, n_in, generator=gen).div_(n_in**0.5).to(device).requires_grad_(True)
+
+    def step(dtype: torch.dtype | None) -> None:
+        with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = F.linear(x, W)  # (tokens, out)
+        y.float().square().mean().backward()
+        W.grad = None
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(dtype: torch.dtype | None) -> float:
+        t0 = time.perf_counter()
+        step(dtype)
+        return time.perf_counter() - t0
+
+    try:
+        step(None), step(torch.bfloat16)  # warm-up
+        pairs = [(timed(None), timed(torch.bfloat16)) for _ in range(repeats)]  # interleaved: the same load
+    except RuntimeError:  # no bf16 kernels for this device in this build
+        return 0.0
+    return min(f for f, _ in pairs) / min(b for _, b in pairs)

@@ -4,6 +4,7 @@ refused before work, and an interrupted heal resumes to the same bytes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 
@@ -130,6 +131,41 @@ def test_samples_and_windows_bound_the_data(model_dir, tmp_path):
     assert all(r["status"] == "healed" for r in _heal_records(report))
 
 
+def test_a_bf16_fit_lowers_the_loss_and_keeps_the_pattern(model_dir, tmp_path):
+    src = model_dir("llama")
+    report = compress(src, _recipe([*CASES["sparsegpt-2:4"], {**HEAL, "precision": "bf16"}]), tmp_path / "out")
+    records = _heal_records(report)
+    assert {r["precision"] for r in records} == {"bf16"}
+    assert all(r["status"] == "healed" and r["loss_after"] < r["loss_before"] for r in records)
+    for name, W in load_file(tmp_path / "out" / "model.safetensors").items():
+        if name.endswith("proj.weight"):
+            assert W.dtype == torch.float32  # trained under autocast, stored as the model's dtype
+            assert ((W.reshape(-1, 4) != 0).sum(-1) <= 2).all(), name  # 2:4 holds
+
+
+@pytest.mark.parametrize(("speedup", "chosen"), [(2.0, "bf16"), (1.1, "fp32"), (0.03, "fp32")])
+def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen, monkeypatch):
+    from sparsify.passes import heal
+
+    monkeypatch.setattr(heal, "bf16_speedup", lambda n_in, n_out, device: speedup)
+    monkeypatch.setattr(heal, "has_bf16_units", lambda device: True)
+    runner = type("Runner", (), {"layers": [nn.Sequential(nn.Linear(8, 16))], "device": torch.device("cpu")})()
+    p = heal.HealPass(heal.HealConfig(), 1)
+    p.prepare(runner)
+    assert p.decisions() == {"precision": chosen}
+    resumed = heal.HealPass(heal.HealConfig(), 1)
+    resumed.restore(p.decisions())  # a resumed run takes the decision back, it does not measure again
+    assert resumed.precision == chosen
+    fixed = heal.HealPass(heal.HealConfig(precision="fp32"), 1)
+    fixed.prepare(runner)
+    assert fixed.decisions() == {"precision": "fp32"}
+    monkeypatch.setattr(heal, "has_bf16_units", lambda device: False)  # AVX2 only: not even measured
+    monkeypatch.setattr(heal, "bf16_speedup", lambda n_in, n_out, device: pytest.fail("measured"))
+    plain = heal.HealPass(heal.HealConfig(), 1)
+    plain.prepare(runner)
+    assert plain.decisions() == {"precision": "fp32"}
+
+
 # ----------------------------------------------------------------------------------------- refusals
 
 
@@ -176,8 +212,22 @@ def test_cli_heal_runs_after_the_commands_pass(model_dir, tmp_path):
 
 
 def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa: F811
-    args = ["prune", deep, "--method", "wanda", "--sparsity", "0.5", *FAST, "--heal", "--heal-steps", "5",
-            "--heal-target", "model"]  # fmt: skip
+    args = [
+        "prune",
+        deep,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        *FAST,
+        "--heal",
+        "--heal-steps",
+        "5",
+        "--heal-target",
+        "model",
+        "--heal-precision",
+        "fp32",
+    ]  # fmt: skip (auto would measure in each run)
     reference = tmp_path / "reference"
     assert run(*args[:1], args[1], "-o", reference, *args[2:]).exit_code == 0
     out = tmp_path / "out"
@@ -225,6 +275,31 @@ def test_fit_block_fits_a_masked_linear_map_and_keeps_its_zeros():
         best[r, keep] = torch.linalg.lstsq(Xf[:, keep], Yf[:, r : r + 1]).solution[:, 0]
     floor = float((Xf @ best.T - Yf).pow(2).mean() / Yf.pow(2).mean())
     assert result.loss_after < floor + 0.5 * (result.loss_before - floor)
+
+
+def test_fit_block_under_bf16_autocast_fits_as_well_as_fp32_and_trains_fp32_parameters():
+    g = torch.Generator().manual_seed(1)
+    teacher, start = nn.Linear(32, 16), nn.Linear(32, 16)
+    with torch.no_grad():
+        for p in (*teacher.parameters(), start.bias):  # seeded here, whatever ran before
+            p.copy_(torch.randn(p.shape, generator=g) / 32**0.5)
+        start.weight.copy_(teacher.weight * (torch.rand(16, 32, generator=g) > 0.5))
+    mix = torch.eye(32) + 0.8 * torch.randn(32, 32, generator=g)  # correlated inputs: kept weights can compensate
+    X = [torch.randn(4, 8, 32, generator=g) @ mix for _ in range(2)]  # (windows, seq, in) per batch
+    Y = [teacher(x).detach() for x in X]
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        student = copy.deepcopy(start)
+        zeros = student.weight == 0
+        t = TrainableLayer(nn.Sequential(student), lr=0.02)
+        results[dtype] = fit_block(lambda b, rows, s=student: s(X[b][rows]), Y, t.groups, 150, 2,
+                                   torch.Generator().manual_seed(0), project=t.project, autocast=dtype)  # fmt: skip
+        t.finish()
+        assert student.weight.dtype == torch.float32 and (student.weight[zeros] == 0).all()
+    fp32, bf16 = results[None], results[torch.bfloat16]
+    assert bf16.loss_before == fp32.loss_before  # measured in fp32 either way
+    assert fp32.loss_after < 0.7 * fp32.loss_before  # the kept weights compensate for much of the pruning
+    assert bf16.loss_before - bf16.loss_after > 0.9 * (fp32.loss_before - fp32.loss_after)
 
 
 def test_a_quantized_linear_trains_on_its_grid_and_comes_back_quantized():

@@ -52,6 +52,7 @@ def fit_block(
     warmup: float = 0.05,
     step_iter: Iterable[int] | None = None,
     step_scale: Callable[[float], float] = lambda loss: 1.0,
+    autocast: torch.dtype | None = None,
 ) -> FitResult:
     """Adam on ``groups`` (torch.optim parameter groups, each with its ``lr``) for ``steps`` steps.
 
@@ -60,15 +61,21 @@ def fit_block(
     is ``sum(len(t) for t in targets) / windows_per_step`` steps. ``project()`` runs after every step (the
     constraints), ``between_steps()`` before each (an interruption check); ``step_iter``, if given, is
     ``range(steps)`` wrapped by a progress display. ``step_scale(loss_before)`` multiplies every group's
-    learning rate (finer steps for a block that starts closer to its teacher).
+    learning rate (finer steps for a block that starts closer to its teacher). ``autocast`` (e.g. bf16): the
+    training steps' forward and backward run under autocast to that dtype (the parameters, the optimiser and the
+    two full-loss measurements stay fp32).
     """
     if steps < 1 or windows_per_step < 1:
         raise ValueError(f"steps and windows per step must be positive, got {steps} and {windows_per_step}")
     norm = sum(float(t.float().pow(2).mean()) for t in targets) / len(targets)  # mean ||Y||^2 per element
     norm = norm if norm > 0 else 1.0
 
-    def loss_on(b: int, rows: list[int]) -> Tensor:
-        return torch.nn.functional.mse_loss(run(b, rows).float(), targets[b][rows].float()) / norm
+    device_type = targets[0].device.type
+
+    def loss_on(b: int, rows: list[int], dtype: torch.dtype | None = None) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = run(b, rows)  # (rows, seq, hidden)
+        return torch.nn.functional.mse_loss(out.float(), targets[b][rows].float()) / norm
 
     def full_loss() -> float:
         with torch.no_grad():
@@ -87,7 +94,7 @@ def fit_block(
         b = int(torch.randint(len(targets), (1,), generator=generator))
         rows = torch.randperm(sizes[b], generator=generator)[:windows_per_step].tolist()
         opt.zero_grad(set_to_none=True)
-        loss_on(b, rows).backward()
+        loss_on(b, rows, autocast).backward()
         opt.step()
         with torch.no_grad():
             project()

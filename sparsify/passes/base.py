@@ -127,6 +127,9 @@ class Pass:
     command_help: ClassVar[str] = ""
     command_examples: ClassVar[str] = ""
     layerwise: ClassVar[bool] = True  # runs inside the layer-wise loop (False: edits the config only)
+    # non-empty: every compressing command can append this pass as a step after its own, with ``--TYPE`` (this
+    # text is its help) and ``--TYPE-KEY`` for each config field (``--heal``, ``--heal-steps``)
+    follow_up: ClassVar[str] = ""
     requires: frozenset[str] = frozenset({"float"})  # FACTS this pass needs of the model it is given
     removes: frozenset[str] = frozenset()  # FACTS it takes away from the passes after it
     needs: frozenset[str] = frozenset()  # statistics of target inputs (sparsify.statistics.STATS names)
