@@ -34,6 +34,7 @@ from sparsify.recipe import parse_recipe
 
 SETTINGS: dict[str, dict] = {
     "sparsegpt-2:4": {"type": "prune", "method": "sparsegpt", "pattern": "2:4"},
+    "wanda-2:4": {"type": "prune", "method": "wanda", "pattern": "2:4"},  # the floor; quick to compress
     "flap-ffn-20": {
         "type": "prune",
         "structured": "channels",
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--heal", nargs="*", default=[], metavar="KEY=VALUE", help="heal settings")
+    ap.add_argument("--reuse-plain", action="store_true", help="take the plain run from an earlier one's cache")
     args = ap.parse_args()
     heal = {"type": "heal", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.heal)}}
     model = smollm2_path()
@@ -70,15 +72,23 @@ def main() -> None:
     cpu = cpu_flags()
     print(f"CPU: {cpu}", flush=True)
     dense = evaluate(model, eval_file, args.seq_len, args.eval_windows)["perplexity"]
+    dense_in = evaluate(model, None, args.seq_len, args.eval_windows)["perplexity"]  # held-out pydoc
     for name in args.settings or list(SETTINGS):
         step = SETTINGS[name]
-        _, t_plain = run(model, [step], args.samples, args.seq_len, OUT / "heal-plain")
-        plain = evaluate(OUT / "heal-plain", eval_file, args.seq_len, args.eval_windows)["perplexity"]
+        cache = OUT / f"heal-plain-{name.replace(':', '_')}-{args.samples}x{args.seq_len}-{args.eval_windows}.json"
+        if args.reuse_plain and cache.exists():
+            t_plain, plain, plain_in = json.loads(cache.read_text())
+        else:
+            _, t_plain = run(model, [step], args.samples, args.seq_len, OUT / "heal-plain")
+            plain = evaluate(OUT / "heal-plain", eval_file, args.seq_len, args.eval_windows)["perplexity"]
+            plain_in = evaluate(OUT / "heal-plain", None, args.seq_len, args.eval_windows)["perplexity"]
+            cache.write_text(json.dumps([t_plain, plain, plain_in]))
         report, t_healed = run(model, [step, heal], args.samples, args.seq_len, OUT / "heal-healed")
         healed = evaluate(OUT / "heal-healed", eval_file, args.seq_len, args.eval_windows)["perplexity"]
+        healed_in = evaluate(OUT / "heal-healed", None, args.seq_len, args.eval_windows)["perplexity"]
         records = [r for r in report["layers"] if r.get("kind") == "heal"]
         t_heal = sum(r["seconds"] for r in records)
-        gap = math.log(plain) - math.log(dense)
+        gap, gap_in = math.log(plain) - math.log(dense), math.log(plain_in) - math.log(dense_in)
         row = {
             "setting": name,
             "heal": heal,
@@ -86,6 +96,12 @@ def main() -> None:
             "plain": plain,
             "healed": healed,
             "closed": (math.log(plain) - math.log(healed)) / gap if gap > 0 else None,
+            "pydoc": {
+                "dense": dense_in,
+                "plain": plain_in,
+                "healed": healed_in,
+                "closed": (math.log(plain_in) - math.log(healed_in)) / gap_in if gap_in > 0 else None,
+            },
             "compress_seconds": t_plain,
             "heal_seconds": t_heal,
             "heal_over_compress": t_heal / t_plain,
