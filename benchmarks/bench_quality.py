@@ -4,7 +4,8 @@
         ours/wanda/0.5 ours/sparsegpt/2:4 lc/wanda/0.5 lc/sparsegpt/2:4 ours/sparsegpt/0.5/dampening=0.1
 
 A setting is TOOL/METHOD/AMOUNT[/KEY=VALUE...]: TOOL is ``ours`` or ``lc`` (llmcompressor, run in its
-own virtual environment), AMOUNT a sparsity or N:M, KEY=VALUE any prune-pass field (ours only).
+own virtual environment), AMOUNT a sparsity or N:M, KEY=VALUE any prune-pass field (ours only); ``--inputs dense`` calibrates
+our layers on the dense model's hidden states (one forward per layer) instead of the compressed ones.
 Both tools get the same calibration windows (embedded pydoc topics, seeded) and are evaluated by the
 same perplexity code on held-out Wikipedia summaries. Results append to bench-out/quality.jsonl.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import OUT, setting_value, wiki_eval_file
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.demo import smollm2_path
+from sparsify.devices import cpu_flags
 from sparsify.evaluate import evaluate, load_tokenizer
 from sparsify.pipeline import Options, compress
 from sparsify.recipe import parse_recipe
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--dtype", default="float32", help="our compute dtype")
+    ap.add_argument("--inputs", default="compressed", choices=["compressed", "dense"], help="our calibration inputs")
     ap.add_argument("--llmcompressor", help="python of a venv with llmcompressor installed")
     args = ap.parse_args()
 
@@ -75,14 +78,18 @@ def main() -> None:
             tool, step = parse_setting(spec)
             if tool == "ours":
                 recipe = parse_recipe(
-                    {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step]}
+                    {
+                        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "inputs": args.inputs},
+                        "passes": [step],
+                    }
                 )
                 t0 = time.perf_counter()
                 report = compress(
                     model, recipe, out, Options(overwrite=True, evaluate=False, dtype=getattr(torch, args.dtype))
                 )
                 seconds = time.perf_counter() - t0
-                extra = {"peak_rss_bytes": report["totals"]["peak_rss_bytes"], "compute_dtype": args.dtype}
+                extra = {"peak_rss_bytes": report["totals"]["peak_rss_bytes"], "compute_dtype": args.dtype,
+                         "inputs": args.inputs}  # fmt: skip
             elif tool == "lc":
                 if not args.llmcompressor:
                     raise SystemExit("lc settings need --llmcompressor PYTHON")
@@ -103,7 +110,7 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown tool in {spec}")
             row = {"setting": spec, "seconds": seconds, **extra, **ppl(out)}
-        row.update(samples=args.samples, calib_seq_len=args.seq_len, date=time.strftime("%Y-%m-%d"))
+        row.update(samples=args.samples, calib_seq_len=args.seq_len, date=time.strftime("%Y-%m-%d"), cpu=cpu_flags())
         print(json.dumps(row), flush=True)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -176,7 +176,7 @@ def compress_model(
     device = next(model.parameters()).device
     runner = LayerwiseRunner(
         model.base_model, layers.modules, InMemoryLayers(layers.modules), tokens, recipe.calibration.batch_size,
-        progress, device, layers.path,
+        progress, device, layers.path, recipe.calibration.inputs,
     )  # fmt: skip
     _prepare(model, layers, passes, runner, None)
     runner.provider = InMemoryLayers(layers.modules)
@@ -467,7 +467,7 @@ def _run_stage(
         provider = LazyLayers(layers.modules, layers.path, md.source, skel.keymap, state.layers, dtype, device)
         runner = LayerwiseRunner(
             skel.model.base_model, layers.modules, provider, run.tokens, run.recipe.calibration.batch_size,
-            opts.progress, device, layers.path,
+            opts.progress, device, layers.path, run.recipe.calibration.inputs,
         )  # fmt: skip
         saved = state.decisions()
         decisions = _prepare(skel.model, layers, stage.layer_passes, runner, saved)

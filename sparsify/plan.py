@@ -112,6 +112,11 @@ def make_plan(
             if key not in models:
                 models[key] = _meta_model(config_of(cfg), trust_remote_code, dtype)
             _bind(p, models[key], arch, str(cfg.get("model_type", "")), notes)
+            if p.needs_dense_path and recipe.calibration.inputs == "dense":
+                raise SparsifyError(
+                    f"pass {index}: dense_targets fits the dense model's outputs from the compressed model's inputs;"
+                    " with calibration inputs 'dense' there are no compressed inputs (use inputs: compressed)"
+                )
             if p.needs_dense_path and stages[-1].layer_passes:
                 raise SparsifyError(f"pass {index}: dense_targets is supported on the first pruning pass of a stage")
             p.after(list(stages[-1].layer_passes))

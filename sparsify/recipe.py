@@ -36,6 +36,12 @@ class Calibration(StrictModel):
     seq_len: int = Field(512, gt=0, description="tokens per window")
     seed: int = Field(0, description="seed for window sampling")
     batch_size: int = Field(8, gt=0, description="windows per forward")
+    inputs: Literal["compressed", "dense"] = Field(
+        "compressed",
+        description="what each layer is calibrated on: compressed = the outputs of the compressed layers before it"
+        " (sequential: each layer also corrects what those got wrong; two forwards of each layer); dense = the dense"
+        " model's hidden states (one forward of each layer: faster)",
+    )
 
 
 class Recipe(StrictModel):

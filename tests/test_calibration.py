@@ -58,3 +58,67 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
     assert q is k and g is u  # one accumulator per distinct input
     assert stats["model.layers.0.self_attn.o_proj"] is not q
     assert set(q.values) == needs  # exactly what was asked for, nothing else
+
+
+# ------------------------------------------------------------------------------ calibration inputs
+
+
+def _layer_inputs(inputs: str, heal: bool = False) -> tuple[list[list[torch.Tensor]], torch.nn.Module, torch.Tensor]:
+    """Compress a tiny Llama in memory with Wanda 50% (and a heal step): every hidden-states batch each decoder
+    layer was called on, in order, and the model and windows."""
+    from sparsify.pipeline import compress_model
+    from sparsify.recipe import parse_recipe
+
+    model = zoo.build("llama")
+    ids = torch.randint(3, zoo.VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    passes = [{"type": "prune", "method": "wanda", "sparsity": 0.5}] + ([{"type": "heal", "steps": 5}] if heal else [])
+    recipe = parse_recipe({"calibration": {"samples": 8, "seq_len": 16, "batch_size": 4, "inputs": inputs},
+                           "passes": passes})  # fmt: skip
+    calls: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(
+            lambda m, args, kw, i=i: calls[i].append(args[0].detach().clone()), with_kwargs=True
+        )
+    dense = zoo.build("llama")  # the same seed: the dense model's own hidden states
+    with torch.no_grad():
+        expected = dense.model(input_ids=ids, output_hidden_states=True).hidden_states
+    compress_model(model, recipe, ids)
+    return calls, expected, ids
+
+
+def test_dense_inputs_calibrate_each_layer_on_the_dense_models_hidden_states_in_one_forward():
+    calls, expected, _ = _layer_inputs("dense")
+    for i, seen in enumerate(calls):
+        # one forward over the 3 batches (2 + 4 + 2 windows: statistics and the next layer's inputs), then the
+        # compressed layer on the first batch for the errors
+        assert [len(h) for h in seen] == [2, 4, 2, 2], f"layer {i}"
+        torch.testing.assert_close(torch.cat(seen[:3]), expected[i], atol=1e-5, rtol=0)
+
+
+def test_compressed_inputs_are_the_compressed_layers_outputs_in_two_forwards():
+    calls, expected, _ = _layer_inputs("compressed")
+    # the dense layer on the first batch (the errors' reference), statistics, then the compressed layer's outputs
+    assert all([len(h) for h in seen] == [2, 2, 4, 2, 2, 4, 2] for seen in calls)
+    torch.testing.assert_close(torch.cat(calls[0][1:4]), expected[0], atol=1e-5, rtol=0)  # layer 0: the same
+    assert not torch.allclose(torch.cat(calls[1][1:4]), expected[1], atol=1e-3)  # later: layer 0 was pruned
+
+
+def test_dense_inputs_heal_against_the_dense_layers_outputs():
+    calls, expected, _ = _layer_inputs("dense", heal=True)
+    for i, seen in enumerate(calls):  # the teacher is the statistics' forward: heal adds its steps, no dense run
+        torch.testing.assert_close(torch.cat(seen[:3]), expected[i], atol=1e-5, rtol=0)
+        assert [len(h) for h in seen[3:6]] == [2, 4, 2]  # heal's loss before the fit, over every window
+
+
+def test_dense_targets_with_dense_inputs_is_refused_before_work():
+    from sparsify.errors import SparsifyError
+    from sparsify.pipeline import compress_model
+    from sparsify.recipe import parse_recipe
+
+    recipe = parse_recipe({"calibration": {"samples": 2, "seq_len": 16, "inputs": "dense"},
+                           "passes": [{"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "dense_targets": True}]})  # fmt: skip
+    model = zoo.build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SparsifyError, match=r"dense_targets.*inputs 'dense'"):
+        compress_model(model, recipe, torch.randint(3, zoo.VOCAB, (2, 16)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -28,16 +28,22 @@ def compress_layer(
     device: torch.device,
     round_to_storage: Callable[[], None],
     records: list[Any],
-) -> list[Tensor] | None:
+    dense_inputs: bool = False,
+) -> tuple[list[Tensor] | None, list[Tensor] | None]:
     """Every pass on the layer of ``layer_work`` (its targets and statistics filled in per stage), its report
-    rows appended to ``records``; returns the dense model's next hidden states (if ``dense_hidden`` is tracked)."""
+    rows appended to ``records``. Returns the dense model's next hidden states (if ``dense_hidden`` is tracked)
+    and the dense layer's outputs on ``layer_work.inputs`` (computed when a teacher or ``dense_inputs`` needs
+    them; with ``dense_inputs``, where the inputs are the dense model's own, they are the next layer's inputs and
+    come from the first statistics' forward when there is one: one forward of the layer, not two)."""
     i, layer, hidden, calls = layer_work.index, layer_work.layer, layer_work.inputs, layer_work.calls
     next_dense = None
     if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
         next_dense = run_layer(layer, dense_hidden, calls)  # the layer is still dense here
+    first = next((p for p in passes if resolve(p, i, layer)), None)
+    from_stats = dense_inputs and first is not None and bool(first.needs or first.custom_stats)
     dense_layer_out = None
-    if any(p.teacher == "layer" for p in passes):
-        dense_layer_out = run_layer(layer, hidden, calls)  # the dense layer on the compressed model's inputs
+    if (dense_inputs and not from_stats) or (not dense_inputs and any(p.teacher == "layer" for p in passes)):
+        dense_layer_out = run_layer(layer, hidden, calls)  # the dense layer on these inputs
     for p in passes:
         targets = resolve(p, i, layer)  # by name, on the layer as the passes before left it
         if not targets:
@@ -50,14 +56,17 @@ def compress_layer(
                 stats, next_dense = gather_paired_stats(layer, watched, p.needs, dense_hidden, hidden, calls, device)
             elif p.needs or p.custom_stats:
                 needs = set(p.needs) | set(p.custom_stats)
-                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats)
-            teacher = {"layer": dense_layer_out, "model": next_dense}.get(p.teacher or "")
+                keep = [] if from_stats and dense_layer_out is None else None  # the layer is still dense here
+                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats, keep)
+                dense_layer_out = keep if keep is not None else dense_layer_out
+            model_path = dense_layer_out if dense_inputs else next_dense
+            teacher = {"layer": dense_layer_out, "model": model_path}.get(p.teacher or "")
             work = dataclasses.replace(layer_work, targets=stage, stats=stats, teacher=teacher)
             with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
                 records.extend(p.compress_layer(work))
             round_to_storage()
         _check_finite(layer, layer_work.prefix, p)
-    return next_dense
+    return next_dense, dense_layer_out
 
 
 def _check_finite(layer: nn.Module, prefix: str, p: Any) -> None:

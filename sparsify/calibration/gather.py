@@ -34,8 +34,10 @@ def gather_stats(
     calls: list[LayerCall],
     device: torch.device,
     custom: dict[str, Callable] | None = None,
+    outputs: list[Tensor] | None = None,
 ) -> dict[str, InputStats]:
-    """Accumulate the statistics ``needs`` of ``targets``' inputs over all batches.
+    """Accumulate the statistics ``needs`` of ``targets``' inputs over all batches (the layer's outputs are
+    appended to ``outputs`` when one is given: the same forward serves as the next layer's inputs).
 
     Linears fed the very same tensor (q/k/v after one norm, gate/up) share one accumulator: the
     statistics (``X^T X`` above all) are computed once per input, not once per Linear.
@@ -63,7 +65,9 @@ def gather_stats(
 
     with hooked(targets, hook):
         for h, call in zip(hidden, calls, strict=True):
-            run_layer(layer, [h], [call])
+            out = run_layer(layer, [h], [call])
+            if outputs is not None:
+                outputs += out
             seen.clear()
             first_batch[0] = False
     for follower, leader in leader_of.items():

@@ -45,6 +45,7 @@ class LayerwiseRunner:
         progress: Progress | None = None,
         device: torch.device | str = "cpu",
         layers_path: str = "layers",
+        inputs: str = "compressed",
     ):
         self.backbone = backbone
         self.layers = layers
@@ -54,6 +55,9 @@ class LayerwiseRunner:
         self.progress = progress or NoProgress()
         self.device = torch.device(device)
         self.layers_path = layers_path
+        self.inputs = (
+            inputs  # compressed: each layer calibrated on the compressed layers' outputs; dense: the dense model's
+        )
 
     def prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}"
@@ -93,9 +97,12 @@ class LayerwiseRunner:
             interrupts.check()
             layer = self.provider.load(i)
             layer_targets = targets(i, layer) if targets is not None else {}
-            stats = self.collect(layer, layer_targets, needs, hidden, cap.calls[i]) if needs else {}
+            outputs: list[Tensor] = []  # the statistics' forward gives the outputs too: one forward per layer
+            if needs:
+                stats = gather_stats(layer, layer_targets, needs, hidden, cap.calls[i], self.device, None, outputs)
+            else:
+                stats, outputs = {}, run_layer(layer, hidden, cap.calls[i])
             work = LayerWork(i, layer, self.prefix(i), layer_targets, stats, hidden, cap.calls[i])
-            outputs = run_layer(layer, hidden, cap.calls[i])
             results.append(fn(work, outputs))
             hidden = outputs
             self.provider.finish(i, layer, write=False)
@@ -118,7 +125,7 @@ class LayerwiseRunner:
         output = RunOutput()
         cap = self.capture()
         hidden = cap.hidden
-        tracked = any(p.needs_dense_path or p.teacher == "model" for p in passes)
+        tracked = self.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in passes)
         dense_hidden = hidden if tracked else None  # the dense model's path
         first = 0
         if start is not None:
@@ -150,16 +157,23 @@ class LayerwiseRunner:
         (the compressed model's, and the dense model's if tracked)."""
         prefix = self.prefix(i)
         layer = self.provider.load(i)
-        reference = run_layer(layer, hidden[:1], calls[:1])  # the dense layer's first-batch outputs
+        one_forward = self.inputs == "dense"
+        # the dense layer's first-batch outputs (with dense inputs: the first of the outputs the passes compute)
+        reference = [] if one_forward else run_layer(layer, hidden[:1], calls[:1])
         touched = {fqn: m for p in passes for fqn, m in resolve(p, i, layer).items() if is_linear(m)}
         dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
         done = len(output.records)
         work = LayerWork(i, layer, prefix, {}, {}, hidden, calls, dense, self.progress)
-        dense_hidden = compress_layer(
+        dense_hidden, dense_out = compress_layer(
             work, passes, resolve, dense_hidden, self.device, lambda: self.provider.round_to_storage(i, layer),
-            output.records,
+            output.records, dense_inputs=one_forward,
         )  # fmt: skip
-        hidden = feed_forward(prefix, layer, dense, reference, hidden, calls, output.errors)
+        if one_forward:  # the next layer takes the dense outputs; the compressed layer runs on one batch, for errors
+            assert dense_out is not None
+            feed_forward(prefix, layer, dense, dense_out[:1], hidden[:1], calls[:1], output.errors)
+            hidden = dense_out
+        else:
+            hidden = feed_forward(prefix, layer, dense, reference, hidden, calls, output.errors)
         errors = {k: v for k, v in output.errors.items() if k == prefix or k.startswith(prefix + ".")}
         self.provider.finish(i, layer, write=True, info={"records": output.records[done:], "errors": errors})
         return hidden, dense_hidden
