@@ -29,7 +29,7 @@ from tests.test_quantize import _outputs, _tokens
 from tests.zoo import compress
 
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
-HEAL = {"type": "heal", "steps": 30}
+HEAL = {"type": "heal", "steps": 30, "precision": "fp32"}  # auto: fp32 on these tiny shapes anyway
 CASES = {
     "sparsegpt-2:4": [{"type": "prune", "method": "sparsegpt", "pattern": "2:4"}],
     "flap-channels": [
@@ -117,7 +117,7 @@ def test_a_fit_that_does_not_help_leaves_the_layer_exactly_as_compressed(model_d
 def test_the_model_target_fits_the_dense_models_hidden_states(model_dir, tmp_path):
     src = model_dir("llama")
     step = CASES["sparsegpt-2:4"]
-    layer = compress(src, _recipe([*step, HEAL]), tmp_path / "layer")
+    layer = compress(src, _recipe([*step, {**HEAL, "target": "layer"}]), tmp_path / "layer")
     model = compress(src, _recipe([*step, {**HEAL, "target": "model"}]), tmp_path / "model")
     a, b = _heal_records(layer), _heal_records(model)
     assert a[0]["loss_before"] == pytest.approx(b[0]["loss_before"])  # layer 0: both teachers are the same
@@ -149,7 +149,7 @@ def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen,
 
     monkeypatch.setattr(heal, "bf16_speedup", lambda n_in, n_out, device: speedup)
     monkeypatch.setattr(heal, "has_bf16_units", lambda device: True)
-    runner = type("Runner", (), {"layers": [nn.Sequential(nn.Linear(8, 16))], "device": torch.device("cpu")})()
+    runner = type("Runner", (), {"layers": [nn.Sequential(nn.Linear(576, 1536))], "device": torch.device("cpu")})()
     p = heal.HealPass(heal.HealConfig(), 1)
     p.prepare(runner)
     assert p.decisions() == {"precision": chosen}
@@ -164,6 +164,11 @@ def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen,
     plain = heal.HealPass(heal.HealConfig(), 1)
     plain.prepare(runner)
     assert plain.decisions() == {"precision": "fp32"}
+    monkeypatch.setattr(heal, "has_bf16_units", lambda device: True)
+    runner.layers = [nn.Sequential(nn.Linear(64, 128))]  # a tiny model: not measured either
+    tiny = heal.HealPass(heal.HealConfig(), 1)
+    tiny.prepare(runner)
+    assert tiny.decisions() == {"precision": "fp32"}
 
 
 # ----------------------------------------------------------------------------------------- refusals

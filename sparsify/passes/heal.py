@@ -4,19 +4,21 @@
 - type: prune            # any compressing layer pass (prune, quantize, moe) ...
   method: sparsegpt
   pattern: "2:4"
-- type: heal             # ... then each compressed layer is fitted to the dense layer's outputs
+- type: heal             # ... then each compressed layer is fitted to the dense model's hidden states
   steps: 128             # Adam steps per layer
   windows: 2             # calibration windows per step
   lr: 1.0e-2             # peak learning rate, relative to each tensor's RMS (warm-up, cosine decay)
-  target: layer          # layer: the dense layer on the compressed model's inputs; model: the dense model's
-                         # hidden states after the layer (also corrects what the layers before got wrong)
+  target: model          # model: the dense model's hidden states after the layer (each layer also corrects
+                         # what the layers before it got wrong); layer: the dense layer on the compressed
+                         # model's inputs
   vectors: true          # norms and biases train too
   precision: auto        # the fit's forward and backward: bf16 autocast where the chip runs it faster
                          # (measured at the start), else fp32; or fp32 / bf16
 ```
 
-Per layer, after the passes before it compressed it: the teacher outputs come from the dense layer on the
-fly (computed before the first pass touches the layer: no second model in memory), the layer's free
+Per layer, after the passes before it compressed it: the teacher outputs come from the dense layers on the
+fly (the dense model's hidden states tracked through each layer before the first pass touches it, or the dense
+layer on the compressed inputs: no second model in memory), the layer's free
 parameters train to reproduce them (:func:`sparsify.algorithms.reconstruct.fit_block`), and the next layer
 gets the healed layer's outputs. What compression decided holds (:class:`~sparsify.passes.trainable.TrainableLayer`):
 pruned weights stay exactly zero (N:M patterns hold), removed channels, heads, experts and layers stay removed
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BF16_MIN_SPEEDUP = 1.3  # precision auto: bf16 autocast where a Linear step measures at least this much faster
+BF16_MIN_WEIGHTS = 256 * 256  # ... and is at least this big (tiny ones measure 0.9-1.05x: fp32, not a coin toss)
 
 
 class HealConfig(PassConfig):
@@ -63,9 +66,9 @@ class HealConfig(PassConfig):
         1e-2, gt=0, description="peak learning rate relative to each tensor's RMS (linear warm-up, cosine decay to 0)"
     )
     target: Literal["layer", "model"] = Field(
-        "layer",
-        description="layer: the dense layer's outputs on the compressed model's inputs; model: the dense model's"
-        " hidden states after the layer",
+        "model",
+        description="model: the dense model's hidden states after the layer (each layer also corrects what the"
+        " layers before it got wrong); layer: the dense layer's outputs on the compressed model's inputs",
     )
     vectors: bool = Field(True, description="also train norms and biases (else only weight matrices and scales)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -83,7 +86,7 @@ class HealPass(Pass):
     needs_grad = True
     uses_targets = False
     kind = "heal"
-    follow_up = "then heal each compressed layer: fit it to the dense layer's outputs (see docs/methods/heal.md)"
+    follow_up = "then heal each compressed layer: fit it to the dense model's hidden states (see docs/methods/heal.md)"
     title = "heal (block-wise reconstruction)"
     columns = (
         ("name", "layer", "text"),
@@ -112,7 +115,8 @@ class HealPass(Pass):
         if self.precision != "auto":
             return
         linear = next((m for layer in runner.layers for m in layer.modules() if isinstance(m, nn.Linear)), None)
-        if linear is None or not has_bf16_units(str(runner.device)):  # nothing to measure on, or no bf16 units
+        small = linear is None or linear.in_features * linear.out_features < BF16_MIN_WEIGHTS
+        if small or not has_bf16_units(str(runner.device)):  # too small to gain (or nothing to measure on), no units
             self.precision = "fp32"
             return
         speedup = bf16_speedup(linear.in_features, linear.out_features, str(runner.device))
