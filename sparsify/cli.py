@@ -9,6 +9,7 @@ likewise, one command per entry of :data:`sparsify.export.FORMATS`, with one opt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -390,8 +391,10 @@ class _FlagError(SparsifyError):
 
 
 def _run(model: str, data: dict[str, Any], given: dict[str, Any], where: str, names: dict[str, str]) -> None:
+    from sparsify.distributed import shutdown
     from sparsify.interrupts import Interrupted
     from sparsify.pipeline import compress
+    from sparsify.progress import NoProgress
     from sparsify.recipe import parse_recipe
 
     try:
@@ -400,14 +403,31 @@ def _run(model: str, data: dict[str, Any], given: dict[str, Any], where: str, na
         raise (_FlagError(str(e)) if not where else e) from None
     opts = _options(given)
     output = given["output"]
+    world = _world(opts.device)
+    opts = dataclasses.replace(opts, world=world, progress=opts.progress if world.leader else NoProgress())
     try:
         report = compress(model, recipe, output, opts)
-        _render(report, given["json_out"])
+        if world.leader:  # under torchrun, rank 0 speaks for the run
+            _render(report, given["json_out"])
     except Interrupted as e:
         # Wherever the signal landed, the output is this run's if its report carries this run's id.
         if not e.finished and _written_by(output, opts.run_id):
             e.finished = str(output)
         raise
+    finally:
+        shutdown(world)
+
+
+def _world(device: str):
+    """This process's place in a torchrun job (one of one outside torchrun); ranks but 0 say only errors (all
+    of it with --debug)."""
+    from sparsify.distributed import from_env
+
+    world = from_env(device)
+    logger = logging.getLogger("sparsify")
+    if not world.leader and logger.level > logging.DEBUG:
+        logger.setLevel(logging.ERROR)
+    return world
 
 
 def _written_by(output: Path, run_id: str) -> bool:

@@ -47,6 +47,7 @@ from sparsify.checkpoint.output import Partial, StageState, tensor_digest
 from sparsify.checkpoint.stage_model import Layers, load_outside_layers, open_stage_model, rest_keys
 from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, load_text, sample_windows, tokenize
 from sparsify.devices import cpu_flags, resolve_device
+from sparsify.distributed import SINGLE, PeerLost, World, device_of, end_world, is_peer_error
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import (
     DEFAULT_EVAL_WINDOWS,
@@ -90,6 +91,7 @@ class Options:
     revision: str | None = None  # branch, tag or commit when the model is a Hugging Face Hub repo id
     progress: Progress = field(default_factory=NoProgress)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in the report: which run wrote an output
+    world: World = SINGLE  # this process's place in a torchrun job (see sparsify.distributed)
 
 
 class QualityError(SparsifyError):
@@ -213,32 +215,61 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     (after writing) when the perplexity passed ``options.max_ppl_ratio`` times the input's.
     """
     opts = options or Options()
-    opts = replace(opts, device=resolve_device(opts.device))
+    world = opts.world
     t_start = time.perf_counter()
-    md = open_model(model_path, opts.revision)
-    reads = md.read_paths() + _user_files(model_path, recipe, opts)
-    target = check_output(out, reads, md.path, opts.overwrite)
+    md, reads, target = world.checked(lambda: _open(model_path, recipe, out, opts))
+    opts = replace(opts, device=device_of(world, resolve_device(opts.device)))
 
     # The work folder is claimed (locked) first: a second run into OUT is refused from the start.
     with partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=reads) as work:
-        run = _before_work(md, recipe, opts)
-        work.begin(_run_info(md, run.recipe, run.tokens, opts), opts.overwrite)
-        before = _measure(md.path, run, opts)
-        done = _run_stages(md, run, opts, work)
-        _write_files(md, run, done.config, work.dir)
-        done.notes += check_written(work.dir, opts.trust_remote_code, run.tokens, set(md.source.keys()))
-        after = _measure(work.dir, run, opts)
-        eval_info = _eval_info(md, work.dir, run, opts, before, after)
-        quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
-        report = _report(md, run, opts, done, model=str(model_path), shown=target.shown, out_dir=work.dir,
-                         eval_info=eval_info, quality=quality, before=before, after=after, t_start=t_start)  # fmt: skip
-        write_report(report, work.dir / "sparsify_report.json")
-        (work.dir / "README.md").write_text(model_card(report, md.path / "README.md"))
+        run = world.checked(lambda: _before_work(md, recipe, opts))
+        info = _run_info(md, run.recipe, run.tokens, opts)
+        world.same("model, recipe or calibration data", {k: v for k, v in info.items() if k != "device"})
+        work.begin(info, opts.overwrite)
+        before = _measure(md.path, run, opts) if not world.active else None
+        done = _run_stages_with(world, md, run, opts, work)
+        # Under torchrun the ranks part here: rank 0 checks and measures as one process (a loader that sees a
+        # process group, as compressed-tensors' does, would wait for ranks that have finished).
+        end_world(world)
+        if world.leader:
+            before = before or _measure(md.path, run, opts)
+            report, quality = _conclude(md, run, opts, done, work.dir, before, str(model_path), target.shown, t_start)
+    if not world.leader:  # a follower's copy was scratch: rank 0 wrote, checked and measured the output
+        shutil.rmtree(target.path, ignore_errors=True)
+        return {}
     if quality is not None and quality["status"] == "failed":
         raise QualityError(f"{quality['message']}; the output is in {target.shown}", report)
     if quality is not None and quality["status"] == "warning":
         log.warning(quality["message"])
     return report
+
+
+def _open(model_path: str | Path, recipe: Recipe, out: str | Path, opts: Options) -> tuple[ModelDir, list[Path], Any]:
+    """The input, the files the run reads, and where it writes: OUT, or under torchrun for ranks but 0 a
+    scratch folder beside it (removed when done)."""
+    resolve_device(opts.device)
+    md = open_model(model_path, opts.revision)
+    reads = md.read_paths() + _user_files(model_path, recipe, opts)
+    if not opts.world.leader:
+        out = Path(out).expanduser().absolute()
+        out = out.parent / f".{out.name}.rank{opts.world.rank}"
+    return md, reads, check_output(out, reads, md.path, opts.overwrite)
+
+
+def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path, before: _Measured, model: str,
+              shown: str, t_start: float) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """The output's files besides the weights, checked and measured; its report and model card. Returns the
+    report and the quality verdict."""
+    _write_files(md, run, done.config, folder)
+    done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
+    after = _measure(folder, run, opts)
+    eval_info = _eval_info(md, folder, run, opts, before, after)
+    quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
+    report = _report(md, run, opts, done, model=model, shown=shown, out_dir=folder, eval_info=eval_info,
+                     quality=quality, before=before, after=after, t_start=t_start)  # fmt: skip
+    write_report(report, folder / "sparsify_report.json")
+    (folder / "README.md").write_text(model_card(report, md.path / "README.md"))
+    return report, quality
 
 
 def _user_files(model_path: str | Path, recipe: Recipe, opts: Options) -> list[Path]:
@@ -278,6 +309,20 @@ def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
             source = open_model(out_dir)
     notes += [n for p in run.plan.passes for n in p.notes()]
     return _Done(cfg, records, notes, counts)
+
+
+def _run_stages_with(world: World, md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
+    """:func:`_run_stages`; under torchrun, a collective failing because another rank ended stops this one
+    with one line (its finished layers kept for ``--resume`` as after a signal)."""
+    try:
+        return _run_stages(md, run, opts, work)
+    except Exception as e:
+        if world.active and is_peer_error(e):
+            raise PeerLost(
+                f"torchrun: another rank ended during the run (rank {world.rank} of {world.size} stops too;"
+                " see that rank's error)"
+            ) from e
+        raise
 
 
 @dataclass
@@ -360,6 +405,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
         recipe = recipe.model_copy(update={"dtype": str(opts.dtype).removeprefix("torch.")})
     plan = make_plan(recipe, cfg, _config_of(md, cfg, opts), opts.trust_remote_code, _dtype(recipe))
     layered = bool(plan.layer_passes)
+    _check_world(plan, recipe, opts.world)
     notes: list[str] = list(plan.notes)
     if layered:
         recipe, fitted = _fit_context(recipe, config)
@@ -393,6 +439,23 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
             text = load_text(opts.eval_data, default=BUILTIN_EVAL, tokenizer=tokenizer)
             stream, eval_name = tokenize(text, tokenizer), text.name
     return _Run(recipe, plan, config, cfg, tokens, calib_name, why, lengths, stream, eval_name, notes)
+
+
+def _check_world(plan: Plan, recipe: Recipe, world: World) -> None:
+    """Under torchrun: every pass learns through statistics the ranks combine, and each rank has windows."""
+    if not world.active:
+        return
+    for p in plan.layer_passes:
+        if p.needs_data and not p.data_parallel:
+            raise SparsifyError(
+                f"pass {p.index} ({p.describe()}) does not run under torchrun: it trains on the calibration"
+                " inputs itself; run it in one process"
+            )
+    if plan.layer_passes and recipe.calibration.samples < world.size:
+        raise SparsifyError(
+            f"torchrun: {world.size} ranks for {recipe.calibration.samples} calibration windows; every rank needs"
+            " one at least (--samples)"
+        )
 
 
 def _held_out(opts: Options, encoder: bool) -> bool:
@@ -467,14 +530,18 @@ def _run_stage(
         provider = LazyLayers(layers.modules, layers.path, md.source, skel.keymap, state.layers, dtype, device)
         runner = LayerwiseRunner(
             skel.model.base_model, layers.modules, provider, run.tokens, run.recipe.calibration.batch_size,
-            opts.progress, device, layers.path, run.recipe.calibration.inputs,
+            opts.progress, device, layers.path, run.recipe.calibration.inputs, opts.world,
         )  # fmt: skip
         saved = state.decisions()
         decisions = _prepare(skel.model, layers, stage.layer_passes, runner, saved)
         if saved is None:
             state.save_decisions(decisions)
         provider.layers, provider.source_index = layers.modules, layers.source_index
-        output = _saved_output(state, len(layers.modules)) if state.complete else _sweep(runner, stage, layers, state)
+        output = (
+            _saved_output(state, len(layers.modules))
+            if state.complete
+            else _sweep(runner, stage, layers, state, opts.world)
+        )
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
@@ -499,9 +566,11 @@ def _saved_output(state: StageState, n_layers: int) -> RunOutput:
     return output
 
 
-def _sweep(runner: LayerwiseRunner, stage: Stage, layers: Layers, state: StageState) -> RunOutput:
-    """The layer-wise loop, continuing from a checkpoint of an earlier run when resuming."""
+def _sweep(runner: LayerwiseRunner, stage: Stage, layers: Layers, state: StageState, world: World) -> RunOutput:
+    """The layer-wise loop, continuing from a checkpoint of an earlier run when resuming (under torchrun every
+    rank from its own, all at the same layer: each checkpoint is taken by all of them or none)."""
     start: ResumePoint | None = state.resume_point()
+    world.same("resume point (the layer its unfinished run reached)", start[0] if start is not None else None)
     prior = RunOutput()
     n = len(layers.modules)
     if start is not None:
@@ -515,7 +584,7 @@ def _sweep(runner: LayerwiseRunner, stage: Stage, layers: Layers, state: StageSt
         now = time.perf_counter()
         if next_layer == n:  # every layer done: nothing to carry over
             state.checkpoint(next_layer, [], None)
-        elif timer["cost"] < 0.05 or now - timer["last"] >= 10 * timer["cost"]:
+        elif world.gather_objects(timer["cost"] < 0.05 or now - timer["last"] >= 10 * timer["cost"])[0]:
             state.checkpoint(next_layer, hidden, dense)
             timer["last"], timer["cost"] = time.perf_counter(), time.perf_counter() - now
 
@@ -613,6 +682,7 @@ def _run_info(md: ModelDir, recipe: Recipe, tokens: torch.Tensor | None, opts: O
         "recipe": recipe.to_yaml(),
         "calibration_tokens": tensor_digest(tokens) if tokens is not None else None,
         "device": opts.device,
+        **({"world_size": opts.world.size} if opts.world.active else {}),
     }
 
 

@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sparsify.distributed import SINGLE, World
+
 
 class Stat:
-    """An accumulator over calibration tokens; ``value()`` is the raw accumulated tensor."""
+    """An accumulator over calibration tokens; ``value()`` is the raw accumulated tensor.
+
+    Under torchrun each rank accumulates its own windows; ``reduce`` combines them (by default the ``acc``
+    tensor summed, or ``op = "max"``), so every rank holds the statistic of all the windows."""
+
+    op = "sum"
 
     def __init__(self, n_in: int, device: torch.device):
         self.n_in, self.device = n_in, device
@@ -26,6 +33,9 @@ class Stat:
 
     def value(self) -> Tensor:
         raise NotImplementedError
+
+    def reduce(self, world: World) -> None:
+        world.all_reduce_(self.acc, self.op)  # type: ignore[attr-defined]
 
 
 class SqNorm(Stat):
@@ -72,6 +82,8 @@ class Hessian(Stat):
 
 class AbsMax(Stat):
     """``max_t |x_tj|``, ``(in,)``: SmoothQuant's migration strength, activation ranges."""
+
+    op = "max"
 
     def __init__(self, n_in: int, device: torch.device):
         super().__init__(n_in, device)
@@ -133,6 +145,16 @@ class InputStats:
             self.cross.addmm_(x_dense.reshape(-1, x.shape[-1]).float().T, X)
         self.tokens += X.shape[0]
 
+    def reduce(self, world: World = SINGLE) -> None:
+        """Combine the ranks' accumulations (a no-op in one process)."""
+        if not world.active:
+            return
+        for stat in self.values.values():
+            stat.reduce(world)
+        if self.cross is not None:
+            world.all_reduce_(self.cross)
+        self.tokens = int(world.all_reduce_(torch.tensor([self.tokens], dtype=torch.float64)).item())
+
     @classmethod
     def empty(
         cls,
@@ -148,3 +170,9 @@ class InputStats:
             raise KeyError(f"unknown statistic(s) {unknown}; known: {sorted(factories)}")
         values = {name: factories[name](n_in, device) for name in sorted(names)}
         return cls(values=values, cross=torch.zeros(n_in, n_in, device=device) if cross else None)
+
+
+def reduce_all(stats: dict[str, InputStats], world: World) -> None:
+    """Every distinct accumulator of ``stats`` reduced once (Linears fed the same input share one)."""
+    for s in {id(s): s for s in stats.values()}.values():
+        s.reduce(world)

@@ -7,6 +7,7 @@ import torch
 
 from sparsify.arch import find_layers, lookup
 from sparsify.calibration import InMemoryLayers, LayerwiseRunner, run_layer
+from sparsify.calibration.gather import gather_stats
 from tests import zoo
 
 
@@ -36,7 +37,7 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
     targets = {f"model.layers.0.{n}": layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj",
                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
     needs = {"hessian", "sq_norm", "sum", "abs_max", "active_count"}
-    stats = runner.collect(layer, targets, needs, captured.hidden, captured.calls[0])
+    stats = gather_stats(layer, targets, needs, captured.hidden, captured.calls[0], torch.device("cpu"))
 
     inputs: dict[str, list[torch.Tensor]] = {k: [] for k in targets}
     handles = [m.register_forward_hook(lambda _m, a, _o, k=k: inputs[k].append(a[0])) for k, m in targets.items()]

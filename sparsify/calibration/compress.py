@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from sparsify.calibration.gather import gather_paired_stats, gather_stats
 from sparsify.calibration.work import LayerWork, run_layer
+from sparsify.distributed import SINGLE, World
 from sparsify.errors import SparsifyError
 from sparsify.statistics import InputStats
 
@@ -29,12 +30,17 @@ def compress_layer(
     round_to_storage: Callable[[], None],
     records: list[Any],
     dense_inputs: bool = False,
+    world: World = SINGLE,
 ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
     """Every pass on the layer of ``layer_work`` (its targets and statistics filled in per stage), its report
     rows appended to ``records``. Returns the dense model's next hidden states (if ``dense_hidden`` is tracked)
     and the dense layer's outputs on ``layer_work.inputs`` (computed when a teacher or ``dense_inputs`` needs
     them; with ``dense_inputs``, where the inputs are the dense model's own, they are the next layer's inputs and
-    come from the first statistics' forward when there is one: one forward of the layer, not two)."""
+    come from the first statistics' forward when there is one: one forward of the layer, not two).
+
+    Under torchrun (``world``) the statistics are combined over the ranks; a pass whose targets are independent
+    (``Pass.per_target``) solves its share of each stage's targets on each rank, any other on every rank; either
+    way each rank then holds the same layer (broadcast from where it was computed)."""
     i, layer, hidden, calls = layer_work.index, layer_work.layer, layer_work.inputs, layer_work.calls
     next_dense = None
     if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
@@ -53,20 +59,39 @@ def compress_layer(
             stats: dict[str, InputStats] = {}
             if p.needs_dense_path:  # the first pass only (checked when the plan is made)
                 assert dense_hidden is not None
-                stats, next_dense = gather_paired_stats(layer, watched, p.needs, dense_hidden, hidden, calls, device)
+                stats, next_dense = gather_paired_stats(
+                    layer, watched, p.needs, dense_hidden, hidden, calls, device, world
+                )
             elif p.needs or p.custom_stats:
                 needs = set(p.needs) | set(p.custom_stats)
                 keep = [] if from_stats and dense_layer_out is None else None  # the layer is still dense here
-                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats, keep)
+                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats, keep, world)
                 dense_layer_out = keep if keep is not None else dense_layer_out
             model_path = dense_layer_out if dense_inputs else next_dense
             teacher = {"layer": dense_layer_out, "model": model_path}.get(p.teacher or "")
             work = dataclasses.replace(layer_work, targets=stage, stats=stats, teacher=teacher)
             with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
-                records.extend(p.compress_layer(work))
+                if world.active and p.per_target:
+                    records.extend(_spread(p, work, world))
+                else:
+                    records.extend(p.compress_layer(work))
+                    world.broadcast_module_(layer)  # computed alike on every rank: rank 0's is the one written
             round_to_storage()
         _check_finite(layer, layer_work.prefix, p)
     return next_dense, dense_layer_out
+
+
+def _spread(p: Any, work: LayerWork, world: World) -> list[Any]:
+    """A stage's targets dealt round-robin over the ranks; each solves its own, then every target is broadcast
+    from the rank that solved it. Returns the report rows of all the targets, in the stage's order."""
+    names = list(work.targets)
+    owner = {fqn: j % world.size for j, fqn in enumerate(names)}
+    mine = {fqn: m for fqn, m in work.targets.items() if owner[fqn] == world.rank}
+    rows = p.compress_layer(dataclasses.replace(work, targets=mine)) if mine else []
+    for fqn, module in work.targets.items():
+        world.broadcast_module_(module, src=owner[fqn])
+    every = [row for part in world.gather_objects(rows) for row in part]
+    return sorted(every, key=lambda row: names.index(row["name"]))
 
 
 def _check_finite(layer: nn.Module, prefix: str, p: Any) -> None:

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from sparsify.calibration.work import LayerCall, run_layer
+from sparsify.distributed import SINGLE, World
 from sparsify.modules import in_features
-from sparsify.statistics import InputStats
+from sparsify.statistics import InputStats, reduce_all
 
 
 @contextlib.contextmanager
@@ -35,9 +36,11 @@ def gather_stats(
     device: torch.device,
     custom: dict[str, Callable] | None = None,
     outputs: list[Tensor] | None = None,
+    world: World = SINGLE,
 ) -> dict[str, InputStats]:
     """Accumulate the statistics ``needs`` of ``targets``' inputs over all batches (the layer's outputs are
-    appended to ``outputs`` when one is given: the same forward serves as the next layer's inputs).
+    appended to ``outputs`` when one is given: the same forward serves as the next layer's inputs), combined
+    over the ranks of ``world`` (each ran its own windows).
 
     Linears fed the very same tensor (q/k/v after one norm, gate/up) share one accumulator: the
     statistics (``X^T X`` above all) are computed once per input, not once per Linear.
@@ -72,6 +75,7 @@ def gather_stats(
             first_batch[0] = False
     for follower, leader in leader_of.items():
         stats[follower] = stats[leader]
+    reduce_all(stats, world)
     return stats
 
 
@@ -84,6 +88,7 @@ def gather_paired_stats(
     hidden: list[Tensor],
     calls: list[LayerCall],
     device: torch.device,
+    world: World = SINGLE,
 ) -> tuple[dict[str, InputStats], list[Tensor]]:
     """Statistics of the compressed path plus their cross term with the dense model's path.
 
@@ -111,4 +116,5 @@ def gather_paired_stats(
             dense_out += run_layer(layer, [hd], [call])
             on_dense_path[0] = False
             run_layer(layer, [h], [call])
+    reduce_all(stats, world)
     return stats, dense_out

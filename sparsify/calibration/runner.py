@@ -21,9 +21,9 @@ from sparsify.calibration.compress import Resolver, compress_layer
 from sparsify.calibration.forward import feed_forward
 from sparsify.calibration.gather import gather_stats
 from sparsify.calibration.work import LayerCall, LayerProvider, LayerWork, RunOutput, run_layer
+from sparsify.distributed import SINGLE, World
 from sparsify.modules import is_linear, weight_matrix
 from sparsify.progress import NoProgress, Progress
-from sparsify.statistics import InputStats
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,14 @@ class LayerwiseRunner:
         device: torch.device | str = "cpu",
         layers_path: str = "layers",
         inputs: str = "compressed",
+        world: World = SINGLE,
     ):
         self.backbone = backbone
         self.layers = layers
         self.provider = provider
-        self.tokens = tokens  # (samples, seq_len); None: no calibration data (passes that need none)
+        # (samples, seq_len), this rank's share under torchrun; None: no calibration data (passes that need none)
+        self.tokens = tokens[world.shard(tokens.shape[0])] if tokens is not None and world.active else tokens
+        self.world = world
         self.batch_size = batch_size
         self.progress = progress or NoProgress()
         self.device = torch.device(device)
@@ -67,18 +70,6 @@ class LayerwiseRunner:
         return capture_inputs(
             self.backbone, self.layers, calibration_batches(self.tokens, self.batch_size), self.device
         )
-
-    def collect(
-        self,
-        layer: nn.Module,
-        targets: dict[str, nn.Module],
-        needs: set[str] | frozenset[str],
-        hidden: list[Tensor],
-        calls: list[LayerCall],
-        custom: dict[str, Callable] | None = None,
-    ) -> dict[str, InputStats]:
-        """The statistics ``needs`` of ``targets``' inputs over all batches (see :func:`.gather.gather_stats`)."""
-        return gather_stats(layer, targets, needs, hidden, calls, self.device, custom)
 
     @torch.no_grad()
     def observe(
@@ -99,10 +90,12 @@ class LayerwiseRunner:
             layer_targets = targets(i, layer) if targets is not None else {}
             outputs: list[Tensor] = []  # the statistics' forward gives the outputs too: one forward per layer
             if needs:
-                stats = gather_stats(layer, layer_targets, needs, hidden, cap.calls[i], self.device, None, outputs)
+                stats = gather_stats(
+                    layer, layer_targets, needs, hidden, cap.calls[i], self.device, None, outputs, self.world
+                )
             else:
                 stats, outputs = {}, run_layer(layer, hidden, cap.calls[i])
-            work = LayerWork(i, layer, self.prefix(i), layer_targets, stats, hidden, cap.calls[i])
+            work = LayerWork(i, layer, self.prefix(i), layer_targets, stats, hidden, cap.calls[i], world=self.world)
             results.append(fn(work, outputs))
             hidden = outputs
             self.provider.finish(i, layer, write=False)
@@ -163,10 +156,10 @@ class LayerwiseRunner:
         touched = {fqn: m for p in passes for fqn, m in resolve(p, i, layer).items() if is_linear(m)}
         dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
         done = len(output.records)
-        work = LayerWork(i, layer, prefix, {}, {}, hidden, calls, dense, self.progress)
+        work = LayerWork(i, layer, prefix, {}, {}, hidden, calls, dense, self.progress, world=self.world)
         dense_hidden, dense_out = compress_layer(
             work, passes, resolve, dense_hidden, self.device, lambda: self.provider.round_to_storage(i, layer),
-            output.records, dense_inputs=one_forward,
+            output.records, dense_inputs=one_forward, world=self.world,
         )  # fmt: skip
         if one_forward:  # the next layer takes the dense outputs; the compressed layer runs on one batch, for errors
             assert dense_out is not None

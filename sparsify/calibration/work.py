@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from sparsify.distributed import SINGLE, World
 from sparsify.progress import NoProgress, Progress
 from sparsify.statistics import InputStats
 
@@ -63,6 +64,7 @@ class LayerWork:
     reference: dict[str, Tensor] = field(default_factory=dict)
     progress: Progress = field(default_factory=NoProgress)  # for a pass's own long loops (QAT steps)
     teacher: list[Tensor] | None = None  # per batch: the outputs a training pass fits (see Pass.teacher)
+    world: World = SINGLE  # under torchrun: ``inputs`` are this rank's share (a pass reading them combines its sums)
 
     def run(self, inputs: list[Tensor] | None = None) -> list[Tensor]:
         """The layer's outputs on ``inputs`` (default: the calibration inputs), batch by batch."""

@@ -414,7 +414,8 @@ def partial_output(
             raise
         with interrupts.deferred():
             finished = partial is not None and partial.finished
-            keep = isinstance(e, interrupts.Interrupted) and resume and partial is not None and partial.progress() > 0
+            stopped = isinstance(e, interrupts.Interrupted) or getattr(e, "keep_partial", False)
+            keep = stopped and resume and partial is not None and partial.progress() > 0
             if isinstance(e, interrupts.Interrupted):
                 e.finished = out.shown if finished else None
                 e.kept = str(partial.dir) if keep and not finished and partial is not None else None

@@ -84,6 +84,7 @@ class HealPass(Pass):
     config: HealConfig
     requires = frozenset()  # quantized Linears train as float weights and scales, re-rounded on their grid
     needs_grad = True
+    data_parallel = False  # trains on the inputs itself (gradients are not yet all-reduced under torchrun)
     uses_targets = False
     kind = "heal"
     follow_up = "then heal each compressed layer: fit it to the dense model's hidden states (see docs/methods/heal.md)"

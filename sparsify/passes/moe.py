@@ -289,7 +289,8 @@ class MoEPass(Pass):
             if "XtX" in acc:
                 acc["XtX"].addmm_(x.T, x)
                 acc["XtA"].addmm_(x.T, A)
-            keep = torch.randperm(x.shape[0], generator=gen)[: SAMPLE_TOKENS // max(1, len(work.inputs))]
+            share = SAMPLE_TOKENS // max(1, len(work.inputs) * work.world.size)
+            keep = torch.randperm(x.shape[0], generator=gen)[:share]
             acc["xs"].append(x[keep])
             acc["as"].append(A[keep])
             acc["tokens"] += x.shape[0]
@@ -301,6 +302,12 @@ class MoEPass(Pass):
             for h in handles:
                 h.remove()
         acc["X"], acc["A"] = torch.cat(acc.pop("xs")), torch.cat(acc.pop("as"))
+        if work.world.active:  # under torchrun: the sums over every rank's windows, the samples side by side
+            for key in ("counts", "coact", "XtX", "XtA"):
+                if key in acc:
+                    work.world.all_reduce_(acc[key])
+            acc["tokens"] = int(work.world.all_reduce_(torch.tensor([acc["tokens"]], dtype=torch.float64)).item())
+            acc["X"], acc["A"] = work.world.all_gather_cat(acc["X"]), work.world.all_gather_cat(acc["A"])
         return acc
 
     def _split(self, rest: Tensor, W_g: Tensor, W_u: Tensor, stats: dict | None, groups: int) -> Tensor:

@@ -78,6 +78,7 @@ class PrunePass(Pass):
         self.needs = self.method.needs
         self.needs_dense_path = config.dense_targets
         self.needs_data = bool(self.method.needs) or config.profile == "owl"
+        self.per_target = True  # each Linear pruned alone (OWL's per-layer sparsity is decided before the sweep)
         self.layer_sparsity: list[float] | None = None  # set by OWL
         self.outlier_ratios: list[float] | None = None
 

@@ -51,6 +51,7 @@ from sparsify.algorithms.quant import (
 )
 from sparsify.algorithms.reconstruct import fit_block
 from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
+from sparsify.distributed import World
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, expand_zero_point
@@ -184,6 +185,14 @@ class InputSample(Stat):
     def value(self) -> Tensor:
         return self.rows
 
+    def reduce(self, world: World) -> None:
+        """Every rank's sample, then ``SAMPLE_ROWS`` of them by the same seeded draw on every rank."""
+        rows = world.all_gather_cat(self.rows)  # (sum of ranks' rows, in)
+        if rows.shape[0] > SAMPLE_ROWS:
+            keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:SAMPLE_ROWS]
+            rows = rows[keep.sort().values.to(rows.device)]
+        self.rows = rows
+
 
 @register("quantize")
 class QuantizePass(Pass):
@@ -226,6 +235,7 @@ class QuantizePass(Pass):
         self.needs = frozenset(needs)
         self.custom_stats = {"sample": InputSample} if static and c.observer != "minmax" else {}
         self.needs_grad = c.qat is not None
+        self.data_parallel = c.qat is None  # QAT trains on the inputs itself
         self.needs_data = bool(self.method.needs) or static or c.smoothquant is not None or bool(c.qat)
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None

@@ -106,6 +106,7 @@ class StructuredPrunePass(Pass):
             needs.add("hessian")
         self.needs = frozenset(needs)
         self.needs_data = self.what == "layers" or bool(needs)
+        self.data_parallel = self.what != "layers"  # a layer's score comes from its inputs and outputs themselves
         self.requires = frozenset({"float", "dense_ffn"} if self.what == "channels" else {"float"})
         self.removed_layers: list[int] = []
         self.layer_scores: list[float] = []

@@ -1,0 +1,194 @@
+"""torchrun on torch.distributed (gloo): two CPU processes give what one gives (docs/distributed.md).
+
+Every run here is a real ``torchrun --standalone --nproc-per-node 2`` in fresh processes. What must agree with one
+process: the masks exactly; the weights to float rounding (the ranks' statistics are summed in another order);
+perplexity within 0.3%; the report's rows, in the same order. Rank 0 alone writes; no scratch is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsify.distributed import SINGLE, World
+from tests import zoo
+from tests.test_guarantees import _weights
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--samples", "8", "--seq-len", "64", "--batch-size", "2", "--json"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _one(*args: object) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "sparsify", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+
+
+def _two(*args: object, module: str = "sparsify") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", module]
+    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def _both(tmp_path: Path, *args: object) -> tuple[Path, Path, dict, dict]:
+    """The same command in one process and in two; both outputs and both reports (``--json`` on stdout)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    a = _one(*args, "-o", one, *SMALL)
+    assert a.returncode == 0, a.stderr
+    b = _two(*args, "-o", two, *SMALL)
+    assert b.returncode == 0, b.stderr
+    assert _errors(b.stderr) == []
+    assert b.stdout.count('"run_id"') == 1  # rank 0 alone reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # the other rank's scratch is gone
+    return one, two, json.loads(a.stdout), json.loads(b.stdout)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _same_rows(r1: dict, r2: dict) -> None:
+    """The same rows in the same order; output errors measured on the same windows (rank 0 holds the first)."""
+    rows1, rows2 = r1["layers"], r2["layers"]
+    assert rows1 and [(m["name"], m.get("status")) for m in rows1] == [(m["name"], m.get("status")) for m in rows2]
+    for m1, m2 in zip(rows1, rows2, strict=True):
+        if m1.get("rel_error") is not None:
+            assert m2["rel_error"] == pytest.approx(m1["rel_error"], rel=1e-3, abs=1e-7)
+
+
+def _close_perplexity(r1: dict, r2: dict) -> None:
+    assert r1["eval"]["before"] == r2["eval"]["before"]
+    assert abs(r2["eval"]["after"] / r1["eval"]["after"] - 1) < 0.003
+
+
+# ------------------------------------------------------------------------------------------------ the world
+
+
+def test_a_world_of_one_is_the_whole_run_and_shards_partition_the_windows():
+    assert SINGLE.shard(7) == slice(0, 7) and SINGLE.leader and not SINGLE.active
+    t = torch.arange(5.0)
+    assert SINGLE.all_reduce_(t, "max") is t and t.tolist() == [0, 1, 2, 3, 4]
+    assert SINGLE.gather_objects("x") == ["x"]
+    for size in (1, 2, 3, 4):
+        for n in (4, 5, 8, 9, 13):
+            parts = [list(range(n))[World(rank, size).shard(n)] for rank in range(size)]
+            assert [i for p in parts for i in p] == list(range(n))  # contiguous, in order: rank 0 holds the first
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# --------------------------------------------------------------------------------------- one equals two
+
+
+def test_two_ranks_prune_as_one_does(model_dir, calib_file, tmp_path):
+    """SparseGPT: statistics summed over the ranks, each Linear solved on one rank and broadcast."""
+    one, two, r1, r2 = _both(
+        tmp_path, "prune", model_dir("llama"), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_file
+    )
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys()
+    pruned = [k for k in a if k.endswith("proj.weight")]
+    assert pruned and all(torch.equal(a[k] == 0, b[k] == 0) for k in pruned)  # the same masks
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    _same_rows(r1, r2)
+    _close_perplexity(r1, r2)
+
+
+def test_two_ranks_quantize_gptq_as_one_does(model_dir, calib_file, tmp_path):
+    one, two, r1, r2 = _both(
+        tmp_path, "quantize", model_dir("llama"), "--scheme", "w4a16", "--method", "gptq", "--group-size", "16",
+        "--calib", calib_file,
+    )  # fmt: skip
+    a, b = _tensors(one), _tensors(two)
+    packed = [k for k in a if k.endswith("weight_packed")]
+    assert packed
+    # GPTQ rounds each column after correcting it: a sum in another order may flip a rare tie
+    same = sum(int(torch.eq(a[k], b[k]).sum()) for k in packed) / sum(a[k].numel() for k in packed)
+    assert same > 0.99
+    _same_rows(r1, r2)
+    _close_perplexity(r1, r2)
+
+
+def test_two_ranks_convert_to_moe_as_one_does(model_dir, calib_file, tmp_path):
+    """Co-activation counts and the analytic router's sums all-reduced; token samples gathered."""
+    one, two, r1, r2 = _both(
+        tmp_path, "moe-convert", model_dir("llama"), "--experts", "4", "--top-k", "2", "--split", "coactivation",
+        "--router", "analytic", "--calib", calib_file,
+    )  # fmt: skip
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys()
+    experts = [k for k in a if ".experts." in k]
+    assert experts and all(torch.equal(a[k], b[k]) for k in experts)  # the same split: counts are exact sums
+    _same_rows(r1, r2)
+    _close_perplexity(r1, r2)
+
+
+# ------------------------------------------------------------------------------------------ bad input, death
+
+
+def test_what_cannot_run_data_parallel_is_refused_before_work(model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--heal"], "does not run under torchrun"),
+        (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--samples", "1"], "2 ranks for 1"),
+        (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--device", "cuda"], "cuda"),
+    ]  # fmt: skip
+    for args, fragment in cases:
+        r = _two(*args, "--calib", calib_file, "-o", out, "--seq-len", "64")
+        assert r.returncode != 0
+        errors = _errors(r.stderr)
+        assert errors and fragment in errors[0], r.stderr
+        assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr  # (torchrun's own shows)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_ranks_that_disagree_on_the_input_are_refused(tmp_path):
+    script = tmp_path / "same.py"
+    script.write_text(
+        "from sparsify.distributed import from_env, shutdown\n"
+        "from sparsify.errors import SparsifyError\n"
+        "w = from_env('cpu')\n"
+        "try:\n"
+        "    w.same('model', {'weights': 'abc'})\n"
+        "    w.same('recipe', {'sparsity': 0.5 + w.rank})\n"
+        "except SparsifyError as e:\n"
+        "    print(w.rank, e)\n"
+        "shutdown(w)\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.splitlines())
+    assert len(lines) == 2 and all("rank(s) [1] have another recipe than rank 0" in line for line in lines)
+
+
+def test_a_run_killed_on_both_ranks_resumes_to_the_same_bytes(calib_file, tmp_path):
+    model = zoo.save("llama", tmp_path / "llama4", layers=4)
+    args = ["prune", model, "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_file, *SMALL, "--no-eval"]
+    whole = _two(*args, "-o", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    killed = _two("kill@2", "--", *args, "-o", out, module="tests.faults")
+    assert killed.returncode != 0 and not out.exists()
+    resumed = _two(*args, "-o", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at layer 2 of 4" in resumed.stdout
+    assert _weights(out) == _weights(tmp_path / "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama4", "out", "whole"]
