@@ -97,7 +97,10 @@ def quality(args) -> None:
             path = out
             if tool == "ours":
                 recipe = parse_recipe(
-                    {"calibration": {"samples": args.samples, "seq_len": args.seq_len}, "passes": [step]}
+                    {
+                        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "inputs": args.inputs},
+                        "passes": [step],
+                    }
                 )
                 t0 = time.perf_counter()
                 report = compress(
@@ -106,6 +109,7 @@ def quality(args) -> None:
                 seconds = time.perf_counter() - t0
                 extra = {
                     "compute_dtype": args.dtype,
+                    "inputs": args.inputs,
                     "peak_rss_bytes": report["totals"]["peak_rss_bytes"],
                     "mean_weight_error": report["totals"].get("mean_weight_error"),
                 }
@@ -240,6 +244,7 @@ def main() -> None:
     q.add_argument("--eval-windows", type=int, default=32)
     q.add_argument("--llmcompressor", help="python of a venv with llmcompressor installed")
     q.add_argument("--dtype", default="float32", help="our compute dtype (llmcompressor's is float32)")
+    q.add_argument("--inputs", default="compressed", choices=["compressed", "dense"], help="our calibration inputs")
     s = sub.add_parser("speed")
     s.add_argument("--tokens", type=int, default=512)
     s.add_argument("--repeats", type=int, default=5)
