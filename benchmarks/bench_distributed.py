@@ -6,8 +6,8 @@ Each SETTING (:data:`SETTINGS`) runs as the user runs it: ``python -m sparsify .
 ``torchrun --standalone --nproc-per-node N -m sparsify ...``, same model, same calibration, ``--no-eval``
 (the wall time is the compression's). Both outputs are then evaluated by one process with the same code
 (``sparsify.evaluate``, held-out pydoc windows of the embedded text: what every run reports). Reported: the
-wall times and their ratio, both perplexities and their relative difference, and how far the weights moved
-(max |delta|, and the share of pruning masks or quantized integers that agree). torchrun gives each rank
+wall times and their ratio, both perplexities and their relative difference, whether the tensors are
+byte-identical, how far they moved (max |delta|) and the share of pruning masks or quantized integers that agree. torchrun gives each rank
 ``OMP_NUM_THREADS=1``; one process uses every core torch takes by default. Results append to
 bench-out/distributed.jsonl, with the CPU's flags.
 """
@@ -56,6 +56,13 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _aligned(one: Path, many: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    a, b = _tensors(one), _tensors(many)
+    if a.keys() != b.keys():
+        raise SystemExit(f"{one} and {many} hold other tensors")
+    return [a[k] for k in sorted(a)], [b[k] for k in sorted(a)]
+
+
 def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
     """Max |delta| over float tensors; the share of zeros (masks) or integers (quantized weights) that agree."""
     delta, same, total = 0.0, 0, 0
@@ -98,6 +105,7 @@ def main() -> None:
             "ppl_1": ppl["1"],
             f"ppl_{args.nproc}": ppl["n"],
             "ppl_rel_diff": ppl["n"] / ppl["1"] - 1,
+            "identical": all(torch.equal(t, u) for t, u in zip(*_aligned(one, many), strict=True)),
             **_agreement(_tensors(one), _tensors(many)),
             "cpu": cpu_flags(),
         }

@@ -84,6 +84,16 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` (picklable: a module is sent whole, tensors and all)."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def broadcast_module_(self, module: nn.Module, src: int = 0) -> None:
         """Every parameter and buffer of ``module`` as rank ``src`` holds it (shapes already agree)."""
         if not self.active:

@@ -75,3 +75,9 @@ def add_to_bias(module: nn.Module, delta: Tensor | None = None) -> None:
         )
     if delta is not None:
         module.bias.add_(delta.to(module.bias.dtype))
+
+
+def replace_module(layer: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name`` (relative to ``layer``) in place of what was there."""
+    parent, _, attr = name.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, attr, new)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import resource
 import shutil
 import time
@@ -448,13 +449,15 @@ def _check_world(plan: Plan, recipe: Recipe, world: World) -> None:
     for p in plan.layer_passes:
         if p.needs_data and not p.data_parallel:
             raise SparsifyError(
-                f"pass {p.index} ({p.describe()}) does not run under torchrun: it trains on the calibration"
-                " inputs itself; run it in one process"
+                f"pass {p.index} ({p.describe()}) does not run under torchrun: it reads the calibration"
+                " inputs itself rather than statistics the ranks combine; run it in one process"
             )
-    if plan.layer_passes and recipe.calibration.samples < world.size:
+    cal = recipe.calibration
+    batches = 1 + math.ceil(max(0, cal.samples - ERROR_WINDOWS) / cal.batch_size)  # as calibration_batches makes
+    if plan.layer_passes and batches < world.size:
         raise SparsifyError(
-            f"torchrun: {world.size} ranks for {recipe.calibration.samples} calibration windows; every rank needs"
-            " one at least (--samples)"
+            f"torchrun: {world.size} ranks for {batches} calibration batch(es) ({cal.samples} windows, batch size"
+            f" {cal.batch_size}); every rank needs one at least (more --samples or a smaller --batch-size)"
         )
 
 

@@ -18,10 +18,12 @@ from sparsify.distributed import SINGLE, World
 
 
 class Stat:
-    """An accumulator over calibration tokens; ``value()`` is the raw accumulated tensor.
+    """An accumulator over calibration tokens; ``value()`` is the raw accumulated tensor (float32).
 
-    Under torchrun each rank accumulates its own windows; ``reduce`` combines them (by default the ``acc``
-    tensor summed, or ``op = "max"``), so every rank holds the statistic of all the windows."""
+    Under torchrun each rank accumulates its own batches; ``reduce`` combines them (by default the ``acc``
+    tensor summed, or ``op = "max"``), so every rank holds the statistic of all the windows. Sums accumulate each
+    batch's float32 contribution in float64: the order in which batches (or ranks) are added then changes
+    nothing once rounded back to float32, so one process and several give the same statistic."""
 
     op = "sum"
 
@@ -43,13 +45,13 @@ class SqNorm(Stat):
 
     def __init__(self, n_in: int, device: torch.device):
         super().__init__(n_in, device)
-        self.acc = torch.zeros(n_in, device=device)
+        self.acc = torch.zeros(n_in, device=device, dtype=torch.float64)
 
     def add(self, X: Tensor) -> None:
-        self.acc += X.pow(2).sum(0)
+        self.acc += X.pow(2).sum(0)  # float32 per batch, float64 across batches
 
     def value(self) -> Tensor:
-        return self.acc
+        return self.acc.float()
 
 
 class Sum(Stat):
@@ -57,13 +59,13 @@ class Sum(Stat):
 
     def __init__(self, n_in: int, device: torch.device):
         super().__init__(n_in, device)
-        self.acc = torch.zeros(n_in, device=device)
+        self.acc = torch.zeros(n_in, device=device, dtype=torch.float64)
 
     def add(self, X: Tensor) -> None:
         self.acc += X.sum(0)
 
     def value(self) -> Tensor:
-        return self.acc
+        return self.acc.float()
 
 
 class Hessian(Stat):
@@ -71,13 +73,13 @@ class Hessian(Stat):
 
     def __init__(self, n_in: int, device: torch.device):
         super().__init__(n_in, device)
-        self.acc = torch.zeros(n_in, n_in, device=device)
+        self.acc = torch.zeros(n_in, n_in, device=device, dtype=torch.float64)
 
     def add(self, X: Tensor) -> None:
-        self.acc.addmm_(X.T, X)
+        self.acc += X.T @ X  # (in, in): float32 per batch, float64 across batches
 
     def value(self) -> Tensor:
-        return self.acc
+        return self.acc.float()
 
 
 class AbsMax(Stat):
@@ -125,7 +127,7 @@ class InputStats:
 
     tokens: int = 0
     values: dict[str, Stat] = field(default_factory=dict)
-    cross: Tensor | None = None  # (in, in) X_dense^T X, when a pass fits the dense model's outputs
+    cross: Tensor | None = None  # (in, in) X_dense^T X (float64), when a pass fits the dense model's outputs
 
     def __getitem__(self, name: str) -> Tensor:
         return self.values[name].value()
@@ -142,7 +144,7 @@ class InputStats:
         for stat in self.values.values():
             stat.add(X)
         if self.cross is not None and x_dense is not None:
-            self.cross.addmm_(x_dense.reshape(-1, x.shape[-1]).float().T, X)
+            self.cross += x_dense.reshape(-1, x.shape[-1]).float().T @ X  # float64 across batches
         self.tokens += X.shape[0]
 
     def reduce(self, world: World = SINGLE) -> None:
@@ -169,7 +171,7 @@ class InputStats:
         if unknown:
             raise KeyError(f"unknown statistic(s) {unknown}; known: {sorted(factories)}")
         values = {name: factories[name](n_in, device) for name in sorted(names)}
-        return cls(values=values, cross=torch.zeros(n_in, n_in, device=device) if cross else None)
+        return cls(values=values, cross=torch.zeros(n_in, n_in, device=device, dtype=torch.float64) if cross else None)
 
 
 def reduce_all(stats: dict[str, InputStats], world: World) -> None:

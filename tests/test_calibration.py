@@ -64,7 +64,9 @@ def test_shared_inputs_share_one_accumulator_with_correct_statistics():
 # ------------------------------------------------------------------------------ calibration inputs
 
 
-def _layer_inputs(inputs: str, heal: bool = False) -> tuple[list[list[torch.Tensor]], torch.nn.Module, torch.Tensor]:
+def _layer_inputs(
+    inputs: str, heal: bool = False, target: str = "model"
+) -> tuple[list[list[torch.Tensor]], torch.nn.Module, torch.Tensor]:
     """Compress a tiny Llama in memory with Wanda 50% (and a heal step): every hidden-states batch each decoder
     layer was called on, in order, and the model and windows."""
     from sparsify.pipeline import compress_model
@@ -72,7 +74,9 @@ def _layer_inputs(inputs: str, heal: bool = False) -> tuple[list[list[torch.Tens
 
     model = zoo.build("llama")
     ids = torch.randint(3, zoo.VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
-    passes = [{"type": "prune", "method": "wanda", "sparsity": 0.5}] + ([{"type": "heal", "steps": 5}] if heal else [])
+    passes = [{"type": "prune", "method": "wanda", "sparsity": 0.5}] + (
+        [{"type": "heal", "steps": 5, "target": target}] if heal else []
+    )
     recipe = parse_recipe({"calibration": {"samples": 8, "seq_len": 16, "batch_size": 4, "inputs": inputs},
                            "passes": passes})  # fmt: skip
     calls: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
@@ -109,6 +113,15 @@ def test_dense_inputs_heal_against_the_dense_layers_outputs():
     for i, seen in enumerate(calls):  # the teacher is the statistics' forward: heal adds its steps, no dense run
         torch.testing.assert_close(torch.cat(seen[:3]), expected[i], atol=1e-5, rtol=0)
         assert [len(h) for h in seen[3:6]] == [2, 4, 2]  # heal's loss before the fit, over every window
+
+
+def test_the_layer_target_takes_its_teacher_from_the_statistics_forward():
+    """Sequential inputs, heal against the dense layer: the first statistics' forward ran the dense layer on those
+    very inputs, so its outputs are the teacher; the model target runs the dense path (3 batches) besides."""
+    by_layer, _, _ = _layer_inputs("compressed", heal=True, target="layer")
+    by_model, _, _ = _layer_inputs("compressed", heal=True, target="model")
+    for i, (seen_layer, seen_model) in enumerate(zip(by_layer, by_model, strict=True)):
+        assert len(seen_layer) == len(seen_model) - 3, f"layer {i}"
 
 
 def test_dense_targets_with_dense_inputs_is_refused_before_work():

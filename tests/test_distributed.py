@@ -1,8 +1,9 @@
 """torchrun on torch.distributed (gloo): two CPU processes give what one gives (docs/distributed.md).
 
 Every run here is a real ``torchrun --standalone --nproc-per-node 2`` in fresh processes. What must agree with one
-process: the masks exactly; the weights to float rounding (the ranks' statistics are summed in another order);
-perplexity within 0.3%; the report's rows, in the same order. Rank 0 alone writes; no scratch is left behind.
+process: the output's tensors, byte for byte (each rank holds whole batches as one process makes them, and sums
+accumulate in float64, so the order of the ranks' sums does not show once rounded to float32); the perplexity;
+the report's rows, in the same order. Rank 0 alone writes; no scratch is left behind.
 """
 
 from __future__ import annotations
@@ -73,9 +74,8 @@ def _same_rows(r1: dict, r2: dict) -> None:
             assert m2["rel_error"] == pytest.approx(m1["rel_error"], rel=1e-3, abs=1e-7)
 
 
-def _close_perplexity(r1: dict, r2: dict) -> None:
-    assert r1["eval"]["before"] == r2["eval"]["before"]
-    assert abs(r2["eval"]["after"] / r1["eval"]["after"] - 1) < 0.003
+def _same_perplexity(r1: dict, r2: dict) -> None:
+    assert r1["eval"]["before"] == r2["eval"]["before"] and r1["eval"]["after"] == r2["eval"]["after"]
 
 
 # ------------------------------------------------------------------------------------------------ the world
@@ -102,13 +102,10 @@ def test_two_ranks_prune_as_one_does(model_dir, calib_file, tmp_path):
         tmp_path, "prune", model_dir("llama"), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_file
     )
     a, b = _tensors(one), _tensors(two)
-    assert a.keys() == b.keys()
-    pruned = [k for k in a if k.endswith("proj.weight")]
-    assert pruned and all(torch.equal(a[k] == 0, b[k] == 0) for k in pruned)  # the same masks
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert a.keys() == b.keys() and any(k.endswith("proj.weight") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same bytes
     _same_rows(r1, r2)
-    _close_perplexity(r1, r2)
+    _same_perplexity(r1, r2)
 
 
 def test_two_ranks_quantize_gptq_as_one_does(model_dir, calib_file, tmp_path):
@@ -117,13 +114,10 @@ def test_two_ranks_quantize_gptq_as_one_does(model_dir, calib_file, tmp_path):
         "--calib", calib_file,
     )  # fmt: skip
     a, b = _tensors(one), _tensors(two)
-    packed = [k for k in a if k.endswith("weight_packed")]
-    assert packed
-    # GPTQ rounds each column after correcting it: a sum in another order may flip a rare tie
-    same = sum(int(torch.eq(a[k], b[k]).sum()) for k in packed) / sum(a[k].numel() for k in packed)
-    assert same > 0.99
+    assert a.keys() == b.keys() and any(k.endswith("weight_packed") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same bytes
     _same_rows(r1, r2)
-    _close_perplexity(r1, r2)
+    _same_perplexity(r1, r2)
 
 
 def test_two_ranks_convert_to_moe_as_one_does(model_dir, calib_file, tmp_path):
@@ -133,11 +127,27 @@ def test_two_ranks_convert_to_moe_as_one_does(model_dir, calib_file, tmp_path):
         "--router", "analytic", "--calib", calib_file,
     )  # fmt: skip
     a, b = _tensors(one), _tensors(two)
-    assert a.keys() == b.keys()
-    experts = [k for k in a if ".experts." in k]
-    assert experts and all(torch.equal(a[k], b[k]) for k in experts)  # the same split: counts are exact sums
+    assert a.keys() == b.keys() and any(".experts." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same bytes
     _same_rows(r1, r2)
-    _close_perplexity(r1, r2)
+    _same_perplexity(r1, r2)
+
+
+def test_two_ranks_heal_with_averaged_gradients(model_dir, calib_file, tmp_path):
+    """Heal under torchrun: each rank fits its own windows, gradients and losses averaged over the ranks, so both
+    take the same steps. Not the same windows per step as one process: the same constraints and a close result."""
+    _, two, r1, r2 = _both(
+        tmp_path, "prune", model_dir("llama"), "--method", "wanda", "--pattern", "2:4", "--heal", "--heal-steps",
+        "20", "--heal-precision", "fp32", "--calib", calib_file,
+    )  # fmt: skip
+    b = _tensors(two)
+    for k in (k for k in b if k.endswith("proj.weight")):
+        assert ((b[k].reshape(-1, 4) != 0).sum(1) <= 2).all(), k  # 2:4 kept by the healed layers
+    healed = [m for m in r2["layers"] if m["kind"] == "heal"]
+    assert healed and all(m["loss_after"] < m["loss_before"] for m in healed)
+    ones = [m for m in r1["layers"] if m["kind"] == "heal"]
+    assert healed[0]["loss_before"] == pytest.approx(ones[0]["loss_before"], rel=0.05)  # the same layer, windows
+    assert abs(r2["eval"]["after"] / r1["eval"]["after"] - 1) < 0.05
 
 
 # ------------------------------------------------------------------------------------------ bad input, death
@@ -146,8 +156,8 @@ def test_two_ranks_convert_to_moe_as_one_does(model_dir, calib_file, tmp_path):
 def test_what_cannot_run_data_parallel_is_refused_before_work(model_dir, calib_file, tmp_path):
     out = tmp_path / "out"
     cases = [
-        (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--heal"], "does not run under torchrun"),
-        (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--samples", "1"], "2 ranks for 1"),
+        (["prune", model_dir("llama"), "--structured", "layers", "--remove", "1"], "does not run under torchrun"),
+        (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--samples", "1"], "2 ranks for 1 calibration batch"),
         (["prune", model_dir("llama"), "--method", "wanda", "--sparsity", "0.5", "--device", "cuda"], "cuda"),
     ]  # fmt: skip
     for args, fragment in cases:
@@ -169,14 +179,14 @@ def test_ranks_that_disagree_on_the_input_are_refused(tmp_path):
         "    w.same('model', {'weights': 'abc'})\n"
         "    w.same('recipe', {'sparsity': 0.5 + w.rank})\n"
         "except SparsifyError as e:\n"
-        "    print(w.rank, e)\n"
+        f"    open({str(tmp_path)!r} + f'/rank{{w.rank}}.txt', 'w').write(str(e))\n"
         "shutdown(w)\n"
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
-    lines = sorted(r.stdout.splitlines())
-    assert len(lines) == 2 and all("rank(s) [1] have another recipe than rank 0" in line for line in lines)
+    said = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]  # each rank refused
+    assert all("rank(s) [1] have another recipe than rank 0" in line for line in said)
 
 
 def test_a_run_killed_on_both_ranks_resumes_to_the_same_bytes(calib_file, tmp_path):

@@ -18,6 +18,7 @@ from torch import nn
 import sparsify
 from sparsify.algorithms.quant import PerGroup, QuantArgs, choose_qparams, quantize
 from sparsify.algorithms.reconstruct import cosine_lr, fit_block
+from sparsify.distributed import SINGLE
 from sparsify.errors import SparsifyError
 from sparsify.passes.trainable import TrainableLayer
 from sparsify.pipeline import compress_model
@@ -149,7 +150,8 @@ def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen,
 
     monkeypatch.setattr(heal, "bf16_speedup", lambda n_in, n_out, device: speedup)
     monkeypatch.setattr(heal, "has_bf16_units", lambda device: True)
-    runner = type("Runner", (), {"layers": [nn.Sequential(nn.Linear(576, 1536))], "device": torch.device("cpu")})()
+    layers = [nn.Sequential(nn.Linear(576, 1536))]
+    runner = type("Runner", (), {"layers": layers, "device": torch.device("cpu"), "world": SINGLE})()
     p = heal.HealPass(heal.HealConfig(), 1)
     p.prepare(runner)
     assert p.decisions() == {"precision": chosen}

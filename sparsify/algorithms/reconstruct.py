@@ -53,6 +53,7 @@ def fit_block(
     step_iter: Iterable[int] | None = None,
     step_scale: Callable[[float], float] = lambda loss: 1.0,
     autocast: torch.dtype | None = None,
+    all_sum: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> FitResult:
     """Adam on ``groups`` (torch.optim parameter groups, each with its ``lr``) for ``steps`` steps.
 
@@ -64,10 +65,21 @@ def fit_block(
     learning rate (finer steps for a block that starts closer to its teacher). ``autocast`` (e.g. bf16): the
     training steps' forward and backward run under autocast to that dtype (the parameters, the optimiser and the
     two full-loss measurements stay fp32).
+
+    Data-parallel (each process holding its own share of the batches): ``all_sum(t)`` sums ``t`` over the
+    processes in place. The loss normaliser and the full losses are then means over every process's batches,
+    and each step's gradients the mean of the processes' (each drew its own windows): every process takes the
+    same steps.
     """
     if steps < 1 or windows_per_step < 1:
         raise ValueError(f"steps and windows per step must be positive, got {steps} and {windows_per_step}")
-    norm = sum(float(t.float().pow(2).mean()) for t in targets) / len(targets)  # mean ||Y||^2 per element
+
+    def mean_over_batches(per_batch: list[float]) -> float:
+        total = all_sum(torch.tensor([sum(per_batch), len(per_batch)], dtype=torch.float64))  # every process's
+        return float(total[0] / total[1])
+
+    processes = float(all_sum(torch.ones(1, dtype=torch.float64)))
+    norm = mean_over_batches([float(t.float().pow(2).mean()) for t in targets])  # mean ||Y||^2 per element
     norm = norm if norm > 0 else 1.0
 
     device_type = targets[0].device.type
@@ -79,7 +91,7 @@ def fit_block(
 
     def full_loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_on(b, list(range(len(t))))) for b, t in enumerate(targets)) / len(targets)
+            return mean_over_batches([float(loss_on(b, list(range(len(t))))) for b, t in enumerate(targets)])
 
     before = full_loss()
     opt = torch.optim.Adam(groups)
@@ -95,7 +107,18 @@ def fit_block(
         rows = torch.randperm(sizes[b], generator=generator)[:windows_per_step].tolist()
         opt.zero_grad(set_to_none=True)
         loss_on(b, rows, autocast).backward()
+        if processes > 1:
+            _mean_grads(opt, all_sum, processes)
         opt.step()
         with torch.no_grad():
             project()
     return FitResult(before, full_loss(), steps)
+
+
+def _mean_grads(opt: torch.optim.Optimizer, all_sum: Callable[[Tensor], Tensor], processes: float) -> None:
+    """Every parameter's gradient averaged over the processes."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_sum(p.grad).div_(processes)

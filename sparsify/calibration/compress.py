@@ -15,6 +15,7 @@ from sparsify.calibration.gather import gather_paired_stats, gather_stats
 from sparsify.calibration.work import LayerWork, run_layer
 from sparsify.distributed import SINGLE, World
 from sparsify.errors import SparsifyError
+from sparsify.modules import replace_module
 from sparsify.statistics import InputStats
 
 # (pass, layer index, layer module) -> the pass's targets in that layer as it is now, fqn -> module
@@ -45,11 +46,12 @@ def compress_layer(
     next_dense = None
     if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
         next_dense = run_layer(layer, dense_hidden, calls)  # the layer is still dense here
+    # The dense layer's outputs on these inputs: the next layer's inputs (dense inputs) or a teacher's targets.
+    # The first pass's statistics' forward runs the still-dense layer on these very inputs: taken from there.
+    wanted = dense_inputs or any(p.teacher == "layer" for p in passes)
     first = next((p for p in passes if resolve(p, i, layer)), None)
-    from_stats = dense_inputs and first is not None and bool(first.needs or first.custom_stats)
-    dense_layer_out = None
-    if (dense_inputs and not from_stats) or (not dense_inputs and any(p.teacher == "layer" for p in passes)):
-        dense_layer_out = run_layer(layer, hidden, calls)  # the dense layer on these inputs
+    from_stats = wanted and first is not None and bool(first.needs or first.custom_stats) and not first.needs_dense_path
+    dense_layer_out = run_layer(layer, hidden, calls) if wanted and not from_stats else None
     for p in passes:
         targets = resolve(p, i, layer)  # by name, on the layer as the passes before left it
         if not targets:
@@ -83,13 +85,20 @@ def compress_layer(
 
 def _spread(p: Any, work: LayerWork, world: World) -> list[Any]:
     """A stage's targets dealt round-robin over the ranks; each solves its own, then every target is broadcast
-    from the rank that solved it. Returns the report rows of all the targets, in the stage's order."""
+    from the rank that solved it (its tensors, or the whole module where the pass replaced it). Returns the
+    report rows of all the targets, in the stage's order."""
     names = list(work.targets)
     owner = {fqn: j % world.size for j, fqn in enumerate(names)}
     mine = {fqn: m for fqn, m in work.targets.items() if owner[fqn] == world.rank}
     rows = p.compress_layer(dataclasses.replace(work, targets=mine)) if mine else []
     for fqn, module in work.targets.items():
-        world.broadcast_module_(module, src=owner[fqn])
+        name = work.relative(fqn)
+        now = work.layer.get_submodule(name)  # the pass may have put another module there (a quantized Linear)
+        sent = world.broadcast_object(now if now is not module else None, src=owner[fqn])
+        if sent is None:
+            world.broadcast_module_(module, src=owner[fqn])  # changed in place: its tensors
+        elif world.rank != owner[fqn]:
+            replace_module(work.layer, name, sent)
     every = [row for part in world.gather_objects(rows) for row in part]
     return sorted(every, key=lambda row: names.index(row["name"]))
 

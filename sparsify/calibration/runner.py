@@ -51,8 +51,7 @@ class LayerwiseRunner:
         self.backbone = backbone
         self.layers = layers
         self.provider = provider
-        # (samples, seq_len), this rank's share under torchrun; None: no calibration data (passes that need none)
-        self.tokens = tokens[world.shard(tokens.shape[0])] if tokens is not None and world.active else tokens
+        self.tokens = tokens  # (samples, seq_len); None: no calibration data (passes that need none)
         self.world = world
         self.batch_size = batch_size
         self.progress = progress or NoProgress()
@@ -66,10 +65,11 @@ class LayerwiseRunner:
         return f"{self.layers_path}.{index}"
 
     def capture(self) -> Captured:
-        """What enters every layer on the calibration batches (see :mod:`.capture`)."""
-        return capture_inputs(
-            self.backbone, self.layers, calibration_batches(self.tokens, self.batch_size), self.device
-        )
+        """What enters every layer on the calibration batches (see :mod:`.capture`); under torchrun, on this rank's
+        share of them: whole batches, as one process makes them (rank 0 holds the first, which output errors
+        are measured on), so each batch's statistics are the very same numbers."""
+        batches = calibration_batches(self.tokens, self.batch_size)
+        return capture_inputs(self.backbone, self.layers, batches[self.world.shard(len(batches))], self.device)
 
     @torch.no_grad()
     def observe(

@@ -140,8 +140,9 @@ class Pass:
     # inputs; "model", the dense model's hidden states after the layer (tracked beside the compressed ones)
     teacher: Literal["layer", "model"] | None = None
     needs_data: bool = True  # needs calibration text (False: e.g. magnitude pruning, RTN weight-only)
-    # under torchrun: what it learns from calibration data comes only through its declared statistics (which the
-    # loop combines over the ranks); False: it reads the inputs itself (training, sampling) and torchrun refuses it
+    # under torchrun: what it learns from calibration data comes through its declared statistics (which the loop
+    # combines over the ranks) or is combined by the pass itself (LayerWork.world: MoE's sums, heal's gradients);
+    # False: neither, and torchrun refuses it
     data_parallel: bool = True
     per_target: bool = False  # each target of a stage is solved alone (torchrun spreads the solves over ranks)
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at

@@ -84,7 +84,6 @@ class HealPass(Pass):
     config: HealConfig
     requires = frozenset()  # quantized Linears train as float weights and scales, re-rounded on their grid
     needs_grad = True
-    data_parallel = False  # trains on the inputs itself (gradients are not yet all-reduced under torchrun)
     uses_targets = False
     kind = "heal"
     follow_up = "then heal each compressed layer: fit it to the dense model's hidden states (see docs/methods/heal.md)"
@@ -115,6 +114,10 @@ class HealPass(Pass):
     def prepare(self, runner: LayerwiseRunner) -> None:
         if self.precision != "auto":
             return
+        self._choose_precision(runner)
+        self.precision = runner.world.gather_objects(self.precision)[0]  # under torchrun: rank 0's measurement
+
+    def _choose_precision(self, runner: LayerwiseRunner) -> None:
         linear = next((m for layer in runner.layers for m in layer.modules() if isinstance(m, nn.Linear)), None)
         small = linear is None or linear.in_features * linear.out_features < BF16_MIN_WEIGHTS
         if small or not has_bf16_units(str(runner.device)):  # too small to gain (or nothing to measure on), no units
@@ -148,7 +151,9 @@ class HealPass(Pass):
         if work.teacher is None:
             raise SparsifyError(f"{work.prefix}: heal got no teacher outputs")  # the loop provides them
         t0 = time.perf_counter()
-        inputs, targets, calls = _first_windows(work.inputs, work.teacher, work.calls, c.samples)
+        # under torchrun each rank fits its share of the first ``samples`` windows (one at least)
+        samples = c.samples if c.samples is None else max(1, len(range(c.samples)[work.world.shard(c.samples)]))
+        inputs, targets, calls = _first_windows(work.inputs, work.teacher, work.calls, samples)
         compressed = {k: v.clone() for k, v in work.layer.state_dict().items()}  # kept if the fit does not help
         trainable = TrainableLayer(work.layer, c.lr, c.vectors, keep_quantized_zeros=self.keep_quantized_zeros)
         layer = work.layer
@@ -164,7 +169,7 @@ class HealPass(Pass):
                 run, targets, trainable.groups, c.steps, c.windows, gen, project=trainable.project,
                 between_steps=interrupts.check, step_scale=error_scaled,
                 step_iter=work.progress.track(range(c.steps), c.steps, f"heal {work.prefix}"),
-                autocast=torch.bfloat16 if self.precision == "bf16" else None,
+                autocast=torch.bfloat16 if self.precision == "bf16" else None, all_sum=work.world.all_reduce_,
             )  # fmt: skip
         finally:
             trainable.finish()

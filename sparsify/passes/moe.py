@@ -271,8 +271,9 @@ class MoEPass(Pass):
         if c.split == "coactivation":
             acc["coact"] = torch.zeros(n, n)
         if c.router == "analytic":
-            acc["XtX"] = torch.zeros(gate.in_features, gate.in_features)
-            acc["XtA"] = torch.zeros(gate.in_features, n)
+            # float64 across batches: the same sums whatever the order batches (or ranks) are added in
+            acc["XtX"] = torch.zeros(gate.in_features, gate.in_features, dtype=torch.float64)
+            acc["XtA"] = torch.zeros(gate.in_features, n, dtype=torch.float64)
         seen: dict[str, Tensor] = {}
         gen = torch.Generator().manual_seed(c.seed + work.index)
 
@@ -287,8 +288,8 @@ class MoEPass(Pass):
             if "coact" in acc:
                 acc["coact"].addmm_(B.T, B)
             if "XtX" in acc:
-                acc["XtX"].addmm_(x.T, x)
-                acc["XtA"].addmm_(x.T, A)
+                acc["XtX"] += x.T @ x
+                acc["XtA"] += x.T @ A
             share = SAMPLE_TOKENS // max(1, len(work.inputs) * work.world.size)
             keep = torch.randperm(x.shape[0], generator=gen)[:share]
             acc["xs"].append(x[keep])
@@ -308,6 +309,9 @@ class MoEPass(Pass):
                     work.world.all_reduce_(acc[key])
             acc["tokens"] = int(work.world.all_reduce_(torch.tensor([acc["tokens"]], dtype=torch.float64)).item())
             acc["X"], acc["A"] = work.world.all_gather_cat(acc["X"]), work.world.all_gather_cat(acc["A"])
+        for key in ("XtX", "XtA"):
+            if key in acc:
+                acc[key] = acc[key].float()
         return acc
 
     def _split(self, rest: Tensor, W_g: Tensor, W_u: Tensor, stats: dict | None, groups: int) -> Tensor:

@@ -53,9 +53,10 @@ from sparsify.algorithms.reconstruct import fit_block
 from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
 from sparsify.distributed import World
 from sparsify.errors import SparsifyError
+from sparsify.modules import replace_module
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, expand_zero_point
-from sparsify.passes.trainable import FakeQuantLinear, replace_module, rows_of
+from sparsify.passes.trainable import FakeQuantLinear, rows_of
 from sparsify.runtime.quantized import STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
 from sparsify.statistics import Stat
 
@@ -235,7 +236,7 @@ class QuantizePass(Pass):
         self.needs = frozenset(needs)
         self.custom_stats = {"sample": InputSample} if static and c.observer != "minmax" else {}
         self.needs_grad = c.qat is not None
-        self.data_parallel = c.qat is None  # QAT trains on the inputs itself
+        self.per_target = c.smoothquant is None and c.qat is None  # else the layer's Linears are fitted together
         self.needs_data = bool(self.method.needs) or static or c.smoothquant is not None or bool(c.qat)
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
@@ -396,6 +397,7 @@ class QuantizePass(Pass):
         result = fit_block(
             run, teacher, groups, qat.steps, qat.windows, torch.Generator().manual_seed(work.index), project=project,
             between_steps=interrupts.check, step_iter=work.progress.track(range(qat.steps), qat.steps, f"QAT {work.prefix}"),
+            all_sum=work.world.all_reduce_,
         )  # fmt: skip
         first, last = result.loss_before, result.loss_after
         with torch.no_grad():

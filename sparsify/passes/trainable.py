@@ -23,6 +23,7 @@ from sparsify.algorithms.quant import (
     fake_quantize_ste,
     quantize,
 )
+from sparsify.modules import replace_module
 from sparsify.passes.quantize_methods import expand_zero_point
 from sparsify.runtime.quantized import ACT_ARGS, STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
 
@@ -85,11 +86,6 @@ def rows_of(kwargs: dict[str, Any], rows: list[int], batch: int) -> dict[str, An
         else:
             out[k] = v
     return out
-
-
-def replace_module(layer: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(layer.get_submodule(parent) if parent else layer, attr, new)
 
 
 class TrainableLayer:
