@@ -536,6 +536,10 @@ def _run_stage(
             opts.progress, device, layers.path, run.recipe.calibration.inputs, opts.world,
         )  # fmt: skip
         saved = state.decisions()
+        # under torchrun every rank must take the same path from here (prepare or restore, sweep or not)
+        opts.world.same(
+            "state of the unfinished run (decisions saved, stage complete)", [saved is not None, state.complete]
+        )
         decisions = _prepare(skel.model, layers, stage.layer_passes, runner, saved)
         if saved is None:
             state.save_decisions(decisions)
