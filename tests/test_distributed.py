@@ -96,38 +96,24 @@ def test_a_world_of_one_is_the_whole_run_and_shards_partition_the_windows():
 # --------------------------------------------------------------------------------------- one equals two
 
 
-def test_two_ranks_prune_as_one_does(model_dir, calib_file, tmp_path):
-    """SparseGPT: statistics summed over the ranks, each Linear solved on one rank and broadcast."""
-    one, two, r1, r2 = _both(
-        tmp_path, "prune", model_dir("llama"), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_file
-    )
+@pytest.mark.parametrize(
+    ("args", "written"),
+    [
+        # statistics summed over the ranks, each Linear solved on one rank and broadcast
+        (["prune", "--method", "sparsegpt", "--sparsity", "0.5"], "proj.weight"),
+        # GPTQ solves spread too: each quantized Linear broadcast whole from its solver
+        (["quantize", "--scheme", "w4a16", "--method", "gptq", "--group-size", "16"], "weight_packed"),
+        # co-activation counts and the analytic router's sums all-reduced; token samples gathered
+        (["moe-convert", "--experts", "4", "--top-k", "2", "--split", "coactivation", "--router", "analytic"],
+         ".experts."),
+    ],
+    ids=["sparsegpt", "gptq", "moe"],
+)  # fmt: skip
+def test_two_ranks_write_what_one_process_writes(model_dir, calib_file, tmp_path, args, written):
+    command, *flags = args
+    one, two, r1, r2 = _both(tmp_path, command, model_dir("llama"), *flags, "--calib", calib_file)
     a, b = _tensors(one), _tensors(two)
-    assert a.keys() == b.keys() and any(k.endswith("proj.weight") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the same bytes
-    _same_rows(r1, r2)
-    _same_perplexity(r1, r2)
-
-
-def test_two_ranks_quantize_gptq_as_one_does(model_dir, calib_file, tmp_path):
-    one, two, r1, r2 = _both(
-        tmp_path, "quantize", model_dir("llama"), "--scheme", "w4a16", "--method", "gptq", "--group-size", "16",
-        "--calib", calib_file,
-    )  # fmt: skip
-    a, b = _tensors(one), _tensors(two)
-    assert a.keys() == b.keys() and any(k.endswith("weight_packed") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the same bytes
-    _same_rows(r1, r2)
-    _same_perplexity(r1, r2)
-
-
-def test_two_ranks_convert_to_moe_as_one_does(model_dir, calib_file, tmp_path):
-    """Co-activation counts and the analytic router's sums all-reduced; token samples gathered."""
-    one, two, r1, r2 = _both(
-        tmp_path, "moe-convert", model_dir("llama"), "--experts", "4", "--top-k", "2", "--split", "coactivation",
-        "--router", "analytic", "--calib", calib_file,
-    )  # fmt: skip
-    a, b = _tensors(one), _tensors(two)
-    assert a.keys() == b.keys() and any(".experts." in k for k in a)
+    assert a.keys() == b.keys() and any(written in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same bytes
     _same_rows(r1, r2)
     _same_perplexity(r1, r2)
