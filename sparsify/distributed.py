@@ -36,6 +36,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    device: str = "cpu"  # where collectives run: the rank's GPU under NCCL (which cannot reduce CPU tensors)
 
     @property
     def leader(self) -> bool:
@@ -51,13 +52,22 @@ class World:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
+    def _wire(self, t: Tensor) -> Tensor:
+        """``t`` as a collective can take it: contiguous, on the backend's device (``t`` itself where it is)."""
+        if t.device == torch.device(self.device) and t.is_contiguous():
+            return t
+        return t.to(self.device, memory_format=torch.contiguous_format)
+
     def all_reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
-        """``t`` summed (``op="sum"``) or maxed (``"max"``) over the ranks, in place."""
+        """``t`` summed (``op="sum"``) or maxed (``"max"``) over the ranks, in place (wherever ``t`` lives)."""
         if self.active:
             import torch.distributed as dist
 
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-            dist.all_reduce(t, op=ops[op])
+            buf = self._wire(t)
+            dist.all_reduce(buf, op=ops[op])
+            if buf is not t:
+                t.copy_(buf)
         return t
 
     def all_gather_cat(self, t: Tensor) -> Tensor:
@@ -68,11 +78,11 @@ class World:
 
         sizes = self.gather_objects(int(t.shape[0]))
         width = max(sizes)
-        padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=self.device)
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(t.device)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order."""
@@ -94,20 +104,23 @@ class World:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def broadcast_module_(self, module: nn.Module, src: int = 0) -> None:
-        """Every parameter and buffer of ``module`` as rank ``src`` holds it (shapes already agree)."""
+    def broadcast_to_(self, t: Tensor, src: int = 0) -> None:
+        """``t`` overwritten in place with rank ``src``'s (same shape and dtype; any layout, any device)."""
         if not self.active:
             return
         import torch.distributed as dist
 
+        buf = self._wire(t.to(torch.uint8) if t.dtype == torch.bool else t)  # not every backend sends bool
+        dist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf)
+
+    def broadcast_module_(self, module: nn.Module, src: int = 0) -> None:
+        """Every parameter and buffer of ``module`` as rank ``src`` holds it (shapes already agree)."""
+        if not self.active:
+            return
         for t in [*module.parameters(), *module.buffers()]:
-            data = t.data
-            if data.dtype == torch.bool:  # not every backend reduces bool tensors
-                u8 = data.to(torch.uint8)
-                dist.broadcast(u8, src)
-                data.copy_(u8.bool())
-            else:
-                dist.broadcast(data if data.is_contiguous() else data.contiguous(), src)
+            self.broadcast_to_(t.data, src)
 
     def agree(self, error: str | None) -> None:
         """A collective check: when any rank met ``error`` (a refusal before work), every rank raises it."""
@@ -187,12 +200,12 @@ def from_env(device: str) -> World:
                 " start at most one process per GPU"
             )
         torch.cuda.set_device(local)
-        backend = "nccl"
+        backend, comm = "nccl", f"cuda:{local}"
     else:
-        backend = "gloo"
+        backend, comm = "gloo", "cpu"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=TIMEOUT)
-    return World(rank=rank, size=size)
+    return World(rank=rank, size=size, device=comm)
 
 
 def device_of(world: World, device: str) -> str:

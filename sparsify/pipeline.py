@@ -226,7 +226,8 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         run = world.checked(lambda: _before_work(md, recipe, opts))
         info = _run_info(md, run.recipe, run.tokens, opts)
         world.same("model, recipe or calibration data", {k: v for k, v in info.items() if k != "device"})
-        work.begin(info, opts.overwrite)
+        # A rank's refusal here (a resumed run's mismatch) is every rank's.
+        world.checked(lambda: work.begin(info, opts.overwrite))
         before = _measure(md.path, run, opts) if not world.active else None
         done = _run_stages_with(world, md, run, opts, work)
         # Under torchrun the ranks part here: rank 0 checks and measures as one process (a loader that sees a

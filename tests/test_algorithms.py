@@ -208,3 +208,24 @@ def test_dense_output_target_is_the_least_squares_fit_to_dense_outputs():
     torch.testing.assert_close(target, direct, rtol=1e-3, atol=1e-3)
     # Without drift the target is the weight itself, whatever the dampening.
     torch.testing.assert_close(dense_output_target(W, X.T @ X, X.T @ X, 0.1), W, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_targets_on_inputs_that_have_not_drifted_prune_as_plain_sparsegpt():
+    """The first pruned layer sees the dense model's own inputs (cross term = Hessian): the dense-target solve
+    must be skipped exactly, as both are rounded alike, so the result is plain SparseGPT's to the bit."""
+    from types import SimpleNamespace
+
+    from sparsify.passes.prune_methods import PRUNE_METHODS
+    from sparsify.statistics import InputStats
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 48, generator=g)
+    plain = InputStats.empty(48, {"hessian"}, torch.device("cpu"))
+    dense = InputStats.empty(48, {"hessian"}, torch.device("cpu"), cross=True)
+    for _ in range(7):  # several batches: float64 sums whose float32 rounding differs from dividing first
+        x = torch.randn(37, 48, generator=g) * torch.rand(48, generator=g) * 10
+        plain.add(x)
+        dense.add(x, x)
+    opts = SimpleNamespace(blocksize=16, dampening=0.01)
+    prune = PRUNE_METHODS["sparsegpt"].prune
+    assert torch.equal(prune(W.clone(), dense, 0.5, None, opts), prune(W.clone(), plain, 0.5, None, opts))

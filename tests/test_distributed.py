@@ -175,6 +175,37 @@ def test_ranks_that_disagree_on_the_input_are_refused(tmp_path):
     assert all("rank(s) [1] have another recipe than rank 0" in line for line in said)
 
 
+def test_collectives_take_any_layout(tmp_path):
+    """What the layer loop sends: a module whose tensors are views (a transposed weight, a bool mask) arrives
+    whole; sums land in the tensor reduced, contiguous or not; gathers of uneven parts come back in rank order."""
+    script = tmp_path / "wire.py"
+    script.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from sparsify.distributed import from_env, shutdown\n"
+        "w = from_env('cpu')\n"
+        "m = nn.Module()\n"
+        "m.weight = nn.Parameter(torch.full((6, 4), float(w.rank + 1)).t())  # non-contiguous (4, 6)\n"
+        "m.register_buffer('mask', torch.arange(12).reshape(3, 4).t() % (2 + w.rank) == 0)\n"
+        "w.broadcast_module_(m, src=0)\n"
+        "s = torch.arange(12.0).reshape(3, 4).t() * (w.rank + 1)  # non-contiguous (4, 3)\n"
+        "w.all_reduce_(s)\n"
+        "g = w.all_gather_cat(torch.full((w.rank + 1, 2), float(w.rank)))\n"
+        f"torch.save({{'weight': m.weight.data.clone(), 'mask': m.mask.clone(), 'sum': s, 'gathered': g}},"
+        f" {str(tmp_path)!r} + f'/rank{{w.rank}}.pt')\n"
+        "shutdown(w)\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["weight"], torch.ones(4, 6))  # rank 0's
+        assert torch.equal(got["mask"], torch.arange(12).reshape(3, 4).t() % 2 == 0)
+        assert torch.equal(got["sum"], torch.arange(12.0).reshape(3, 4).t() * 3)
+        assert torch.equal(got["gathered"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+
+
 def test_a_run_killed_on_both_ranks_resumes_to_the_same_bytes(calib_file, tmp_path):
     model = zoo.save("llama", tmp_path / "llama4", layers=4)
     args = ["prune", model, "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_file, *SMALL, "--no-eval"]
@@ -187,4 +218,10 @@ def test_a_run_killed_on_both_ranks_resumes_to_the_same_bytes(calib_file, tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at layer 2 of 4" in resumed.stdout
     assert _weights(out) == _weights(tmp_path / "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama4", "out", "whole"]
+    # Killed again, then replaced by one process: the other rank's kept scratch goes once OUT is in place.
+    assert _two("kill@2", "--", *args, "-o", out, "--overwrite", module="tests.faults").returncode != 0
+    assert any(p.name.startswith("..out.rank1") for p in tmp_path.iterdir())
+    single = _one(*args, "-o", out, "--overwrite")
+    assert single.returncode == 0, single.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama4", "out", "whole"]

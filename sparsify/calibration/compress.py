@@ -75,8 +75,8 @@ def compress_layer(
             with torch.enable_grad() if p.needs_grad else contextlib.nullcontext():
                 if world.active and p.per_target:
                     records.extend(_spread(p, work, world))
-                else:
-                    records.extend(p.compress_layer(work))
+                else:  # a refusal on any rank is every rank's (none waits on the others' broadcast)
+                    records.extend(world.checked(lambda p=p, work=work: p.compress_layer(work)))
                     world.broadcast_module_(layer)  # computed alike on every rank: rank 0's is the one written
             round_to_storage()
         _check_finite(layer, layer_work.prefix, p)
@@ -90,15 +90,15 @@ def _spread(p: Any, work: LayerWork, world: World) -> list[Any]:
     names = list(work.targets)
     owner = {fqn: j % world.size for j, fqn in enumerate(names)}
     mine = {fqn: m for fqn, m in work.targets.items() if owner[fqn] == world.rank}
-    rows = p.compress_layer(dataclasses.replace(work, targets=mine)) if mine else []
+    rows = world.checked(lambda: p.compress_layer(dataclasses.replace(work, targets=mine)) if mine else [])
     for fqn, module in work.targets.items():
         name = work.relative(fqn)
         now = work.layer.get_submodule(name)  # the pass may have put another module there (a quantized Linear)
         sent = world.broadcast_object(now if now is not module else None, src=owner[fqn])
         if sent is None:
             world.broadcast_module_(module, src=owner[fqn])  # changed in place: its tensors
-        elif world.rank != owner[fqn]:
-            replace_module(work.layer, name, sent)
+        elif world.rank != owner[fqn]:  # unpickled on the sender's device: moved to this rank's
+            replace_module(work.layer, name, sent.to(next(module.parameters()).device))
     every = [row for part in world.gather_objects(rows) for row in part]
     return sorted(every, key=lambda row: names.index(row["name"]))
 

@@ -267,6 +267,7 @@ class Partial:
             self._rename_into_place(out, overwrite)
         except OSError as e:
             raise SparsifyError(f"cannot move the finished output to {out.shown}: {e.strerror or e}") from e
+        _sweep_followers(out)
 
     def _rename_into_place(self, out: OutputPath, overwrite: bool) -> None:
         with interrupts.deferred():
@@ -315,6 +316,18 @@ def _is_ours(folder: Path) -> bool:
 def _protected(folder: Path, protect: list[Path]) -> bool:
     r = folder.resolve()
     return any(_is_within(p.resolve(), r) or _is_within(r, p.resolve()) for p in protect)
+
+
+def _sweep_followers(out: OutputPath) -> None:
+    """Once OUT is in place: the scratch work of torchrun ranks but 0 that a killed job left beside it (their
+    ``.OUT.rankN`` folders, kept for ``--resume`` until now); any still locked belongs to a rank still ending."""
+    for p in out.path.parent.glob(f"..{out.path.name}.rank*.partial"):
+        if not _is_ours(p):
+            continue
+        fd = _lock(p)
+        if fd is not None:
+            shutil.rmtree(p, ignore_errors=True)
+            Partial(p, fd, {}).release()
 
 
 def _sweep_new(out: OutputPath, protect: list[Path]) -> None:

@@ -99,7 +99,8 @@ def _sparsegpt(W: Tensor, stats: InputStats | None, sparsity: float, nm: NM | No
     assert stats is not None
     H = stats.mean("hessian")  # (in, in)
     if stats.cross is not None:  # dense_targets: fit the dense model's outputs
-        W = dense_output_target(W, (stats.cross / stats.tokens).float(), H, options.dampening)
+        C = stats.cross.float() / max(stats.tokens, 1)  # (in, in), rounded as H is: equal to it where inputs agree
+        W = dense_output_target(W, C, H, options.dampening)
     W_new, _ = sparsegpt_prune(W, H, sparsity, nm, options.blocksize, options.dampening, inplace=True)
     return W_new
 
