@@ -92,6 +92,40 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     return math.exp(nll / count)
 
 
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: passes its input on, or (the last layer) gives ``states.pop(0)``."""
+
+    def __init__(self, states: list[Tensor] | None):
+        super().__init__()
+        self.states = states
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden if self.states is None else self.states.pop(0)
+
+
+@torch.no_grad()
+def perplexity_of_hidden(model: nn.Module, layers: nn.ModuleList, batches: list[tuple[Tensor, Tensor]]) -> float:
+    """``exp(mean NLL)`` of token windows whose hidden states after the last decoder layer are given, per batch
+    ``(tokens (B, L), hidden (B, L, d))``: the model's own head (final norm, LM head, any logit soft-capping)
+    computes the logits, its layers (``layers``, restored after) stood in for by a replay of those states."""
+    queue = [h for _, h in batches]
+    originals = list(layers)
+    nll, count = 0.0, 0
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Replay(queue if i == len(originals) - 1 else None)
+        for tokens, _ in batches:
+            tokens = tokens.to(queue[0].device)
+            logits = model(input_ids=tokens, use_cache=False).logits.float()  # (B, L, V)
+            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+            count += tokens[:, 1:].numel()
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return math.exp(nll / count)
+
+
 @torch.no_grad()
 def forward_seconds(
     path: Path,

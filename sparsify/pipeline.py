@@ -46,11 +46,12 @@ from sparsify.checkpoint import (
 )
 from sparsify.checkpoint.output import Partial, StageState, tensor_digest
 from sparsify.checkpoint.stage_model import Layers, load_outside_layers, open_stage_model, rest_keys
-from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, load_text, sample_windows, tokenize
+from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, eval_windows, load_text, sample_windows, tokenize
 from sparsify.devices import cpu_flags, resolve_device
 from sparsify.distributed import SINGLE, PeerLost, World, device_of, end_world, is_peer_error
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import (
+    BATCH_TOKENS,
     DEFAULT_EVAL_WINDOWS,
     before_after,
     embedding_similarity,
@@ -58,6 +59,7 @@ from sparsify.evaluate import (
     evaluate,
     forward_seconds,
     load_tokenizer,
+    perplexity_of_hidden,
 )
 from sparsify.passes import Pass
 from sparsify.plan import Plan, Stage, checked_config, config_from_dict, make_plan
@@ -265,7 +267,7 @@ def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path,
     _write_files(md, run, done.config, folder)
     done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
     after = _measure(folder, run, opts)
-    eval_info = _eval_info(md, folder, run, opts, before, after)
+    eval_info = _eval_info(md, folder, run, opts, before, after, done.before_heal)
     quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
     report = _report(md, run, opts, done, model=model, shown=shown, out_dir=folder, eval_info=eval_info,
                      quality=quality, before=before, after=after, t_start=t_start)  # fmt: skip
@@ -290,6 +292,7 @@ class _Done:
     records: list[dict[str, Any]]
     notes: list[str]
     counts: Any
+    before_heal: float | None = None  # the perplexity of the model as it was before healing (first length)
 
 
 def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
@@ -297,20 +300,23 @@ def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
     records: list[dict[str, Any]] = []
     notes = md.notes + run.notes
     cfg = copy.deepcopy(run.cfg)  # passes return edited copies; run.cfg stays the input's
-    source, counts = md, None
+    source, counts, before_heal = md, None, None
     for k, stage in enumerate(run.plan.stages):
         interrupts.check()
         last = k == len(run.plan.stages) - 1
         out_dir = work.dir if last else work.stage(k).dir / "model"
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg, stage_records, stage_notes, counts = _run_stage(stage, source, cfg, out_dir, work.stage(k), run, opts)
+        cfg, stage_records, stage_notes, counts, healed_from = _run_stage(
+            stage, source, cfg, out_dir, work.stage(k), run, opts
+        )
+        before_heal = healed_from if healed_from is not None else before_heal
         records += stage_records
         notes += stage_notes
         if not last:  # the next stage reads this one's output
             (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             source = open_model(out_dir)
     notes += [n for p in run.plan.passes for n in p.notes()]
-    return _Done(cfg, records, notes, counts)
+    return _Done(cfg, records, notes, counts, before_heal)
 
 
 def _run_stages_with(world: World, md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
@@ -344,14 +350,24 @@ def _measure(path: Path, run: _Run, opts: Options) -> _Measured:
 
 
 def _eval_info(
-    md: ModelDir, out_dir: Path, run: _Run, opts: Options, before: _Measured, after: _Measured
+    md: ModelDir,
+    out_dir: Path,
+    run: _Run,
+    opts: Options,
+    before: _Measured,
+    after: _Measured,
+    before_heal: float | None = None,
 ) -> dict[str, Any] | None:
-    """Perplexity before and after (decoders), or the embeddings' similarity to the input's (encoders)."""
+    """Perplexity before and after (decoders; and before healing, at the first length, where measured), or the
+    embeddings' similarity to the input's (encoders)."""
     if opts.evaluate and is_encoder(run.config.model_type):
         return embedding_similarity(out_dir, md.path, opts.eval_data, dtype=_dtype(run.recipe), device=opts.device)
     if before.perplexity is None or after.perplexity is None:
         return None
-    return before_after(before.perplexity, after.perplexity)
+    info = before_after(before.perplexity, after.perplexity)
+    if before_heal is not None:
+        info["before_heal"] = before_heal
+    return info
 
 
 def _report(md: ModelDir, run: _Run, opts: Options, done: _Done, *, model: str, shown: str, out_dir: Path,
@@ -513,10 +529,12 @@ def _run_stage(
     state: StageState,
     run: _Run,
     opts: Options,
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], Any]:
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], Any, float | None]:
     """One stage: config passes, the sweep of its layer passes, their config edits; the stage's output
-    (weights and config) written to ``out_dir``. Returns the config it leaves, its records, notes and counts."""
+    (weights and config) written to ``out_dir``. Returns the config it leaves, its records, notes and counts,
+    and where it heals, the perplexity of the model before healing (None: not measured)."""
     records: list[dict[str, Any]] = []
+    before_heal = None
     for p in stage.config_passes:
         cfg = checked_config(p, p.edit_config(cfg))
         records += p.config_records()
@@ -548,8 +566,11 @@ def _run_stage(
         output = (
             _saved_output(state, len(layers.modules))
             if state.complete
-            else _sweep(runner, stage, layers, state, opts.world)
+            else _sweep(runner, stage, layers, state, opts.world, _probe(stage, run, opts))
         )
+        if output.probe is not None:
+            load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
+            before_heal = perplexity_of_hidden(skel.model, layers.modules, output.probe)
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
@@ -562,7 +583,7 @@ def _run_stage(
         out_dir, state.layers, md.source, rest_keys(md, skel.keymap, layers), state.dir, opts.max_shard_bytes
     )
     state.mark_complete()
-    return cfg, records, notes, counts
+    return cfg, records, notes, counts, before_heal
 
 
 def _saved_output(state: StageState, n_layers: int) -> RunOutput:
@@ -574,9 +595,17 @@ def _saved_output(state: StageState, n_layers: int) -> RunOutput:
     return output
 
 
-def _sweep(runner: LayerwiseRunner, stage: Stage, layers: Layers, state: StageState, world: World) -> RunOutput:
+def _sweep(
+    runner: LayerwiseRunner,
+    stage: Stage,
+    layers: Layers,
+    state: StageState,
+    world: World,
+    probe: list[torch.Tensor] | None = None,
+) -> RunOutput:
     """The layer-wise loop, continuing from a checkpoint of an earlier run when resuming (under torchrun every
-    rank from its own, all at the same layer: each checkpoint is taken by all of them or none)."""
+    rank from its own, all at the same layer: each checkpoint is taken by all of them or none); ``probe``: see
+    :meth:`LayerwiseRunner.run` (a resumed sweep does not measure it)."""
     start: ResumePoint | None = state.resume_point()
     world.same("resume point (the layer its unfinished run reached)", start[0] if start is not None else None)
     prior = RunOutput()
@@ -596,7 +625,7 @@ def _sweep(runner: LayerwiseRunner, stage: Stage, layers: Layers, state: StageSt
             state.checkpoint(next_layer, hidden, dense)
             timer["last"], timer["cost"] = time.perf_counter(), time.perf_counter() - now
 
-    output = runner.run(stage.layer_passes, _resolver(layers), start, checkpoint)
+    output = runner.run(stage.layer_passes, _resolver(layers), start, checkpoint, probe)
     output.records[:0] = prior.records
     output.errors.update(prior.errors)
     return output
@@ -649,13 +678,26 @@ def _latency_len(run: _Run) -> int:
     return min(512, *run.eval_lengths)
 
 
+def _eval_window_count(opts: Options) -> int | None:
+    return opts.eval_max_windows or (None if opts.eval_data else DEFAULT_EVAL_WINDOWS)
+
+
+def _probe(stage: Stage, run: _Run, opts: Options) -> list[torch.Tensor] | None:
+    """The perplexity's windows (first context length), in batches, where the stage heals: the report measures
+    the model as it was before healing on them too (rank 0 only: it alone measures)."""
+    if run.eval_stream is None or not opts.world.leader or not any(p.recovers for p in stage.layer_passes):
+        return None
+    length = run.eval_lengths[0]
+    windows = eval_windows(run.eval_stream, length, _eval_window_count(opts))  # (W, L)
+    return list(windows.split(max(1, BATCH_TOKENS // length)))
+
+
 def _perplexity(path: Path, run: _Run, opts: Options) -> dict[str, Any]:
-    windows = opts.eval_max_windows or (None if opts.eval_data else DEFAULT_EVAL_WINDOWS)
     return evaluate(
         path,
         None,
         run.eval_lengths,
-        windows,
+        _eval_window_count(opts),
         _dtype(run.recipe),
         opts.trust_remote_code,
         opts.progress,

@@ -300,6 +300,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "ppl_after": pairs[0]["after"] if pairs else None,
         "ppl_len": pairs[0].get("seq_len") if pairs else None,
         "ppl_ratio": pairs[0]["after"] / pairs[0]["before"] if pairs and pairs[0]["before"] else None,
+        "ppl_before_heal": ev.get("before_heal"),
         "cosine_mean": ev.get("cosine_mean") if ev.get("metric") == "cosine" else None,
         "cosine_min": ev.get("cosine_min") if ev.get("metric") == "cosine" else None,
         "eval_text": ev.get("text"),
@@ -410,13 +411,14 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
             )
         )
     elif ev:
-        for e in _eval_pairs(ev):
+        for k, e in enumerate(_eval_pairs(ev)):
             label = "perplexity" if "by_length" not in ev else f"perplexity @{e['seq_len']}"
+            healed = f"; {ev['before_heal']:.3f} before healing" if k == 0 and ev.get("before_heal") else ""
             rows.append(
                 (
                     label,
                     f"{e['before']:.3f} → {e['after']:.3f} ({ev['text']}, {e['windows']} × {e['seq_len']} tokens,"
-                    f" stride {e['seq_len']})",
+                    f" stride {e['seq_len']}{healed})",
                 )
             )
     lat = report.get("latency")
@@ -978,6 +980,8 @@ def _cards(report: dict[str, Any]) -> str:
             f"@{e['seq_len']}: {_e(fmt_ppl(e['before']))} → {_e(fmt_ppl(e['after']))}" for e in pairs[1:]
         )
         sub = f"from {_e(fmt_ppl(h['ppl_before']))} · {_ratio_text(h['ppl_ratio'])} · {h['ppl_len']} tokens"
+        if h["ppl_before_heal"]:
+            sub += f"<br>{_e(fmt_ppl(h['ppl_before_heal']))} before healing"
         cards.append(
             _card(
                 "perplexity",

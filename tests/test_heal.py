@@ -126,6 +126,24 @@ def test_the_model_target_fits_the_dense_models_hidden_states(model_dir, tmp_pat
     assert all(r["loss_after"] < r["loss_before"] for r in b)
 
 
+def test_the_report_measures_the_model_as_it_was_before_healing(model_dir, tmp_path):
+    """Magnitude pruning needs no data, so each layer before its heal is the plain run's layer: the perplexity
+    the healing run reports before healing is the plain run's perplexity after (the same windows)."""
+    from sparsify.pipeline import Options
+    from sparsify.pipeline import compress as measured
+    from sparsify.report import render_html, summary_rows
+
+    src, step = model_dir("llama"), [{"type": "prune", "method": "magnitude", "pattern": "2:4"}]
+    opts = Options(eval_seq_lens=(32,), eval_max_windows=6)
+    plain = measured(src, _recipe(step), tmp_path / "plain", opts)
+    healed = measured(src, _recipe([*step, HEAL]), tmp_path / "healed", opts)
+    assert "before_heal" not in plain["eval"]
+    assert healed["eval"]["before_heal"] == pytest.approx(plain["eval"]["after"], rel=1e-5)
+    assert healed["eval"]["before"] == plain["eval"]["before"]
+    assert any(f"{healed['eval']['before_heal']:.3f} before healing" in text for _, text in summary_rows(healed))
+    assert "before healing" in render_html(healed) and "before healing" not in render_html(plain)
+
+
 def test_samples_and_windows_bound_the_data(model_dir, tmp_path):
     src = model_dir("llama")
     report = compress(src, _recipe([*CASES["sparsegpt-2:4"], {**HEAL, "samples": 3, "windows": 1}]), tmp_path / "out")

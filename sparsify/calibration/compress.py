@@ -32,6 +32,7 @@ def compress_layer(
     records: list[Any],
     dense_inputs: bool = False,
     world: World = SINGLE,
+    before_recovery: Callable[[], None] | None = None,
 ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
     """Every pass on the layer of ``layer_work`` (its targets and statistics filled in per stage), its report
     rows appended to ``records``. Returns the dense model's next hidden states (if ``dense_hidden`` is tracked)
@@ -41,7 +42,9 @@ def compress_layer(
 
     Under torchrun (``world``) the statistics are combined over the ranks; a pass whose targets are independent
     (``Pass.per_target``) solves its share of each stage's targets on each rank, any other on every rank; either
-    way each rank then holds the same layer (broadcast from where it was computed)."""
+    way each rank then holds the same layer (broadcast from where it was computed).
+
+    ``before_recovery()`` is called once, before the first recovery pass (heal) that has targets here."""
     i, layer, hidden, calls = layer_work.index, layer_work.layer, layer_work.inputs, layer_work.calls
     next_dense = None
     if dense_hidden is not None and not (passes[0].needs_dense_path and resolve(passes[0], i, layer)):
@@ -56,6 +59,9 @@ def compress_layer(
         targets = resolve(p, i, layer)  # by name, on the layer as the passes before left it
         if not targets:
             continue
+        if p.recovers and before_recovery is not None:
+            before_recovery()
+            before_recovery = None
         for stage in p.stages(targets):
             watched = p.stat_targets(stage)
             stats: dict[str, InputStats] = {}

@@ -108,16 +108,23 @@ class LayerwiseRunner:
         resolve: Resolver,
         start: ResumePoint | None = None,
         checkpoint: Checkpoint | None = None,
+        probe: list[Tensor] | None = None,
     ) -> RunOutput:
         """The compressing sweep: every pass is applied to each layer in turn, in recipe order.
 
         ``resolve(pass, i, layer)`` gives a pass's targets in the layer as it is at that moment.
         ``start`` continues an earlier run from a layer with the activations saved for it;
         ``checkpoint(next_layer, hidden, dense_hidden)`` is called after each layer is saved.
+        ``probe`` (batches of token windows, ``(B, L)``): when a recovery pass (heal) runs, these are fed through
+        every layer as it was just before that pass, into ``output.probe`` (a fresh sweep only: not on resume).
         """
         output = RunOutput()
         cap = self.capture()
         hidden = cap.hidden
+        probe_calls: list[list[LayerCall]] | None = None
+        if probe is not None and start is None and any(p.recovers for p in passes):
+            probed = capture_inputs(self.backbone, self.layers, probe, self.device)
+            output.probe, probe_calls = list(zip(probe, probed.hidden, strict=True)), probed.calls
         tracked = self.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in passes)
         dense_hidden = hidden if tracked else None  # the dense model's path
         first = 0
@@ -130,7 +137,9 @@ class LayerwiseRunner:
         for i in self.progress.track(range(first, n), n - first, "compressing layers"):
             interrupts.check()
             t0 = time.perf_counter()
-            hidden, dense_hidden = self._sweep_layer(i, passes, resolve, hidden, dense_hidden, cap.calls[i], output)
+            hidden, dense_hidden = self._sweep_layer(
+                i, passes, resolve, hidden, dense_hidden, cap.calls[i], output, probe_calls[i] if probe_calls else None
+            )
             if checkpoint is not None:
                 checkpoint(i + 1, hidden, dense_hidden)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
@@ -145,9 +154,11 @@ class LayerwiseRunner:
         dense_hidden: list[Tensor] | None,
         calls: list[LayerCall],
         output: RunOutput,
+        probe_calls: list[LayerCall] | None = None,
     ) -> tuple[list[Tensor], list[Tensor] | None]:
         """Load layer ``i``, compress it, feed the data forward through it, save it; the next layer's inputs
-        (the compressed model's, and the dense model's if tracked)."""
+        (the compressed model's, and the dense model's if tracked). With ``probe_calls``, ``output.probe`` goes
+        through the layer as it is before a recovery pass (or as it ends, where none has targets here)."""
         prefix = self.prefix(i)
         layer = self.provider.load(i)
         one_forward = self.inputs == "dense"
@@ -157,10 +168,22 @@ class LayerwiseRunner:
         dense = {fqn: weight_matrix(m).detach().float().clone() for fqn, m in touched.items()}  # (out, in) each
         done = len(output.records)
         work = LayerWork(i, layer, prefix, {}, {}, hidden, calls, dense, self.progress, world=self.world)
+        probed = probe_calls is None
+
+        def before_recovery() -> None:
+            nonlocal probed
+            assert output.probe is not None and probe_calls is not None
+            outs = run_layer(layer, [h for _, h in output.probe], probe_calls)
+            output.probe = [(t, h) for (t, _), h in zip(output.probe, outs, strict=True)]
+            probed = True
+
         dense_hidden, dense_out = compress_layer(
             work, passes, resolve, dense_hidden, self.device, lambda: self.provider.round_to_storage(i, layer),
             output.records, dense_inputs=one_forward, world=self.world,
+            before_recovery=None if probed else before_recovery,
         )  # fmt: skip
+        if not probed:  # nothing to recover in this layer: as it ends
+            before_recovery()
         if one_forward:  # the next layer takes the dense outputs; the compressed layer runs on one batch, for errors
             assert dense_out is not None
             feed_forward(prefix, layer, dense, dense_out[:1], hidden[:1], calls[:1], output.errors)

@@ -46,6 +46,8 @@ class InMemoryLayers:
 class RunOutput:
     records: list[Any] = field(default_factory=list)  # pass records, in order
     errors: dict[str, float] = field(default_factory=dict)  # fqn (a Linear or a layer) -> relative output error
+    # the probe windows (token ids, hidden states) per batch, after every layer as it was before a recovery pass
+    probe: list[tuple[Tensor, Tensor]] | None = None
 
 
 @dataclass

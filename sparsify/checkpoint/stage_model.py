@@ -63,11 +63,14 @@ def open_stage_model(md: ModelDir, config, trust_remote_code: bool, dtype: torch
     return StageModel(model, keymap, notes)
 
 
-def load_outside_layers(sm: StageModel, layers: Layers, md: ModelDir, dtype: torch.dtype, device: str) -> None:
-    """Read the tensors outside the layers (embeddings, final norm) onto the device; buffers too."""
+def load_outside_layers(
+    sm: StageModel, layers: Layers, md: ModelDir, dtype: torch.dtype, device: str, head: bool = False
+) -> None:
+    """Read the tensors outside the layers (embeddings, final norm; with ``head``, the LM head too) onto the
+    device; buffers too."""
     model = sm.model
     base_path = next(name for name, module in model.named_modules() if module is model.base_model)
-    base_prefix = f"{base_path}." if base_path else ""
+    base_prefix = f"{base_path}." if base_path and not head else ""
     layer_prefix = layers.path + "."
     outside = [n for n, p in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)]
     outside = [n for n in outside if model.get_parameter(n).is_meta]

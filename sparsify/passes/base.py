@@ -145,6 +145,7 @@ class Pass:
     # False: neither, and torchrun refuses it
     data_parallel: bool = True
     per_target: bool = False  # each target of a stage is solved alone (torchrun spreads the solves over ranks)
+    recovers: bool = False  # a recovery pass (heal): the report also measures the model as it was just before it
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at
 
     def __init__(self, config: PassConfig, index: int, arch: Arch | None = None):
