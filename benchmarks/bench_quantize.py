@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT, setting_value, wiki_eval_file
-from sparsify.data import load_text, sample_windows, tokenize
+from sparsify.data import BUILTIN_EVAL, load_text, sample_windows, tokenize
 from sparsify.demo import smollm2_path
 from sparsify.devices import cpu_flags
 from sparsify.evaluate import evaluate, load_tokenizer
@@ -132,6 +132,8 @@ def quality(args) -> None:
                     if f.name.startswith(("tokenizer", "special_tokens")):
                         shutil.copy2(f, out / f.name)
         ppl = evaluate(path, str(eval_file), 512, args.eval_windows)
+        if args.heldout:  # the calibration's domain (pydoc), windows held out of it
+            extra["heldout_perplexity"] = evaluate(path, BUILTIN_EVAL, 512, args.heldout)["perplexity"]
         lb, _ = linear_bytes(path)
         row = {
             "setting": spec,
@@ -242,6 +244,9 @@ def main() -> None:
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--eval-windows", type=int, default=32)
+    q.add_argument(
+        "--heldout", type=int, default=0, help="also this many windows of held-out pydoc (calibration domain)"
+    )
     q.add_argument("--llmcompressor", help="python of a venv with llmcompressor installed")
     q.add_argument("--dtype", default="float32", help="our compute dtype (llmcompressor's is float32)")
     q.add_argument("--inputs", default="compressed", choices=["compressed", "dense"], help="our calibration inputs")

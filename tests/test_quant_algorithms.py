@@ -366,6 +366,34 @@ def test_mse_observer_shrinks_heavy_tails_and_never_loses_to_minmax(symmetric):
     assert (p >= 0.2 - 1e-6).all()
 
 
+@pytest.mark.parametrize("granularity", [PerChannel(), PerGroup(8), PerTensor()], ids=repr)
+def test_weighted_mse_picks_the_range_of_least_input_weighted_error(granularity):
+    """Against a naive search, slice by slice; uniform importance is the plain mse observer."""
+    g = _gen(11)
+    W = torch.randn(6, 32, generator=g) / torch.rand(6, 32, generator=g).add(0.05).sqrt()  # (out, in), heavy tails
+    imp = torch.rand(32, generator=g) ** 4 * 10  # (in,): a few inputs matter most
+    args = QuantArgs(4, True, granularity, signed_scale=True)
+    _, hi = observe(W, args, "weighted-mse", importance=imp, grid=20, min_p=0.5)
+    rows = W.reshape(-1, granularity.size) if isinstance(granularity, PerGroup) else W  # one slice per row
+    cols = torch.arange(32).reshape(-1, granularity.size) if isinstance(granularity, PerGroup) else None
+    if isinstance(granularity, PerTensor):
+        rows, cols = W.reshape(1, -1), torch.arange(32).repeat(6).reshape(1, -1)
+    for r, x in enumerate(rows):
+        w = imp[cols[r % cols.shape[0]]] if cols is not None else imp
+        best = None
+        for p in torch.linspace(1.0, 0.5, 20).tolist():
+            a, b = x.min().clamp(max=0) * p, x.max().clamp(min=0) * p
+            sc, z = qparams(a.reshape(1), b.reshape(1), QuantArgs(4, True, PerTensor(), signed_scale=True))
+            err = float(((fake_quantize(x, sc, z, QuantArgs(4, True, PerTensor())) - x) ** 2 * w).sum())
+            if best is None or err < best[0]:
+                best = (err, b)
+        assert hi.reshape(-1)[r] == pytest.approx(float(best[1]), rel=1e-6)
+    uniform = observe(W, args, "weighted-mse", importance=torch.ones(32))
+    torch.testing.assert_close(uniform, observe(W, args, "mse"), **EXACT)
+    with pytest.raises(ValueError, match=r"weighted-mse needs importance of shape \(32,\)"):
+        observe(W, args, "weighted-mse")
+
+
 # ---- GPTQ -----------------------------------------------------------------------------------------------------------
 
 

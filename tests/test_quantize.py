@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers as T
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import sparsify
 from sparsify.arch import lookup
@@ -390,6 +391,8 @@ def test_data_free_runs_need_no_calibration_text_and_others_say_they_do(model_di
     compress(src, magnitude, tmp_path / "mag")
     for step in ({"type": "quantize", "scheme": "w8a8-static", "method": "rtn"},
                  {"type": "quantize", "scheme": "w4a16", "group_size": 32},
+                 {"type": "quantize", "scheme": "w4a16", "method": "rtn", "group_size": 32,
+                  "weight_observer": "weighted-mse"},
                  {"type": "prune", "sparsity": 0.5}):  # fmt: skip
         with pytest.raises(SparsifyError, match="needs calibration data"):
             compress(src, parse_recipe({"calibration": {"data": "none"}, "passes": [step]}), tmp_path / "x")
@@ -417,3 +420,27 @@ def test_reads_llmcompressor_outputs(name, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["perplexity"] > 1
+
+
+def test_weighted_mse_rtn_is_calibrated_reloads_and_takes_effect(model_dir, tmp_path):
+    """RTN whose group scales minimise the input-weighted rounding error: it reads calibration inputs, is written
+    and reloaded as any w4a16, and its scales are not min-max RTN's (shrunk where that lowers the weighted error)."""
+    src = model_dir("llama")
+    for observer in ("minmax", "weighted-mse"):
+        report = compress(
+            src, _recipe("w4a16", method="rtn", group_size=32, weight_observer=observer), tmp_path / observer
+        )
+        # data-free RTN reads only the windows its output errors are measured on; weighted-mse reads them all
+        assert report["calibration"]["windows"] == (2 if observer == "minmax" else CALIB["samples"])
+    ids = _tokens(src)[:2]
+    memory = _outputs(
+        _in_memory("llama", src, _recipe("w4a16", method="rtn", group_size=32, weight_observer="weighted-mse")), ids
+    )
+    torch.testing.assert_close(_outputs(sparsify.load(tmp_path / "weighted-mse"), ids), memory, rtol=0, atol=1e-5)
+    a, b = (
+        load_file(tmp_path / "minmax" / "model.safetensors"),
+        load_file(tmp_path / "weighted-mse" / "model.safetensors"),
+    )
+    scales = [k for k in a if k.endswith("weight_scale")]
+    assert scales and all(b[k].abs().le(a[k].abs()).all() for k in scales)  # shrunk or kept, never widened
+    assert sum(not torch.equal(a[k], b[k]) for k in scales) > len(scales) // 2

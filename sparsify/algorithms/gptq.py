@@ -60,7 +60,8 @@ def gptq_quantize(
     solver use a float32 ``H``'s memory (destroying it). ``mask: (out, in)`` bool, if given: weights where it
     is False are quantized to exactly zero (the zeros of an earlier pruning pass stay zeros; their error is
     fed forward like any other, as SparseGPT does). ``observer``: how a range is chosen for the scales
-    (:func:`~sparsify.algorithms.quant.observe`: ``minmax`` or ``mse``). Raises ValueError when the damped
+    (:func:`~sparsify.algorithms.quant.observe`: ``minmax``, ``mse`` or ``weighted-mse``, whose importance is
+    ``diag(H)``). Raises ValueError when the damped
     Hessian is not positive definite (more ``dampening`` helps).
     """
     if isinstance(args.granularity, PerToken):
@@ -78,8 +79,10 @@ def gptq_quantize(
         raise ValueError(f"{n_in} input columns are not a multiple of the group size {group}")
     dynamic_groups = group is not None and not act_order
 
-    def choose(x: Tensor, a: QuantArgs) -> tuple[Tensor, Tensor]:
-        return qparams(*observe(x, a, observer), a)  # type: ignore[arg-type]
+    importance = torch.diag(H).clone()  # (in,): each input's mean square (weighted-mse weighs rounding errors by it)
+
+    def choose(x: Tensor, a: QuantArgs, columns: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        return qparams(*observe(x, a, observer, importance=importance[columns]), a)  # type: ignore[arg-type]
 
     if dynamic_groups:
         scale = torch.empty((n_out, n_in // group), dtype=torch.float32, device=W.device)  # filled during the walk
@@ -120,7 +123,7 @@ def gptq_quantize(
                 if c_end > b1:  # and those after it, with this block's errors so far applied
                     rest = W[:, b1:c_end] - E[:j].T @ U[b0:c, b1:c_end]  # (out, c_end - b1)
                     cols = torch.cat([cols, rest], dim=1)
-                s, z = choose(cols, col_args)  # (out, 1)
+                s, z = choose(cols, col_args, slice(c, c + cols.shape[1]))  # (out, 1)
                 scale[:, k : k + 1], zero_point[:, k : k + 1] = s, z
             if group is not None:
                 k = c // group if dynamic_groups else group_of[c]

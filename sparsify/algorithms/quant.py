@@ -223,7 +223,7 @@ def fake_quantize_ste(
     return _apply(fq, x, scale, zero_point, args).to(x.dtype)
 
 
-Observer = Literal["minmax", "percentile", "mse"]
+Observer = Literal["minmax", "percentile", "mse", "weighted-mse"]
 
 
 def _quantile(flat: Tensor, q: float) -> Tensor:
@@ -247,6 +247,7 @@ def observe(
     q: float = 0.9999,
     grid: int = 80,
     min_p: float = 0.2,
+    importance: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The range ``(min, max)`` to quantize ``x`` with, shaped as ``minmax(x, args.granularity)``.
 
@@ -256,6 +257,9 @@ def observe(
     - ``"mse"``: per slice, the min-max range shrunk by the factor ``p`` among ``linspace(1, min_p, grid)`` that minimises the squared error ``sum (fake_quantize(x) - x)^2`` of the slice (llm-compressor's
       MSE observer in spirit; squared error, not its ``|.|^2.4``). ``p = 1`` wins ties, so the error never
       exceeds min-max's. One fake-quantized copy of ``x`` is alive at a time.
+    - ``"weighted-mse"``: the same search, each element's squared error weighted by ``importance: (in,)``, its
+      input's mean square ``E[x_j^2]`` (the diagonal of ``X^T X / N``): the output error a weight's rounding
+      causes, without the cross terms (AWQ's clipping search and llama.cpp's importance matrix, in spirit).
     """
     if method == "minmax":
         return minmax(x, args.granularity)
@@ -269,17 +273,34 @@ def observe(
         else:
             lo, hi = _quantile(flat, 1.0 - q), _quantile(flat, q)
         return lo.reshape(shape), hi.reshape(shape)
-    if method == "mse":
+    if method in ("mse", "weighted-mse"):
         if not 0.0 < min_p <= 1.0 or grid < 1:
             raise ValueError(f"mse needs grid >= 1 and min_p in (0, 1], got grid={grid}, min_p={min_p}")
+        weight = None
+        if method == "weighted-mse":
+            if importance is None or importance.shape != (x.shape[-1],):
+                got = None if importance is None else tuple(importance.shape)
+                raise ValueError(f"weighted-mse needs importance of shape ({x.shape[-1]},), got {got}")
+            weight = _tile(importance.to(flat.dtype), x, args.granularity)  # (slices, elements) or broadcastable
         lo, hi = torch.aminmax(flat, dim=1, keepdim=True)  # (slices, 1)
         best_err = torch.full_like(lo, float("inf"))  # (slices, 1)
         best_p = torch.ones_like(lo)  # (slices, 1)
         for p in torch.linspace(1.0, min_p, grid).tolist():
             scale, zp = qparams(lo * p, hi * p, args)  # (slices, 1)
-            err = (_fake_quantize(flat, scale, zp, args.qmin, args.qmax) - flat).pow_(2).sum(1, keepdim=True)
+            err = (_fake_quantize(flat, scale, zp, args.qmin, args.qmax) - flat).pow_(2)  # (slices, elements)
+            err = (err if weight is None else err.mul_(weight)).sum(1, keepdim=True)
             better = err < best_err  # (slices, 1)
             best_err = torch.where(better, err, best_err)
             best_p = torch.where(better, p, best_p)
         return (lo * best_p).reshape(shape), (hi * best_p).reshape(shape)
-    raise ValueError(f"unknown observer {method!r}: use 'minmax', 'percentile' or 'mse'")
+    raise ValueError(f"unknown observer {method!r}: use 'minmax', 'percentile', 'mse' or 'weighted-mse'")
+
+
+def _tile(per_column: Tensor, x: Tensor, granularity: Granularity) -> Tensor:
+    """``per_column: (in,)`` laid out as ``_slices(x, granularity)``'s rows (broadcastable where it can be)."""
+    if isinstance(granularity, PerGroup):
+        g = granularity.size
+        return per_column.reshape(-1, g).repeat(x.numel() // x.shape[-1], 1)  # (slices, g)
+    if isinstance(granularity, PerTensor):
+        return per_column.repeat(x.numel() // x.shape[-1]).reshape(1, -1)  # (1, numel)
+    return per_column.reshape(1, -1)  # per channel / token: (1, in) broadcasts over the rows

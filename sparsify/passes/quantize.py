@@ -99,7 +99,11 @@ class QuantizeConfig(LayerPassConfig):
     observer: Literal["minmax", "percentile", "mse"] = Field(
         "mse", description="static activation range (mse: the clipping that minimises the squared error)"
     )
-    weight_observer: Literal["minmax", "mse"] = Field("minmax", description="weight range (RTN, GPTQ's groups)")
+    weight_observer: Literal["minmax", "mse", "weighted-mse"] = Field(
+        "minmax",
+        description="weight range (RTN, GPTQ's groups): mse, the clipping of least squared error; weighted-mse,"
+        " each weight's error weighted by its input's mean square (calibrated)",
+    )
     smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
     qat: QATConfig | None = Field(None, description="then tune each layer with fake quantization (QAT)")
 
@@ -231,13 +235,15 @@ class QuantizePass(Pass):
         self.method = QUANTIZE_METHODS[c.method]
         static = c.activations == "static"
         needs = set(self.method.needs)
+        if c.weight_observer == "weighted-mse":
+            needs.add("hessian")  # its diagonal: each input's mean square
         if c.smoothquant is not None or static:
             needs.add("abs_max")
         self.needs = frozenset(needs)
         self.custom_stats = {"sample": InputSample} if static and c.observer != "minmax" else {}
         self.needs_grad = c.qat is not None
         self.per_target = c.smoothquant is None and c.qat is None  # else the layer's Linears are fitted together
-        self.needs_data = bool(self.method.needs) or static or c.smoothquant is not None or bool(c.qat)
+        self.needs_data = bool(self.needs) or bool(self.custom_stats) or bool(c.qat)
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
         self.smoothed: list[str] = []
@@ -293,7 +299,7 @@ class QuantizePass(Pass):
             s = factors.get(fqn)
             W = module.weight.detach().float()  # (out, in), already smoothed
             H = None
-            if "hessian" in self.method.needs:
+            if "hessian" in self.needs:
                 if stats is None or stats.tokens == 0:
                     raise SparsifyError(f"{fqn}: saw no calibration tokens")
                 H = stats.mean("hessian")  # (in, in)

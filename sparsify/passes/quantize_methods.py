@@ -95,7 +95,8 @@ def expand_zero_point(zp: Tensor, shape: torch.Size, args: QuantArgs) -> Tensor:
 
 @quantize_method("rtn", title="round-to-nearest")
 def _rtn(W: Tensor, H: Tensor | None, args: QuantArgs, mask: Tensor, options: RoundingOptions) -> Rounded:
-    scale, zp = qparams(*observe(W, args, options.weight_observer), args)  # type: ignore[arg-type]
+    importance = H.diagonal() if H is not None else None  # (in,): each input's mean square, when calibrated
+    scale, zp = qparams(*observe(W, args, options.weight_observer, importance=importance), args)  # type: ignore[arg-type]
     q = torch.where(mask, quantize(W, scale, zp, args), expand_zero_point(zp, W.shape, args))  # zp decodes to 0
     return Rounded(q, scale, zp, dequantize(q, scale, zp, args))
 
