@@ -563,10 +563,11 @@ def _run_stage(
         if saved is None:
             state.save_decisions(decisions)
         provider.layers, provider.source_index = layers.modules, layers.source_index
+        probe = _probe(stage, run, opts)
         output = (
             _saved_output(state, len(layers.modules))
             if state.complete
-            else _sweep(runner, stage, layers, state, opts.world, _probe(stage, run, opts))
+            else _sweep(runner, stage, layers, state, opts.world, probe)
         )
         if output.probe is not None:
             load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
@@ -575,6 +576,8 @@ def _run_stage(
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
             )
+            if probe is not None:
+                notes.append("perplexity before healing not measured: the run was resumed")
         _finish_records(output)
         records += output.records
         for p in stage.layer_passes:

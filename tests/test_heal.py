@@ -23,7 +23,9 @@ from sparsify.errors import SparsifyError
 from sparsify.passes.trainable import TrainableLayer
 from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
+from sparsify.report import read_report
 from sparsify.runtime.quantized import QuantizedLinear, QuantScheme
+from tests.test_cli import CALIB as CLI_CALIB
 from tests.test_cli import FAST, assert_user_error, run
 from tests.test_guarantees import _fault, _weights, deep  # noqa: F401 - deep is a fixture
 from tests.test_quantize import _outputs, _tokens
@@ -244,7 +246,9 @@ def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa:
         "wanda",
         "--sparsity",
         "0.5",
-        *FAST,
+        *CLI_CALIB,  # with the perplexity: a resumed run says it did not measure the one before healing
+        "--eval-seq-len",
+        "32",
         "--heal",
         "--heal-steps",
         "5",
@@ -261,6 +265,9 @@ def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa:
     r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
     assert r.returncode == 0, r.stderr
     assert _weights(out) == _weights(reference)
+    whole, resumed = read_report(reference), read_report(out)
+    assert whole["eval"]["before_heal"] > 0 and "before_heal" not in resumed["eval"]
+    assert "perplexity before healing not measured: the run was resumed" in resumed["notes"]
 
 
 # ------------------------------------------------------------------------------------------- pieces
