@@ -460,15 +460,9 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
 
 
 def _check_world(plan: Plan, recipe: Recipe, world: World) -> None:
-    """Under torchrun: every pass learns through statistics the ranks combine, and each rank has windows."""
+    """Under torchrun: each rank has calibration windows."""
     if not world.active:
         return
-    for p in plan.layer_passes:
-        if p.needs_data and not p.data_parallel:
-            raise SparsifyError(
-                f"pass {p.index} ({p.describe()}) does not run under torchrun: it reads the calibration"
-                " inputs itself rather than statistics the ranks combine; run it in one process"
-            )
     cal = recipe.calibration
     batches = 1 + math.ceil(max(0, cal.samples - ERROR_WINDOWS) / cal.batch_size)  # as calibration_batches makes
     if plan.layer_passes and batches < world.size:

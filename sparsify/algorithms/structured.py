@@ -132,15 +132,16 @@ def refit_output(
     return sol[:, :k].to(dtype), sol[:, k].to(dtype)
 
 
-def block_influence(h_in: Tensor, h_out: Tensor) -> float:
-    """ShortGPT's BI of a layer: ``1 - mean_t cos(h_in_t, h_out_t)``; ``h: (tokens, hidden)``."""
-    return float(1.0 - torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean())
+def block_influence(h_in: Tensor, h_out: Tensor, mean: Callable[[Tensor], Tensor] = torch.mean) -> float:
+    """ShortGPT's BI of a layer: ``1 - mean_t cos(h_in_t, h_out_t)``; ``h: (tokens, hidden)``. ``mean`` of the
+    per-token values (data-parallel: over every process's tokens)."""
+    return float(1.0 - mean(torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)))
 
 
-def angular_distance(h_a: Tensor, h_b: Tensor) -> float:
+def angular_distance(h_a: Tensor, h_b: Tensor, mean: Callable[[Tensor], Tensor] = torch.mean) -> float:
     """Mean angular distance ``arccos(cos(h_a, h_b)) / pi`` over tokens; ``h: (tokens, hidden)``."""
     cos = torch.nn.functional.cosine_similarity(h_a.float(), h_b.float(), dim=-1).clamp(-1.0, 1.0)
-    return float(torch.arccos(cos).mean() / math.pi)
+    return float(mean(torch.arccos(cos)) / math.pi)
 
 
 def layers_to_remove(metric: str, scores: list[float], n: int) -> list[int]:

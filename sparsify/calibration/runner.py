@@ -71,6 +71,11 @@ class LayerwiseRunner:
         batches = calibration_batches(self.tokens, self.batch_size)
         return capture_inputs(self.backbone, self.layers, batches[self.world.shard(len(batches))], self.device)
 
+    def first_window(self) -> int:
+        """The calibration index of this rank's first window (0 in one process)."""
+        batches = calibration_batches(self.tokens, self.batch_size)
+        return sum(int(b.shape[0]) for b in batches[: self.world.shard(len(batches)).start])
+
     @torch.no_grad()
     def observe(
         self,

@@ -140,10 +140,9 @@ class Pass:
     # inputs; "model", the dense model's hidden states after the layer (tracked beside the compressed ones)
     teacher: Literal["layer", "model"] | None = None
     needs_data: bool = True  # needs calibration text (False: e.g. magnitude pruning, RTN weight-only)
-    # under torchrun: what it learns from calibration data comes through its declared statistics (which the loop
-    # combines over the ranks) or is combined by the pass itself (LayerWork.world: MoE's sums, heal's gradients);
-    # False: neither, and torchrun refuses it
-    data_parallel: bool = True
+    # Under torchrun what a pass learns from data comes through its declared statistics (the loop combines them
+    # over the ranks) or is combined by the pass itself (LayerWork.world, runner.world: MoE's sums, heal's
+    # gradients, layer removal's scores).
     per_target: bool = False  # each target of a stage is solved alone (torchrun spreads the solves over ranks)
     recovers: bool = False  # a recovery pass (heal): the report also measures the model as it was just before it
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at

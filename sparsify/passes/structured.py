@@ -106,7 +106,6 @@ class StructuredPrunePass(Pass):
             needs.add("hessian")
         self.needs = frozenset(needs)
         self.needs_data = self.what == "layers" or bool(needs)
-        self.data_parallel = self.what != "layers"  # a layer's score comes from its inputs and outputs themselves
         self.requires = frozenset({"float", "dense_ffn"} if self.what == "channels" else {"float"})
         self.removed_layers: list[int] = []
         self.layer_scores: list[float] = []
@@ -188,19 +187,28 @@ class StructuredPrunePass(Pass):
         if self.what != "layers":
             return
         n = int(self.config.remove or 0)
-        windows = METRIC_WINDOWS
         held: dict[int, Tensor] = {}  # layer -> its input hidden states (angular: until layer + n - 1 is done)
+        world, first = runner.world, runner.first_window()
+        # the first METRIC_WINDOWS windows of the calibration; under torchrun, those this rank holds
+        mine = max(0, METRIC_WINDOWS - first)
 
         def flat(hs: list[Tensor]) -> Tensor:
-            return torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])[: windows * hs[0].shape[1]]
+            return torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])[: mine * hs[0].shape[1]]  # (tokens, hidden)
+
+        def mean(values: Tensor) -> Tensor:  # over every rank's tokens (one process: torch.mean)
+            if not world.active:
+                return values.mean()
+            total = torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64)])
+            world.all_reduce_(total)
+            return total[0] / total[1]
 
         def score(work: LayerWork, outputs: list[Tensor]) -> float | None:
             h_in, h_out = flat(work.inputs), flat(outputs)
             if self.metric == "block-influence":
-                return block_influence(h_in, h_out)
+                return block_influence(h_in, h_out, mean)
             held[work.index] = h_in
             start = work.index - n + 1
-            return angular_distance(held.pop(start), h_out) if start >= 0 else None
+            return angular_distance(held.pop(start), h_out, mean) if start >= 0 else None
 
         scores = runner.observe(score, f"layer importance ({self.metric})")
         self.layer_scores = [s for s in scores if s is not None]
