@@ -694,9 +694,7 @@ def report(
     baseline: Annotated[
         str | None, typer.Option(metavar="MODEL", help="dense model folder to compare sizes with")
     ] = None,
-    format: Annotated[
-        Format, typer.Option("--format", metavar="md|html|json", help="md, html or json")
-    ] = Format.md,
+    format: Annotated[Format, typer.Option("--format", metavar="md|html|json", help="md, html or json")] = Format.md,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
