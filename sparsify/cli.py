@@ -623,7 +623,7 @@ def eval_cmd(
     ] = None,
     dtype: Annotated[
         DType,
-        typer.Option(metavar="float32|bfloat16|float16", case_sensitive=False, help="compute dtype [default: float32]"),
+        typer.Option(metavar="float32|bfloat16|float16", case_sensitive=False, help="compute dtype"),
     ] = DType.float32,
     device: DeviceOpt = "cpu",
     revision: RevisionOpt = None,

@@ -351,6 +351,10 @@ def test_help_manners():
     assert "Usage: sparsify prune MODEL [OPTIONS]" in " ".join(text.split()).replace("python -m ", "")
     for python_type in ("<str>", "<int", "<float", "list[", "{MODEL}", "range>"):
         assert python_type not in text, python_type
+    from sparsify.cli import reference
+
+    twice = [line for line in reference().splitlines() if line.count("[default:") > 1]
+    assert not twice, twice  # an option's help that names its default when the CLI shows it too
 
 
 def test_flag_errors_name_the_flag_and_choices_take_any_case(model_dir, tmp_path):
