@@ -108,22 +108,18 @@ class _Replay(nn.Module):
 def perplexity_of_hidden(model: nn.Module, layers: nn.ModuleList, batches: list[tuple[Tensor, Tensor]]) -> float:
     """``exp(mean NLL)`` of token windows whose hidden states after the last decoder layer are given, per batch
     ``(tokens (B, L), hidden (B, L, d))``: the model's own head (final norm, LM head, any logit soft-capping)
-    computes the logits, its layers (``layers``, restored after) stood in for by a replay of those states."""
+    computes the logits, its layers (``layers``, restored after) stood in for by a replay of those states.
+    Every batch but the last holds as many windows as the first (as ``Tensor.split`` cuts them)."""
     queue = [h for _, h in batches]
     originals = list(layers)
-    nll, count = 0.0, 0
     try:
         for i in range(len(originals)):
             layers[i] = _Replay(queue if i == len(originals) - 1 else None)
-        for tokens, _ in batches:
-            tokens = tokens.to(queue[0].device)
-            logits = model(input_ids=tokens, use_cache=False).logits.float()  # (B, L, V)
-            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
-            count += tokens[:, 1:].numel()
+        windows = torch.cat([t for t, _ in batches])  # (W, L): cut again by perplexity() into the same batches
+        return perplexity(model, windows, batch_size=int(batches[0][0].shape[0]))
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-    return math.exp(nll / count)
 
 
 @torch.no_grad()

@@ -318,27 +318,26 @@ def _protected(folder: Path, protect: list[Path]) -> bool:
     return any(_is_within(p.resolve(), r) or _is_within(r, p.resolve()) for p in protect)
 
 
-def _sweep_followers(out: OutputPath) -> None:
-    """Once OUT is in place: the scratch work of torchrun ranks but 0 that a killed job left beside it (their
-    ``.OUT.rankN`` folders, kept for ``--resume`` until now); any still locked belongs to a rank still ending."""
-    for p in out.path.parent.glob(f"..{out.path.name}.rank*.partial"):
-        if not _is_ours(p):
-            continue
-        fd = _lock(p)
-        if fd is not None:
-            shutil.rmtree(p, ignore_errors=True)
-            Partial(p, fd, {}).release()
-
-
-def _sweep_new(out: OutputPath, protect: list[Path]) -> None:
-    """Remove half-created work folders of runs that died before claiming: unlocked, ours, not an input."""
-    for p in out.path.parent.glob(f".{out.path.name}.partial-new-*"):
+def _sweep(out: OutputPath, pattern: str, protect: list[Path]) -> None:
+    """Remove the work folders beside OUT matching ``pattern`` that are ours, unlocked and not an input."""
+    for p in out.path.parent.glob(pattern):
         if not _is_ours(p) or _protected(p, protect):
             continue
         fd = _lock(p)
         if fd is not None:
             shutil.rmtree(p, ignore_errors=True)
             Partial(p, fd, {}).release()
+
+
+def _sweep_followers(out: OutputPath) -> None:
+    """Once OUT is in place: the scratch work of torchrun ranks but 0 that a killed job left beside it (their
+    ``.OUT.rankN`` folders, kept for ``--resume`` until now); any still locked belongs to a rank still ending."""
+    _sweep(out, f"..{out.path.name}.rank*.partial", [])
+
+
+def _sweep_new(out: OutputPath, protect: list[Path]) -> None:
+    """Remove half-created work folders of runs that died before claiming: unlocked, ours, not an input."""
+    _sweep(out, f".{out.path.name}.partial-new-*", protect)
 
 
 def _create(out: OutputPath) -> Partial | None:
