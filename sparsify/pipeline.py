@@ -267,7 +267,7 @@ def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path,
     _write_files(md, run, done.config, folder)
     done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
     after = _measure(folder, run, opts)
-    eval_info = _eval_info(md, folder, run, opts, before, after, done.before_heal)
+    eval_info = _eval_info(md, folder, run, opts, before, after, done.before_recovery)
     quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
     report = _report(md, run, opts, done, model=model, shown=shown, out_dir=folder, eval_info=eval_info,
                      quality=quality, before=before, after=after, t_start=t_start)  # fmt: skip
@@ -292,7 +292,8 @@ class _Done:
     records: list[dict[str, Any]]
     notes: list[str]
     counts: Any
-    before_heal: float | None = None  # the perplexity of the model as it was before healing (first length)
+    # where a recovery pass ran: {"step": its name ("healing"), "perplexity": the model's just before it}
+    before_recovery: dict[str, Any] | None = None
 
 
 def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
@@ -300,23 +301,23 @@ def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
     records: list[dict[str, Any]] = []
     notes = md.notes + run.notes
     cfg = copy.deepcopy(run.cfg)  # passes return edited copies; run.cfg stays the input's
-    source, counts, before_heal = md, None, None
+    source, counts, before_recovery = md, None, None
     for k, stage in enumerate(run.plan.stages):
         interrupts.check()
         last = k == len(run.plan.stages) - 1
         out_dir = work.dir if last else work.stage(k).dir / "model"
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg, stage_records, stage_notes, counts, healed_from = _run_stage(
+        cfg, stage_records, stage_notes, counts, recovered = _run_stage(
             stage, source, cfg, out_dir, work.stage(k), run, opts
         )
-        before_heal = healed_from if healed_from is not None else before_heal
+        before_recovery = recovered or before_recovery
         records += stage_records
         notes += stage_notes
         if not last:  # the next stage reads this one's output
             (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             source = open_model(out_dir)
     notes += [n for p in run.plan.passes for n in p.notes()]
-    return _Done(cfg, records, notes, counts, before_heal)
+    return _Done(cfg, records, notes, counts, before_recovery)
 
 
 def _run_stages_with(world: World, md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
@@ -356,17 +357,17 @@ def _eval_info(
     opts: Options,
     before: _Measured,
     after: _Measured,
-    before_heal: float | None = None,
+    before_recovery: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Perplexity before and after (decoders; and before healing, at the first length, where measured), or the
-    embeddings' similarity to the input's (encoders)."""
+    """Perplexity before and after (decoders; and before a recovery pass, at the first length, where measured),
+    or the embeddings' similarity to the input's (encoders)."""
     if opts.evaluate and is_encoder(run.config.model_type):
         return embedding_similarity(out_dir, md.path, opts.eval_data, dtype=_dtype(run.recipe), device=opts.device)
     if before.perplexity is None or after.perplexity is None:
         return None
     info = before_after(before.perplexity, after.perplexity)
-    if before_heal is not None:
-        info["before_heal"] = before_heal
+    if before_recovery is not None:
+        info["before_recovery"] = before_recovery
     return info
 
 
@@ -523,12 +524,12 @@ def _run_stage(
     state: StageState,
     run: _Run,
     opts: Options,
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], Any, float | None]:
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str], Any, dict[str, Any] | None]:
     """One stage: config passes, the sweep of its layer passes, their config edits; the stage's output
     (weights and config) written to ``out_dir``. Returns the config it leaves, its records, notes and counts,
-    and where it heals, the perplexity of the model before healing (None: not measured)."""
+    and where a recovery pass runs, its name and the perplexity of the model before it (None: not measured)."""
     records: list[dict[str, Any]] = []
-    before_heal = None
+    before_recovery = None
     for p in stage.config_passes:
         cfg = checked_config(p, p.edit_config(cfg))
         records += p.config_records()
@@ -557,7 +558,8 @@ def _run_stage(
         if saved is None:
             state.save_decisions(decisions)
         provider.layers, provider.source_index = layers.modules, layers.source_index
-        probe = _probe(stage, run, opts)
+        step = next((p.recovers for p in stage.layer_passes if p.recovers), None)  # a recovery pass: its name
+        probe = _probe(run, opts) if step else None
         output = (
             _saved_output(state, len(layers.modules))
             if state.complete
@@ -565,13 +567,14 @@ def _run_stage(
         )
         if output.probe is not None:
             load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
-            before_heal = perplexity_of_hidden(skel.model, layers.modules, output.probe)
+            ppl = perplexity_of_hidden(skel.model, layers.modules, output.probe)
+            before_recovery = {"step": step, "perplexity": ppl}
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
             )
             if probe is not None:
-                notes.append("perplexity before healing not measured: the run was resumed")
+                notes.append(f"perplexity before {step} not measured: the run was resumed")
         _finish_records(output)
         records += output.records
         for p in stage.layer_passes:
@@ -580,7 +583,7 @@ def _run_stage(
         out_dir, state.layers, md.source, rest_keys(md, skel.keymap, layers), state.dir, opts.max_shard_bytes
     )
     state.mark_complete()
-    return cfg, records, notes, counts, before_heal
+    return cfg, records, notes, counts, before_recovery
 
 
 def _saved_output(state: StageState, n_layers: int) -> RunOutput:
@@ -679,10 +682,10 @@ def _eval_window_count(opts: Options) -> int | None:
     return opts.eval_max_windows or (None if opts.eval_data else DEFAULT_EVAL_WINDOWS)
 
 
-def _probe(stage: Stage, run: _Run, opts: Options) -> list[torch.Tensor] | None:
-    """The perplexity's windows (first context length), in batches, where the stage heals: the report measures
-    the model as it was before healing on them too (rank 0 only: it alone measures)."""
-    if run.eval_stream is None or not opts.world.leader or not any(p.recovers for p in stage.layer_passes):
+def _probe(run: _Run, opts: Options) -> list[torch.Tensor] | None:
+    """The perplexity's windows (first context length), in batches, for a stage with a recovery pass (heal): the
+    report measures the model as it was before it on them too (rank 0 only: it alone measures)."""
+    if run.eval_stream is None or not opts.world.leader:
         return None
     length = run.eval_lengths[0]
     windows = eval_windows(run.eval_stream, length, _eval_window_count(opts))  # (W, L)

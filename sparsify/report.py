@@ -300,7 +300,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "ppl_after": pairs[0]["after"] if pairs else None,
         "ppl_len": pairs[0].get("seq_len") if pairs else None,
         "ppl_ratio": pairs[0]["after"] / pairs[0]["before"] if pairs and pairs[0]["before"] else None,
-        "ppl_before_heal": ev.get("before_heal"),
+        "ppl_before_recovery": ev.get("before_recovery"),
         "cosine_mean": ev.get("cosine_mean") if ev.get("metric") == "cosine" else None,
         "cosine_min": ev.get("cosine_min") if ev.get("metric") == "cosine" else None,
         "eval_text": ev.get("text"),
@@ -413,7 +413,8 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
     elif ev:
         for k, e in enumerate(_eval_pairs(ev)):
             label = "perplexity" if "by_length" not in ev else f"perplexity @{e['seq_len']}"
-            healed = f"; {ev['before_heal']:.3f} before healing" if k == 0 and ev.get("before_heal") else ""
+            rec = ev.get("before_recovery") if k == 0 else None
+            healed = f"; {rec['perplexity']:.3f} before {rec['step']}" if rec else ""
             rows.append(
                 (
                     label,
@@ -980,8 +981,8 @@ def _cards(report: dict[str, Any]) -> str:
             f"@{e['seq_len']}: {_e(fmt_ppl(e['before']))} → {_e(fmt_ppl(e['after']))}" for e in pairs[1:]
         )
         sub = f"from {_e(fmt_ppl(h['ppl_before']))} · {_ratio_text(h['ppl_ratio'])} · {h['ppl_len']} tokens"
-        if h["ppl_before_heal"]:
-            sub += f"<br>{_e(fmt_ppl(h['ppl_before_heal']))} before healing"
+        if rec := h["ppl_before_recovery"]:
+            sub += f"<br>{_e(fmt_ppl(rec['perplexity']))} before {_e(rec['step'])}"
         cards.append(
             _card(
                 "perplexity",

@@ -139,10 +139,11 @@ def test_the_report_measures_the_model_as_it_was_before_healing(model_dir, tmp_p
     opts = Options(eval_seq_lens=(32,), eval_max_windows=6)
     plain = measured(src, _recipe(step), tmp_path / "plain", opts)
     healed = measured(src, _recipe([*step, HEAL]), tmp_path / "healed", opts)
-    assert "before_heal" not in plain["eval"]
-    assert healed["eval"]["before_heal"] == pytest.approx(plain["eval"]["after"], rel=1e-5)
+    assert "before_recovery" not in plain["eval"]
+    before = healed["eval"]["before_recovery"]
+    assert before["step"] == "healing" and before["perplexity"] == pytest.approx(plain["eval"]["after"], rel=1e-5)
     assert healed["eval"]["before"] == plain["eval"]["before"]
-    assert any(f"{healed['eval']['before_heal']:.3f} before healing" in text for _, text in summary_rows(healed))
+    assert any(f"{before['perplexity']:.3f} before healing" in text for _, text in summary_rows(healed))
     assert "before healing" in render_html(healed) and "before healing" not in render_html(plain)
 
 
@@ -266,7 +267,7 @@ def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa:
     assert r.returncode == 0, r.stderr
     assert _weights(out) == _weights(reference)
     whole, resumed = read_report(reference), read_report(out)
-    assert whole["eval"]["before_heal"] > 0 and "before_heal" not in resumed["eval"]
+    assert whole["eval"]["before_recovery"]["perplexity"] > 0 and "before_recovery" not in resumed["eval"]
     assert "perplexity before healing not measured: the run was resumed" in resumed["notes"]
 
 

@@ -144,7 +144,8 @@ class Pass:
     # over the ranks) or is combined by the pass itself (LayerWork.world, runner.world: MoE's sums, heal's
     # gradients, layer removal's scores).
     per_target: bool = False  # each target of a stage is solved alone (torchrun spreads the solves over ranks)
-    recovers: bool = False  # a recovery pass (heal): the report also measures the model as it was just before it
+    # a recovery pass: what the report calls it ("healing"); the report also measures the model just before it
+    recovers: str | None = None
     eval_lengths: tuple[int, ...] | None = None  # context lengths worth measuring perplexity at
 
     def __init__(self, config: PassConfig, index: int, arch: Arch | None = None):

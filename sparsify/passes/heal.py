@@ -84,7 +84,7 @@ class HealPass(Pass):
     config: HealConfig
     requires = frozenset()  # quantized Linears train as float weights and scales, re-rounded on their grid
     needs_grad = True
-    recovers = True
+    recovers = "healing"
     uses_targets = False
     kind = "heal"
     follow_up = "then heal each compressed layer: fit it to the dense model's hidden states (see docs/methods/heal.md)"
