@@ -48,11 +48,15 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def run(model: Path, passes: list[dict], samples: int, seq_len: int, out: Path) -> tuple[dict, float]:
+def run(
+    model: Path, passes: list[dict], samples: int, seq_len: int, out: Path, eval_windows: int | None = None
+) -> tuple[dict, float]:
+    """``eval_windows``: the run measures held-out pydoc perplexity itself (before each recovery step too)."""
     shutil.rmtree(out, ignore_errors=True)
     recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": seq_len}, "passes": passes})
+    opts = Options(overwrite=True, evaluate=eval_windows is not None, eval_max_windows=eval_windows)
     t0 = time.perf_counter()
-    report = compress(model, recipe, out, Options(overwrite=True, evaluate=False))
+    report = compress(model, recipe, out, opts)
     return report, time.perf_counter() - t0
 
 
@@ -63,6 +67,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--heal", nargs="*", default=[], metavar="KEY=VALUE", help="heal settings")
+    ap.add_argument(
+        "--distill", nargs="*", default=None, metavar="KEY=VALUE", help="then a distill step (these settings)"
+    )
     ap.add_argument("--reuse-plain", action="store_true", help="take the plain run from an earlier one's cache")
     args = ap.parse_args()
     heal = {"type": "heal", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.heal)}}
@@ -83,7 +90,14 @@ def main() -> None:
             plain = evaluate(OUT / "heal-plain", eval_file, args.seq_len, args.eval_windows)["perplexity"]
             plain_in = evaluate(OUT / "heal-plain", None, args.seq_len, args.eval_windows)["perplexity"]
             cache.write_text(json.dumps([t_plain, plain, plain_in]))
-        report, t_healed = run(model, [step, heal], args.samples, args.seq_len, OUT / "heal-healed")
+        steps = [step, heal]
+        if args.distill is not None:  # the run measures pydoc itself: before healing, before distilling, after
+            steps.append(
+                {"type": "distill", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.distill)}}
+            )
+        windows = args.eval_windows if args.distill is not None else None
+        report, t_healed = run(model, steps, args.samples, args.seq_len, OUT / "heal-healed", windows)
+        distilled = [r for r in report["layers"] if r.get("kind") == "distill"]
         healed = evaluate(OUT / "heal-healed", eval_file, args.seq_len, args.eval_windows)["perplexity"]
         healed_in = evaluate(OUT / "heal-healed", None, args.seq_len, args.eval_windows)["perplexity"]
         records = [r for r in report["layers"] if r.get("kind") == "heal"]
@@ -109,6 +123,16 @@ def main() -> None:
             "layer_loss_before": sum(r["loss_before"] for r in records) / max(len(records), 1),
             "layer_loss_after": sum(r["loss_after"] for r in records) / max(len(records), 1),
             "kept_as_compressed": sum(r["status"] != "healed" for r in records),
+            **(
+                {
+                    "distill": steps[-1],
+                    "distill_record": distilled[0],
+                    "run_eval": report["eval"],  # pydoc: before healing, after (distilled)
+                    "notes": [n for n in report["notes"] if n.startswith("perplexity before")],  # before distilling
+                }
+                if distilled
+                else {}
+            ),
             "samples": args.samples,
             "eval_windows": args.eval_windows,
             "cpu": cpu,

@@ -484,7 +484,7 @@ def _follow_up_options() -> dict[str, list[Option]]:
     from sparsify.passes import PASSES
 
     out = {}
-    for kind, cls in PASSES.items():
+    for kind, cls in sorted(PASSES.items(), key=lambda item: item[1].whole_model):  # whole-model stages come last
         if cls.follow_up:
             switch = create_model(f"_{kind}", **{kind: (cls.config_cls | None, Field(None, description=cls.follow_up))})
             out[kind] = config_options(switch, ("follow",))

@@ -15,6 +15,7 @@ from sparsify.arch import is_encoder
 from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.loading import load
+from sparsify.modules import replaying
 from sparsify.progress import NoProgress, Progress, library_bars_silenced
 from sparsify.runtime.format import read_config
 
@@ -92,34 +93,15 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     return math.exp(nll / count)
 
 
-class _Replay(nn.Module):
-    """Stands in for a decoder layer: passes its input on, or (the last layer) gives ``states.pop(0)``."""
-
-    def __init__(self, states: list[Tensor] | None):
-        super().__init__()
-        self.states = states
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return hidden if self.states is None else self.states.pop(0)
-
-
 @torch.no_grad()
 def perplexity_of_hidden(model: nn.Module, layers: nn.ModuleList, batches: list[tuple[Tensor, Tensor]]) -> float:
     """``exp(mean NLL)`` of token windows whose hidden states after the last decoder layer are given, per batch
     ``(tokens (B, L), hidden (B, L, d))``: the model's own head (final norm, LM head, any logit soft-capping)
-    computes the logits, its layers (``layers``, restored after) stood in for by a replay of those states.
+    computes the logits (see :func:`replaying`).
     Every batch but the last holds as many windows as the first (as ``Tensor.split`` cuts them)."""
-    queue = [h for _, h in batches]
-    originals = list(layers)
-    try:
-        for i in range(len(originals)):
-            layers[i] = _Replay(queue if i == len(originals) - 1 else None)
+    with replaying(layers, [h for _, h in batches]):
         windows = torch.cat([t for t, _ in batches])  # (W, L): cut again by perplexity() into the same batches
         return perplexity(model, windows, batch_size=int(batches[0][0].shape[0]))
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
 
 
 @torch.no_grad()

@@ -1,6 +1,11 @@
-"""Module-level helpers: which modules are prunable Linears and how to read/write their weights."""
+"""Module-level helpers: which modules are prunable Linears and how to read/write their weights; a model's
+layers replayed."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,3 +86,29 @@ def replace_module(layer: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at ``name`` (relative to ``layer``) in place of what was there."""
     parent, _, attr = name.rpartition(".")
     setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: passes its input on, or (the last layer) gives ``states.pop(0)``."""
+
+    def __init__(self, states: list[Tensor] | None):
+        super().__init__()
+        self.states = states
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return hidden if self.states is None else self.states.pop(0)
+
+
+@contextlib.contextmanager
+def replaying(layers: nn.ModuleList, states: list[Tensor]) -> Iterator[None]:
+    """Within: the model's decoder layers (``layers``, restored after) are stood in for by a replay, the last one
+    giving ``states.pop(0)`` at each forward: the model computes its outputs from those hidden states."""
+    originals = list(layers)
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Replay(states if i == len(originals) - 1 else None)
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer

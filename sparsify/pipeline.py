@@ -6,7 +6,8 @@ compress(model, recipe, out)
   plan: the whole recipe walked on the config alone (sparsify.plan): refused here, or every step applies
   input: every tensor checked against the config, and finite
   calibration windows; held-out windows for the perplexity before and after
-  stage by stage: config passes, prepare (whole-model decisions, saved), the layer-wise sweep, config edits
+  stage by stage: config passes, prepare (whole-model decisions, saved), the layer-wise sweep, config edits;
+    or a whole-model pass (distillation) on the model the stages before wrote
   the output: shards, config, tokenizer, recipe.yaml; checked (config vs tensors, transformers' loader,
   finite logits); perplexity after; report and model card; renamed into place
 ```
@@ -32,7 +33,14 @@ from torch import nn
 from sparsify import interrupts
 from sparsify._version import __version__
 from sparsify.arch import SPARSIFY_TYPE_PREFIX, is_encoder, lookup
-from sparsify.calibration import ERROR_WINDOWS, InMemoryLayers, LayerwiseRunner, ResumePoint, RunOutput
+from sparsify.calibration import (
+    ERROR_WINDOWS,
+    InMemoryLayers,
+    LayerwiseRunner,
+    ModelWork,
+    ResumePoint,
+    RunOutput,
+)
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
     LazyLayers,
@@ -59,6 +67,7 @@ from sparsify.evaluate import (
     evaluate,
     forward_seconds,
     load_tokenizer,
+    perplexity,
     perplexity_of_hidden,
 )
 from sparsify.passes import Pass
@@ -307,10 +316,17 @@ def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
         last = k == len(run.plan.stages) - 1
         out_dir = work.dir if last else work.stage(k).dir / "model"
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg, stage_records, stage_notes, counts, recovered = _run_stage(
-            stage, source, cfg, out_dir, work.stage(k), run, opts
-        )
-        before_recovery = recovered or before_recovery
+        if stage.model_pass is not None:  # trains what the stages before wrote, against the input model
+            stage_records, stage_notes, counts, recovered = _run_model_stage(
+                stage.model_pass, source, md, cfg, out_dir, work.stage(k), run, opts
+            )
+        else:
+            cfg, stage_records, stage_notes, counts, recovered = _run_stage(
+                stage, source, cfg, out_dir, work.stage(k), run, opts
+            )
+        if recovered and before_recovery:  # the report's is the first recovery step's: the model as compressed
+            notes.append(f"perplexity before {recovered['step']}: {recovered['perplexity']:.4g}")
+        before_recovery = before_recovery or recovered
         records += stage_records
         notes += stage_notes
         if not last:  # the next stage reads this one's output
@@ -442,7 +458,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
             recipe, tokenizer, lengths if _held_out(opts, encoder) else None
         )
         notes += calib_notes
-        if not any(p.needs_data for p in plan.layer_passes) and tokens.shape[0] > ERROR_WINDOWS:
+        if not any(p.needs_data for p in plan.weight_passes) and tokens.shape[0] > ERROR_WINDOWS:
             tokens = tokens[:ERROR_WINDOWS]  # statistics unused: run only the windows errors are measured on
             why = (
                 f"only {ERROR_WINDOWS} of the {recipe.calibration.samples} windows ran: no pass here learns from"
@@ -505,7 +521,7 @@ def _write_files(md: ModelDir, run: _Run, cfg: dict[str, Any], folder: Path) -> 
 
 def _check_data_free(plan: Plan) -> None:
     """With ``calibration.data: none`` every layer pass must work without data (magnitude, RTN weight-only)."""
-    for p in plan.layer_passes:
+    for p in plan.weight_passes:
         if p.needs_data:
             raise SparsifyError(
                 f"pass {p.index} ({p.describe()}) needs calibration data; calibration.data is 'none'"
@@ -584,6 +600,68 @@ def _run_stage(
     )
     state.mark_complete()
     return cfg, records, notes, counts, before_recovery
+
+
+def _run_model_stage(
+    p: Pass,
+    md: ModelDir,
+    dense: ModelDir,
+    cfg: dict[str, Any],
+    out_dir: Path,
+    state: StageState,
+    run: _Run,
+    opts: Options,
+) -> tuple[list[dict[str, Any]], list[str], Any, dict[str, Any] | None]:
+    """A whole-model pass (distillation): the model the stages before wrote (``md``), read whole; the dense
+    input model's (``dense``) hidden states after its last layer on the calibration windows, one layer in memory
+    at a time; the pass trains; the layers saved and the output assembled as a sweep's. An interrupted stage
+    starts again from ``md`` (same bytes). Returns records, notes, counts and the perplexity of the model
+    before it (None: not measured)."""
+    dtype, device = _dtype(run.recipe), torch.device(opts.device)
+    config = config_from_dict(
+        cfg, json.loads(md.config_path.read_text()), lambda: md.load_config(opts.trust_remote_code)
+    )
+    skel = open_stage_model(md, config, opts.trust_remote_code, dtype)
+    layers = Layers.of(skel.model)
+    recovered = None
+    if state.complete:
+        records = _saved_output(state, len(layers.modules)).records
+    else:
+        tokens, teacher = _dense_final_states(dense, run, opts)
+        load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
+        provider = LazyLayers(layers.modules, layers.path, md.source, skel.keymap, state.layers, dtype, device)
+        for i in range(len(layers.modules)):
+            provider.load(i)
+        if (probe := _probe(run, opts)) is not None:
+            windows = torch.cat(probe)  # (W, L)
+            ppl = perplexity(skel.model, windows.to(device), batch_size=int(probe[0].shape[0]))
+            recovered = {"step": p.recovers, "perplexity": ppl}
+        records = p.fit_model(ModelWork(skel.model, layers.modules, tokens, teacher, device, opts.progress, opts.world))
+        for i, layer in enumerate(layers.modules):
+            provider.finish(i, layer, write=True, info={"records": records if i == 0 else [], "errors": {}})
+    counts = assemble(
+        out_dir, state.layers, md.source, rest_keys(md, skel.keymap, layers), state.dir, opts.max_shard_bytes
+    )
+    state.mark_complete()
+    return records, list(skel.notes), counts, recovered
+
+
+def _dense_final_states(dense: ModelDir, run: _Run, opts: Options) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(windows, hidden)`` per calibration batch (this rank's share under torchrun): the token windows
+    ``(B, L)`` and the input model's hidden states after its last layer on them ``(B, L, d)``, computed one
+    layer at a time."""
+    dtype, device = _dtype(run.recipe), torch.device(opts.device)
+    skel = open_stage_model(dense, dense.load_config(opts.trust_remote_code), opts.trust_remote_code, dtype)
+    layers = Layers.of(skel.model)
+    load_outside_layers(skel, layers, dense, dtype, opts.device)
+    provider = LazyLayers(layers.modules, layers.path, dense.source, skel.keymap, None, dtype, device)
+    runner = LayerwiseRunner(
+        skel.model.base_model, layers.modules, provider, run.tokens, run.recipe.calibration.batch_size,
+        opts.progress, device, layers.path, world=opts.world,
+    )  # fmt: skip
+    last = len(layers.modules) - 1
+    states = runner.observe(lambda work, outs: outs if work.index == last else None, "the dense model's outputs")
+    return [t.to(device) for t in runner.batches()], states[-1]
 
 
 def _saved_output(state: StageState, n_layers: int) -> RunOutput:

@@ -12,7 +12,8 @@ refused with one line naming both passes.
 The plan also splits the recipe into **stages**: a stage is the config passes that precede a run of
 layer passes, then that run as one layer-wise sweep. A config pass between two layer passes
 (``[prune, attention, prune]``) starts a new stage, whose sweep calibrates the model as the earlier
-stage left it (read back from its output).
+stage left it (read back from its output). A whole-model pass (distillation) is a stage of its own: it
+trains the model the stages before it wrote, read back whole.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ ConfigOf = Callable[[dict[str, Any]], Any]  # config dict -> PretrainedConfig
 class Stage:
     config_passes: list[Pass] = field(default_factory=list)  # applied to the config before the sweep
     layer_passes: list[Pass] = field(default_factory=list)  # the sweep's passes (empty: config passes only)
+    model_pass: Pass | None = None  # or a whole-model pass (distillation), training the model before it at once
 
 
 @dataclass
@@ -56,6 +58,11 @@ class Plan:
     @property
     def layer_passes(self) -> list[Pass]:
         return [p for s in self.stages for p in s.layer_passes]
+
+    @property
+    def weight_passes(self) -> list[Pass]:
+        """The passes that change weights: the layer passes and the whole-model ones, in recipe order."""
+        return [p for p in self.passes if p.layerwise or p.whole_model]
 
 
 def initial_facts(cfg: dict[str, Any]) -> set[str]:
@@ -107,7 +114,12 @@ def make_plan(
         p = build_pass(step, index, arch)
         for fact in sorted(p.requires - facts):
             raise SparsifyError(_refusal(p, fact, takers.get(fact), cfg))
-        if p.layerwise:
+        if p.whole_model:
+            p.after([q for q in passes if q.layerwise])
+            stages.append(Stage(model_pass=p))
+        elif p.layerwise:
+            if stages[-1].model_pass is not None:
+                stages.append(Stage())
             key = json.dumps(cfg, sort_keys=True)
             if key not in models:
                 models[key] = _meta_model(config_of(cfg), trust_remote_code, dtype)
@@ -121,7 +133,7 @@ def make_plan(
                 raise SparsifyError(f"pass {index}: dense_targets is supported on the first pruning pass of a stage")
             p.after(list(stages[-1].layer_passes))
             stages[-1].layer_passes.append(p)
-        elif stages[-1].layer_passes:
+        elif stages[-1].layer_passes or stages[-1].model_pass is not None:
             stages.append(Stage([p], []))
         else:
             stages[-1].config_passes.append(p)

@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from sparsify.errors import SparsifyError, shorten
-from sparsify.passes import CONFIGS, is_layer_pass
+from sparsify.passes import CONFIGS, calibrates
 from sparsify.passes.base import StrictModel
 
 PassUnion = Annotated[Union[CONFIGS], Field(discriminator="type")] if len(CONFIGS) > 1 else CONFIGS[0]  # noqa: UP007
@@ -52,7 +52,7 @@ class Recipe(StrictModel):
     passes: list[PassUnion] = Field(min_length=1)  # type: ignore[valid-type]
 
     def inapplicable(self) -> dict[str, str]:
-        if any(is_layer_pass(p) for p in self.passes):
+        if any(calibrates(p) for p in self.passes):
             return {}
         return {"calibration": "applies to recipes that calibrate: these passes only rewrite the config"}
 

@@ -128,14 +128,15 @@ def test_the_model_target_fits_the_dense_models_hidden_states(model_dir, tmp_pat
     assert all(r["loss_after"] < r["loss_before"] for r in b)
 
 
-def test_the_report_measures_the_model_as_it_was_before_healing(model_dir, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: the LM head tied to the embeddings
+def test_the_report_measures_the_model_as_it_was_before_healing(family, model_dir, tmp_path):
     """Magnitude pruning needs no data, so each layer before its heal is the plain run's layer: the perplexity
     the healing run reports before healing is the plain run's perplexity after (the same windows)."""
     from sparsify.pipeline import Options
     from sparsify.pipeline import compress as measured
     from sparsify.report import render_html, summary_rows
 
-    src, step = model_dir("llama"), [{"type": "prune", "method": "magnitude", "pattern": "2:4"}]
+    src, step = model_dir(family), [{"type": "prune", "method": "magnitude", "pattern": "2:4"}]
     opts = Options(eval_seq_lens=(32,), eval_max_windows=6)
     plain = measured(src, _recipe(step), tmp_path / "plain", opts)
     healed = measured(src, _recipe([*step, HEAL]), tmp_path / "healed", opts)
@@ -167,10 +168,10 @@ def test_a_bf16_fit_lowers_the_loss_and_keeps_the_pattern(model_dir, tmp_path):
 
 @pytest.mark.parametrize(("speedup", "chosen"), [(2.0, "bf16"), (1.1, "fp32"), (0.03, "fp32")])
 def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen, monkeypatch):
-    from sparsify.passes import heal
+    from sparsify.passes import heal, trainable
 
-    monkeypatch.setattr(heal, "bf16_speedup", lambda n_in, n_out, device: speedup)
-    monkeypatch.setattr(heal, "has_bf16_units", lambda device: True)
+    monkeypatch.setattr(trainable, "bf16_speedup", lambda n_in, n_out, device: speedup)
+    monkeypatch.setattr(trainable, "has_bf16_units", lambda device: True)
     layers = [nn.Sequential(nn.Linear(576, 1536))]
     runner = type("Runner", (), {"layers": layers, "device": torch.device("cpu"), "world": SINGLE})()
     p = heal.HealPass(heal.HealConfig(), 1)
@@ -182,12 +183,12 @@ def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen,
     fixed = heal.HealPass(heal.HealConfig(precision="fp32"), 1)
     fixed.prepare(runner)
     assert fixed.decisions() == {"precision": "fp32"}
-    monkeypatch.setattr(heal, "has_bf16_units", lambda device: False)  # AVX2 only: not even measured
-    monkeypatch.setattr(heal, "bf16_speedup", lambda n_in, n_out, device: pytest.fail("measured"))
+    monkeypatch.setattr(trainable, "has_bf16_units", lambda device: False)  # AVX2 only: not even measured
+    monkeypatch.setattr(trainable, "bf16_speedup", lambda n_in, n_out, device: pytest.fail("measured"))
     plain = heal.HealPass(heal.HealConfig(), 1)
     plain.prepare(runner)
     assert plain.decisions() == {"precision": "fp32"}
-    monkeypatch.setattr(heal, "has_bf16_units", lambda device: True)
+    monkeypatch.setattr(trainable, "has_bf16_units", lambda device: True)
     runner.layers = [nn.Sequential(nn.Linear(64, 128))]  # a tiny model: not measured either
     tiny = heal.HealPass(heal.HealConfig(), 1)
     tiny.prepare(runner)

@@ -54,6 +54,7 @@ def fit_block(
     step_scale: Callable[[float], float] = lambda loss: 1.0,
     autocast: torch.dtype | None = None,
     all_sum: Callable[[Tensor], Tensor] = lambda t: t,
+    criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> FitResult:
     """Adam on ``groups`` (torch.optim parameter groups, each with its ``lr``) for ``steps`` steps.
 
@@ -70,6 +71,9 @@ def fit_block(
     processes in place. The loss normaliser and the full losses are then means over every process's batches,
     and each step's gradients the mean of the processes' (each drew its own windows): every process takes the
     same steps.
+
+    ``criterion(out, target_rows)``: another loss than the normalised squared error (a distillation's KL
+    divergence, whose targets are what the teacher's outputs are computed from).
     """
     if steps < 1 or windows_per_step < 1:
         raise ValueError(f"steps and windows per step must be positive, got {steps} and {windows_per_step}")
@@ -79,14 +83,17 @@ def fit_block(
         return float(total[0] / total[1])
 
     processes = float(all_sum(torch.ones(1, dtype=torch.float64)))
-    norm = mean_over_batches([float(t.float().pow(2).mean()) for t in targets])  # mean ||Y||^2 per element
-    norm = norm if norm > 0 else 1.0
+    if criterion is None:
+        norm = mean_over_batches([float(t.float().pow(2).mean()) for t in targets])  # mean ||Y||^2 per element
+        norm = norm if norm > 0 else 1.0
 
     device_type = targets[0].device.type
 
     def loss_on(b: int, rows: list[int], dtype: torch.dtype | None = None) -> Tensor:
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = run(b, rows)  # (rows, seq, hidden)
+        if criterion is not None:
+            return criterion(out, targets[b][rows])
         return torch.nn.functional.mse_loss(out.float(), targets[b][rows].float()) / norm
 
     def full_loss() -> float:

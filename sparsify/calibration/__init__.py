@@ -24,6 +24,7 @@ from sparsify.calibration.work import (
     LayerCall,
     LayerProvider,
     LayerWork,
+    ModelWork,
     RunOutput,
     run_layer,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "LayerProvider",
     "LayerWork",
     "LayerwiseRunner",
+    "ModelWork",
     "Resolver",
     "ResumePoint",
     "RunOutput",

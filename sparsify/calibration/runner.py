@@ -68,13 +68,17 @@ class LayerwiseRunner:
         """What enters every layer on the calibration batches (see :mod:`.capture`); under torchrun, on this rank's
         share of them: whole batches, as one process makes them (rank 0 holds the first, which output errors
         are measured on), so each batch's statistics are the very same numbers."""
-        batches, mine = self._share()
-        return capture_inputs(self.backbone, self.layers, batches[mine], self.device)
+        return capture_inputs(self.backbone, self.layers, self.batches(), self.device)
 
     def _share(self) -> tuple[list[Tensor], slice]:
         """Every calibration batch, as one process cuts them, and which of them are this rank's."""
         batches = calibration_batches(self.tokens, self.batch_size)
         return batches, self.world.shard(len(batches))
+
+    def batches(self) -> list[Tensor]:
+        """This rank's calibration batches (token windows, ``(B, L)`` each): the ones :meth:`capture` runs."""
+        batches, mine = self._share()
+        return batches[mine]
 
     def first_window(self) -> int:
         """The calibration index of this rank's first window (0 in one process)."""

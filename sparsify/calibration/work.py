@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from sparsify.distributed import SINGLE, World
@@ -74,6 +75,20 @@ class LayerWork:
 
     def relative(self, fqn: str) -> str:
         return fqn.removeprefix(self.prefix + ".")
+
+
+@dataclass
+class ModelWork:
+    """What a whole-model pass (distillation) sees: the model with every layer in memory, the calibration
+    windows and the dense model's hidden states after its last layer on them (the teacher)."""
+
+    model: nn.Module  # the causal LM, its head included
+    layers: nn.ModuleList  # its decoder layers (what a pass trains)
+    tokens: list[Tensor]  # calibration windows, per batch (B, L); under torchrun this rank's share
+    teacher: list[Tensor]  # per batch: the dense model's hidden states after its last layer (B, L, d)
+    device: torch.device
+    progress: Progress = field(default_factory=NoProgress)
+    world: World = SINGLE
 
 
 def run_layer(layer: nn.Module, hidden: list[Tensor], calls: list[LayerCall]) -> list[Tensor]:

@@ -153,6 +153,13 @@ def build_skeleton(
     return model.eval()
 
 
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """Tied parameter -> the parameter it is when loaded (``lm_head.weight`` -> the embeddings), where the model
+    says which (transformers 5's ``all_tied_weights_keys``)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    return dict(tied) if isinstance(tied, dict) else {}
+
+
 def tied_names(model: nn.Module) -> set[str]:
     """Parameters that are tied to another (e.g. ``lm_head.weight`` to the embeddings) when loaded."""
     tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5: only the ties the config enables

@@ -17,6 +17,7 @@ from sparsify.checkpoint.skeleton import (
     check_tensors,
     materialize,
     set_tensor,
+    tied_sources,
 )
 from sparsify.checkpoint.source import ModelDir
 
@@ -74,7 +75,11 @@ def load_outside_layers(
     layer_prefix = layers.path + "."
     outside = [n for n, p in model.named_parameters() if n.startswith(base_prefix) and not n.startswith(layer_prefix)]
     outside = [n for n in outside if model.get_parameter(n).is_meta]
-    materialize(model, "", outside, md.source, sm.keymap, dtype, torch.device(device))
+    ties = {t: s for t, s in tied_sources(model).items() if t not in sm.keymap.to_ckpt}  # not stored: shared
+    materialize(model, "", [n for n in outside if n not in ties], md.source, sm.keymap, dtype, torch.device(device))
+    for target, source in ties.items():  # a tied LM head is the embedding matrix
+        if target in outside and not model.get_parameter(source).is_meta:
+            set_tensor(model, target, model.get_parameter(source).detach())
     for name, buffer in list(model.named_buffers()):
         set_tensor(model, name, buffer.to(device))
 

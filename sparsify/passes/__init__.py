@@ -6,7 +6,7 @@ therefore fills :data:`PASSES`, and :data:`CONFIGS` is what the recipe schema ac
 
 from __future__ import annotations
 
-from sparsify.passes import attention, heal, moe, prune, quantize, structured  # noqa: F401 - registration
+from sparsify.passes import attention, distill, heal, moe, prune, quantize, structured  # noqa: F401 - registration
 from sparsify.passes.base import PASSES, Pass, PassConfig, register
 
 CONFIGS: tuple[type[PassConfig], ...] = tuple(cls.config_cls for cls in PASSES.values())
@@ -22,4 +22,9 @@ def is_layer_pass(config: PassConfig) -> bool:
     return PASSES[config.type].layerwise
 
 
-__all__ = ["CONFIGS", "PASSES", "Pass", "PassConfig", "build_pass", "is_layer_pass", "register"]
+def calibrates(config: PassConfig) -> bool:
+    """Whether the step changes weights from calibration data (a layer pass or a whole-model one, distillation)."""
+    return PASSES[config.type].layerwise or PASSES[config.type].whole_model
+
+
+__all__ = ["CONFIGS", "PASSES", "Pass", "PassConfig", "build_pass", "calibrates", "is_layer_pass", "register"]

@@ -23,7 +23,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
-    from sparsify.calibration import LayerwiseRunner, LayerWork
+    from sparsify.calibration import LayerwiseRunner, LayerWork, ModelWork
     from sparsify.targets import TargetMatcher
 
 
@@ -127,6 +127,8 @@ class Pass:
     command_help: ClassVar[str] = ""
     command_examples: ClassVar[str] = ""
     layerwise: ClassVar[bool] = True  # runs inside the layer-wise loop (False: edits the config only)
+    # trains the whole model at once after the layer passes before it (a stage of its own: fit_model)
+    whole_model: ClassVar[bool] = False
     # non-empty: every compressing command can append this pass as a step after its own, with ``--TYPE`` (this
     # text is its help) and ``--TYPE-KEY`` for each config field (``--heal``, ``--heal-steps``)
     follow_up: ClassVar[str] = ""
@@ -235,6 +237,10 @@ class Pass:
     def compress_layer(self, work: LayerWork) -> list[dict[str, Any]]:
         """Compress ``work.targets`` in place (modules may be reshaped or replaced); report rows."""
         return []
+
+    def fit_model(self, work: ModelWork) -> list[dict[str, Any]]:
+        """A ``whole_model`` pass: change ``work.layers`` in place, the whole model at once; report rows."""
+        raise NotImplementedError(f"{self.config.type} is not a whole-model pass")
 
     # ---------------------------------------------------------------------------------- report
 

@@ -32,7 +32,6 @@ Papers: BRECQ (arXiv:2102.05426), EfficientQAT Block-AP (arXiv:2407.11062), Wand
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,19 +41,15 @@ from torch import Tensor, nn
 
 from sparsify import interrupts
 from sparsify.algorithms.reconstruct import fit_block
-from sparsify.devices import bf16_speedup, cpu_flags, has_bf16_units
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import Pass, PassConfig, register
-from sparsify.passes.trainable import TrainableLayer, rows_of
+from sparsify.passes.trainable import TrainableLayer, error_scaled, fit_precision, rows_of
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork
 
 log = logging.getLogger(__name__)
-
-BF16_MIN_SPEEDUP = 1.3  # precision auto: bf16 autocast where a Linear step measures at least this much faster
-BF16_MIN_WEIGHTS = 256 * 256  # ... and is at least this big (tiny ones measure 0.9-1.05x: fp32, not a coin toss)
 
 
 class HealConfig(PassConfig):
@@ -115,22 +110,8 @@ class HealPass(Pass):
     def prepare(self, runner: LayerwiseRunner) -> None:
         if self.precision != "auto":
             return
-        self._choose_precision(runner)
-        self.precision = runner.world.gather_objects(self.precision)[0]  # under torchrun: rank 0's measurement
-
-    def _choose_precision(self, runner: LayerwiseRunner) -> None:
-        linear = next((m for layer in runner.layers for m in layer.modules() if isinstance(m, nn.Linear)), None)
-        small = linear is None or linear.in_features * linear.out_features < BF16_MIN_WEIGHTS
-        if small or not has_bf16_units(str(runner.device)):  # too small to gain (or nothing to measure on), no units
-            self.precision = "fp32"
-            return
-        speedup = bf16_speedup(linear.in_features, linear.out_features, str(runner.device))
-        self.precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-        log.info(
-            "heal: bf16 autocast runs a %d→%d Linear step %.2f× as fast as fp32 here (%s): fitting in %s",
-            linear.in_features, linear.out_features, speedup, cpu_flags() if runner.device.type == "cpu"
-            else runner.device, self.precision,
-        )  # fmt: skip
+        # under torchrun: rank 0's measurement
+        self.precision = runner.world.gather_objects(fit_precision(runner.layers, runner.device, "heal"))[0]
 
     def decisions(self) -> dict[str, Any]:
         return {"precision": self.precision}
@@ -217,14 +198,6 @@ class HealPass(Pass):
                 {"before": before, "after": after},
             ),
         ]
-
-
-def error_scaled(loss_before: float) -> float:
-    """The learning-rate factor for a layer whose relative output error starts at ``loss_before``: a weight
-    change of relative size d changes the output by about d^2 in that measure, so steps are kept within reach
-    of the error there is to fix, ``min(1, sqrt(loss) / 0.2)`` (1 for a layer 4% off, as 2:4 pruning leaves
-    one; 0.27 for 0.3%, int4; 0.03 for int8's 0.003%)."""
-    return min(1.0, math.sqrt(max(loss_before, 0.0)) / 0.2)
 
 
 def _first_windows(

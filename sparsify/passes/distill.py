@@ -1,0 +1,205 @@
+"""Distill: end-to-end recovery of the whole compressed model from the dense model's logits.
+
+```yaml
+- type: prune            # any compressing layer passes (prune, quantize, moe), optionally healed block-wise ...
+  method: sparsegpt
+  pattern: "2:4"
+- type: heal
+- type: distill          # ... then the whole model is trained to match the dense model's next-token distribution
+  tokens: 65536          # budget: calibration tokens the training steps read (steps = tokens / (windows × seq_len))
+  windows: 2             # calibration windows per step
+  lr: 1.0e-3             # peak learning rate, relative to each tensor's RMS (warm-up, cosine decay)
+  temperature: 1.0       # of both distributions (the loss is scaled by its square)
+  vectors: true          # norms and biases train too
+  precision: auto        # bf16 autocast where the chip runs it faster (measured at the start), else fp32
+```
+
+Knowledge distillation (Hinton et al. 2015, arXiv:1503.02531) as the recovery stage of LLM-Pruner
+(arXiv:2305.11627), Sheared LLaMA (arXiv:2310.06694) and CMoE (arXiv:2502.04416): after the layer passes
+(and block-wise healing, which fits each layer alone), every decoder layer is trained at once so that the
+model's next-token distribution matches the dense model's, ``KL(p_dense || p_student)`` per token, on the
+run's calibration windows. The teacher is the dense model's hidden states after its last layer, computed
+layer by layer before the stage (no second model in memory); the model's own final norm and head (frozen,
+never compressed) turn them into the teacher's logits at each step. What compression decided holds as in
+``heal`` (:class:`~sparsify.passes.trainable.TrainableLayer`): pruned weights stay zero (N:M patterns hold),
+shapes never change, quantized weights train through straight-through rounding and are re-rounded on their
+grid, MoE experts and routers train. A run whose loss does not go down keeps the model as it came (warning).
+
+The whole model is in memory for this stage (its layers, their Adam state and the activations of one step):
+unlike the layer passes, its peak memory grows with depth.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from sparsify import interrupts
+from sparsify.algorithms.reconstruct import fit_block
+from sparsify.errors import SparsifyError
+from sparsify.modules import replaying
+from sparsify.passes.base import Pass, PassConfig, register
+from sparsify.passes.trainable import TrainableLayer, error_scaled, fit_precision
+
+if TYPE_CHECKING:
+    from sparsify.arch import Arch
+    from sparsify.calibration import ModelWork
+
+log = logging.getLogger(__name__)
+
+
+class DistillConfig(PassConfig):
+    type: Literal["distill"] = "distill"
+    tokens: int = Field(65536, ge=1, description="token budget: calibration tokens the training steps read")
+    windows: int = Field(2, ge=1, description="calibration windows per step")
+    lr: float = Field(
+        1e-3, gt=0, description="peak learning rate relative to each tensor's RMS (linear warm-up, cosine decay to 0)"
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student")
+    vectors: bool = Field(True, description="also train norms and biases (else only weight matrices and scales)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the training steps: auto takes bf16 autocast on a device with bf16 units (AMX, AVX-512 BF16,"
+        " GPUs) where a Linear step of the model's shape measures at least 1.3x faster in it, else fp32",
+    )
+
+
+@register("distill")
+class DistillPass(Pass):
+    config_cls = DistillConfig
+    config: DistillConfig
+    layerwise = False
+    whole_model = True
+    requires = frozenset()  # quantized Linears train as float weights and scales, re-rounded on their grid
+    recovers = "distillation"
+    uses_targets = False
+    kind = "distill"
+    follow_up = (
+        "then train the whole model to match the dense model's next-token distribution (end-to-end distillation,"
+        " after --heal if given; see docs/methods/heal.md)"
+    )
+    title = "distillation (end to end)"
+    columns = (
+        ("name", "model", "text"),
+        ("loss_before", "KL before", "err"),
+        ("loss_after", "KL after", "err"),
+        ("params", "parameters trained", "text"),
+        ("steps", "steps", "text"),
+        ("seconds", "time", "s"),
+    )
+
+    def __init__(self, config: DistillConfig, index: int, arch: Arch | None = None):
+        super().__init__(config, index, arch)
+        self.keep_quantized_zeros = False
+
+    def after(self, earlier: list[Pass]) -> None:
+        compressing = [p for p in earlier if p.layerwise and not p.recovers]
+        if not compressing:
+            raise SparsifyError(
+                f"pass {self.index} (distill) has nothing to recover: it trains the model that the layer passes"
+                " before it in the recipe compressed (prune, quantize, moe); put it after one of them"
+            )
+        self.keep_quantized_zeros = any(p.config.type == "prune" for p in compressing)
+
+    def describe(self) -> str:
+        c = self.config
+        return f"distill ({c.tokens:,} tokens, {c.windows} windows per step, lr {c.lr:g}, T {c.temperature:g})"
+
+    def fit_model(self, work: ModelWork) -> list[dict[str, Any]]:
+        c = self.config
+        t0 = time.perf_counter()
+        tokens, teacher = _regroup(work.tokens, c.windows), _regroup(work.teacher, c.windows)
+        if not tokens:
+            raise SparsifyError("distill: this process got no calibration windows")
+        seq_len = int(tokens[0].shape[1])
+        steps = max(1, math.ceil(c.tokens / (c.windows * seq_len * work.world.size)))
+        precision = c.precision
+        if precision == "auto":  # under torchrun: rank 0's measurement
+            precision = work.world.gather_objects(fit_precision(work.layers, work.device, "distill"))[0]
+        kept = copy.deepcopy(work.layers.state_dict())  # the model as it came, if training does not help
+        trainables = [
+            TrainableLayer(layer, c.lr, c.vectors, keep_quantized_zeros=self.keep_quantized_zeros)
+            for layer in work.layers
+        ]
+        T = c.temperature
+
+        def run(b: int, rows: list[int]) -> Tensor:
+            return work.model(input_ids=tokens[b][rows], use_cache=False).logits  # (rows, L, vocab)
+
+        def kl(student: Tensor, hidden: Tensor) -> Tensor:
+            with torch.no_grad(), replaying(work.layers, [hidden]):  # the dense model's logits from its last states
+                ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # shape only: replayed
+                target = work.model(input_ids=ids, use_cache=False)
+            log_p = F.log_softmax(target.logits.float() / T, -1)  # (rows, L, vocab)
+            log_q = F.log_softmax(student.float() / T, -1)
+            per_token = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / (hidden.shape[0] * hidden.shape[1])
+            return per_token * T * T
+
+        gen = torch.Generator().manual_seed(self.index)
+        try:
+            result = fit_block(
+                run, teacher, [g for t in trainables for g in t.groups], steps, c.windows, gen,
+                project=lambda: [t.project() for t in trainables], between_steps=interrupts.check,
+                step_scale=error_scaled,
+                step_iter=work.progress.track(range(steps), steps, "distilling"),
+                autocast=torch.bfloat16 if precision == "bf16" else None, all_sum=work.world.all_reduce_,
+                criterion=kl,
+            )  # fmt: skip
+        finally:
+            for t in trainables:
+                t.finish()
+        better = result.loss_after < result.loss_before
+        if not better:
+            work.layers.load_state_dict(kept)
+            log.warning(
+                "distill: training did not lower the KL divergence to the dense model (%.4g → %.4g); the model is"
+                " kept as it came (try a lower --distill-lr)",
+                result.loss_before,
+                result.loss_after,
+            )
+        return [
+            {
+                "kind": self.kind,
+                "name": "whole model",
+                "pass": self.index,
+                "loss_before": result.loss_before,
+                "loss_after": result.loss_after if better else result.loss_before,
+                "params": f"{sum(t.parameters() for t in trainables):,}",
+                "steps": result.steps,
+                "tokens": result.steps * c.windows * seq_len * work.world.size,
+                "seconds": time.perf_counter() - t0,
+                "precision": precision,
+                "status": "distilled" if better else "kept as compressed",
+            }
+        ]
+
+    @classmethod
+    def summary(cls, records: list[dict[str, Any]]) -> list[tuple[str, str, str | None, Any]]:
+        done = [r for r in records if r.get("kind") == cls.kind]
+        if not done:
+            return []
+        r = done[-1]
+        return [
+            (
+                "distillation",
+                f"KL to the dense model {r['loss_before']:.4g} → {r['loss_after']:.4g} per token ({r['steps']} steps,"
+                f" {r['tokens']:,} tokens, {r['status']})",
+                "distill_kl",
+                {"before": r["loss_before"], "after": r["loss_after"]},
+            )
+        ]
+
+
+def _regroup(batches: list[Tensor], size: int) -> list[Tensor]:
+    """The windows of ``batches`` (each ``(B, ...)``) cut again into groups of ``size`` (the last may be smaller)."""
+    if not batches:
+        return []
+    return list(torch.cat(batches).split(size))
