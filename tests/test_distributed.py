@@ -139,6 +139,24 @@ def test_two_ranks_heal_with_averaged_gradients(model_dir, calib_file, tmp_path)
     assert abs(r2["eval"]["after"] / r1["eval"]["after"] - 1) < 0.05
 
 
+def test_two_ranks_distill_with_averaged_gradients(model_dir, calib_file, tmp_path):
+    """Distillation under torchrun: each rank holds the dense model's last hidden states of its own windows and
+    trains on them, gradients averaged; the KL before training is the one process's (the same windows in the same
+    groups), and the result is close to it."""
+    _, two, r1, r2 = _both(
+        tmp_path, "prune", model_dir("llama"), "--method", "wanda", "--pattern", "2:4", "--distill",
+        "--distill-tokens", "512", "--distill-precision", "fp32", "--calib", calib_file,
+    )  # fmt: skip
+    b = _tensors(two)
+    for k in (k for k in b if k.endswith("proj.weight")):
+        assert ((b[k].reshape(-1, 4) != 0).sum(1) <= 2).all(), k
+    (one,) = [m for m in r1["layers"] if m["kind"] == "distill"]
+    (both,) = [m for m in r2["layers"] if m["kind"] == "distill"]
+    assert both["loss_before"] == pytest.approx(one["loss_before"], rel=1e-4)
+    assert both["loss_after"] < both["loss_before"] and both["tokens"] == one["tokens"]
+    assert abs(r2["eval"]["after"] / r1["eval"]["after"] - 1) < 0.05
+
+
 # ------------------------------------------------------------------------------------------ bad input, death
 
 
