@@ -624,6 +624,11 @@ def _run_model_stage(
     skel = open_stage_model(md, config, opts.trust_remote_code, dtype)
     layers = Layers.of(skel.model)
     recovered = None
+    saved = state.decisions()
+    # under torchrun every rank must take the same path from here (decide or restore, train or not)
+    opts.world.same(
+        "state of the unfinished run (decisions saved, stage complete)", [saved is not None, state.complete]
+    )
     if state.complete:
         records = _saved_output(state, len(layers.modules)).records
     else:
@@ -636,7 +641,13 @@ def _run_model_stage(
             windows = torch.cat(probe)  # (W, L)
             ppl = perplexity(skel.model, windows.to(device), batch_size=int(probe[0].shape[0]))
             recovered = {"step": p.recovers, "perplexity": ppl}
-        records = p.fit_model(ModelWork(skel.model, layers.modules, tokens, teacher, device, opts.progress, opts.world))
+        work = ModelWork(skel.model, layers.modules, tokens, teacher, device, opts.progress, opts.world)
+        if saved is None:
+            p.prepare_model(work)
+            state.save_decisions(p.decisions())
+        else:
+            p.restore(saved)
+        records = p.fit_model(work)
         for i, layer in enumerate(layers.modules):
             provider.finish(i, layer, write=True, info={"records": records if i == 0 else [], "errors": {}})
     counts = assemble(

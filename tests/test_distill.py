@@ -16,6 +16,8 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from safetensors.torch import load_file
 
 import sparsify
+from sparsify.interrupts import Interrupted
+from sparsify.pipeline import Options
 from sparsify.recipe import parse_recipe
 from tests.test_cli import FAST, assert_user_error, run
 from tests.test_guarantees import _fault, _weights, deep  # noqa: F401 - deep is a fixture
@@ -194,3 +196,36 @@ def test_an_interrupted_distillation_resumes_to_the_same_bytes(deep, tmp_path): 
     r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
     assert r.returncode == 0, r.stderr
     assert _weights(out) == _weights(reference)
+
+
+def test_distill_on_an_encoder_is_refused_before_any_work(model_dir, tmp_path):
+    from sparsify.errors import SparsifyError
+
+    step = {"type": "prune", "method": "magnitude", "sparsity": 0.5}
+    with pytest.raises(SparsifyError, match="encoder"):
+        compress(model_dir("bert"), _recipe([step, DISTILL]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_distillation_keeps_the_precision_it_decided(model_dir, tmp_path, monkeypatch):
+    """precision auto is decided once and saved with the stage: a run resumed inside the stage takes it back."""
+    from sparsify.passes import distill
+
+    src, passes = model_dir("llama"), [CASES["sparsegpt-2:4"][0], {**DISTILL, "precision": "auto"}]
+    choices = iter(["bf16", "fp32"])  # what two measurements would say
+    monkeypatch.setattr(distill, "fit_precision", lambda layers, device, who: next(choices))
+    seen = []
+    original = distill.DistillPass.fit_model
+
+    def fit_model(self, work):
+        seen.append(self.precision)
+        if len(seen) == 1:
+            raise Interrupted(signal.SIGINT)  # stopped inside the stage, after its decision was saved
+        return original(self, work)
+
+    monkeypatch.setattr(distill.DistillPass, "fit_model", fit_model)
+    opts = Options(evaluate=False, resume=True)
+    with pytest.raises(Interrupted):
+        compress(src, _recipe(passes), tmp_path / "out", opts)
+    report = compress(src, _recipe(passes), tmp_path / "out", opts)
+    assert seen == ["bf16", "bf16"] and _records(report)[0]["precision"] == "bf16"

@@ -55,6 +55,7 @@ def fit_block(
     autocast: torch.dtype | None = None,
     all_sum: Callable[[Tensor], Tensor] = lambda t: t,
     criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+    measured: int | None = None,
 ) -> FitResult:
     """Adam on ``groups`` (torch.optim parameter groups, each with its ``lr``) for ``steps`` steps.
 
@@ -73,7 +74,8 @@ def fit_block(
     same steps.
 
     ``criterion(out, target_rows)``: another loss than the normalised squared error (a distillation's KL
-    divergence, whose targets are what the teacher's outputs are computed from).
+    divergence, whose targets are what the teacher's outputs are computed from). ``measured``: the loss before
+    and after is measured on the first ``measured`` batches only (None: all of them).
     """
     if steps < 1 or windows_per_step < 1:
         raise ValueError(f"steps and windows per step must be positive, got {steps} and {windows_per_step}")
@@ -98,7 +100,8 @@ def fit_block(
 
     def full_loss() -> float:
         with torch.no_grad():
-            return mean_over_batches([float(loss_on(b, list(range(len(t))))) for b, t in enumerate(targets)])
+            batches = targets if measured is None else targets[:measured]
+            return mean_over_batches([float(loss_on(b, list(range(len(t))))) for b, t in enumerate(batches)])
 
     before = full_loss()
     opt = torch.optim.Adam(groups)

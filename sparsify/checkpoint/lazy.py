@@ -41,7 +41,8 @@ class LazyLayers:
         self.source, self.keymap, self.store = source, keymap, store
         self.dtype, self.device = dtype, device
         self.source_index = source_index or list(range(len(layers)))
-        self.stored: dict[str, torch.dtype] = {}  # layer-relative name -> stored dtype (of the loaded layer)
+        # layer index -> layer-relative name -> stored dtype, for each loaded layer (a whole-model pass holds them all)
+        self.stored: dict[int, dict[str, torch.dtype]] = {}
 
     def _source_key(self, index: int, name: str) -> str | None:
         return self.keymap.to_ckpt.get(f"{self.layers_path}.{self.source_index[index]}.{name}")
@@ -51,20 +52,21 @@ class LazyLayers:
         names = [n for n, _ in layer.named_parameters()]
         prefix = f"{self.layers_path}.{self.source_index[index]}"
         stored = materialize(layer, prefix, names, self.source, self.keymap, self.dtype, self.device)
-        self.stored = {name: t.dtype for name, t in stored.items()}
+        self.stored[index] = {name: t.dtype for name, t in stored.items()}
         return layer
 
-    def _storage_dtype(self, name: str, value: torch.Tensor) -> torch.dtype:
-        if name in self.stored and self.stored[name].is_floating_point == value.is_floating_point():
-            return self.stored[name]  # (a float weight a pass turned into integers keeps its integer dtype)
-        floats = [d for d in self.stored.values() if d.is_floating_point]
+    def _storage_dtype(self, index: int, name: str, value: torch.Tensor) -> torch.dtype:
+        stored = self.stored.get(index, {})
+        if name in stored and stored[name].is_floating_point == value.is_floating_point():
+            return stored[name]  # (a float weight a pass turned into integers keeps its integer dtype)
+        floats = [d for d in stored.values() if d.is_floating_point]
         return max(set(floats), key=floats.count) if value.is_floating_point() and floats else value.dtype
 
     @torch.no_grad()
     def round_to_storage(self, index: int, layer: nn.Module) -> None:
         """Make the weights the loop propagates with exactly the ones that will be saved."""
         for name, p in layer.named_parameters():
-            stored = self._storage_dtype(name, p)
+            stored = self._storage_dtype(index, name, p)
             if p.is_floating_point() and stored != p.dtype:
                 p.copy_(p.to(stored).to(p.dtype))
 
@@ -75,14 +77,17 @@ class LazyLayers:
                 name: self.keymap.output_key(f"{self.layers_path}.{index}.{checkpoint_name(layer, name)}")
                 for name, _ in params
             }
-            entries = [(out[name], TensorInfo(self._storage_dtype(name, p), tuple(p.shape))) for name, p in params]
+            entries = [
+                (out[name], TensorInfo(self._storage_dtype(index, name, p), tuple(p.shape))) for name, p in params
+            ]
             tensors = ((out[name], self._stored_value(index, name, p)) for name, p in params)
             self.store.save(index, entries, tensors, info or {})
+        self.stored.pop(index, None)
         release(layer)
 
     def _stored_value(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` in its storage dtype, taking the stored bits wherever no pass changed a value."""
-        dtype = self._storage_dtype(name, value)
+        dtype = self._storage_dtype(index, name, value)
         key = self._source_key(index, name)
         if key is None or self.source.info(key).shape != tuple(value.shape):
             return value.to(dtype)  # added or reshaped by a pass

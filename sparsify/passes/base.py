@@ -238,6 +238,10 @@ class Pass:
         """Compress ``work.targets`` in place (modules may be reshaped or replaced); report rows."""
         return []
 
+    def prepare_model(self, work: ModelWork) -> None:
+        """A ``whole_model`` pass, before :meth:`fit_model` in a fresh run: what it decides (returned by
+        :meth:`decisions`) is saved, and a resumed run gets it back through :meth:`restore` instead."""
+
     def fit_model(self, work: ModelWork) -> list[dict[str, Any]]:
         """A ``whole_model`` pass: change ``work.layers`` in place, the whole model at once; report rows."""
         raise NotImplementedError(f"{self.config.type} is not a whole-model pass")

@@ -31,7 +31,6 @@ unlike the layer passes, its peak memory grows with depth.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -54,6 +53,8 @@ if TYPE_CHECKING:
     from sparsify.calibration import ModelWork
 
 log = logging.getLogger(__name__)
+
+MEASURED_GROUPS = 4  # the KL before and after (which decides whether training is kept): on the first 4 steps' worth
 
 
 class DistillConfig(PassConfig):
@@ -99,8 +100,14 @@ class DistillPass(Pass):
     def __init__(self, config: DistillConfig, index: int, arch: Arch | None = None):
         super().__init__(config, index, arch)
         self.keep_quantized_zeros = False
+        self.precision = config.precision  # auto: decided in prepare_model (kept for --resume)
 
     def after(self, earlier: list[Pass]) -> None:
+        if self.arch is not None and not self.arch.causal:
+            raise SparsifyError(
+                f"pass {self.index} (distill) matches the dense model's next-token distribution; this model is an"
+                " encoder (no next-token logits): use heal"
+            )
         compressing = [p for p in earlier if p.layerwise and not p.recovers]
         if not compressing:
             raise SparsifyError(
@@ -113,18 +120,28 @@ class DistillPass(Pass):
         c = self.config
         return f"distill ({c.tokens:,} tokens, {c.windows} windows per step, lr {c.lr:g}, T {c.temperature:g})"
 
+    def prepare_model(self, work: ModelWork) -> None:
+        if self.precision == "auto":  # under torchrun: rank 0's measurement
+            self.precision = work.world.gather_objects(fit_precision(work.layers, work.device, "distill"))[0]
+
+    def decisions(self) -> dict[str, Any]:
+        return {"precision": self.precision}
+
+    def restore(self, decisions: dict[str, Any]) -> None:
+        self.precision = decisions.get("precision", self.config.precision)
+
     def fit_model(self, work: ModelWork) -> list[dict[str, Any]]:
         c = self.config
         t0 = time.perf_counter()
         tokens, teacher = _regroup(work.tokens, c.windows), _regroup(work.teacher, c.windows)
+        work.teacher.clear()  # held once, regrouped
         if not tokens:
             raise SparsifyError("distill: this process got no calibration windows")
         seq_len = int(tokens[0].shape[1])
         steps = max(1, math.ceil(c.tokens / (c.windows * seq_len * work.world.size)))
-        precision = c.precision
-        if precision == "auto":  # under torchrun: rank 0's measurement
-            precision = work.world.gather_objects(fit_precision(work.layers, work.device, "distill"))[0]
-        kept = copy.deepcopy(work.layers.state_dict())  # the model as it came, if training does not help
+        precision = self.precision if self.precision != "auto" else "fp32"
+        # the model as it came, if training does not help (on the CPU: not beside the model on a GPU)
+        kept = {k: v.to("cpu", copy=True) for k, v in work.layers.state_dict().items()}
         trainables = [
             TrainableLayer(layer, c.lr, c.vectors, keep_quantized_zeros=self.keep_quantized_zeros)
             for layer in work.layers
@@ -138,8 +155,14 @@ class DistillPass(Pass):
             with torch.no_grad(), replaying(work.layers, [hidden]):  # the dense model's logits from its last states
                 ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # shape only: replayed
                 target = work.model(input_ids=ids, use_cache=False)
-            log_p = F.log_softmax(target.logits.float() / T, -1)  # (rows, L, vocab)
-            log_q = F.log_softmax(student.float() / T, -1)
+            if target.logits.shape != student.shape:  # a family whose forward does not take the replayed states
+                raise SparsifyError(
+                    f"distill: the teacher's logits {tuple(target.logits.shape)} do not match the model's"
+                    f" {tuple(student.shape)}: this architecture cannot be distilled here"
+                )
+            scale = 1.0 / T if T != 1 else None
+            log_p = F.log_softmax(target.logits.float() * scale if scale else target.logits.float(), -1)  # (rows, L, V)
+            log_q = F.log_softmax(student.float() * scale if scale else student.float(), -1)
             per_token = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / (hidden.shape[0] * hidden.shape[1])
             return per_token * T * T
 
@@ -151,14 +174,14 @@ class DistillPass(Pass):
                 step_scale=error_scaled,
                 step_iter=work.progress.track(range(steps), steps, "distilling"),
                 autocast=torch.bfloat16 if precision == "bf16" else None, all_sum=work.world.all_reduce_,
-                criterion=kl,
+                criterion=kl, measured=MEASURED_GROUPS,
             )  # fmt: skip
         finally:
             for t in trainables:
                 t.finish()
         better = result.loss_after < result.loss_before
         if not better:
-            work.layers.load_state_dict(kept)
+            work.layers.load_state_dict({k: v.to(work.device) for k, v in kept.items()})
             log.warning(
                 "distill: training did not lower the KL divergence to the dense model (%.4g → %.4g); the model is"
                 " kept as it came (try a lower --distill-lr)",
