@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument(
         "--distill", nargs="*", default=None, metavar="KEY=VALUE", help="then a distill step (these settings)"
     )
+    ap.add_argument("--no-heal", action="store_true", help="no heal step (with --distill: distillation alone)")
     ap.add_argument("--reuse-plain", action="store_true", help="take the plain run from an earlier one's cache")
     args = ap.parse_args()
     heal = {"type": "heal", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.heal)}}
@@ -90,7 +91,7 @@ def main() -> None:
             plain = evaluate(OUT / "heal-plain", eval_file, args.seq_len, args.eval_windows)["perplexity"]
             plain_in = evaluate(OUT / "heal-plain", None, args.seq_len, args.eval_windows)["perplexity"]
             cache.write_text(json.dumps([t_plain, plain, plain_in]))
-        steps = [step, heal]
+        steps = [step] if args.no_heal else [step, heal]
         if args.distill is not None:  # the run measures pydoc itself: before healing, before distilling, after
             steps.append(
                 {"type": "distill", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.distill)}}
@@ -105,7 +106,7 @@ def main() -> None:
         gap, gap_in = math.log(plain) - math.log(dense), math.log(plain_in) - math.log(dense_in)
         row = {
             "setting": name,
-            "heal": heal,
+            "heal": None if args.no_heal else heal,
             "dense": dense,
             "plain": plain,
             "healed": healed,
