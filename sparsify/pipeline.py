@@ -53,7 +53,7 @@ from sparsify.checkpoint import (
     partial_output,
 )
 from sparsify.checkpoint.output import Partial, StageState, tensor_digest
-from sparsify.checkpoint.stage_model import Layers, load_outside_layers, open_stage_model, rest_keys
+from sparsify.checkpoint.stage_model import Layers, StageModel, load_outside_layers, open_stage_model, rest_keys
 from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, eval_windows, load_text, sample_windows, tokenize
 from sparsify.devices import cpu_flags, resolve_device
 from sparsify.distributed import SINGLE, PeerLost, World, device_of, end_world, is_peer_error
@@ -550,10 +550,7 @@ def _run_stage(
         cfg = checked_config(p, p.edit_config(cfg))
         records += p.config_records()
     dtype = _dtype(run.recipe)
-    config = config_from_dict(
-        cfg, json.loads(md.config_path.read_text()), lambda: md.load_config(opts.trust_remote_code)
-    )
-    skel = open_stage_model(md, config, opts.trust_remote_code, dtype)
+    skel = _stage_skeleton(md, cfg, opts, dtype)
     notes = list(skel.notes)
     layers = None
     if stage.layer_passes:
@@ -595,11 +592,28 @@ def _run_stage(
         records += output.records
         for p in stage.layer_passes:
             cfg = checked_config(p, p.edit_config(cfg))
+    counts = _assemble_stage(out_dir, state, md, skel, layers, opts)
+    return cfg, records, notes, counts, before_recovery
+
+
+def _stage_skeleton(md: ModelDir, cfg: dict[str, Any], opts: Options, dtype: torch.dtype) -> StageModel:
+    """The model a stage works on (config ``cfg``, tensors from ``md``), on the meta device, checked."""
+    config = config_from_dict(
+        cfg, json.loads(md.config_path.read_text()), lambda: md.load_config(opts.trust_remote_code)
+    )
+    return open_stage_model(md, config, opts.trust_remote_code, dtype)
+
+
+def _assemble_stage(
+    out_dir: Path, state: StageState, md: ModelDir, skel: StageModel, layers: Layers | None, opts: Options
+) -> Any:
+    """The stage's output shards in ``out_dir`` from its saved layers and the input's other tensors; the
+    stage marked complete. Returns the counts."""
     counts = assemble(
         out_dir, state.layers, md.source, rest_keys(md, skel.keymap, layers), state.dir, opts.max_shard_bytes
     )
     state.mark_complete()
-    return cfg, records, notes, counts, before_recovery
+    return counts
 
 
 def _run_model_stage(
@@ -618,10 +632,7 @@ def _run_model_stage(
     starts again from ``md`` (same bytes). Returns records, notes, counts and the perplexity of the model
     before it (None: not measured)."""
     dtype, device = _dtype(run.recipe), torch.device(opts.device)
-    config = config_from_dict(
-        cfg, json.loads(md.config_path.read_text()), lambda: md.load_config(opts.trust_remote_code)
-    )
-    skel = open_stage_model(md, config, opts.trust_remote_code, dtype)
+    skel = _stage_skeleton(md, cfg, opts, dtype)
     layers = Layers.of(skel.model)
     recovered = None
     saved = state.decisions()
@@ -650,11 +661,7 @@ def _run_model_stage(
         records = p.fit_model(work)
         for i, layer in enumerate(layers.modules):
             provider.finish(i, layer, write=True, info={"records": records if i == 0 else [], "errors": {}})
-    counts = assemble(
-        out_dir, state.layers, md.source, rest_keys(md, skel.keymap, layers), state.dir, opts.max_shard_bytes
-    )
-    state.mark_complete()
-    return records, list(skel.notes), counts, recovered
+    return records, list(skel.notes), _assemble_stage(out_dir, state, md, skel, layers, opts), recovered
 
 
 def _dense_final_states(dense: ModelDir, run: _Run, opts: Options) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

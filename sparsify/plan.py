@@ -28,7 +28,7 @@ from torch import nn
 
 from sparsify.arch import SPARSIFY_TYPE_PREFIX, Arch, find_layers, is_encoder, lookup
 from sparsify.errors import SparsifyError
-from sparsify.passes import Pass, build_pass
+from sparsify.passes import Pass, build_pass, calibrates
 from sparsify.passes.base import FACTS
 from sparsify.recipe import Recipe
 from sparsify.runtime.format import register_model_type
@@ -62,7 +62,7 @@ class Plan:
     @property
     def weight_passes(self) -> list[Pass]:
         """The passes that change weights: the layer passes and the whole-model ones, in recipe order."""
-        return [p for p in self.passes if p.layerwise or p.whole_model]
+        return [p for p in self.passes if calibrates(p.config)]
 
 
 def initial_facts(cfg: dict[str, Any]) -> set[str]:

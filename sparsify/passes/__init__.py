@@ -17,14 +17,9 @@ def build_pass(config: PassConfig, index: int, arch=None) -> Pass:
     return PASSES[config.type].build(config, index, arch)
 
 
-def is_layer_pass(config: PassConfig) -> bool:
-    """Whether the step runs inside the layer-wise loop (a structured prune does; an attention swap does not)."""
-    return PASSES[config.type].layerwise
-
-
 def calibrates(config: PassConfig) -> bool:
     """Whether the step changes weights from calibration data (a layer pass or a whole-model one, distillation)."""
     return PASSES[config.type].layerwise or PASSES[config.type].whole_model
 
 
-__all__ = ["CONFIGS", "PASSES", "Pass", "PassConfig", "build_pass", "calibrates", "is_layer_pass", "register"]
+__all__ = ["CONFIGS", "PASSES", "Pass", "PassConfig", "build_pass", "calibrates", "register"]

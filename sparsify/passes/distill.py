@@ -160,9 +160,7 @@ class DistillPass(Pass):
                     f"distill: the teacher's logits {tuple(target.logits.shape)} do not match the model's"
                     f" {tuple(student.shape)}: this architecture cannot be distilled here"
                 )
-            scale = 1.0 / T if T != 1 else None
-            log_p = F.log_softmax(target.logits.float() * scale if scale else target.logits.float(), -1)  # (rows, L, V)
-            log_q = F.log_softmax(student.float() * scale if scale else student.float(), -1)
+            log_p, log_q = _log_probs(target.logits, T), _log_probs(student, T)  # (rows, L, vocab)
             per_token = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / (hidden.shape[0] * hidden.shape[1])
             return per_token * T * T
 
@@ -219,6 +217,12 @@ class DistillPass(Pass):
                 {"before": r["loss_before"], "after": r["loss_after"]},
             )
         ]
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / T)`` in float32 (no scaled copy at T = 1)."""
+    z = logits.float()
+    return F.log_softmax(z * (1.0 / temperature) if temperature != 1 else z, -1)
 
 
 def _regroup(batches: list[Tensor], size: int) -> list[Tensor]:
