@@ -18,8 +18,10 @@ from torch import nn
 import sparsify
 from sparsify.algorithms.quant import PerGroup, QuantArgs, choose_qparams, quantize
 from sparsify.algorithms.reconstruct import cosine_lr, fit_block
+from sparsify.arch import lookup
 from sparsify.distributed import SINGLE
 from sparsify.errors import SparsifyError
+from sparsify.passes import build_pass
 from sparsify.passes.trainable import TrainableLayer
 from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
@@ -193,6 +195,26 @@ def test_precision_auto_is_measured_once_and_restored_on_resume(speedup, chosen,
     tiny = heal.HealPass(heal.HealConfig(), 1)
     tiny.prepare(runner)
     assert tiny.decisions() == {"precision": "fp32"}
+
+
+@pytest.mark.parametrize(
+    ("passes", "keeps"),
+    [
+        ([{"type": "prune", "method": "wanda", "sparsity": 0.5}], True),
+        ([{"type": "prune", "structured": "channels", "ratio": 0.25}], False),  # removed, not zeroed
+        ([{"type": "quantize", "scheme": "w4a16", "method": "rtn", "group_size": 32}], False),
+    ],
+    ids=["unstructured", "structured", "quantize"],
+)
+@pytest.mark.parametrize("recovery", ["heal", "distill"])
+def test_recovery_keeps_quantized_zeros_only_after_a_pass_that_leaves_zeros(passes, keeps, recovery):
+    """A quantized weight whose code is 0 is a pruning decision only when a pass before left zeros; otherwise
+    it is an ordinary small weight that rounding sent to 0, free to train."""
+    arch = lookup("llama")
+    earlier = [build_pass(step, i, arch) for i, step in enumerate(_recipe(passes).passes)]
+    p = build_pass(_recipe([*passes, {"type": recovery}]).passes[-1], len(passes), arch)
+    p.after(earlier)
+    assert p.keep_quantized_zeros is keeps
 
 
 # ----------------------------------------------------------------------------------------- refusals

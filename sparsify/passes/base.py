@@ -134,6 +134,8 @@ class Pass:
     follow_up: ClassVar[str] = ""
     requires: frozenset[str] = frozenset({"float"})  # FACTS this pass needs of the model it is given
     removes: frozenset[str] = frozenset()  # FACTS it takes away from the passes after it
+    # its zeros are decisions a later training pass must keep (unstructured pruning), even once quantized
+    leaves_zeros: ClassVar[bool] = False
     needs: frozenset[str] = frozenset()  # statistics of target inputs (sparsify.statistics.STATS names)
     custom_stats: ClassVar[dict[str, Callable]] = {}  # name -> Stat factory, for needs the standard ones lack
     needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)

@@ -114,7 +114,7 @@ class DistillPass(Pass):
                 f"pass {self.index} (distill) has nothing to recover: it trains the model that the layer passes"
                 " before it in the recipe compressed (prune, quantize, moe); put it after one of them"
             )
-        self.keep_quantized_zeros = any(p.config.type == "prune" for p in compressing)
+        self.keep_quantized_zeros = any(p.leaves_zeros for p in compressing)
 
     def describe(self) -> str:
         c = self.config

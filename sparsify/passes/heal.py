@@ -105,7 +105,7 @@ class HealPass(Pass):
                 f"pass {self.index} (heal) has nothing to heal: it fits the layers that the layer passes before"
                 " it in the recipe compressed (prune, quantize, moe); put it after one of them"
             )
-        self.keep_quantized_zeros = any(p.config.type == "prune" for p in compressing)
+        self.keep_quantized_zeros = any(p.leaves_zeros for p in compressing)
 
     def prepare(self, runner: LayerwiseRunner) -> None:
         if self.precision != "auto":

@@ -53,6 +53,7 @@ class PrunePass(Pass):
         " sparsify prune ./model -o ./model-ffn80 --structured channels --ratio 0.2 --metric flap --bias-compensation"
     )
     config: PruneConfig
+    leaves_zeros = True
     kind = "prune"
     title = "Pruning, per Linear"
     columns = (
