@@ -629,24 +629,28 @@ def _run_model_stage(
     """A whole-model pass (distillation): the model the stages before wrote (``md``), read whole; the dense
     input model's (``dense``) hidden states after its last layer on the calibration windows, one layer in memory
     at a time; the pass trains; the layers saved and the output assembled as a sweep's. An interrupted stage
-    starts again from ``md`` (same bytes). Returns records, notes, counts and the perplexity of the model
-    before it (None: not measured)."""
+    starts again from ``md`` (same bytes), unless every trained layer was saved: then only the assembly is redone.
+    Returns records, notes, counts and the perplexity of the model before it (None: not measured)."""
     dtype, device = _dtype(run.recipe), torch.device(opts.device)
     skel = _stage_skeleton(md, cfg, opts, dtype)
     layers = Layers.of(skel.model)
+    n = len(layers.modules)
     recovered = None
     saved = state.decisions()
+    trained = state.resumed and state.progress() == n  # every trained layer saved: nothing to train again
     # under torchrun every rank must take the same path from here (decide or restore, train or not)
     opts.world.same(
-        "state of the unfinished run (decisions saved, stage complete)", [saved is not None, state.complete]
+        "state of the unfinished run (decisions saved, stage trained, stage complete)",
+        [saved is not None, trained, state.complete],
     )
-    if state.complete:
-        records = _saved_output(state, len(layers.modules)).records
+    if state.complete or trained:
+        records = _saved_output(state, n).records
+        recovered = (state.layers.info(0) or {}).get("recovered")
     else:
         tokens, teacher = _dense_final_states(dense, run, opts)
         load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
         provider = LazyLayers(layers.modules, layers.path, md.source, skel.keymap, state.layers, dtype, device)
-        for i in range(len(layers.modules)):
+        for i in range(n):
             provider.load(i)
         if (probe := _probe(run, opts)) is not None:
             windows = torch.cat(probe)  # (W, L)
@@ -659,8 +663,10 @@ def _run_model_stage(
         else:
             p.restore(saved)
         records = p.fit_model(work)
+        first = {"records": records, "errors": {}, "recovered": recovered}  # what a resumed run reports
         for i, layer in enumerate(layers.modules):
-            provider.finish(i, layer, write=True, info={"records": records if i == 0 else [], "errors": {}})
+            provider.finish(i, layer, write=True, info=first if i == 0 else {"records": [], "errors": {}})
+        state.checkpoint(n, [], None)
     return records, list(skel.notes), _assemble_stage(out_dir, state, md, skel, layers, opts), recovered
 
 

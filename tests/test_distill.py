@@ -229,3 +229,42 @@ def test_a_resumed_distillation_keeps_the_precision_it_decided(model_dir, tmp_pa
         compress(src, _recipe(passes), tmp_path / "out", opts)
     report = compress(src, _recipe(passes), tmp_path / "out", opts)
     assert seen == ["bf16", "bf16"] and _records(report)[0]["precision"] == "bf16"
+
+
+def test_a_distillation_stopped_after_saving_its_layers_resumes_without_training_again(
+    model_dir, tmp_path, monkeypatch
+):
+    """Stopped while its output was assembled (every trained layer saved): --resume assembles it without training
+    again, to the same bytes, records and perplexity before distillation as a run never interrupted."""
+    from sparsify import pipeline
+    from sparsify.passes import distill
+
+    src, recipe = model_dir("llama"), _recipe([CASES["sparsegpt-2:4"][0], DISTILL])
+    opts = Options(eval_seq_lens=(32,), eval_max_windows=6, resume=True)
+    reference = pipeline.compress(src, recipe, tmp_path / "reference", opts)
+    calls = {"assemble": 0, "fit": 0}
+    assemble, fit = pipeline._assemble_stage, distill.DistillPass.fit_model
+
+    def stopping(*args, **kwargs):
+        calls["assemble"] += 1
+        if calls["assemble"] == 2:  # the pruning stage's, then the distillation's
+            raise Interrupted(signal.SIGTERM)
+        return assemble(*args, **kwargs)
+
+    def counting(self, work):
+        calls["fit"] += 1
+        return fit(self, work)
+
+    monkeypatch.setattr(pipeline, "_assemble_stage", stopping)
+    monkeypatch.setattr(distill.DistillPass, "fit_model", counting)
+    with pytest.raises(Interrupted):
+        pipeline.compress(src, recipe, tmp_path / "out", opts)
+    report = pipeline.compress(src, recipe, tmp_path / "out", opts)
+    assert calls == {"assemble": 4, "fit": 1}  # the resumed run trained nothing
+    assert _weights(tmp_path / "out") == _weights(tmp_path / "reference")
+
+    def timeless(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert timeless(_records(report)) == timeless(_records(reference))
+    assert report["eval"]["before_recovery"] == reference["eval"]["before_recovery"]
