@@ -229,7 +229,7 @@ def test_collectives_take_any_layout(tmp_path):
 def test_a_run_killed_on_both_ranks_resumes_to_the_same_bytes(calib_file, tmp_path):
     model = zoo.save("llama", tmp_path / "llama4", layers=4)
     args = ["prune", model, "--method", "sparsegpt", "--sparsity", "0.5", "--calib", calib_file, *SMALL, "--no-eval"]
-    whole = _two(*args, "-o", tmp_path / "whole")
+    whole = _one(*args, "-o", tmp_path / "whole")  # = two ranks' bytes (test_two_ranks_write_what_one_process_writes)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "out"
     killed = _two("kill@2", "--", *args, "-o", out, module="tests.faults")
