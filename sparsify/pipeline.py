@@ -573,21 +573,22 @@ def _run_stage(
         provider.layers, provider.source_index = layers.modules, layers.source_index
         step = next((p.recovers for p in stage.layer_passes if p.recovers), None)  # a recovery pass: its name
         probe = _probe(run, opts) if step else None
-        output = (
-            _saved_output(state, len(layers.modules))
-            if state.complete
-            else _sweep(runner, stage, layers, state, opts.world, probe)
-        )
+        if state.complete:
+            output = _saved_output(state, len(layers.modules))
+            before_recovery = state.recovered() if probe is not None else None
+        else:
+            output = _sweep(runner, stage, layers, state, opts.world, probe)
         if output.probe is not None:
             load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
             ppl = perplexity_of_hidden(skel.model, layers.modules, output.probe)
             before_recovery = {"step": step, "perplexity": ppl}
+            state.save_recovered(before_recovery)  # a run resumed from here on reports it too
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
             )
-            if probe is not None:
-                notes.append(f"perplexity before {step} not measured: the run was resumed")
+        if probe is not None and before_recovery is None:
+            notes.append(f"perplexity before {step} not measured: the run was resumed")
         _finish_records(output)
         records += output.records
         for p in stage.layer_passes:
@@ -714,17 +715,22 @@ def _sweep(
     n = len(layers.modules)
     if start is not None:
         prior = _saved_output(state, start[0])
-        if start[0] >= n:
+        if start[0] >= n:  # every layer done: what the probe's windows became, if saved
+            saved = start[3]
+            if probe is not None and saved is not None and [h.shape[:2] for h in saved] == [t.shape for t in probe]:
+                prior.probe = list(zip(probe, saved, strict=True))
             return prior
     timer = {"last": 0.0, "cost": 0.0}
 
-    def checkpoint(next_layer: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None) -> None:
+    def checkpoint(
+        next_layer: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None, probe: list[torch.Tensor] | None
+    ) -> None:
         # Save the activations entering the next layer unless that costs much and more than ~10% of the run.
         now = time.perf_counter()
-        if next_layer == n:  # every layer done: nothing to carry over
-            state.checkpoint(next_layer, [], None)
+        if next_layer == n:  # every layer done: nothing to carry over but the probe's (a perplexity to measure)
+            state.checkpoint(next_layer, [], None, probe)
         elif world.gather_objects(timer["cost"] < 0.05 or now - timer["last"] >= 10 * timer["cost"])[0]:
-            state.checkpoint(next_layer, hidden, dense)
+            state.checkpoint(next_layer, hidden, dense, probe)
             timer["last"], timer["cost"] = time.perf_counter(), time.perf_counter() - now
 
     output = runner.run(stage.layer_passes, _resolver(layers), start, checkpoint, probe)

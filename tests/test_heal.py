@@ -262,7 +262,10 @@ def test_cli_heal_runs_after_the_commands_pass(model_dir, tmp_path):
     assert json.loads(r.stdout)["totals"]["healed_layers"] == 2
 
 
-def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa: F811
+def test_an_interrupted_heal_resumes_to_the_same_bytes_and_reports_the_perplexity_before_healing(deep, tmp_path):  # noqa: F811
+    """Killed in the sweep, after it (before the perplexity before healing is measured) and after the stage is
+    complete: each resumed run writes the whole run's bytes and reports the whole run's perplexity before healing
+    (what the probe windows became is saved with each checkpoint, the perplexity with the stage)."""
     args = [
         "prune",
         deep,
@@ -270,7 +273,7 @@ def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa:
         "wanda",
         "--sparsity",
         "0.5",
-        *CLI_CALIB,  # with the perplexity: a resumed run says it did not measure the one before healing
+        *CLI_CALIB,  # with the perplexity: measured before healing too
         "--eval-seq-len",
         "32",
         "--heal",
@@ -283,15 +286,18 @@ def test_an_interrupted_heal_resumes_to_the_same_bytes(deep, tmp_path):  # noqa:
     ]  # fmt: skip (auto would measure in each run)
     reference = tmp_path / "reference"
     assert run(*args[:1], args[1], "-o", reference, *args[2:]).exit_code == 0
-    out = tmp_path / "out"
-    r = _fault("kill@2", *args[:2], "-o", out, *args[2:])
-    assert r.returncode == -signal.SIGKILL and not out.exists()
-    r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
-    assert r.returncode == 0, r.stderr
-    assert _weights(out) == _weights(reference)
-    whole, resumed = read_report(reference), read_report(out)
-    assert whole["eval"]["before_recovery"]["perplexity"] > 0 and "before_recovery" not in resumed["eval"]
-    assert "perplexity before healing not measured: the run was resumed" in resumed["notes"]
+    whole = read_report(reference)
+    assert whole["eval"]["before_recovery"]["perplexity"] > 0
+    for fault in ("kill@2", "killin@perplexity_of_hidden", "killin@check_written"):
+        out = tmp_path / fault.replace("@", "-")
+        r = _fault(fault, *args[:2], "-o", out, *args[2:])
+        assert r.returncode == -signal.SIGKILL and not out.exists(), fault
+        r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
+        assert r.returncode == 0, r.stderr
+        assert _weights(out) == _weights(reference), fault
+        resumed = read_report(out)
+        assert resumed["eval"]["before_recovery"] == whole["eval"]["before_recovery"], fault
+        assert not any("not measured" in n for n in resumed["notes"]), (fault, resumed["notes"])
 
 
 # ------------------------------------------------------------------------------------------- pieces

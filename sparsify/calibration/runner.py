@@ -28,8 +28,8 @@ from sparsify.progress import NoProgress, Progress
 log = logging.getLogger(__name__)
 
 # (first layer to compress, hidden states entering it, the dense model's hidden states or None)
-ResumePoint = tuple[int, list[Tensor], list[Tensor] | None]
-Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None], None]
+ResumePoint = tuple[int, list[Tensor], list[Tensor] | None, list[Tensor] | None]
+Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None, list[Tensor] | None], None]
 
 
 class LayerwiseRunner:
@@ -128,22 +128,26 @@ class LayerwiseRunner:
 
         ``resolve(pass, i, layer)`` gives a pass's targets in the layer as it is at that moment.
         ``start`` continues an earlier run from a layer with the activations saved for it;
-        ``checkpoint(next_layer, hidden, dense_hidden)`` is called after each layer is saved.
+        ``checkpoint(next_layer, hidden, dense_hidden, probe_hidden)`` is called after each layer is saved.
         ``probe`` (batches of token windows, ``(B, L)``): when a recovery pass (heal) runs, these are fed through
-        every layer as it was just before that pass, into ``output.probe`` (a fresh sweep only: not on resume).
+        every layer as it was just before that pass, into ``output.probe`` (on resume, from the probe's hidden
+        states saved with ``start``; none saved: not measured).
         """
         output = RunOutput()
         cap = self.capture()
         hidden = cap.hidden
         probe_calls: list[list[LayerCall]] | None = None
-        if probe is not None and start is None and any(p.recovers for p in passes):
+        saved_probe = start[3] if start is not None else None
+        resumable = saved_probe is not None and [h.shape[:2] for h in saved_probe] == [t.shape for t in probe or []]
+        if probe is not None and (start is None or resumable) and any(p.recovers for p in passes):
             probed = capture_inputs(self.backbone, self.layers, probe, self.device)
-            output.probe, probe_calls = list(zip(probe, probed.hidden, strict=True)), probed.calls
+            entering = probed.hidden if start is None else [h.to(self.device) for h in saved_probe or []]
+            output.probe, probe_calls = list(zip(probe, entering, strict=True)), probed.calls
         tracked = self.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in passes)
         dense_hidden = hidden if tracked else None  # the dense model's path
         first = 0
         if start is not None:
-            first, hidden, saved_dense = start
+            first, hidden, saved_dense, _ = start
             hidden = [h.to(self.device) for h in hidden]
             if dense_hidden is not None:
                 dense_hidden = [h.to(self.device) for h in (saved_dense or [])]
@@ -155,7 +159,7 @@ class LayerwiseRunner:
                 i, passes, resolve, hidden, dense_hidden, cap.calls[i], output, probe_calls[i] if probe_calls else None
             )
             if checkpoint is not None:
-                checkpoint(i + 1, hidden, dense_hidden)
+                checkpoint(i + 1, hidden, dense_hidden, [h for _, h in output.probe] if output.probe else None)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
         return output
 

@@ -156,10 +156,14 @@ class StageState:
     def layers(self) -> LayerFiles:
         return LayerFiles(self.dir / "layers")
 
-    def checkpoint(self, next_layer: int, hidden: list[Tensor], dense: list[Tensor] | None) -> None:
-        """Record that layers before ``next_layer`` are done and the calibration activations entering it."""
+    def checkpoint(
+        self, next_layer: int, hidden: list[Tensor], dense: list[Tensor] | None, probe: list[Tensor] | None = None
+    ) -> None:
+        """Record that layers before ``next_layer`` are done and the calibration activations entering it (and
+        the probe windows' there, for the perplexity before a recovery pass)."""
         tensors = {f"hidden.{i}": h for i, h in enumerate(hidden)}
         tensors.update({f"dense.{i}": h for i, h in enumerate(dense or [])})
+        tensors.update({f"probe.{i}": h for i, h in enumerate(probe or [])})
         save_tensors(tensors, self.dir / "hidden.safetensors")
         write_json(self.dir / "progress.json", {"next_layer": next_layer, "batches": len(hidden)})
 
@@ -167,8 +171,9 @@ class StageState:
         path = self.dir / "progress.json"
         return int(json.loads(path.read_text())["next_layer"]) if path.is_file() else 0
 
-    def resume_point(self) -> tuple[int, list[Tensor], list[Tensor] | None] | None:
-        """``(next layer, hidden states entering it, the dense path's)`` of an earlier run, if any."""
+    def resume_point(self) -> tuple[int, list[Tensor], list[Tensor] | None, list[Tensor] | None] | None:
+        """``(next layer, hidden states entering it, the dense path's, the probe windows')`` of an earlier run,
+        if any."""
         from safetensors.torch import load_file
 
         path = self.dir / "progress.json"
@@ -176,11 +181,21 @@ class StageState:
             return None
         progress = json.loads(path.read_text())
         n = int(progress["batches"])
-        tensors = load_file(str(self.dir / "hidden.safetensors")) if n else {}
+        saved = self.dir / "hidden.safetensors"
+        tensors = load_file(str(saved)) if saved.is_file() else {}
         hidden = [tensors[f"hidden.{i}"] for i in range(n)]
         dense = [tensors[f"dense.{i}"] for i in range(n)] if "dense.0" in tensors else None
+        probe = [tensors[f"probe.{i}"] for i in range(sum(k.startswith("probe.") for k in tensors))] or None
         self.resumed_at = int(progress["next_layer"])
-        return self.resumed_at, hidden, dense
+        return self.resumed_at, hidden, dense, probe
+
+    def save_recovered(self, recovered: dict[str, Any]) -> None:
+        """The perplexity of the model before the stage's recovery pass, for a resumed run's report."""
+        write_json(self.dir / "recovered.json", recovered)
+
+    def recovered(self) -> dict[str, Any] | None:
+        path = self.dir / "recovered.json"
+        return json.loads(path.read_text()) if self.resumed and path.is_file() else None
 
     def save_decisions(self, decisions: dict[str, Any]) -> None:
         """What the passes decided before the sweep (layers removed, OWL sparsities), for ``--resume``."""
