@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOSS_WINDOWS = 16  # the layer loss before and after a fit is measured on the first batches holding this many
+
 
 class HealConfig(PassConfig):
     type: Literal["heal"] = "heal"
@@ -152,6 +154,7 @@ class HealPass(Pass):
                 between_steps=interrupts.check, step_scale=error_scaled,
                 step_iter=work.progress.track(range(c.steps), c.steps, f"heal {work.prefix}"),
                 autocast=torch.bfloat16 if self.precision == "bf16" else None, all_sum=work.world.all_reduce_,
+                measured=_batches_holding(targets, LOSS_WINDOWS),
             )  # fmt: skip
         finally:
             trainable.finish()
@@ -193,11 +196,22 @@ class HealPass(Pass):
             ("healed layers", f"{len(done)}, {done[0]['steps']} steps each", "healed_layers", len(done)),
             (
                 "layer loss",
-                f"mean {before:.3g} → {after:.3g}{change} (output error relative to the teacher's, calibration)",
+                f"mean {before:.3g} → {after:.3g}{change} (output error relative to the teacher's, on"
+                f" {LOSS_WINDOWS} calibration windows)",
                 "heal_loss",
                 {"before": before, "after": after},
             ),
         ]
+
+
+def _batches_holding(batches: list[Tensor], windows: int) -> int:
+    """How many of the first ``batches`` hold at least ``windows`` windows (all of them if they hold fewer)."""
+    held = 0
+    for k, b in enumerate(batches, 1):
+        held += b.shape[0]
+        if held >= windows:
+            return k
+    return len(batches)
 
 
 def _first_windows(
