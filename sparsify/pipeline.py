@@ -38,8 +38,10 @@ from sparsify.calibration import (
     InMemoryLayers,
     LayerwiseRunner,
     ModelWork,
+    Probe,
     ResumePoint,
     RunOutput,
+    resumed_probe,
 )
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
@@ -575,14 +577,15 @@ def _run_stage(
         probe = _probe(run, opts) if step else None
         if state.complete:
             output = _saved_output(state, len(layers.modules))
-            before_recovery = state.recovered() if probe is not None else None
+            before_recovery = state.recovered(tensor_digest(torch.cat(probe))) if probe is not None else None
         else:
             output = _sweep(runner, stage, layers, state, opts.world, probe)
         if output.probe is not None:
             load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
             ppl = perplexity_of_hidden(skel.model, layers.modules, output.probe)
             before_recovery = {"step": step, "perplexity": ppl}
-            state.save_recovered(before_recovery)  # a run resumed from here on reports it too
+            if probe is not None:  # a run resumed from here on reports it too
+                state.save_recovered(before_recovery, tensor_digest(torch.cat(probe)))
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
@@ -708,7 +711,7 @@ def _sweep(
 ) -> RunOutput:
     """The layer-wise loop, continuing from a checkpoint of an earlier run when resuming (under torchrun every
     rank from its own, all at the same layer: each checkpoint is taken by all of them or none); ``probe``: see
-    :meth:`LayerwiseRunner.run` (a resumed sweep does not measure it)."""
+    :meth:`LayerwiseRunner.run` (a resumed sweep takes what the probe's windows became from its checkpoint)."""
     start: ResumePoint | None = state.resume_point()
     world.same("resume point (the layer its unfinished run reached)", start[0] if start is not None else None)
     prior = RunOutput()
@@ -716,14 +719,12 @@ def _sweep(
     if start is not None:
         prior = _saved_output(state, start[0])
         if start[0] >= n:  # every layer done: what the probe's windows became, if saved
-            saved = start[3]
-            if probe is not None and saved is not None and [h.shape[:2] for h in saved] == [t.shape for t in probe]:
-                prior.probe = list(zip(probe, saved, strict=True))
+            prior.probe = resumed_probe(probe, start[3], runner.device)
             return prior
     timer = {"last": 0.0, "cost": 0.0}
 
     def checkpoint(
-        next_layer: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None, probe: list[torch.Tensor] | None
+        next_layer: int, hidden: list[torch.Tensor], dense: list[torch.Tensor] | None, probe: Probe | None
     ) -> None:
         # Save the activations entering the next layer unless that costs much and more than ~10% of the run.
         now = time.perf_counter()

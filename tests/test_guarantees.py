@@ -416,3 +416,30 @@ def test_signals_while_starting_and_after_finishing_are_one_line(model_dir, tmp_
     r = subprocess.run([sys.executable, "-c", late], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and r.stdout == "done\n", r
     assert r.stderr.strip() == "interrupted (SIGINT) after the command finished", r.stderr
+
+
+def test_a_checkpoint_is_committed_by_its_progress_record(tmp_path):
+    """The activations of a checkpoint go to a file of their own that the progress record then names: a run
+    killed between the two writes resumes from the checkpoint before, its activations intact (never the new
+    activations under the old layer number); the probe's windows and states travel with them."""
+    import torch
+
+    from sparsify.checkpoint.output import StageState
+    from sparsify.checkpoint.writer import save_tensors
+
+    first = StageState(tmp_path / "stage", resumed=False)
+    h2, d2, probe = (
+        [torch.randn(2, 3, 4)],
+        [torch.randn(2, 3, 4)],
+        [(torch.arange(6).reshape(2, 3), torch.randn(2, 3, 4))],
+    )
+    first.checkpoint(2, h2, d2, probe)
+    # the next checkpoint's activations written, the process killed before its progress record
+    save_tensors({"hidden.0": torch.zeros(2, 3, 4)}, first.dir / "hidden-3.safetensors")
+    layer, hidden, dense, saved = StageState(tmp_path / "stage", resumed=True).resume_point()
+    assert layer == 2 and torch.equal(hidden[0], h2[0]) and torch.equal(dense[0], d2[0])
+    assert torch.equal(saved[0][0], probe[0][0]) and torch.equal(saved[0][1], probe[0][1])
+    first.checkpoint(3, [torch.ones(2, 3, 4)], None)  # committed: the older files go
+    assert sorted(p.name for p in first.dir.glob("hidden*")) == ["hidden-3.safetensors"]
+    layer, hidden, dense, saved = StageState(tmp_path / "stage", resumed=True).resume_point()
+    assert layer == 3 and torch.equal(hidden[0], torch.ones(2, 3, 4)) and dense is None and saved is None

@@ -387,3 +387,21 @@ def test_a_quantized_linear_trains_on_its_grid_and_comes_back_quantized():
         assert float((new(X[0]) - Y[0]).pow(2).mean() / Y[0].pow(2).mean()) == pytest.approx(
             result.loss_after, rel=1e-4
         )
+
+
+def test_a_saved_probe_is_taken_back_only_for_the_same_windows():
+    """What the perplexity windows became is reused on resume only for the windows it was saved for: another
+    evaluation text, window length or count measures nothing (the report says so) rather than mixing runs."""
+    from sparsify.calibration import resumed_probe
+
+    tokens = [torch.arange(8).reshape(2, 4), torch.arange(8, 12).reshape(1, 4)]
+    saved = [(t.clone(), torch.randn(*t.shape, 3)) for t in tokens]
+    back = resumed_probe(tokens, saved, torch.device("cpu"))
+    assert back is not None and all(torch.equal(h, s) for (_, h), (_, s) in zip(back, saved, strict=True))
+    assert resumed_probe([tokens[0], tokens[1] + 1], saved, torch.device("cpu")) is None  # another text
+    assert resumed_probe(tokens[:1], saved, torch.device("cpu")) is None  # another count
+    assert resumed_probe([t[:, :2] for t in tokens], saved, torch.device("cpu")) is None  # another length
+    assert (
+        resumed_probe(None, saved, torch.device("cpu")) is None
+        and resumed_probe(tokens, None, torch.device("cpu")) is None
+    )

@@ -17,7 +17,7 @@ The loop knows no pass: it calls the hooks of :class:`sparsify.passes.base.Pass`
 
 from sparsify.calibration.capture import Captured
 from sparsify.calibration.compress import Resolver
-from sparsify.calibration.runner import Checkpoint, LayerwiseRunner, ResumePoint
+from sparsify.calibration.runner import Checkpoint, LayerwiseRunner, Probe, ResumePoint, resumed_probe
 from sparsify.calibration.work import (
     ERROR_WINDOWS,
     InMemoryLayers,
@@ -39,8 +39,10 @@ __all__ = [
     "LayerWork",
     "LayerwiseRunner",
     "ModelWork",
+    "Probe",
     "Resolver",
     "ResumePoint",
     "RunOutput",
+    "resumed_probe",
     "run_layer",
 ]

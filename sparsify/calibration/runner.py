@@ -27,9 +27,20 @@ from sparsify.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
-# (first layer to compress, hidden states entering it, the dense model's hidden states or None)
-ResumePoint = tuple[int, list[Tensor], list[Tensor] | None, list[Tensor] | None]
-Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None, list[Tensor] | None], None]
+# (first layer to compress, hidden states entering it, the dense model's hidden states or None, the probe's
+# (token windows, hidden states) per batch or None)
+Probe = list[tuple[Tensor, Tensor]]
+ResumePoint = tuple[int, list[Tensor], list[Tensor] | None, Probe | None]
+Checkpoint = Callable[[int, list[Tensor], list[Tensor] | None, Probe | None], None]
+
+
+def resumed_probe(probe: list[Tensor] | None, saved: Probe | None, device: torch.device) -> Probe | None:
+    """The probe's saved (token windows, hidden states) on ``device``, if saved for these very windows."""
+    if probe is None or saved is None or len(saved) != len(probe):
+        return None
+    if not all(torch.equal(t, s) for t, (s, _) in zip(probe, saved, strict=True)):
+        return None  # another evaluation text, window length or count than the interrupted run's
+    return [(t, h.to(device)) for t, (_, h) in zip(probe, saved, strict=True)]
 
 
 class LayerwiseRunner:
@@ -137,12 +148,11 @@ class LayerwiseRunner:
         cap = self.capture()
         hidden = cap.hidden
         probe_calls: list[list[LayerCall]] | None = None
-        saved_probe = start[3] if start is not None else None
-        resumable = saved_probe is not None and [h.shape[:2] for h in saved_probe] == [t.shape for t in probe or []]
-        if probe is not None and (start is None or resumable) and any(p.recovers for p in passes):
+        saved_probe = resumed_probe(probe, start[3], self.device) if start is not None else None
+        if probe is not None and (start is None or saved_probe) and any(p.recovers for p in passes):
             probed = capture_inputs(self.backbone, self.layers, probe, self.device)
-            entering = probed.hidden if start is None else [h.to(self.device) for h in saved_probe or []]
-            output.probe, probe_calls = list(zip(probe, entering, strict=True)), probed.calls
+            output.probe = saved_probe or list(zip(probe, probed.hidden, strict=True))
+            probe_calls = probed.calls
         tracked = self.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in passes)
         dense_hidden = hidden if tracked else None  # the dense model's path
         first = 0
@@ -159,7 +169,7 @@ class LayerwiseRunner:
                 i, passes, resolve, hidden, dense_hidden, cap.calls[i], output, probe_calls[i] if probe_calls else None
             )
             if checkpoint is not None:
-                checkpoint(i + 1, hidden, dense_hidden, [h for _, h in output.probe] if output.probe else None)
+                checkpoint(i + 1, hidden, dense_hidden, output.probe)
             log.debug("layer %d done in %.2fs", i, time.perf_counter() - t0)
         return output
 

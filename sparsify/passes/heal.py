@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOSS_WINDOWS = 16  # the layer loss before and after a fit is measured on the first batches holding this many
+LOSS_WINDOWS = 16  # the layer loss before and after a fit: on the first batches holding this many windows
 
 
 class HealConfig(PassConfig):
@@ -147,6 +147,11 @@ class HealPass(Pass):
             out = layer(inputs[b][rows], *pos, **rows_of(kw, rows, inputs[b].shape[0]))
             return out[0] if isinstance(out, tuple) else out
 
+        # the loss before and after: on the first batches holding LOSS_WINDOWS windows (under torchrun, each rank's
+        # share of them), all where fewer
+        measured = _batches_holding(targets, len(range(LOSS_WINDOWS)[work.world.shard(LOSS_WINDOWS)]))
+        held = torch.tensor([float(sum(t.shape[0] for t in targets[:measured]))], dtype=torch.float64)
+        loss_windows = int(work.world.all_reduce_(held).item())
         gen = torch.Generator().manual_seed(work.index)
         try:
             result = fit_block(
@@ -154,7 +159,7 @@ class HealPass(Pass):
                 between_steps=interrupts.check, step_scale=error_scaled,
                 step_iter=work.progress.track(range(c.steps), c.steps, f"heal {work.prefix}"),
                 autocast=torch.bfloat16 if self.precision == "bf16" else None, all_sum=work.world.all_reduce_,
-                measured=_batches_holding(targets, LOSS_WINDOWS),
+                measured=measured,
             )  # fmt: skip
         finally:
             trainable.finish()
@@ -178,6 +183,7 @@ class HealPass(Pass):
                 "loss_after": result.loss_after if kept else result.loss_before,
                 "params": f"{trainable.parameters():,}",
                 "steps": result.steps,
+                "loss_windows": loss_windows,
                 "seconds": time.perf_counter() - t0,
                 "precision": self.precision,
                 "status": "healed" if kept else "kept as compressed",
@@ -197,7 +203,7 @@ class HealPass(Pass):
             (
                 "layer loss",
                 f"mean {before:.3g} → {after:.3g}{change} (output error relative to the teacher's, on"
-                f" {LOSS_WINDOWS} calibration windows)",
+                f" {done[0].get('loss_windows', 'the')} calibration windows)",
                 "heal_loss",
                 {"before": before, "after": after},
             ),
@@ -205,7 +211,10 @@ class HealPass(Pass):
 
 
 def _batches_holding(batches: list[Tensor], windows: int) -> int:
-    """How many of the first ``batches`` hold at least ``windows`` windows (all of them if they hold fewer)."""
+    """How many of the first ``batches`` hold at least ``windows`` windows (all of them if they hold fewer;
+    none for none)."""
+    if windows <= 0:
+        return 0
     held = 0
     for k, b in enumerate(batches, 1):
         held += b.shape[0]
