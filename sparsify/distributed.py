@@ -52,6 +52,10 @@ class World:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
+    def share(self, n: int) -> int:
+        """How many of ``n`` items are this rank's (the length of :meth:`shard`)."""
+        return len(range(n)[self.shard(n)])
+
     def _wire(self, t: Tensor) -> Tensor:
         """``t`` as a collective can take it: contiguous, on the backend's device (``t`` itself where it is)."""
         if t.device == torch.device(self.device) and t.is_contiguous():

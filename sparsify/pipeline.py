@@ -575,17 +575,18 @@ def _run_stage(
         provider.layers, provider.source_index = layers.modules, layers.source_index
         step = next((p.recovers for p in stage.layer_passes if p.recovers), None)  # a recovery pass: its name
         probe = _probe(run, opts) if step else None
+        windows = tensor_digest(torch.cat(probe)) if probe is not None else None  # what the probe measures on
         if state.complete:
             output = _saved_output(state, len(layers.modules))
-            before_recovery = state.recovered(tensor_digest(torch.cat(probe))) if probe is not None else None
+            before_recovery = state.recovered(windows) if windows is not None else None
         else:
             output = _sweep(runner, stage, layers, state, opts.world, probe)
         if output.probe is not None:
             load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
             ppl = perplexity_of_hidden(skel.model, layers.modules, output.probe)
             before_recovery = {"step": step, "perplexity": ppl}
-            if probe is not None:  # a run resumed from here on reports it too
-                state.save_recovered(before_recovery, tensor_digest(torch.cat(probe)))
+            if windows is not None:  # a run resumed from here on reports it too
+                state.save_recovered(before_recovery, windows)
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"

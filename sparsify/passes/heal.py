@@ -136,7 +136,7 @@ class HealPass(Pass):
             raise SparsifyError(f"{work.prefix}: heal got no teacher outputs")  # the loop provides them
         t0 = time.perf_counter()
         # under torchrun each rank fits its share of the first ``samples`` windows (one at least)
-        samples = c.samples if c.samples is None else max(1, len(range(c.samples)[work.world.shard(c.samples)]))
+        samples = c.samples if c.samples is None else max(1, work.world.share(c.samples))
         inputs, targets, calls = _first_windows(work.inputs, work.teacher, work.calls, samples)
         compressed = {k: v.clone() for k, v in work.layer.state_dict().items()}  # kept if the fit does not help
         trainable = TrainableLayer(work.layer, c.lr, c.vectors, keep_quantized_zeros=self.keep_quantized_zeros)
@@ -149,7 +149,7 @@ class HealPass(Pass):
 
         # the loss before and after: on the first batches holding LOSS_WINDOWS windows (under torchrun, each rank's
         # share of them), all where fewer
-        measured = _batches_holding(targets, len(range(LOSS_WINDOWS)[work.world.shard(LOSS_WINDOWS)]))
+        measured = _batches_holding(targets, work.world.share(LOSS_WINDOWS))
         held = torch.tensor([float(sum(t.shape[0] for t in targets[:measured]))], dtype=torch.float64)
         loss_windows = int(work.world.all_reduce_(held).item())
         gen = torch.Generator().manual_seed(work.index)
