@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError
 
+from sparsify.calibration.experts import ExpertCalibration, ExpertMode
 from sparsify.errors import SparsifyError, shorten
 from sparsify.passes import CONFIGS, calibrates
 from sparsify.passes.base import StrictModel
@@ -32,16 +33,36 @@ class Calibration(StrictModel):
         json_schema_extra={"flag": "--calib"},
     )
     text_column: str | None = Field(None, description="column of records to use; default 'text', else chat 'messages'")
-    samples: int = Field(128, gt=0, description="number of calibration windows")
-    seq_len: int = Field(512, gt=0, description="tokens per window")
-    seed: int = Field(0, description="seed for window sampling")
-    batch_size: int = Field(8, gt=0, description="windows per forward")
+    # bounds far past any real run, so that a typo gives one line and not an int64 overflow inside torch (whether
+    # the windows fit in memory is checked before any work, against this machine's)
+    samples: int = Field(128, gt=0, le=2**40, description="number of calibration windows")
+    seq_len: int = Field(512, gt=0, le=2**31, description="tokens per window")
+    seed: int = Field(0, ge=-(2**63), lt=2**64, description="seed for window sampling")  # torch's seed range
+    batch_size: int = Field(8, gt=0, le=2**40, description="windows per forward")
     inputs: Literal["compressed", "dense"] = Field(
         "compressed",
         description="what each layer is calibrated on: compressed = the outputs of the compressed layers before it"
         " (sequential: each layer also corrects what those got wrong; two forwards of each layer); dense = the dense"
         " model's hidden states (one forward of each layer: faster)",
     )
+    expert_calibration: ExpertMode = Field(
+        "fill",
+        description="MoE: what each routed expert is calibrated on: fill = the tokens routed to it, and all of its"
+        " layer's tokens where it was routed fewer than --expert-min-tokens; all = every token of its layer; routed ="
+        " only the tokens routed to it (an expert routed none is compressed without calibration)",
+    )
+    expert_min_tokens: int = Field(
+        256, gt=0, le=2**40, description="fill: routed tokens below which an expert also sees its layer's other tokens"
+    )
+
+    def inapplicable(self) -> dict[str, str]:
+        if self.expert_calibration == "fill":
+            return {}
+        return {"expert_min_tokens": "applies with expert_calibration: fill"}
+
+    @property
+    def experts(self) -> ExpertCalibration:
+        return ExpertCalibration(self.expert_calibration, self.expert_min_tokens)
 
 
 class Recipe(StrictModel):

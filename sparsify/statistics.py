@@ -128,6 +128,9 @@ class InputStats:
     tokens: int = 0
     values: dict[str, Stat] = field(default_factory=dict)
     cross: Tensor | None = None  # (in, in) X_dense^T X (float64), when a pass fits the dense model's outputs
+    # a routed expert's statistics widened to its layer's other tokens (sparsify.calibration.experts): the
+    # tokens routed to it (None: the statistics are of the tokens it was routed, as the model computes)
+    routed: int | None = None
 
     def __getitem__(self, name: str) -> Tensor:
         return self.values[name].value()

@@ -96,11 +96,12 @@ def _load(folder: Path, config: Any, encoder: bool, trust_remote_code: bool) -> 
     if (
         is_compressed_tensors(config)
         and can_run(config) is None
-        and _asymmetric(config)
+        and (_asymmetric(config) or _activations_quantized(config))
         and _experts_one_by_one(folder)
     ):
-        # asymmetric quantized experts: transformers 5 drops their zero points when it fuses them (the run's notes
-        # say so); sparsify.load builds the model from the checked tensors (verify above), as for its users
+        # quantized experts transformers 5 cannot fuse: asymmetric ones (it drops their zero points) and int8
+        # ones with quantized activations (W8A8: its fusing conversion finds no tensor to concatenate); the run's
+        # notes say so. sparsify.load builds the model from the checked tensors (verify above), as for its users
         return sparsify_load(folder, trust_remote_code=trust_remote_code, kernel="exact").eval(), {}
     kwargs: dict[str, Any] = {}
     if str(config.model_type).startswith(SPARSIFY_TYPE_PREFIX):
@@ -125,6 +126,13 @@ def _asymmetric(config: Any) -> bool:
 
     groups = (quantization_dict(config) or {}).get("config_groups") or {}
     return any((g.get("weights") or {}).get("symmetric") is False for g in groups.values())
+
+
+def _activations_quantized(config: Any) -> bool:
+    from sparsify.checkpoint.compressed_tensors import quantization_dict
+
+    groups = (quantization_dict(config) or {}).get("config_groups") or {}
+    return any(g.get("input_activations") for g in groups.values())
 
 
 def _experts_one_by_one(folder: Path) -> bool:

@@ -17,6 +17,7 @@ The loop knows no pass: it calls the hooks of :class:`sparsify.passes.base.Pass`
 
 from sparsify.calibration.capture import Captured
 from sparsify.calibration.compress import Resolver
+from sparsify.calibration.experts import ExpertCalibration, calibration_notes
 from sparsify.calibration.runner import Checkpoint, LayerwiseRunner, Probe, ResumePoint, resumed_probe
 from sparsify.calibration.work import (
     ERROR_WINDOWS,
@@ -33,6 +34,7 @@ __all__ = [
     "ERROR_WINDOWS",
     "Captured",
     "Checkpoint",
+    "ExpertCalibration",
     "InMemoryLayers",
     "LayerCall",
     "LayerProvider",
@@ -43,6 +45,7 @@ __all__ = [
     "Resolver",
     "ResumePoint",
     "RunOutput",
+    "calibration_notes",
     "resumed_probe",
     "run_layer",
 ]

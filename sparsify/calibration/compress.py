@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsify.calibration.experts import FILL, ExpertCalibration
 from sparsify.calibration.gather import gather_paired_stats, gather_stats
 from sparsify.calibration.work import LayerWork, run_layer
 from sparsify.distributed import SINGLE, World
@@ -33,6 +34,7 @@ def compress_layer(
     dense_inputs: bool = False,
     world: World = SINGLE,
     before_recovery: Callable[[], None] | None = None,
+    experts: ExpertCalibration = FILL,
 ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
     """Every pass on the layer of ``layer_work`` (its targets and statistics filled in per stage), its report
     rows appended to ``records``. Returns the dense model's next hidden states (if ``dense_hidden`` is tracked)
@@ -73,7 +75,7 @@ def compress_layer(
             elif p.needs or p.custom_stats:
                 needs = set(p.needs) | set(p.custom_stats)
                 keep = [] if from_stats and dense_layer_out is None else None  # the layer is still dense here
-                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats, keep, world)
+                stats = gather_stats(layer, watched, needs, hidden, calls, device, p.custom_stats, keep, world, experts)
                 dense_layer_out = keep if keep is not None else dense_layer_out
             model_path = dense_layer_out if dense_inputs else next_dense
             teacher = {"layer": dense_layer_out, "model": model_path}.get(p.teacher or "")

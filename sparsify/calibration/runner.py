@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from sparsify import interrupts
 from sparsify.calibration.capture import Captured, calibration_batches, capture_inputs
 from sparsify.calibration.compress import Resolver, compress_layer
+from sparsify.calibration.experts import FILL, ExpertCalibration
 from sparsify.calibration.forward import feed_forward
 from sparsify.calibration.gather import gather_stats
 from sparsify.calibration.work import LayerCall, LayerProvider, LayerWork, RunOutput, run_layer
@@ -58,8 +59,10 @@ class LayerwiseRunner:
         layers_path: str = "layers",
         inputs: str = "compressed",
         world: World = SINGLE,
+        experts: ExpertCalibration = FILL,
     ):
         self.backbone = backbone
+        self.experts = experts  # how routed experts of MoE blocks are calibrated (see .experts)
         self.layers = layers
         self.provider = provider
         self.tokens = tokens  # (samples, seq_len); None: no calibration data (passes that need none)
@@ -116,8 +119,9 @@ class LayerwiseRunner:
             outputs: list[Tensor] = []  # the statistics' forward gives the outputs too: one forward per layer
             if needs:
                 stats = gather_stats(
-                    layer, layer_targets, needs, hidden, cap.calls[i], self.device, None, outputs, self.world
-                )
+                    layer, layer_targets, needs, hidden, cap.calls[i], self.device, None, outputs, self.world,
+                    self.experts,
+                )  # fmt: skip
             else:
                 stats, outputs = {}, run_layer(layer, hidden, cap.calls[i])
             work = LayerWork(i, layer, self.prefix(i), layer_targets, stats, hidden, cap.calls[i], world=self.world)
@@ -208,7 +212,7 @@ class LayerwiseRunner:
         dense_hidden, dense_out = compress_layer(
             work, passes, resolve, dense_hidden, self.device, lambda: self.provider.round_to_storage(i, layer),
             output.records, dense_inputs=one_forward, world=self.world,
-            before_recovery=None if probed else before_recovery,
+            before_recovery=None if probed else before_recovery, experts=self.experts,
         )  # fmt: skip
         if not probed:  # nothing to recover in this layer: as it ends
             before_recovery()

@@ -24,6 +24,7 @@ from torch import nn
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork, ModelWork
+    from sparsify.statistics import InputStats
     from sparsify.targets import TargetMatcher
 
 
@@ -266,6 +267,17 @@ class Pass:
     def describe(self) -> str:
         """One line for logs, errors and the report."""
         return self.config.type
+
+
+def calibration_record(stats: InputStats | None, fallback: str | None = None) -> dict[str, Any]:
+    """A record's ``calibrated_on``, where a target was not calibrated on the tokens it was routed: a routed
+    expert whose statistics were widened to its layer's other tokens, or one that saw none (``fallback``: how it
+    was compressed instead). The report names these experts (:func:`sparsify.calibration.calibration_notes`)."""
+    if fallback is not None:
+        return {"calibrated_on": f"none: {fallback}"}
+    if stats is not None and stats.routed is not None:
+        return {"calibrated_on": f"all tokens ({stats.routed} routed)"}
+    return {}
 
 
 PASSES: dict[str, type[Pass]] = {}

@@ -27,7 +27,7 @@ from torch import nn
 from sparsify.algorithms import outlier_ratio, owl_layer_sparsities, wanda_scores
 from sparsify.errors import SparsifyError
 from sparsify.modules import in_features, set_weight_matrix, weight_matrix
-from sparsify.passes.base import Pass, register
+from sparsify.passes.base import Pass, calibration_record, register
 from sparsify.passes.prune_config import PruneConfig
 from sparsify.passes.prune_methods import PRUNE_METHODS
 from sparsify.passes.structured import StructuredPrunePass
@@ -176,8 +176,10 @@ class PrunePass(Pass):
                 record.update(status=f"skipped: {W.shape[1]} inputs are not a multiple of M={nm[1]}", sparsity=None)
                 records.append(record)
                 continue
-            W_new = self._prune(fqn, W, stats.get(fqn), sparsity, nm)
+            blind = bool(self.method.needs) and (stats.get(fqn) is None or stats[fqn].tokens == 0)
+            W_new = self._prune(fqn, W, stats.get(fqn), sparsity, nm, blind)
             set_weight_matrix(module, W_new)
+            record.update(calibration_record(stats.get(fqn), "magnitude" if blind else None))
             record.update(
                 status="pruned",
                 sparsity=float((weight_matrix(module) == 0).float().mean()),
@@ -187,13 +189,19 @@ class PrunePass(Pass):
         return records
 
     def _prune(
-        self, fqn: str, W: torch.Tensor, stats: InputStats | None, sparsity: float, nm: tuple[int, int] | None
+        self,
+        fqn: str,
+        W: torch.Tensor,
+        stats: InputStats | None,
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        blind: bool = False,
     ) -> torch.Tensor:
-        """``W: (out, in)`` pruned by the config's method (:data:`~sparsify.passes.prune_methods.PRUNE_METHODS`)."""
-        if self.method.needs and (stats is None or stats.tokens == 0):
-            raise SparsifyError(f"{fqn}: saw no calibration tokens")
+        """``W: (out, in)`` pruned by the config's method (:data:`~sparsify.passes.prune_methods.PRUNE_METHODS`);
+        ``blind`` (a routed expert that saw no calibration token): by magnitude."""
+        method = PRUNE_METHODS["magnitude"] if blind else self.method
         try:
-            return self.method.prune(W, stats, sparsity, nm, self.config)
+            return method.prune(W, stats, sparsity, nm, self.config)
         except ValueError as e:
             raise SparsifyError(f"{fqn}: {e}") from e
 

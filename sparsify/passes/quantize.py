@@ -54,7 +54,7 @@ from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothi
 from sparsify.distributed import World
 from sparsify.errors import SparsifyError
 from sparsify.modules import replace_module
-from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, register
+from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, calibration_record, register
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, expand_zero_point
 from sparsify.passes.trainable import FakeQuantLinear, rows_of
 from sparsify.runtime.quantized import STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
@@ -299,14 +299,13 @@ class QuantizePass(Pass):
             s = factors.get(fqn)
             W = module.weight.detach().float()  # (out, in), already smoothed
             H = None
-            if "hessian" in self.needs:
-                if stats is None or stats.tokens == 0:
-                    raise SparsifyError(f"{fqn}: saw no calibration tokens")
+            blind = bool(self.needs) and (stats is None or stats.tokens == 0)  # a routed expert that saw no token
+            if "hessian" in self.needs and not blind:
                 H = stats.mean("hessian")  # (in, in)
                 if s is not None:
                     H = H / (s[:, None] * s[None, :])  # the smoothed inputs' X^T X
-            q, scale, zp, W_q = self._quantize_weight(fqn, W, H)
-            input_scale = self._input_scale(stats, s) if c.activations == "static" else None
+            q, scale, zp, W_q = self._quantize_weight(fqn, W, H, blind)
+            input_scale = self._input_scale(stats, s) if c.activations == "static" and not blind else None
             record: dict[str, Any] = {
                 "kind": self.kind,
                 "name": fqn,
@@ -320,11 +319,14 @@ class QuantizePass(Pass):
                 "act_order": c.gptq_act_order,
                 "weight_error": _weight_error(W, W_q, H),
                 "status": "quantized",
+                **calibration_record(stats, self._blind_method() if blind else None),
             }
             bias = module.bias.detach() if module.bias is not None else None
             quantized[fqn] = (q, scale.float(), zp, bias, input_scale, W)
             record["seconds"] = time.perf_counter() - t0
             records.append(record)
+        if c.activations == "static":
+            _borrow_input_scales(quantized)
         if c.qat is not None and teacher is not None:
             losses = self._qat(work, quantized, teacher)
             for r in records:
@@ -334,11 +336,25 @@ class QuantizePass(Pass):
             replace_module(work.layer, work.relative(fqn), new)
         return records
 
-    def _quantize_weight(self, fqn: str, W: Tensor, H: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(q, scale, zero_point, dequantized)`` by the config's method; exact zeros stay zero."""
+    def _blind_method(self) -> str:
+        """How a target that saw no calibration token is rounded: RTN, with the data-free observer nearest the
+        configured one."""
+        observer = "mse" if self.config.weight_observer == "weighted-mse" else self.config.weight_observer
+        return f"rtn, {observer} observer"
+
+    def _quantize_weight(
+        self, fqn: str, W: Tensor, H: Tensor | None, blind: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(q, scale, zero_point, dequantized)`` by the config's method (``blind``: no calibration data for
+        this target: round-to-nearest, see :meth:`_blind_method`); exact zeros stay zero."""
         mask = W != 0  # (out, in): zeros of an earlier pruning pass stay zeros
+        method, options = self.method, self.config
+        if blind:
+            method = QUANTIZE_METHODS["rtn"]
+            if options.weight_observer == "weighted-mse":
+                options = options.model_copy(update={"weight_observer": "mse"})
         try:
-            r = self.method.round(W, H, self.scheme.weights, mask, self.config)
+            r = method.round(W, H, self.scheme.weights, mask, options)
         except ValueError as e:
             raise SparsifyError(f"{fqn}: {e}") from e
         return r.q, r.scale, r.zero_point, r.weight
@@ -448,6 +464,12 @@ class QuantizePass(Pass):
                 f"pass {self.index}: asymmetric weights on MoE experts: transformers 5 cannot load this checkpoint"
                 " (its fused-expert dequantization drops the zero point); sparsify.load runs it"
             )
+        if self.scheme.activations is not None and self._quantizes_experts():
+            notes.append(
+                f"pass {self.index}: {c.scheme} on MoE experts: transformers 5 cannot load this checkpoint (it fuses"
+                " the experts and cannot fuse int8 ones with quantized activations); vLLM serves it and sparsify.load"
+                " runs it (checked through sparsify.load before it was written)"
+            )
         return notes
 
     def _quantizes_experts(self) -> bool:
@@ -537,6 +559,24 @@ def _weight_error(W: Tensor, W_q: Tensor, H: Tensor | None) -> float:
     num = float((D @ H * D).sum())
     den = float((W.float() @ H * W.float()).sum())
     return num / den if den > 0 else math.nan
+
+
+def _borrow_input_scales(quantized: dict[str, tuple]) -> None:
+    """A static activation scale for each target that saw no calibration token (a starved routed expert, with
+    ``expert_calibration: routed``): the largest of the layer's targets of the same name (the other experts'
+    same projection), whose inputs come from the same place."""
+    by_name: dict[str, list[Tensor]] = {}
+    for fqn, entry in quantized.items():
+        if entry[4] is not None:
+            by_name.setdefault(fqn.rpartition(".")[2], []).append(entry[4])
+    for fqn, (q, scale, zp, bias, input_scale, W) in quantized.items():
+        if input_scale is None:
+            peers = by_name.get(fqn.rpartition(".")[2])
+            if not peers:
+                raise SparsifyError(
+                    f"{fqn}: saw no calibration tokens, and no Linear like it did: no static input scale"
+                )
+            quantized[fqn] = (q, scale, zp, bias, torch.stack(peers).amax(0), W)
 
 
 __all__ = ["SCHEMES", "QuantizeConfig", "QuantizePass", "fake_quantize"]
