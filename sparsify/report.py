@@ -8,9 +8,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from sparsify.errors import SparsifyError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from sparsify.errors import SparsifyError, shorten
 from sparsify.sizes import PART_LABELS, PARTS
 
 REPORT_FILE = "sparsify_report.json"
@@ -124,13 +127,195 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 
 def read_report(folder: Path) -> dict[str, Any]:
+    """The report in ``folder`` (or the file itself), its types checked: a report that is not JSON, or whose
+    fields the renderers read have the wrong type or are missing, is refused in one line naming the field."""
     path = Path(folder) / REPORT_FILE if Path(folder).is_dir() else Path(folder)
     if not path.is_file():
         raise SparsifyError(f"no {REPORT_FILE} in {folder}; is it a sparsify output folder?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SparsifyError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SparsifyError(f"{path} must be a JSON object, got {_TYPE_NAMES.get(type(data), type(data).__name__)}")
+    try:
+        _Report.model_validate(data)
+    except ValidationError as e:
+        raise SparsifyError(f"{path}: {_report_problems(e)}") from None
+    return data
+
+
+# ------------------------------------------------------------------------------------- the report's schema
+# The fields the renderers read, with their types; every other key is kept as it is (older and newer reports).
+# Checked on read only: the dict itself is rendered, nothing is filled in.
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def _needs(self, *keys: str) -> None:
+        """``keys`` must be present (a field that is required only with another's value)."""
+        for key in keys:
+            if getattr(self, key) is None:
+                raise PydanticCustomError("missing_key", "{key} is missing", {"key": key})
+
+
+_Pair = Annotated[list[Any], Field(min_length=2, max_length=2)]  # [label, text]
+
+
+class _RecipePass(_Schema):
+    type: str
+
+
+class _Recipe(_Schema):
+    passes: list[_RecipePass] = []
+
+
+class _Pass(_Schema):
+    description: str
+    index: int | None = None
+    type: str | None = None
+    kind: str | None = None
+    settings: dict[str, Any] | None = None
+
+
+class _Calibration(_Schema):
+    text: str | None
+    windows: int
+    seq_len: int
+    why: str | None = None
+
+
+class _Table(_Schema):
+    kind: str | None
+    title: str
+    columns: list[Annotated[list[str], Field(min_length=3, max_length=3)]]  # [key, header, format]
+
+
+class _Totals(_Schema):
+    parameters: int | None = None
+    nonzeros: int | None = None
+    quantized_parameters: int | None = None
+    overall_sparsity: float | None = None
+    bytes: int | None = None
+    input_bytes: int | None = None
+    wall_seconds: float | None = None
+    peak_rss_bytes: int | None = None
+
+    @model_validator(mode="after")
+    def _counts(self) -> _Totals:
+        if self.parameters is not None:
+            self._needs("nonzeros")
+        return self
+
+
+class _Length(_Schema):
+    """Perplexity before and after at one context length."""
+
+    before: float | None = None
+    after: float | None = None
+    seq_len: int | None = None
+    windows: int | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> _Length:
+        if self.before is not None and self.after is not None:
+            self._needs("seq_len", "windows")
+        return self
+
+
+class _Recovery(_Schema):
+    perplexity: float
+    step: str
+
+
+class _Eval(_Length):
+    metric: str | None = None
+    text: str | None = None
+    by_length: list[_Length] | None = None
+    before_recovery: _Recovery | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    texts: int | None = None
+
+    @model_validator(mode="after")
+    def _cosine(self) -> _Eval:
+        if self.metric == "cosine":
+            self._needs("cosine_mean", "cosine_min", "texts", "seq_len")
+        return self
+
+
+class _Quality(_Schema):
+    status: str
+    message: str
+    ppl_ratio: float | None = None
+
+
+class _Size(_Schema):
+    bytes: int
+    parameters: int | None = None
+
+
+class _Sizes(_Schema):
+    input: dict[str, _Size] | None = None
+    output: dict[str, _Size] | None = None
+
+
+class _Latency(_Schema):
+    seq_len: int | None = None
+    before_s: float | None = None
+    after_s: float | None = None
+
+
+class _Report(_Schema):
+    model: str
+    output: str
+    model_type: str
+    recipe: _Recipe | None = None
+    passes: list[_Pass] = []
+    calibration: _Calibration | None = None
+    summary: list[_Pair] = []
+    summary_by_kind: dict[str, list[_Pair]] | None = None
+    tables: list[_Table] | None = None
+    layers: list[dict[str, Any]] | None = None
+    totals: _Totals | None = None
+    eval: _Eval | None = None
+    quality: _Quality | None = None
+    sizes: _Sizes | None = None
+    latency: _Latency | None = None
+    notes: list[str] = []
+
+    @model_validator(mode="after")
+    def _described(self) -> _Report:
+        if not self.passes and (self.recipe is None or not self.recipe.passes):
+            raise PydanticCustomError("missing_key", "{key} is missing", {"key": "passes"})
+        return self
+
+
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}  # fmt: skip
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "true or false",
+             "dict_type": "an object", "model_type": "an object", "list_type": "a list"}  # fmt: skip
+
+
+def _report_problems(e: ValidationError) -> str:
+    """``eval.seq_len must be an integer, got '<svg …'; ...``: each problem with the field's path in the JSON."""
+    parts = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
+        kind, ctx = err["type"], err.get("ctx") or {}
+        if kind == "missing_key":
+            loc.append(str(ctx["key"]))
+        where = ".".join(loc) or "the report"
+        if kind in ("missing", "missing_key"):
+            parts.append(f"{where} is missing")
+        elif kind in ("too_short", "too_long"):
+            parts.append(f"{where} must be a list of {ctx.get('min_length', ctx.get('max_length'))} items")
+        else:
+            expected = _EXPECTED.get(kind, err["msg"].lower())
+            parts.append(f"{where} must be {expected}, got {shorten(err.get('input'))}")
+    more = f"; and {len(parts) - 3} more problems" if len(parts) > 3 else ""
+    return "; ".join(parts[:3]) + more
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -272,6 +457,18 @@ def _eval_pairs(ev: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [e for e in ev.get("by_length", [ev]) if "before" in e and "after" in e]
 
 
+def _kl(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The KL of the output's next-token distribution from the input's (``eval.kl``), where measured."""
+    kl = ev.get("kl")
+    numbers = isinstance(kl, dict) and all(type(kl.get(k)) in (int, float) for k in ("mean", "p99", "top1"))
+    return kl if numbers else None
+
+
+def fmt_kl(kl: dict[str, Any]) -> str:
+    """``0.0123 mean, 0.0567 p99, top-1 97.6%``: the KL per token from the input and the top-1 agreement."""
+    return f"{fmt_sig(kl['mean'], pad=False)} mean, {fmt_sig(kl['p99'], pad=False)} p99, top-1 {fmt_pct(kl['top1'])}"
+
+
 def _total(part_sizes: dict[str, Any] | None, key: str) -> int | None:
     if not part_sizes:
         return None
@@ -301,6 +498,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "ppl_len": pairs[0].get("seq_len") if pairs else None,
         "ppl_ratio": pairs[0]["after"] / pairs[0]["before"] if pairs and pairs[0]["before"] else None,
         "ppl_before_recovery": ev.get("before_recovery"),
+        "kl": _kl(ev),
         "cosine_mean": ev.get("cosine_mean") if ev.get("metric") == "cosine" else None,
         "cosine_min": ev.get("cosine_min") if ev.get("metric") == "cosine" else None,
         "eval_text": ev.get("text"),
@@ -422,6 +620,8 @@ def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None)
                     f" stride {e['seq_len']}{healed})",
                 )
             )
+    if ev and (kl := _kl(ev)):
+        rows.append(("KL to input", f"{fmt_kl(kl)} ({kl.get('tokens')} tokens at {kl.get('seq_len')})"))
     lat = report.get("latency")
     if lat and lat.get("before_s") and lat.get("after_s"):
         rows.append(
@@ -887,7 +1087,7 @@ def _pass_section(
     kind, records = view["kind"], view["records"]
     table = next((t for t in report.get("tables") or [] if t.get("kind") == kind), None)
     out = [
-        f'<section id="pass-{view["index"]}"><p class="eyebrow">pass {view["index"] + 1} of {n_passes} ·'
+        f'<section id="pass-{_e(str(view["index"]))}"><p class="eyebrow">pass {view["index"] + 1} of {n_passes} ·'
         f" {_e(str(view['type']))}</p><h2>{_e(view['description'])}</h2>",
         _settings(view["settings"]),
     ]
@@ -978,9 +1178,9 @@ def _cards(report: dict[str, Any]) -> str:
     if h["ppl_after"] is not None:
         pairs = _eval_pairs(report.get("eval"))
         more = "<br>".join(
-            f"@{e['seq_len']}: {_e(fmt_ppl(e['before']))} → {_e(fmt_ppl(e['after']))}" for e in pairs[1:]
+            f"@{_e(str(e['seq_len']))}: {_e(fmt_ppl(e['before']))} → {_e(fmt_ppl(e['after']))}" for e in pairs[1:]
         )
-        sub = f"from {_e(fmt_ppl(h['ppl_before']))} · {_ratio_text(h['ppl_ratio'])} · {h['ppl_len']} tokens"
+        sub = f"from {_e(fmt_ppl(h['ppl_before']))} · {_ratio_text(h['ppl_ratio'])} · {_e(str(h['ppl_len']))} tokens"
         if rec := h["ppl_before_recovery"]:
             sub += f"<br>{_e(fmt_ppl(rec['perplexity']))} before {_e(rec['step'])}"
         cards.append(
@@ -991,6 +1191,16 @@ def _cards(report: dict[str, Any]) -> str:
                 f"{h['ppl_before']!r} → {h['ppl_after']!r} on {h['eval_text']}",
             )
         )
+        if kl := h["kl"]:
+            cards.append(
+                _card(
+                    "KL to the input",
+                    _e(fmt_sig(kl["mean"], pad=False)),
+                    f"mean per token · p99 {_e(fmt_sig(kl['p99'], pad=False))}"
+                    f"<br>top-1 agreement {_e(fmt_pct(kl['top1']))}",
+                    f"KL(input || output) of the next-token distribution: {kl['mean']!r} mean, {kl['p99']!r} p99",
+                )
+            )
     elif h["cosine_mean"] is not None:
         cards.append(
             _card(
@@ -1001,7 +1211,7 @@ def _cards(report: dict[str, Any]) -> str:
             )
         )
     if h["latency_after"]:
-        sub = f"forward pass, {h['latency_len']} tokens"
+        sub = f"forward pass, {_e(str(h['latency_len']))} tokens"
         if h["latency_before"]:
             speed = h["latency_before"] / h["latency_after"]
             sub = f"from {_e(fmt_seconds(h['latency_before']))} · {_ratio_text(speed, False)} speed<br>{sub}"
@@ -1099,7 +1309,7 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     pass (settings, what it measured, heat maps by layer and module, the folded per-record table), notes."""
     chip, banner = _quality(report)
     views = _pass_views(report)
-    chips = "".join(f'<a class="chip" href="#pass-{v["index"]}">{_e(v["description"])}</a>' for v in views)
+    chips = "".join(f'<a class="chip" href="#pass-{_e(str(v["index"]))}">{_e(v["description"])}</a>' for v in views)
     created = str(report.get("created", ""))[:16].replace("T", " ")
     header = (
         f'<header><p class="eyebrow">sparsify report · {_e(str(report.get("model_type", "")))}'
@@ -1121,9 +1331,9 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
         sections.append(f"<section><h2>What the passes measured</h2>{_kv(report['summary'])}</section>")
     if len(by_length) > 1:
         rows = "".join(
-            f'<tr><td class="num">{e["seq_len"]}</td><td class="num">{_e(fmt_ppl(e["before"]))}</td>'
+            f'<tr><td class="num">{_e(str(e["seq_len"]))}</td><td class="num">{_e(fmt_ppl(e["before"]))}</td>'
             f'<td class="num">{_e(fmt_ppl(e["after"]))}</td><td class="num">{e["after"] / e["before"]:.3f}×</td>'
-            f'<td class="num">{e.get("windows", "—")}</td></tr>'
+            f'<td class="num">{_e(str(e.get("windows", "—")))}</td></tr>'
             for e in by_length
         )
         sections.append(
@@ -1178,10 +1388,12 @@ def render_compare_html(reports: list[dict[str, Any]]) -> str:
     rows, best, smallest = _compare_rows(reports)
     has_latency = any(h["latency_after"] for h in rows)
     has_cos = any(h["cosine_mean"] is not None for h in rows)
+    has_kl = any(h["kl"] for h in rows)
     top_bytes = max([0, *(h["bytes_after"] or 0 for h in rows), *(h["bytes_before"] or 0 for h in rows)]) or 1
     head = (
         "<tr class='head'><th>output</th><th>passes</th><th class='num'>size on disk</th><th class='num'>parameters</th>"
         + ("<th class='num'>cosine to input</th>" if has_cos else "<th class='num'>perplexity</th>")
+        + ("<th class='num'>KL to input</th>" if has_kl else "")
         + "<th>quality</th>"
         + ("<th class='num'>latency</th>" if has_latency else "")
         + "<th class='num'>wall time</th></tr>"
@@ -1222,6 +1434,7 @@ def render_compare_html(reports: list[dict[str, Any]]) -> str:
             ("size on disk", "num", size),
             ("parameters", "num", _e(fmt_count(h["params_after"]))),
             ("cosine to input" if has_cos else "perplexity", "num", quality_cell),
+            *([("KL to input", "num", _e(fmt_kl(h["kl"])) if h["kl"] else "—")] if has_kl else []),
             ("quality", "", verdict),
             *([("latency", "num", latency)] if has_latency else []),
             ("wall time", "num", _e(fmt_seconds(h["wall_seconds"]))),
@@ -1335,6 +1548,8 @@ def render_compare_markdown(reports: list[dict[str, Any]]) -> str:
     rows, best, smallest = _compare_rows(reports)
     has_cos = any(h["cosine_mean"] is not None for h in rows)
     header = ["output", "passes", "size on disk", "parameters", "cosine to input" if has_cos else "perplexity"]
+    has_kl = any(h["kl"] for h in rows)
+    header += ["KL to input"] if has_kl else []
     has_latency = any(h["latency_after"] for h in rows)
     header += ["quality", *(["latency"] if has_latency else []), "wall time"]
     table = []
@@ -1362,6 +1577,7 @@ def render_compare_markdown(reports: list[dict[str, Any]]) -> str:
             f"**{md(size)}** (smallest)" if i == smallest else md(size),
             md(fmt_count(h["params_after"])),
             f"**{md(q)}** (best)" if i == best else md(q),
+            *([md(fmt_kl(h["kl"])) if h["kl"] else "—"] if has_kl else []),
             md(h["quality"] or "—"),
             *([md(latency)] if has_latency else []),
             md(fmt_seconds(h["wall_seconds"])),

@@ -525,3 +525,101 @@ def test_auto_keeps_16_bit_floats(source, tmp_path):
             "model.layers.0.mlp.down_proj.weight"
         ]
         assert np.array_equal(w, ref.float().numpy())
+
+
+# ---------------------------------------------------------------------------------------- inputs and leftovers
+
+
+@pytest.fixture
+def gguf_input(source, tmp_path, monkeypatch):
+    """A .gguf file to export from (sparsify converts it once, into a cache of this test's own)."""
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "in" / "model.gguf"
+    path.parent.mkdir()
+    export(source("llama"), path, tensor_type="f32")
+    return path
+
+
+def test_the_output_is_never_the_input_file(gguf_input, tmp_path):
+    """-o naming the .gguf being exported is refused, --overwrite or not, through a symlink too: never replaced."""
+    data = gguf_input.read_bytes()
+    link, hard = tmp_path / "link.gguf", tmp_path / "hard.gguf"
+    link.symlink_to(gguf_input)
+    hard.hardlink_to(gguf_input)
+    for out in (gguf_input, link, hard):
+        for flags in ((), ("--overwrite",)):
+            result = run("export", "gguf", gguf_input, "-o", out, *flags)
+            assert_user_error(result, None, f"{out} is the input model", "choose another file")
+    assert gguf_input.read_bytes() == data and link.is_symlink()
+    assert sorted(p.name for p in gguf_input.parent.iterdir()) == ["model.gguf"]
+
+
+def test_without_o_nothing_is_written(source):
+    """-o is required: the file is never put into the model folder (or anywhere else) on its own."""
+    src = source("llama")
+    before = sorted(p.name for p in src.iterdir())
+    result = run("export", "gguf", src)
+    assert result.exit_code == 2 and "--output" in result.stderr
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_a_gguf_input_loads_quietly(gguf_input, tmp_path):
+    """Reading a .gguf goes through transformers, whose own tqdm bar would leak onto stderr: silenced."""
+    result = run("export", "gguf", gguf_input, "-o", tmp_path / "out.gguf")
+    assert result.exit_code == 0, result.output
+    assert "Converting" not in result.stderr and "it/s" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith("writing GGUF")] == []
+
+
+def test_stale_partials_of_dead_exports_are_removed(source, tmp_path):
+    """A SIGKILLed export leaves its temporary file; the next export of the same file removes it, but not one a
+    live export holds, one of another file, or a file of the user's that merely looks alike."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src, out = source("llama"), tmp_path / "m.gguf"
+    root = Path(__file__).resolve().parent.parent
+    args = ["-m", "tests.faults", "killin@_encode", "--", "export", "gguf", str(src), "-o", str(out)]
+    killed = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".m.gguf.")]
+    assert stale.name.endswith(".partial") and not out.exists()
+
+    live = tmp_path / ".m.gguf.abcd1234.partial"  # another export's, still being written
+    live.write_bytes(b"live")
+    keep = [live, tmp_path / ".n.gguf.abcd1234.partial", tmp_path / ".m.gguf.mine.partial"]
+    for p in keep[1:]:
+        p.write_bytes(b"not this export's")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run("export", "gguf", src, "-o", out)
+        assert result.exit_code == 0, result.output
+    finally:
+        os.close(fd)
+    assert not stale.exists() and all(p.exists() for p in keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in keep)])
+
+
+def test_a_malformed_report_beside_the_model_is_not_read(source, tmp_path):
+    """Export reads the model's config, weights and tokenizer, never sparsify_report.json: a broken one is ignored."""
+    out = tmp_path / "pruned"
+    compress(source("llama"), _recipe({"type": "prune", "method": "magnitude", "sparsity": 0.5}, calibrate=False), out)
+    for text in ("{not json", "[]", '{"eval": {"seq_len": "<svg onload=alert(1)>"}}'):
+        (out / "sparsify_report.json").write_text(text)
+        result = run("export", "gguf", out, "-o", tmp_path / "m.gguf", "--overwrite")
+        assert result.exit_code == 0, result.output
+
+
+def test_a_malformed_tokenizer_is_one_line_naming_the_file(source, tmp_path):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(source("llama"), src)
+    for text, said in (("{not json", "is not valid JSON"), ("[]", "is not a JSON object")):
+        (src / "tokenizer.json").write_text(text)
+        out = tmp_path / "m.gguf"
+        assert_user_error(run("export", "gguf", src, "-o", out), out, str(src / "tokenizer.json"), said)

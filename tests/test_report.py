@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -288,3 +289,100 @@ def test_old_reports_without_the_new_fields_still_render():
     assert dict(summary_rows(old))["passes"] == "prune wanda 50%; quantize w8a8"
     assert "# llama compressed with sparsify" in model_card(old)
     assert "/out/wanda" in render_compare_html([old, _report()])
+
+
+SVG = "<svg onload=alert(1)>"
+
+
+def _forged() -> dict:
+    """A report with markup in every field a page shows, numbers included (as strings, where JSON allows any)."""
+    report = _report()
+    for key in ("model", "output", "model_type", "created", "run_id", "loader", "sparsify_version", "seed"):
+        report[key] = SVG
+    report["eval"] = {"seq_len": SVG, "windows": SVG, "text": SVG, "before": 12.0, "after": 12.5}
+    report["eval"]["by_length"] = [{**report["eval"]}, {**report["eval"], "seq_len": f"{SVG}2"}]
+    report["eval"]["before_recovery"] = {"perplexity": 13.0, "step": SVG}
+    report["latency"]["seq_len"] = SVG
+    report["calibration"] = {"text": SVG, "windows": SVG, "seq_len": SVG, "why": SVG}
+    report["quality"] = {"status": SVG, "ppl_ratio": 1.04, "limit": 3.0, "message": SVG}
+    report["tables"][0]["title"] = SVG
+    report["tables"][0]["columns"][1][1] = SVG
+    report["summary"].append([SVG, SVG])
+    report["passes"][1]["type"] = SVG
+    report["passes"][1]["settings"] = {SVG: {SVG: [SVG]}}
+    for rec in report["layers"]:
+        rec.update(name=f"model.layers.{rec['layer']}.{SVG}", kind=rec["kind"], scheme=SVG)
+    return report
+
+
+def test_no_markup_from_the_data_reaches_the_page():
+    """Every value from the report is escaped, numbers too (a forged report can hold anything in any field)."""
+    report = _forged()
+    for page in (render_html(report), render_compare_html([report, _report()])):
+        assert "<svg onload" not in page and "<script" not in page, re.findall(r".{60}<svg onload.{20}", page)
+        assert "&lt;svg onload=alert(1)&gt;" in page
+
+
+def _write(folder, data) -> None:
+    folder.mkdir(exist_ok=True)
+    text = data if isinstance(data, str) else json.dumps(data)
+    (folder / "sparsify_report.json").write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda r: r["eval"].update(seq_len=SVG), f"eval.seq_len must be an integer, got '{SVG}'"),
+        (lambda r: r.pop("model"), "model is missing"),
+        (lambda r: r["totals"].update(parameters="many"), "totals.parameters must be an integer, got 'many'"),
+        (lambda r: r["totals"].pop("nonzeros"), "totals.nonzeros is missing"),
+        (lambda r: r.update(notes="none"), "notes must be a list"),
+        (lambda r: r["layers"].append("x"), "layers.18 must be an object"),
+        (lambda r: r["passes"][1].update(index="1"), "passes.1.index must be an integer, got '1'"),
+        (lambda r: r["passes"][0].pop("description"), "passes.0.description is missing"),
+        (lambda r: r["eval"].pop("windows"), "eval.windows is missing"),
+        (lambda r: r["quality"].update(status=None), "quality.status must be a string, got None"),
+        (lambda r: r["sizes"]["output"]["mlp"].update(bytes=1.5), "sizes.output.mlp.bytes must be an integer"),
+        (lambda r: r["tables"][0]["columns"].append(["x"]), "tables.0.columns.5 must be a list of 3 items"),
+        (lambda r: r["summary"].append(["x"]), "summary.2 must be a list of 2 items"),
+        (lambda r: r["summary_by_kind"]["prune"].append("x"), "summary_by_kind.prune.1 must be a list, got 'x'"),
+        (lambda r: r["latency"].update(after_s="fast"), "latency.after_s must be a number, got 'fast'"),
+    ],
+)
+def test_a_malformed_report_is_one_line_through_the_cli(change, said, tmp_path):
+    from tests.test_cli import assert_user_error, run
+
+    report = copy.deepcopy(_report())  # _report() shares its column lists
+    change(report)
+    _write(tmp_path / "out", report)
+    for fmt in ("md", "html", "json"):
+        result = run("report", tmp_path / "out", "--format", fmt)
+        assert_user_error(result, None, f"{tmp_path / 'out' / 'sparsify_report.json'}: ", said)
+    _write(tmp_path / "good", _report())
+    result = run("report", tmp_path / "good", "--compare", tmp_path / "out", "--format", "html")
+    assert_user_error(result, None, str(tmp_path / "out" / "sparsify_report.json"), said)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [("{not json", "is not valid JSON"), ("[1, 2]", "must be a JSON object, got a list"), ("", "is not valid JSON")],
+)
+def test_a_report_that_is_not_a_json_object_is_one_line(text, said, tmp_path):
+    from tests.test_cli import assert_user_error, run
+
+    _write(tmp_path / "out", text)
+    assert_user_error(run("report", tmp_path / "out"), None, "sparsify_report.json", said)
+    (tmp_path / "out" / "sparsify_report.json").write_bytes(b"\xff\xfe{")
+    assert_user_error(run("report", tmp_path / "out"), None, "sparsify_report.json", "is not valid JSON")
+
+
+def test_an_older_or_newer_report_reads_back(tmp_path):
+    """Keys a renderer does not read are kept as they are; fields added since are optional."""
+    from sparsify.report import read_report
+
+    newer = _report()
+    newer["eval"]["kl"] = {"mean": 0.1, "anything": [1, "x"]}
+    newer["something_new"] = {"x": 1}
+    for data in (_old(_report()), newer):
+        _write(tmp_path / "out", data)
+        assert read_report(tmp_path / "out") == data

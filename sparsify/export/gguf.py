@@ -18,6 +18,7 @@ as stored wherever a GGUF block type has its layout, not dequantized and rounded
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -374,7 +375,7 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
         raise SparsifyError("GGUF export needs the gguf extra: pip install 'sparsify-llm[gguf]'") from None
     from sparsify.checkpoint import open_model
 
-    out = _check_output(out, overwrite)
+    out = _check_output(out, overwrite, model)
     md = open_model(model)
     p = plan(md, out, config)
     log.info("%s: %d tensors, %s", out.name, len(p.tensors), ", ".join(f"{n} {k}" for k, n in _types(p).items()))
@@ -387,10 +388,15 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
         raise
 
 
-def _check_output(out: Path, overwrite: bool) -> Path:
+def _check_output(out: Path, overwrite: bool, model: str | Path) -> Path:
+    """Refuse an output that is a folder, exists (without ``overwrite``), or is the input file itself (a ``.gguf``
+    exported again: ``--overwrite`` would replace the model being exported)."""
     out = Path(out).expanduser()
     if out.is_dir():
         raise SparsifyError(f"{out} is a folder; name the GGUF file to write")
+    source = Path(model).expanduser()
+    if source.is_file() and (out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source))):
+        raise SparsifyError(f"{out} is the input model {model}; choose another file for the export")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise SparsifyError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
@@ -400,16 +406,16 @@ def _check_output(out: Path, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def _aside(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary file beside ``out``, renamed to it when the block completes; removed otherwise."""
+    """A temporary file beside ``out``, locked while it is written, renamed to it when the block completes; removed
+    otherwise. The temporary files of earlier exports to ``out`` that died (SIGKILL, power loss) are removed first."""
     from sparsify.checkpoint.output import rename_noreplace
 
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # as a plain open() would create it (mkstemp's is private)
+    _sweep_partials(out)
+    tmp, lock = _claim_partial(out)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # as a plain open() would create it (mkstemp's is private)
         yield tmp
         check()  # a safe point: the last before the rename
         try:
@@ -424,6 +430,41 @@ def _aside(out: Path, overwrite: bool) -> Iterator[Path]:
             raise
     finally:
         tmp.unlink(missing_ok=True)
+        if lock >= 0:
+            os.close(lock)
+
+
+def _claim_partial(out: Path) -> tuple[Path, int]:
+    """A new temporary file beside ``out`` and the descriptor of its lock (``flock``, as sparsify's work folders are
+    locked: held until this process closes it or dies; -1 where the platform has no locks)."""
+    from sparsify.checkpoint.output import _lock
+
+    for _ in range(10):
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        lock = _lock(tmp)
+        with contextlib.suppress(OSError):
+            if lock is not None and (lock < 0 or os.stat(tmp).st_ino == os.fstat(lock).st_ino):
+                return tmp, lock
+        if lock is not None and lock >= 0:  # another export swept it between its creation and the lock
+            os.close(lock)
+    raise SparsifyError(f"could not create a temporary file beside {out}: other exports keep removing it")
+
+
+def _sweep_partials(out: Path) -> None:
+    """Remove the temporary files that exports to ``out`` left when they died: named as :func:`_claim_partial`
+    names them, plain files, and unlocked (a live export holds its file's lock; a dead one's was released)."""
+    from sparsify.checkpoint.output import _lock
+
+    name = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.partial")  # mkstemp's 8 random characters
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        if not name.fullmatch(p.name) or p.is_symlink() or not p.is_file():
+            continue
+        lock = _lock(p)
+        if lock is not None and lock >= 0:  # None: a live export's; -1: no locks on this platform, no telling
+            p.unlink(missing_ok=True)
+            os.close(lock)
 
 
 def _write(p: Plan, md, path: Path, progress: Progress) -> None:

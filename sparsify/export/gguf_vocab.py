@@ -51,8 +51,13 @@ def read_vocab(folder: Path, vocab_size: int) -> Vocab:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise SparsifyError(f"{folder} has no tokenizer.json: GGUF carries the tokenizer, and only fast tokenizers map")
-    data = json.loads(path.read_text())
-    model = data.get("model") or {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SparsifyError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SparsifyError(f"{path} is not a JSON object (a tokenizer.json holds one)")
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
     if model.get("type") != "BPE":
         raise SparsifyError(f"the tokenizer is {model.get('type')}: llama.cpp's GGUF takes BPE tokenizers here")
     tok = _hf_tokenizer(folder)
