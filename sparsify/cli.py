@@ -621,6 +621,14 @@ def eval_cmd(
     baseline: Annotated[
         str | None, typer.Option(metavar="MODEL", help="encoders: dense model to compare mean-pooled embeddings with")
     ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODEL",
+            help="causal LMs: the model whose next-token distribution the KL is measured from"
+            " [default: a sparsify output's input, as its report records it]",
+        ),
+    ] = None,
     dtype: Annotated[
         DType,
         typer.Option(metavar="float32|bfloat16|float16", case_sensitive=False, help="compute dtype"),
@@ -632,19 +640,23 @@ def eval_cmd(
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Perplexity on held-out text (causal LMs), or embedding similarity to --baseline (encoders)."""
+    """Perplexity on held-out text and KL to a reference model (causal LMs), or embedding similarity to --baseline
+    (encoders)."""
     import torch
 
     from sparsify.arch import is_encoder
     from sparsify.checkpoint import open_model
     from sparsify.devices import resolve_device
-    from sparsify.evaluate import DEFAULT_EVAL_WINDOWS, embedding_similarity, evaluate
+    from sparsify.evaluate import DEFAULT_EVAL_WINDOWS, embedding_similarity, evaluate, evaluate_with_reference
     from sparsify.progress import RichProgress
 
     device = resolve_device(device)
     torch_dtype = getattr(torch, dtype.value)
     md = open_model(model, revision)
+    notes: list[str] = []
     if is_encoder(md.load_config(trust_remote_code).model_type):
+        if reference is not None:
+            raise SparsifyError("--reference measures a causal LM's KL; for an encoder pass --baseline DENSE_MODEL")
         if baseline is None:
             raise SparsifyError("this is an encoder: pass --baseline DENSE_MODEL to measure embedding similarity")
         result = embedding_similarity(
@@ -657,15 +669,27 @@ def eval_cmd(
         )
     else:
         windows = max_windows or (None if data else DEFAULT_EVAL_WINDOWS)
-        result = evaluate(
-            md.path, _eval_path(data), seq_len or [512], windows, torch_dtype, trust_remote_code,
-            RichProgress(err_console), device, text_column,
-        )  # fmt: skip
+        ref, shown, note = _kl_reference(md.path, reference)
+        args = (_eval_path(data), seq_len or [512], windows, torch_dtype, trust_remote_code, RichProgress(err_console),
+                device, text_column)  # fmt: skip
+        if ref is not None:
+            result = evaluate_with_reference(md.path, ref, *args, shown=shown, required=reference is not None)
+        else:
+            result = evaluate(md.path, *args)
+        notes = [*result.pop("notes", []), *([note] if note else [])]
+        if notes:
+            result["notes"] = notes
         line = "\n".join(
             f"perplexity {r['perplexity']:.3f}  ({result['text']}, {r['windows']} × {r['seq_len']}"
             f" tokens, stride {r['seq_len']}, {result['dtype']})"
             for r in result.get("by_length", [result])
         )
+        if kl := result.get("kl"):
+            line += (
+                f"\nKL to reference {kl['mean']:.4g} mean, {kl['p99']:.4g} p99 per token; top-1 agreement"
+                f" {kl['top1']:.2%}  ({kl['reference']}, perplexity {kl['reference_perplexity']:.3f}; {kl['tokens']}"
+                f" tokens at {kl['seq_len']})"
+            )
         bad = [r for r in result.get("by_length", [result]) if not math.isfinite(r["perplexity"])]
         if bad:
             raise SparsifyError(
@@ -675,7 +699,33 @@ def eval_cmd(
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        out_console.print(line, markup=False, highlight=False)
+        for text in (line, *(f"note: {n}" for n in notes)):
+            out_console.print(text, markup=False, highlight=False)
+
+
+def _kl_reference(model: Path, given: str | None) -> tuple[Path | None, str, str | None]:
+    """What ``eval`` measures the KL from: ``--reference``, else the input a sparsify output's report records
+    (one that is gone is a note, not an error). Returns ``(folder or None, as shown, note or None)``."""
+    from sparsify.checkpoint import open_model
+    from sparsify.report import REPORT_FILE, read_report
+
+    if given is not None:
+        try:
+            return open_model(given).path, given, None
+        except SparsifyError as e:
+            raise SparsifyError(f"--reference {given}: {e}") from None
+    if not (model / REPORT_FILE).is_file():
+        return None, "", None
+    report = read_report(model)
+    kl = (report.get("eval") or {}).get("kl") if isinstance(report.get("eval"), dict) else None
+    recorded = (kl.get("reference") if isinstance(kl, dict) else None) or report.get("model")
+    if not isinstance(recorded, str) or not recorded:
+        return None, "", f"KL not measured: {REPORT_FILE} records no input model (pass --reference MODEL)"
+    try:
+        return open_model(recorded).path, recorded, None
+    except SparsifyError as e:
+        why = f"the input {REPORT_FILE} records, {recorded}, is not available ({e}); pass --reference MODEL"
+        return None, recorded, f"KL not measured: {why}"
 
 
 @app.command(

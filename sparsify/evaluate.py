@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsify import interrupts
+from sparsify.algorithms.metrics import kl_stats
 from sparsify.arch import is_encoder
-from sparsify.data import BUILTIN_EVAL, eval_windows, load_text, tokenize
+from sparsify.data import BUILTIN_EVAL, check_token_ids, eval_windows, load_text, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.loading import load
 from sparsify.modules import replaying
@@ -78,8 +87,15 @@ def _load(path: Path, dtype: torch.dtype, trust_remote_code: bool, device: str =
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: Progress | None = None) -> float:
-    """``exp(mean NLL)`` over every predicted token of ``windows: (W, L)``."""
+def perplexity(
+    model: nn.Module,
+    windows: Tensor,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+    each: Callable[[Tensor], None] | None = None,
+) -> float:
+    """``exp(mean NLL)`` over every predicted token of ``windows: (W, L)``; ``each``, given, is handed every
+    batch's log-probabilities of the next token ``(B, L - 1, V)`` (float32, on the model's device)."""
     progress = progress or NoProgress()
     nll, count = 0.0, 0
     chunks = windows.split(batch_size)
@@ -90,6 +106,8 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
         logits = model(input_ids=chunk, use_cache=False).logits.float()  # (B, L, V)
         nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
         count += chunk[:, 1:].numel()
+        if each is not None:
+            each(logits[:, :-1].log_softmax(-1))  # (B, L - 1, V)
     return math.exp(nll / count)
 
 
@@ -181,6 +199,162 @@ def embedding_similarity(
     }
 
 
+# ----------------------------------------------------------------------------- KL to a reference model
+
+LOGPROB_BYTES = 2  # the reference's log-probabilities are kept on disk as float16: bytes per token and vocab entry
+SPACE_MARGIN = 256 << 20  # free space left on the disk that holds them
+
+
+def _digest(windows: Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _vocab(model: nn.Module) -> int:
+    """The number of logits a forward gives per position."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class SavedLogprobs:
+    """A model's log-probabilities of the next token over evaluation windows ``(W, L)``, on disk: ``path`` holds them
+    (float16, ``(W, L - 1, V)``, written a window at a time while the model is evaluated) and ``path.top1`` its most
+    likely tokens (int32, ``(W, L - 1)``: exact, where float16 may round near-ties together); ``path.json`` says
+    which windows (their digest), which vocabulary size and which model, and is written last: without it the data
+    is unfinished. The reference a KL is measured from, read back a window at a time (one model in memory)."""
+
+    path: Path
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    @property
+    def top1_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".top1")
+
+    def space_problem(self, windows: Tensor, vocab: int) -> str | None:
+        """Why the disk that holds ``path`` cannot take these windows' log-probabilities (None: it can)."""
+        need = windows.shape[0] * (windows.shape[1] - 1) * vocab * LOGPROB_BYTES
+        free = shutil.disk_usage(self.path.parent).free
+        if need <= free - SPACE_MARGIN:
+            return None
+        return (
+            f"the reference's log-probabilities over {windows.shape[0] * (windows.shape[1] - 1):,} tokens × {vocab:,}"
+            f" vocabulary entries need {_size(need)} in {self.path.parent}, {_size(free)} free"
+        )
+
+    def problem(self, windows: Tensor) -> str | None:
+        """Why these log-probabilities cannot be the reference on ``windows`` (None: they can)."""
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return "the reference's log-probabilities are missing"
+        if meta.get("windows") != _digest(windows):
+            return "the reference's log-probabilities were measured on other windows"
+        positions = windows.shape[0] * (windows.shape[1] - 1)
+        sizes = {self.path: positions * int(meta.get("vocab", 0)) * LOGPROB_BYTES, self.top1_path: positions * 4}
+        if any(not f.is_file() or f.stat().st_size != size for f, size in sizes.items()):
+            return "the reference's log-probabilities are incomplete"
+        return None
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.meta_path.read_text())
+
+    def windows(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The saved log-probabilities and most likely tokens, one window at a time: ``(L - 1, V)`` float16 and
+        ``(L - 1,)`` int32."""
+        meta = self.meta()
+        n, vocab = int(meta["positions"]), int(meta["vocab"])
+        with self.path.open("rb") as f, self.top1_path.open("rb") as g:
+            while buf := f.read(n * vocab * LOGPROB_BYTES):
+                top1 = torch.frombuffer(bytearray(g.read(n * 4)), dtype=torch.int32)
+                yield torch.frombuffer(bytearray(buf), dtype=torch.float16).view(n, vocab), top1
+
+
+class LogprobWriter:
+    """Writes a model's log-probabilities batch by batch into a :class:`SavedLogprobs` (its description when
+    :meth:`close` is called, after the last)."""
+
+    def __init__(self, saved: SavedLogprobs, windows: Tensor, vocab: int, model: str):
+        if (problem := saved.space_problem(windows, vocab)) is not None:
+            raise SparsifyError(f"KL not measured: {problem} (fewer windows: --max-windows N; elsewhere: TMPDIR)")
+        saved.meta_path.unlink(missing_ok=True)  # unfinished until close() describes it
+        self.saved, self.windows, self.vocab, self.model = saved, windows, vocab, model
+        self.file, self.top1 = saved.path.open("wb"), saved.top1_path.open("wb")
+
+    def __call__(self, logprobs: Tensor) -> None:  # (B, L - 1, V)
+        self.file.write(logprobs.to(torch.float16).cpu().numpy().tobytes())
+        self.top1.write(logprobs.argmax(-1).to(torch.int32).cpu().numpy().tobytes())
+
+    def close(self, complete: bool = True) -> None:
+        """The files closed; described (finished) when ``complete``."""
+        self.file.close()
+        self.top1.close()
+        if not complete:
+            return
+        meta = {"windows": _digest(self.windows), "positions": int(self.windows.shape[1]) - 1, "vocab": self.vocab,
+                "model": self.model}  # fmt: skip
+        self.saved.meta_path.write_text(json.dumps(meta) + "\n")
+
+
+class KLMeter:
+    """The KL of a model's next-token distribution from a reference's saved one (:class:`SavedLogprobs`), per
+    token, and the top-1 agreement, accumulated batch by batch as the model is evaluated on the same windows."""
+
+    def __init__(self, saved: SavedLogprobs, windows: Tensor):
+        if (problem := saved.problem(windows)) is not None:
+            raise SparsifyError(f"KL not measured: {problem}")
+        self.meta = saved.meta()
+        self.seq_len = int(windows.shape[1])
+        self._reference = saved.windows()
+        self.kl: list[Tensor] = []
+        self.top1: list[Tensor] = []
+
+    def __call__(self, logprobs: Tensor) -> None:  # (B, L - 1, V)
+        if logprobs.shape[-1] != self.meta["vocab"]:
+            raise SparsifyError(
+                f"the reference {self.meta['model']} has a vocabulary of {self.meta['vocab']} tokens, this model"
+                f" {logprobs.shape[-1]}: KL compares distributions over the same tokens"
+            )
+        for lp in logprobs:  # a window at a time: (L - 1, V)
+            ref, top1 = next(self._reference)
+            kl, agree = kl_stats(ref.to(lp.device).float().log_softmax(-1), lp, top1)  # float16: normalized again
+            self.kl.append(kl.cpu())
+            self.top1.append(agree.cpu())
+
+    def result(self) -> dict[str, Any]:
+        kl = torch.cat(self.kl).double().numpy()  # (tokens,)
+        return {
+            "mean": float(kl.mean()),
+            "p99": float(np.percentile(kl, 99)),
+            "top1": float(torch.cat(self.top1).double().mean()),
+            "tokens": int(kl.size),
+            "seq_len": self.seq_len,
+            "reference": self.meta["model"],
+        }
+
+
+def _hooks(*hooks: Callable[[Tensor], None] | None) -> Callable[[Tensor], None] | None:
+    kept = [h for h in hooks if h is not None]
+    if not kept:
+        return None
+
+    def each(logprobs: Tensor) -> None:
+        for h in kept:
+            h(logprobs)
+
+    return each
+
+
 def evaluate(
     path: Path,
     data: str | None,
@@ -193,30 +367,42 @@ def evaluate(
     text_column: str | None = None,
     stream: Tensor | None = None,
     text_name: str | None = None,
+    save_logprobs: SavedLogprobs | None = None,
+    kl_from: SavedLogprobs | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings.
 
     Several ``seq_len`` values evaluate the same text at each context length (the model is loaded once);
     the result then describes the first length and lists all under ``by_length``. ``stream`` (token ids,
     named ``text_name``) is evaluated instead of ``data``: windows held out of a run's calibration text.
+    At the first length, ``save_logprobs`` receives the model's log-probabilities of every next token (a KL's
+    reference), and with ``kl_from`` (a reference's, on the same windows) the result's ``kl`` is the KL of this
+    model's from them (:class:`KLMeter`).
     """
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
     if stream is None:
         tokenizer = load_tokenizer(path, trust_remote_code)
         text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
         stream, text_name = tokenize(text, tokenizer), text.name
+    first_windows = eval_windows(stream, lengths[0], max_windows)
+    meter = KLMeter(kl_from, first_windows) if kl_from is not None else None  # refused before the model loads
     model = load_causal_lm(path, dtype, trust_remote_code, device)
     check_context(lengths, getattr(model.config, "max_position_embeddings", None))
+    check_token_ids(stream, model.get_input_embeddings().num_embeddings, text_name)
+    writer = None
+    if save_logprobs is not None:
+        writer = LogprobWriter(save_logprobs, first_windows, _vocab(model), str(Path(path).absolute()))
     results = []
-    for length in lengths:
+    for k, length in enumerate(lengths):
         windows = eval_windows(stream, length, max_windows)
+        each = _hooks(writer, meter) if k == 0 else None
+        try:
+            ppl = perplexity(model, windows, max(1, BATCH_TOKENS // length), progress, each)
+        finally:
+            if writer is not None and k == 0:
+                writer.close(complete=sys.exc_info()[0] is None)
         results.append(
-            {
-                "perplexity": perplexity(model, windows, max(1, BATCH_TOKENS // length), progress),
-                "seq_len": length,
-                "windows": int(windows.shape[0]),
-                "tokens": int(windows.numel()),
-            }
+            {"perplexity": ppl, "seq_len": length, "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
         )
     first = results[0]
     info = {
@@ -228,6 +414,65 @@ def evaluate(
     }
     if len(results) > 1:
         info["by_length"] = results
+    if meter is not None:
+        info["kl"] = meter.result()
+    return info
+
+
+def evaluate_with_reference(
+    path: Path,
+    reference: Path,
+    data: str | None,
+    seq_len: int | list[int] = 512,
+    max_windows: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+    device: str = "cpu",
+    text_column: str | None = None,
+    shown: str | None = None,
+    required: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate`, with ``kl``: the KL of the model's next-token distribution from the ``reference`` model's
+    (``shown``: as the user named it) on the same windows, at the first length. The reference is evaluated first,
+    its log-probabilities streamed to a temporary file (under TMPDIR) and the model freed: one model in memory.
+    Without room for that file the KL is refused, or (not ``required``) left out with a line under ``notes``."""
+    shown = shown or str(reference)
+    config, ref_config = (read_config(p, trust_remote_code) for p in (path, reference))
+    if is_encoder(ref_config.model_type):
+        raise SparsifyError(f"the reference {shown} is an encoder ({ref_config.model_type}); KL needs a causal LM")
+    vocab, ref_vocab = (getattr(c, "vocab_size", None) for c in (config, ref_config))
+    if vocab != ref_vocab:
+        raise SparsifyError(
+            f"the reference {shown} has a vocabulary of {ref_vocab} tokens, {path} of {vocab}: KL compares"
+            " distributions over the same tokens"
+        )
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    try:
+        ref_tokens = load_tokenizer(reference, trust_remote_code).get_vocab()
+    except SparsifyError:
+        ref_tokens = None  # no tokenizer of its own: the vocabulary sizes agree
+    if ref_tokens is not None and ref_tokens != tokenizer.get_vocab():
+        raise SparsifyError(
+            f"the reference {shown} has another tokenizer than {path} (the same ids are other tokens): KL compares"
+            " distributions over the same tokens"
+        )
+    text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
+    stream = tokenize(text, tokenizer)
+    lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
+    with tempfile.TemporaryDirectory(prefix="sparsify-kl-") as tmp:
+        saved = SavedLogprobs(Path(tmp) / "reference-logprobs")
+        if (problem := saved.space_problem(eval_windows(stream, lengths[0], max_windows), int(vocab or 0))) is not None:
+            if required:
+                raise SparsifyError(f"KL not measured: {problem} (fewer windows: --max-windows N; elsewhere: TMPDIR)")
+            info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
+                            stream=stream, text_name=text.name)  # fmt: skip
+            return {**info, "notes": [f"KL to {shown} not measured: {problem}"]}
+        ref = evaluate(reference, None, lengths[0], max_windows, dtype, trust_remote_code, progress, device,
+                       stream=stream, text_name=text.name, save_logprobs=saved)  # fmt: skip
+        info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
+                        stream=stream, text_name=text.name, kl_from=saved)  # fmt: skip
+    info["kl"].update(reference=shown, reference_perplexity=ref["perplexity"])
     return info
 
 
