@@ -181,6 +181,19 @@ def tokenize(text: Text, tokenizer) -> Tensor:
     return torch.tensor(stream, dtype=torch.long)
 
 
+def check_token_ids(ids: Tensor | None, rows: int | None, what: str | None) -> None:
+    """Refuse token ids the model has no embedding row for (a tokenizer larger than the model's ``vocab_size``),
+    before any forward would fail with an index error."""
+    if ids is None or not rows or ids.numel() == 0:
+        return
+    top = int(ids.max())
+    if top >= rows:
+        raise SparsifyError(
+            f"the tokenizer gives ids up to {top} for {what or 'the text'}, beyond the model's vocab_size {rows}"
+            f" (its embedding rows): the tokenizer does not match the model"
+        )
+
+
 def sample_windows(stream: Tensor, samples: int, seq_len: int, seed: int) -> Tensor:
     """``samples`` random windows of ``seq_len`` tokens, ``(samples, seq_len)``, reproducible by ``seed``."""
     if stream.numel() < seq_len:

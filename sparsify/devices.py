@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
@@ -28,6 +30,35 @@ def resolve_device(spec: str) -> str:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise SparsifyError(f"device {spec!r}: there are {torch.cuda.device_count()} CUDA device(s) here")
     return str(device)
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes this process can still allocate on ``device`` (None: unknown): a GPU's free memory; on the CPU the
+    kernel's ``MemAvailable``, or less where a cgroup (a container) limits this process to less."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    if not found:  # no /proc (not Linux): the free pages
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            cap = int(Path(limit).read_text().split()[0])  # "max" (no limit) is not a number
+            used = int(Path(usage).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cap < 1 << 60:
+            found.append(max(0, cap - used))
+    return min(found) if found else None
 
 
 def cpu_flags() -> str:

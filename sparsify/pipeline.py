@@ -41,6 +41,7 @@ from sparsify.calibration import (
     Probe,
     ResumePoint,
     RunOutput,
+    calibration_notes,
     resumed_probe,
 )
 from sparsify.checkpoint import (
@@ -54,15 +55,24 @@ from sparsify.checkpoint import (
     open_model,
     partial_output,
 )
-from sparsify.checkpoint.output import Partial, StageState, tensor_digest
+from sparsify.checkpoint.output import STATE_DIR, Partial, StageState, tensor_digest
 from sparsify.checkpoint.stage_model import Layers, StageModel, load_outside_layers, open_stage_model, rest_keys
-from sparsify.data import BUILTIN_CALIB, BUILTIN_EVAL, eval_windows, load_text, sample_windows, tokenize
-from sparsify.devices import cpu_flags, resolve_device
+from sparsify.data import (
+    BUILTIN_CALIB,
+    BUILTIN_EVAL,
+    check_token_ids,
+    eval_windows,
+    load_text,
+    sample_windows,
+    tokenize,
+)
+from sparsify.devices import available_memory, cpu_flags, resolve_device
 from sparsify.distributed import SINGLE, PeerLost, World, device_of, end_world, is_peer_error
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import (
     BATCH_TOKENS,
     DEFAULT_EVAL_WINDOWS,
+    SavedLogprobs,
     before_after,
     embedding_similarity,
     eval_lengths,
@@ -192,7 +202,7 @@ def compress_model(
     device = next(model.parameters()).device
     runner = LayerwiseRunner(
         model.base_model, layers.modules, InMemoryLayers(layers.modules), tokens, recipe.calibration.batch_size,
-        progress, device, layers.path, recipe.calibration.inputs,
+        progress, device, layers.path, recipe.calibration.inputs, experts=recipe.calibration.experts,
     )  # fmt: skip
     _prepare(model, layers, passes, runner, None)
     runner.provider = InMemoryLayers(layers.modules)
@@ -237,17 +247,19 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     # The work folder is claimed (locked) first: a second run into OUT is refused from the start.
     with partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=reads) as work:
         run = world.checked(lambda: _before_work(md, recipe, opts))
-        info = _run_info(md, run.recipe, run.tokens, opts)
-        world.same("model, recipe or calibration data", {k: v for k, v in info.items() if k != "device"})
+        info = _run_info(md, run.recipe, run.tokens, opts, work.recorded_files())
+        world.same("model, recipe or calibration data", {k: v for k, v in info.items() if k not in _PER_RANK})
         # A rank's refusal here (a resumed run's mismatch) is every rank's.
         world.checked(lambda: work.begin(info, opts.overwrite))
-        before = _measure(md.path, run, opts) if not world.active else None
+        if world.checked(lambda: _complete(work, world)):  # killed after the output was complete: rename it
+            return work.report()
+        before = _measure(md.path, run, opts, save=_reference_logprobs(work.dir)) if not world.active else None
         done = _run_stages_with(world, md, run, opts, work)
         # Under torchrun the ranks part here: rank 0 checks and measures as one process (a loader that sees a
         # process group, as compressed-tensors' does, would wait for ranks that have finished).
         end_world(world)
         if world.leader:
-            before = before or _measure(md.path, run, opts)
+            before = before or _measure(md.path, run, opts, save=_reference_logprobs(work.dir))
             report, quality = _conclude(md, run, opts, done, work.dir, before, str(model_path), target.shown, t_start)
     if not world.leader:  # a follower's copy was scratch: rank 0 wrote, checked and measured the output
         shutil.rmtree(target.path, ignore_errors=True)
@@ -277,7 +289,9 @@ def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path,
     report and the quality verdict."""
     _write_files(md, run, done.config, folder)
     done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
-    after = _measure(folder, run, opts)
+    after = _measure(folder, run, opts, kl_from=_reference_logprobs(folder))
+    if kl_note := before.note or after.note:
+        done.notes.append(kl_note)
     eval_info = _eval_info(md, folder, run, opts, before, after, done.before_recovery)
     quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
     report = _report(md, run, opts, done, model=model, shown=shown, out_dir=folder, eval_info=eval_info,
@@ -334,7 +348,7 @@ def _run_stages(md: ModelDir, run: _Run, opts: Options, work: Partial) -> _Done:
         if not last:  # the next stage reads this one's output
             (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             source = open_model(out_dir)
-    notes += [n for p in run.plan.passes for n in p.notes()]
+    notes += [n for p in run.plan.passes for n in p.notes()] + calibration_notes(records)
     return _Done(cfg, records, notes, counts, before_recovery)
 
 
@@ -354,18 +368,41 @@ def _run_stages_with(world: World, md: ModelDir, run: _Run, opts: Options, work:
 
 @dataclass
 class _Measured:
-    """Perplexity (decoders) and a forward's wall time (``--latency``) of one folder; None: not measured."""
+    """Perplexity (decoders; the output's with its KL from the input's next-token distribution) and a forward's wall
+    time (``--latency``) of one folder; None: not measured. ``note``: why the KL was not measured."""
 
     perplexity: dict[str, Any] | None
     seconds: float | None
+    note: str | None = None
 
 
-def _measure(path: Path, run: _Run, opts: Options) -> _Measured:
-    ppl = _perplexity(path, run, opts) if run.eval_stream is not None else None
+def _reference_logprobs(work_dir: Path) -> SavedLogprobs:
+    """Where the input's log-probabilities wait for the output's KL: in the work folder's state, which goes before
+    the rename into place (and stays for ``--resume``)."""
+    return SavedLogprobs(work_dir / STATE_DIR / "reference-logprobs")
+
+
+def _measure(
+    path: Path, run: _Run, opts: Options, save: SavedLogprobs | None = None, kl_from: SavedLogprobs | None = None
+) -> _Measured:
+    """``path`` measured; the input's log-probabilities streamed to ``save`` as its perplexity is (on the first
+    length's windows), or the KL from those in ``kl_from`` measured with the output's."""
+    ppl, note = None, None
+    if run.eval_stream is not None:
+        windows = eval_windows(run.eval_stream, run.eval_lengths[0], _eval_window_count(opts))  # (W, L)
+        if save is not None:
+            problem = save.space_problem(windows, int(getattr(run.config, "vocab_size", 0) or 0))
+        else:
+            problem = kl_from.problem(windows) if kl_from is not None else None
+        if problem is not None:
+            if save is not None:  # an interrupted run's, were it left, is not taken for this one's
+                save.meta_path.unlink(missing_ok=True)
+            note, save, kl_from = f"KL to the input not measured: {problem}", None, None
+        ppl = _perplexity(path, run, opts, save, kl_from)
     seconds = None
     if opts.latency:
         seconds = forward_seconds(path, _latency_len(run), torch.float32, opts.trust_remote_code, opts.device)
-    return _Measured(ppl, seconds)
+    return _Measured(ppl, seconds, note)
 
 
 def _eval_info(
@@ -447,6 +484,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
     if layered:
         recipe, fitted = _fit_context(recipe, config)
         notes += fitted
+        _check_memory(plan, recipe, config, opts)
     lengths, eval_notes = eval_lengths(
         opts.eval_seq_lens, [p.eval_lengths or () for p in plan.passes], config, opts.evaluate
     )
@@ -466,6 +504,8 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
                 f"only {ERROR_WINDOWS} of the {recipe.calibration.samples} windows ran: no pass here learns from"
                 " calibration data, the layers' output errors are measured on these"
             )
+    rows = getattr(config, "vocab_size", None)  # the embedding's rows (checked against its tensor next)
+    check_token_ids(tokens, rows, calib_name)
     open_stage_model(md, config, opts.trust_remote_code, None)  # every tensor against the config's model
     check_finite(md.source, opts.progress)
     eval_name = f"{calib_name} (held-out windows, not calibrated on)" if stream is not None else None
@@ -475,6 +515,7 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
             tokenizer = load_tokenizer(md.path, opts.trust_remote_code)
             text = load_text(opts.eval_data, default=BUILTIN_EVAL, tokenizer=tokenizer)
             stream, eval_name = tokenize(text, tokenizer), text.name
+        check_token_ids(stream, rows, eval_name)
     return _Run(recipe, plan, config, cfg, tokens, calib_name, why, lengths, stream, eval_name, notes)
 
 
@@ -489,6 +530,34 @@ def _check_world(plan: Plan, recipe: Recipe, world: World) -> None:
             f"torchrun: {world.size} ranks for {batches} calibration batch(es) ({cal.samples} windows, batch size"
             f" {cal.batch_size}); every rank needs one at least (more --samples or a smaller --batch-size)"
         )
+
+
+def _check_memory(plan: Plan, recipe: Recipe, config: Any, opts: Options) -> None:
+    """Refuse, before any window is sampled, calibration whose hidden states cannot fit where they are kept: every
+    window's, a layer's inputs and outputs at once (twice that where the dense model's path is tracked too), in the
+    compute dtype on the run's device, beside the token windows (int64) on the CPU."""
+    cal = recipe.calibration
+    hidden = getattr(config, "hidden_size", None)
+    if cal.data == NO_DATA or not isinstance(hidden, int):
+        return
+    used = cal.samples if any(p.needs_data for p in plan.weight_passes) else min(cal.samples, ERROR_WINDOWS)
+    used = -(-used // opts.world.size)  # a rank's share
+    tracked = cal.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in plan.passes)
+    per_window = cal.seq_len * hidden * _dtype(recipe).itemsize * (4 if tracked else 2)  # bytes of hidden states
+    per_token_window = cal.seq_len * 8 + 64  # an int64 window, and its start while sampling
+    on_device = opts.device != "cpu"
+    needs = [(used * per_window, opts.device, per_window)] if on_device else []
+    cpu_bytes = cal.samples * per_token_window + (0 if on_device else used * per_window)
+    needs.append((cpu_bytes, "cpu", per_token_window + (0 if on_device else per_window)))
+    for need, device, each in needs:
+        have = available_memory(device)
+        if have is not None and need > have:
+            where = "this machine has" if device == "cpu" else f"{device} has"
+            raise SparsifyError(
+                f"calibration with --samples {cal.samples} (× {cal.seq_len} tokens, hidden size {hidden},"
+                f" {recipe.dtype}) needs ~{need / 2**30:,.1f} GiB for its windows and activations; {where}"
+                f" {have / 2**30:,.1f} GiB available: at most {max(0, have // each):,} samples fit"
+            )
 
 
 def _held_out(opts: Options, encoder: bool) -> bool:
@@ -563,6 +632,7 @@ def _run_stage(
         runner = LayerwiseRunner(
             skel.model.base_model, layers.modules, provider, run.tokens, run.recipe.calibration.batch_size,
             opts.progress, device, layers.path, run.recipe.calibration.inputs, opts.world,
+            run.recipe.calibration.experts,
         )  # fmt: skip
         saved = state.decisions()
         # under torchrun every rank must take the same path from here (prepare or restore, sweep or not)
@@ -802,7 +872,9 @@ def _probe(run: _Run, opts: Options) -> list[torch.Tensor] | None:
     return list(windows.split(max(1, BATCH_TOKENS // length)))
 
 
-def _perplexity(path: Path, run: _Run, opts: Options) -> dict[str, Any]:
+def _perplexity(
+    path: Path, run: _Run, opts: Options, save: SavedLogprobs | None = None, kl_from: SavedLogprobs | None = None
+) -> dict[str, Any]:
     return evaluate(
         path,
         None,
@@ -814,6 +886,8 @@ def _perplexity(path: Path, run: _Run, opts: Options) -> dict[str, Any]:
         opts.device,
         stream=run.eval_stream,
         text_name=run.eval_name,
+        save_logprobs=save,
+        kl_from=kl_from,
     )
 
 
@@ -834,16 +908,44 @@ def _fit_context(recipe: Recipe, config) -> tuple[Recipe, list[str]]:
     ]
 
 
-def _run_info(md: ModelDir, recipe: Recipe, tokens: torch.Tensor | None, opts: Options) -> dict[str, Any]:
-    """What a --resume must match: the model, the effective recipe, the calibration tokens and the device."""
+def _run_info(
+    md: ModelDir, recipe: Recipe, tokens: torch.Tensor | None, opts: Options, known: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a --resume must match: the model (every byte of its config and weights), the effective recipe, the
+    calibration tokens and the device; and the weight files' stamps (``known``: a resumed run's, whose files
+    unchanged since are not hashed again), which are not compared."""
+    files = md.weight_files(known, opts.progress)
     return {
         "sparsify_version": __version__,
-        "model": md.fingerprint(),
+        "model": md.fingerprint(files),
         "recipe": recipe.to_yaml(),
         "calibration_tokens": tensor_digest(tokens) if tokens is not None else None,
         "device": opts.device,
         **({"world_size": opts.world.size} if opts.world.active else {}),
+        "model_files": files,
     }
+
+
+_PER_RANK = ("device", "model_files")  # run info that differs between ranks of one torchrun job
+
+
+class _KeptRefusal(SparsifyError):
+    """A refusal that keeps the work folder (for a later run to finish)."""
+
+    keep_partial = True
+
+
+def _complete(work: Partial, world: World) -> bool:
+    """Whether the resumed work folder holds a complete output, its run killed (SIGKILL, power loss) between
+    finishing and the rename into place: only the rename is left. Refused under torchrun (the folder kept)."""
+    if work.complete and world.active:
+        raise _KeptRefusal(
+            f"{work.dir} holds a complete output whose run was killed before renaming it into place; move it there"
+            f" yourself (and delete its {STATE_DIR}), or pass --overwrite to run again"
+        )
+    if work.complete:
+        log.info("the interrupted run's output was complete: renamed into place")
+    return work.complete
 
 
 def peak_rss_bytes() -> int:

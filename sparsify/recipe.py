@@ -37,7 +37,7 @@ class Calibration(StrictModel):
     # the windows fit in memory is checked before any work, against this machine's)
     samples: int = Field(128, gt=0, le=2**40, description="number of calibration windows")
     seq_len: int = Field(512, gt=0, le=2**31, description="tokens per window")
-    seed: int = Field(0, ge=-(2**63), lt=2**64, description="seed for window sampling")  # torch's seed range
+    seed: int = Field(0, ge=-(2**63), lt=2**63, description="seed for window sampling")
     batch_size: int = Field(8, gt=0, le=2**40, description="windows per forward")
     inputs: Literal["compressed", "dense"] = Field(
         "compressed",
@@ -113,9 +113,30 @@ def parse_recipe(data: Any, where: str = "recipe", names: dict[str, str] | None 
     if not isinstance(data, dict):
         raise SparsifyError(f"{where}: expected a mapping with 'passes', got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise SparsifyError(format_validation_error(e, where, names)) from None
+    if (found := _past_int64(recipe.model_dump())) is not None:
+        loc, value = found
+        raise SparsifyError(
+            (f"{where}: " if where else "")
+            + f"{(names or {}).get(loc, loc)}: {shorten(value)} is out of range (integers from -2**63 to 2**63 - 1)"
+        )
+    return recipe
+
+
+INT64 = 2**63  # every integer of a recipe fits in torch's int64 (a larger one would overflow inside torch)
+
+
+def _past_int64(data: Any, path: tuple[str, ...] = ()) -> tuple[str, int] | None:
+    """The key path and value of the first integer in ``data`` outside int64, if any."""
+    if isinstance(data, int) and not isinstance(data, bool):
+        return (".".join(path), data) if not -INT64 <= data < INT64 else None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list | tuple) else ()
+    for key, value in items:
+        if (found := _past_int64(value, (*path, str(key)))) is not None:
+            return found
+    return None
 
 
 MAX_RECIPE_NODES = 100_000  # values in a recipe once YAML aliases are expanded (real recipes have dozens)

@@ -16,7 +16,7 @@ FAULT is one of
 - ``gate@PATH``: the first layer waits until PATH exists (another run can then be started and finished
   while this one holds its work folder: deterministic, whatever the machine's load);
 - ``killin@FUNC``: SIGKILL this process when sparsify's function FUNC is called (a hard death at a point
-  that is not a layer, e.g. ``begin`` before any state is written).
+  that is not a layer, e.g. ``begin`` before any state is written); ``killin@FUNC#N``: at its N-th call.
 """
 
 from __future__ import annotations
@@ -70,9 +70,14 @@ def main() -> None:
                 sys.setprofile(None)  # counted enough: the run ends at full speed (a profile slows it ~2x)
                 os.kill(os.getpid(), getattr(signal, kind))
 
+    function, _, nth = value.partition("#")
+    seen = [0]
+
     def kill_in(frame, event, _arg):
-        if event == "call" and frame.f_code.co_name == value and frame.f_code.co_filename.startswith(package):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if event == "call" and frame.f_code.co_name == function and frame.f_code.co_filename.startswith(package):
+            seen[0] += 1
+            if seen[0] == int(nth or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
 
     if kind == "count" or kind.startswith("SIG"):
         sys.setprofile(counter)

@@ -443,3 +443,100 @@ def test_a_checkpoint_is_committed_by_its_progress_record(tmp_path):
     assert sorted(p.name for p in first.dir.glob("hidden*")) == ["hidden-3.safetensors"]
     layer, hidden, dense, saved = StageState(tmp_path / "stage", resumed=True).resume_point()
     assert layer == 3 and torch.equal(hidden[0], torch.ones(2, 3, 4)) and dense is None and saved is None
+
+
+# ------------------------------------------------------------------------------- issue 31: a robustness probe
+
+
+def test_a_kill_between_finishing_and_the_rename_is_finished_by_resume(deep, tmp_path):
+    """A hard death after the output is complete, before (or while) it is renamed into place: --resume renames it,
+    --overwrite discards it; neither says the folder is not sparsify's."""
+    reference = tmp_path / "reference"
+    assert run("prune", deep, "-o", reference, *PRUNE).exit_code == 0
+    out = tmp_path / "out"
+    args = ["prune", deep, "-o", out, *PRUNE]
+    r = _fault("killin@rename_noreplace#2", *args)  # the first claims the work folder, the second is the final one
+    assert r.returncode == -signal.SIGKILL and not out.exists()
+    assert _leftovers(tmp_path, out) == [".out.partial"]
+    assert_user_error(run(*args), None, "complete", "--resume", "--overwrite")  # kept, not silently discarded
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert _leftovers(tmp_path, out) == [] and not (out / ".sparsify-state").exists()
+    assert _weights(out) == _weights(reference)
+    T.AutoModelForCausalLM.from_pretrained(out)
+
+    other = tmp_path / "other"
+    assert _fault("killin@rename_noreplace#2", "prune", deep, "-o", other, *PRUNE).returncode == -signal.SIGKILL
+    r = run("prune", deep, "-o", other, "--method", "magnitude", "--sparsity", "0.3", *FAST, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert "magnitude" in (other / "recipe.yaml").read_text() and _leftovers(tmp_path, other) == []
+
+    # replacing with --overwrite: killed after the exchange, while the old output is removed
+    r = _fault("killin@_remove_work", "prune", deep, "-o", out, "--method", "magnitude", "--sparsity", "0.3", *FAST,
+               "--overwrite")  # fmt: skip
+    assert r.returncode == -signal.SIGKILL and "magnitude" in (out / "recipe.yaml").read_text()
+    assert not (out / ".sparsify-state").exists()
+    r = run(*args, "--overwrite")  # the old output left beside OUT is discarded on the way
+    assert r.exit_code == 0, r.output
+    assert _leftovers(tmp_path, out) == []
+
+
+def _flock_holders(folder: Path) -> set[int]:
+    """The pids holding an flock on ``folder`` (Linux: /proc/locks)."""
+    st = folder.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    lines = Path("/proc/locks").read_text().splitlines()
+    return {int(f[4]) for line in lines if (f := line.split())[1] == "FLOCK" and f[5] == inode}
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs /proc/locks")
+def test_the_lock_refusal_names_the_live_holder_not_the_interrupted_run(deep, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", str(deep), "-o", str(out), *PRUNE]
+    assert _fault("kill@2", *args).returncode == -signal.SIGKILL
+    gate = tmp_path / "gate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    held = [sys.executable, "-m", "tests.faults", f"gate@{gate}", "--", *args, "--resume"]
+    resumed = subprocess.Popen(held, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        while resumed.pid not in _flock_holders(tmp_path / ".out.partial"):  # it holds the work folder
+            assert resumed.poll() is None, resumed.stderr.read()
+            time.sleep(0.05)
+        refused = run(*args, "--resume")
+    finally:
+        gate.touch()
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert_user_error(refused, None, f"another sparsify run (pid {resumed.pid}) is writing")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A 4-layer Llama whose weight file is larger than 2 MiB (its middle is neither its first nor its last MiB)."""
+    config = zoo.CONFIGS["llama"]()
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 512, 4
+    folder = tmp_path_factory.mktemp("wide") / "llama"
+    T.LlamaForCausalLM(config).save_pretrained(folder)
+    zoo.tokenizer().save_pretrained(folder)
+    assert (folder / "model.safetensors").stat().st_size > 3 << 20
+    return folder
+
+
+def test_a_weight_changed_between_the_kill_and_the_resume_is_refused(wide, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(wide, model)
+    out = tmp_path / "out"
+    args = ["prune", model, "-o", out, *PRUNE]
+    assert _fault("kill@2", *args).returncode == -signal.SIGKILL
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit in the middle of the file, in place
+    weights.write_bytes(data)
+    assert_user_error(run(*args, "--resume"), None, "another model", "model.safetensors changed")
+    assert _leftovers(tmp_path, out) == [".out.partial"]  # kept for a resume with the right model
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(data)  # the same bytes again, written anew (touched, not changed): resumes
+    r = run(*args, "--resume", "--json")
+    assert r.exit_code == 0, r.output
+    assert any("resumed at layer" in n for n in json.loads(r.stdout)["notes"])

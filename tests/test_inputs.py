@@ -260,3 +260,64 @@ def test_a_ten_level_yaml_alias_bomb_is_refused_before_it_expands(model_dir, tmp
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text("\n".join(lines) + "\n")
     assert_user_error(run("compress", model_dir("llama"), "-r", recipe, "-o", tmp_path / "out"), None, "alias")
+
+
+# ------------------------------------------------------------------------------- issue 31: a robustness probe
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused_before_any_work(model_dir, tmp_path, monkeypatch):
+    """Checked against this machine's memory before any window is sampled (1e9 windows were an OOM kill)."""
+    from sparsify import pipeline
+
+    out = tmp_path / "out"
+    args = ["prune", model_dir("llama"), "-o", out, "--method", "wanda", "--sparsity", "0.5", "--no-eval"]
+    r = run(*args, "--samples", "1000000000", "--seq-len", "32")
+    assert_user_error(r, out, "--samples 1000000000", "GiB available", "samples fit")
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 1 << 30)
+    # a window: 32 tokens × 64 hidden × 4 bytes, a layer's inputs and outputs; 32 int64 tokens and its start
+    fit = (1 << 30) // (32 * 64 * 4 * 2 + 32 * 8 + 64)
+    assert_user_error(run(*args, "--samples", str(fit + 1), "--seq-len", "32"), out, f"at most {fit:,} samples fit")
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--batch-size", "--seed", "--moe-seed"])
+def test_integers_past_int64_are_one_line(model_dir, tmp_path, flag):
+    out = tmp_path / "out"
+    command, *rest = (
+        ["moe-convert", "--experts", "4", "--top-k", "2"] if flag == "--moe-seed" else ["prune", *PRUNE[:4]]
+    )
+    given = {"--samples": "4", "--seq-len": "32", flag: str(2**70)}
+    r = run(command, model_dir("llama"), "-o", out, *rest, "--no-eval", *(x for kv in given.items() for x in kv))
+    assert_user_error(r, out, flag)
+    assert "Exception raised from" not in r.stderr and "Overflow" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory) -> Path:
+    """A Llama with 256 embedding rows and the 320-token tokenizer of the zoo (a tokenizer larger than the model)."""
+    config = zoo.CONFIGS["llama"]()
+    config.vocab_size = 256
+    folder = tmp_path_factory.mktemp("small-vocab") / "llama"
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(config).save_pretrained(folder)
+    zoo.tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_token_ids_past_the_embedding_are_refused_before_work(small_vocab, tmp_path):
+    out = tmp_path / "out"
+    for args in (
+        ["prune", small_vocab, "-o", out, *PRUNE],
+        ["quantize", small_vocab, "-o", out, "--scheme", "w8a16", *FAST],
+        ["prune", small_vocab, "-o", out, "--method", "magnitude", "--sparsity", "0.5", "--calib", "none"],  # eval
+        ["eval", small_vocab, "--seq-len", "32"],
+    ):
+        assert_user_error(run(*args), out, "beyond the model's vocab_size 256", "the tokenizer does not match")
+
+
+def test_an_integer_tensor_where_the_model_holds_floats_is_refused_naming_it(model_dir, tmp_path):
+    key = "model.layers.1.self_attn.q_proj.weight"
+    bad = _copy(model_dir, "llama", tmp_path / "bad")
+    _edit(bad, lambda t: t.update({key: t[key].to(torch.int8)}))
+    out = tmp_path / "out"
+    assert_user_error(run("prune", bad, "-o", out, *PRUNE), out, key, "int8")
+    assert_user_error(run("eval", bad, "--seq-len", "32"), None, key, "int8")

@@ -10,7 +10,9 @@ Rules (docs/guarantees.md says how each is tested):
 - The work happens in ``.OUT.partial`` beside OUT, locked (``flock`` on the folder) for as long as the
   run lives: a second run into the same OUT is refused at once. At the end OUT is re-checked: one that
   appeared during the run is never replaced without ``--overwrite``. The rename is atomic
-  (``renameat2`` NOREPLACE, or EXCHANGE when replacing, where the kernel has them).
+  (``renameat2`` NOREPLACE, or EXCHANGE when replacing, where the kernel has them). Before it, the state
+  records that the output is complete: a hard death until the rename leaves a folder ``--resume`` renames
+  into place and ``--overwrite`` discards.
 - Every way a run can end cleans up (the partial folder and the parent folders it created), except
   a hard death (SIGKILL, OOM killer, power loss), whose ``.OUT.partial`` a later ``--resume`` continues;
   with ``--resume`` an interrupted run (SIGINT/SIGTERM/SIGHUP) keeps its finished layers as well.
@@ -44,6 +46,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; concurrent
 
 STATE_DIR = ".sparsify-state"
 REPORT_MARKER = "sparsify_report.json"  # what makes a folder an earlier sparsify output
+FINISHED = "finished"  # in the state folder: the output around it is complete, only its rename into place is left
+HOLDER = "holder.json"  # in the state folder: the pid of the run that holds the folder's lock now
 
 
 @dataclass(frozen=True)
@@ -253,12 +257,37 @@ class Partial:
         return StageState(self.state / f"stage-{index}", self.resumed)
 
     def progress(self) -> int:
-        """Layers finished across stages (0: nothing worth keeping for a resume)."""
-        done = 0
+        """Layers finished across stages (0: nothing worth keeping for a resume); a complete output counts."""
+        done = 1 if self.output_complete else 0
         for d in self.state.glob("stage-*"):
             stage = StageState(d, True)
             done += stage.progress() or (1 if stage.complete else 0)
         return done
+
+    @property
+    def output_complete(self) -> bool:
+        """Whether the folder holds a complete output: its run died (SIGKILL, power loss) between finishing and
+        the rename into place, which is all that is left to do."""
+        return (self.state / FINISHED).is_file()
+
+    @property
+    def complete(self) -> bool:
+        """A resumed folder whose output is complete (see :attr:`output_complete`)."""
+        return self.resumed and self.output_complete
+
+    def report(self) -> dict[str, Any]:
+        """The report of the output in the folder (a complete one's)."""
+        return json.loads((self.dir / REPORT_MARKER).read_text())
+
+    def recorded_files(self) -> dict[str, dict[str, Any]] | None:
+        """The model files' stamps and digests a resumed folder's run recorded (its files unchanged are not
+        hashed again)."""
+        files = (_read_run_info(self.dir) or {}).get("model_files") if self.resumed else None
+        return files if isinstance(files, dict) else None
+
+    def hold(self) -> None:
+        """Record this process as the lock's holder (what a run refused by the lock is told)."""
+        write_json(self.state / HOLDER, {"pid": os.getpid()})
 
     # ------------------------------------------------------------------ ending
 
@@ -269,19 +298,23 @@ class Partial:
         if self.resumed:
             old = _read_run_info(self.dir)
             diff = _differences(old, info) if old is not None else []
-            if old is not None and not diff:
+            if old is not None and not diff:  # recorded again: this pid, the files' stamps as they are now
+                write_json(self.state / "run.json", info)
+                self.run_info = info
                 self.begun = True
                 return
             if old is not None and not overwrite:
+                changed = _changed_files(old.get("model_files"), info.get("model_files")) if "model" in diff else ""
                 raise SparsifyError(
-                    f"{self.dir} holds an unfinished run with another {', '.join(diff)}; resume it with the same"
-                    " model, recipe and settings, or pass --overwrite to discard it"
+                    f"{self.dir} holds an unfinished run with another {', '.join(diff)}{changed}; resume it with the"
+                    " same model, recipe and settings, or pass --overwrite to discard it"
                 )
             shutil.rmtree(self.state, ignore_errors=True)
             for child in self.dir.iterdir():  # shards an earlier assembly finished
                 if child.is_file():
                     child.unlink()
             self.state.mkdir()
+            self.hold()
             self.resumed = False
         write_json(self.state / "run.json", info)
         self.run_info = info
@@ -293,7 +326,7 @@ class Partial:
         self.fd = None
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _remove_work(self.dir)
         self.release()
 
     def finish(self, out: OutputPath, overwrite: bool) -> None:
@@ -304,12 +337,22 @@ class Partial:
             raise SparsifyError(f"cannot move the finished output to {out.shown}: {e.strerror or e}") from e
         _sweep_followers(out)
 
+    def _settle(self) -> None:
+        """Mark the output complete, then remove the state only a resume of the layers needed (most of the state's
+        bytes): a hard death from here to the rename leaves a folder that ``--resume`` renames into place and
+        ``--overwrite`` discards."""
+        write_json(self.state / FINISHED, {"finished": True})
+        for child in self.state.iterdir():
+            if child.name not in (FINISHED, HOLDER, "run.json"):
+                _remove(child)
+
     def _rename_into_place(self, out: OutputPath, overwrite: bool) -> None:
         with interrupts.deferred():
-            shutil.rmtree(self.state, ignore_errors=True)
+            self._settle()
             dst = out.path
             if not (dst.exists() or dst.is_symlink()) and rename_noreplace(self.dir, dst):
                 self.finished = True
+                shutil.rmtree(dst / STATE_DIR, ignore_errors=True)  # a few bytes: a death before it leaves them
                 return
             if not overwrite:
                 raise SparsifyError(f"{out.shown} appeared during the run; it is not replaced without --overwrite")
@@ -319,7 +362,12 @@ class Partial:
             swapped = atomic.renameat2(self.dir, dst, atomic.RENAME_EXCHANGE)
             if swapped:
                 self.finished = True
-                shutil.rmtree(self.dir, ignore_errors=True)  # now holds the old output
+                # The work folder now holds the old output: marked ours (not complete) before it is removed, so
+                # that a hard death while removing it leaves a folder the next run discards.
+                (self.state / FINISHED).unlink(missing_ok=True)
+                self.state.mkdir(exist_ok=True)
+                shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
+                _remove_work(self.dir)
                 return
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.rename(dst, old)
@@ -329,6 +377,7 @@ class Partial:
                 os.rename(old, dst)
                 raise
             self.finished = True
+            shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -339,8 +388,55 @@ def _read_run_info(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+NOT_COMPARED = ("pid", "started", "model_files")  # who ran, when, and the model files' stamps (their digests are)
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in sorted(set(old) | set(new)) if k not in ("pid", "started") and old.get(k) != new.get(k)]
+    return [k for k in sorted(set(old) | set(new)) if k not in NOT_COMPARED and old.get(k) != new.get(k)]
+
+
+def _changed_files(old: Any, new: Any) -> str:
+    """`` (model.safetensors changed since)``: the weight files whose bytes differ from the interrupted run's."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    digests = [{name: (s or {}).get("sha256") for name, s in d.items()} for d in (old, new)]
+    changed = sorted(n for n in set(old) | set(new) if digests[0].get(n) != digests[1].get(n))
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return f" ({', '.join(changed[:3])}{more} changed since it was interrupted)" if changed else ""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _remove_work(folder: Path) -> None:
+    """Remove a work folder, its state last: a death midway leaves a folder still recognised as ours."""
+    if folder.is_dir() and not folder.is_symlink():
+        for child in folder.iterdir():
+            if child.name != STATE_DIR:
+                _remove(child)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _holder(folder: Path) -> int | None:
+    """The pid of the live process holding the work folder's lock, where it recorded one."""
+    try:
+        pid = int(json.loads((folder / STATE_DIR / HOLDER).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # no such process: a holder that died before the next one wrote its pid
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # alive, another user's
+    return pid
 
 
 def _is_ours(folder: Path) -> bool:
@@ -360,7 +456,7 @@ def _sweep(out: OutputPath, pattern: str, protect: list[Path]) -> None:
             continue
         fd = _lock(p)
         if fd is not None:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_work(p)
             Partial(p, fd, {}).release()
 
 
@@ -384,6 +480,7 @@ def _create(out: OutputPath) -> Partial | None:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder we create
         fd = _lock(tmp)
         (tmp / STATE_DIR).mkdir()
+        Partial(tmp, fd, {}).hold()
         if rename_noreplace(tmp, out.partial):
             return Partial(out.partial, fd, {})
     except BaseException:
@@ -409,21 +506,27 @@ def _claim(out: OutputPath, overwrite: bool, resume: bool, protect: list[Path]) 
             raise SparsifyError(f"{existing} is in the way and is not a sparsify work folder; remove or rename it")
         fd = _lock(existing)
         if fd is None:
-            other = _read_run_info(existing) or {}
-            pid = f" (pid {other['pid']})" if other.get("pid") else ""
+            holder = _holder(existing)
+            pid = f" (pid {holder})" if holder is not None else ""
             raise SparsifyError(
                 f"another sparsify run{pid} is writing {out.shown} (its work is in {existing}); wait for it or"
                 " choose another output"
             )
         partial = Partial(existing, fd, {})
+        partial.hold()
         if resume:
             partial.resumed = True  # checked against this run in begin()
             return partial
         if overwrite or partial.progress() == 0:  # replaced on request, or nothing in it worth keeping
             partial.discard()
             continue
-        done = partial.progress()
+        done, complete = partial.progress(), partial.output_complete
         partial.release()
+        if complete:
+            raise SparsifyError(
+                f"a run into {out.shown} was killed after its output was complete, before the rename: {existing}"
+                " holds it; pass --resume to put it in place or --overwrite to discard it"
+            )
         what = f"{done} layer{'s' if done != 1 else ''} done"
         raise SparsifyError(
             f"an unfinished run into {out.shown} left {existing} ({what}); pass --resume to continue it or"

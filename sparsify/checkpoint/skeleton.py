@@ -177,8 +177,9 @@ def check_tensors(
 ) -> tuple[list[str], list[str]]:
     """Compare every tensor of the checkpoint with the model built from its config.
 
-    A shape that differs is an error naming the tensor; so is a parameter the model needs that the
-    checkpoint lacks (tied parameters are not needed). Returns the parameters that are absent but
+    A shape that differs is an error naming the tensor; so is an integer tensor where the model holds
+    floating-point weights, and a parameter the model needs that the checkpoint lacks (tied parameters are
+    not needed). Returns the parameters that are absent but
     ``optional`` (module paths, e.g. an encoder's ``pooler``) and the checkpoint keys the model does
     not have (copied to the output unchanged).
     """
@@ -203,10 +204,16 @@ def check_tensors(
                 f"checkpoint has no tensor for {name}, which the model needs (config.json builds it with shape"
                 f" {tuple(tensor.shape)}): incomplete or mismatched checkpoint"
             )
-        have = source.info(key).shape
-        if have != tuple(tensor.shape):
+        stored = source.info(key)
+        if stored.shape != tuple(tensor.shape):
             raise SparsifyError(
-                f"tensor {key} has shape {have} but config.json implies {tuple(tensor.shape)}:"
+                f"tensor {key} has shape {stored.shape} but config.json implies {tuple(tensor.shape)}:"
+                " the weights do not match the config"
+            )
+        if isinstance(tensor, nn.Parameter) and tensor.is_floating_point() and not stored.dtype.is_floating_point:
+            raise SparsifyError(
+                f"tensor {key} is stored as {str(stored.dtype).removeprefix('torch.')}, but the model config.json"
+                " builds holds floating-point values there (config.json does not say the checkpoint is quantized):"
                 " the weights do not match the config"
             )
     known = set(keymap.to_ckpt.values()) | set(keymap.converted)

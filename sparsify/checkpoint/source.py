@@ -10,6 +10,7 @@ stays mapped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,12 +18,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sparsify.checkpoint.atomic import replace_dir
 from sparsify.errors import SparsifyError
+from sparsify.progress import NoProgress, Progress, library_bars_silenced
 
 log = logging.getLogger(__name__)
 
@@ -223,16 +226,33 @@ class ModelDir:
         """Every file this model is read from (weights, config, tokenizer...), for output-path checks."""
         return [self.path, self.config_path, *self.source.files, *(p for p in self.path.iterdir() if p.is_file())]
 
-    def fingerprint(self) -> str:
-        """A digest of the config and each weight file's size, header and first and last MiB (not all of it)."""
+    def weight_files(
+        self, known: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Each weight file (by its path in the model folder): its size, ``stat`` identity and the sha256 of all of
+        its bytes. A file whose identity is in ``known`` unchanged (device, inode, size, mtime and ctime: any write
+        changes the ctime, whatever it does to the mtime) keeps the digest recorded there instead of being read
+        again; one touched but not changed is read again and gives the same digest."""
+        files: dict[str, dict[str, Any]] = {}
+        for f in (progress or NoProgress()).track(self.source.files, len(self.source.files), "hashing the input"):
+            st = f.stat()
+            stamp: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                                     "inode": st.st_ino, "device": st.st_dev}  # fmt: skip
+            name = f.relative_to(self.path).as_posix() if f.is_relative_to(self.path) else f.name
+            old = (known or {}).get(name) or {}
+            if all(old.get(k) == v for k, v in stamp.items()) and isinstance(old.get("sha256"), str):
+                stamp["sha256"] = old["sha256"]
+            else:
+                with open(f, "rb") as fh:
+                    stamp["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+            files[name] = stamp
+        return files
+
+    def fingerprint(self, files: dict[str, dict[str, Any]]) -> str:
+        """A digest of the config and of every byte of each weight file (``files``: :meth:`weight_files`)."""
         h = hashlib.sha256(self.config_path.read_bytes())
-        for f in self.source.files:
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                fh.seek(max(0, size - (1 << 20)))
-                h.update(fh.read(1 << 20))
+        for name, stamp in files.items():
+            h.update(f"{name}:{stamp['size']}:{stamp['sha256']}\n".encode())
         return h.hexdigest()
 
 
@@ -353,9 +373,12 @@ def gguf_to_folder(path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
+    # transformers' GGUF loader draws a tqdm bar that its progress-bar switch does not reach: dropped unless --debug
+    quiet = contextlib.nullcontext() if log.isEnabledFor(logging.DEBUG) else library_bars_silenced()
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with quiet:
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
         raise SparsifyError(f"cannot load {path.name} as GGUF: {e}") from e
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
