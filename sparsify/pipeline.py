@@ -43,6 +43,7 @@ from sparsify.calibration import (
     RunOutput,
     calibration_notes,
     resumed_probe,
+    tracks_dense_path,
 )
 from sparsify.checkpoint import (
     DEFAULT_SHARD_BYTES,
@@ -542,7 +543,7 @@ def _check_memory(plan: Plan, recipe: Recipe, config: Any, opts: Options) -> Non
         return
     used = cal.samples if any(p.needs_data for p in plan.weight_passes) else min(cal.samples, ERROR_WINDOWS)
     used = -(-used // opts.world.size)  # a rank's share
-    tracked = cal.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in plan.passes)
+    tracked = tracks_dense_path(cal.inputs, plan.passes)
     per_window = cal.seq_len * hidden * _dtype(recipe).itemsize * (4 if tracked else 2)  # bytes of hidden states
     per_token_window = cal.seq_len * 8 + 64  # an int64 window, and its start while sampling
     on_device = opts.device != "cpu"

@@ -18,7 +18,14 @@ The loop knows no pass: it calls the hooks of :class:`sparsify.passes.base.Pass`
 from sparsify.calibration.capture import Captured
 from sparsify.calibration.compress import Resolver
 from sparsify.calibration.experts import ExpertCalibration, calibration_notes
-from sparsify.calibration.runner import Checkpoint, LayerwiseRunner, Probe, ResumePoint, resumed_probe
+from sparsify.calibration.runner import (
+    Checkpoint,
+    LayerwiseRunner,
+    Probe,
+    ResumePoint,
+    resumed_probe,
+    tracks_dense_path,
+)
 from sparsify.calibration.work import (
     ERROR_WINDOWS,
     InMemoryLayers,
@@ -48,4 +55,5 @@ __all__ = [
     "calibration_notes",
     "resumed_probe",
     "run_layer",
+    "tracks_dense_path",
 ]

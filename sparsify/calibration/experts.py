@@ -22,7 +22,7 @@ process widens.
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -79,7 +79,7 @@ def widened(blocks: dict[MoEBlock, set[int]]) -> Iterator[None]:
     try:
         for block, experts in blocks.items():
             if experts:
-                block.forward = types.MethodType(lambda self, x, w=frozenset(experts): _wide_forward(self, w, x), block)
+                block.forward = functools.partial(_wide_forward, block, frozenset(experts))
                 patched.append(block)
         yield
     finally:
@@ -89,8 +89,8 @@ def widened(blocks: dict[MoEBlock, set[int]]) -> Iterator[None]:
 
 def starved(slots: dict[str, ExpertSlot], tokens: dict[str, int], min_tokens: int) -> dict[str, ExpertSlot]:
     """The experts' Linears whose expert was routed fewer than ``min_tokens`` tokens (``tokens``: fqn → count)."""
-    short = {(id(s.block), s.index) for fqn, s in slots.items() if tokens[fqn] < min_tokens}
-    return {fqn: s for fqn, s in slots.items() if (id(s.block), s.index) in short}
+    short = {s for fqn, s in slots.items() if tokens[fqn] < min_tokens}
+    return {fqn: s for fqn, s in slots.items() if s in short}
 
 
 def by_block(slots: dict[str, ExpertSlot]) -> dict[MoEBlock, set[int]]:
@@ -123,12 +123,11 @@ def calibration_notes(records: list[dict[str, Any]]) -> list[str]:
             ("all tokens", "calibrated on all of their layer's tokens (routed fewer than expert_min_tokens)"),
             ("none", "saw no calibration token: compressed without calibration"),
         ):
-            names = sorted({expert_name(r["name"]) for r in rows if str(r["calibrated_on"]).startswith(kind)})
-            if not names:
+            ours = [r for r in rows if str(r["calibrated_on"]).startswith(kind)]
+            if not ours:
                 continue
-            fallback = sorted(
-                {str(r["calibrated_on"]).removeprefix("none: ") for r in rows if r["calibrated_on"].startswith(kind)}
-            )
+            names = sorted({expert_name(r["name"]) for r in ours})
+            fallback = sorted({str(r["calibrated_on"]).removeprefix("none: ") for r in ours})
             how = f" ({'; '.join(fallback)})" if kind == "none" else ""
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             notes.append(f"pass {p}: {len(names)} routed expert(s) {what}{how}: {shown}")

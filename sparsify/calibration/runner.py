@@ -44,6 +44,12 @@ def resumed_probe(probe: list[Tensor] | None, saved: Probe | None, device: torch
     return [(t, h.to(device)) for t, (_, h) in zip(probe, saved, strict=True)]
 
 
+def tracks_dense_path(inputs: str, passes: list[Any]) -> bool:
+    """Whether a sweep also carries the dense model's hidden states beside the compressed model's (a pass fits the
+    dense model's outputs, or trains against them), as it does on compressed inputs."""
+    return inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in passes)
+
+
 class LayerwiseRunner:
     """Runs calibration token windows through a model one layer at a time."""
 
@@ -157,8 +163,7 @@ class LayerwiseRunner:
             probed = capture_inputs(self.backbone, self.layers, probe, self.device)
             output.probe = saved_probe or list(zip(probe, probed.hidden, strict=True))
             probe_calls = probed.calls
-        tracked = self.inputs == "compressed" and any(p.needs_dense_path or p.teacher == "model" for p in passes)
-        dense_hidden = hidden if tracked else None  # the dense model's path
+        dense_hidden = hidden if tracks_dense_path(self.inputs, passes) else None  # the dense model's path
         first = 0
         if start is not None:
             first, hidden, saved_dense, _ = start

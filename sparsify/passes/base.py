@@ -269,6 +269,12 @@ class Pass:
         return self.config.type
 
 
+def saw_no_tokens(needs: frozenset[str], stats: InputStats | None) -> bool:
+    """Whether a target of a method that reads statistics (``needs``) saw no calibration token (a routed expert
+    routed none, with ``expert_calibration: routed``): the pass compresses it without calibration instead."""
+    return bool(needs) and (stats is None or stats.tokens == 0)
+
+
 def calibration_record(stats: InputStats | None, fallback: str | None = None) -> dict[str, Any]:
     """A record's ``calibrated_on``, where a target was not calibrated on the tokens it was routed: a routed
     expert whose statistics were widened to its layer's other tokens, or one that saw none (``fallback``: how it

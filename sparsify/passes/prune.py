@@ -27,7 +27,7 @@ from torch import nn
 from sparsify.algorithms import outlier_ratio, owl_layer_sparsities, wanda_scores
 from sparsify.errors import SparsifyError
 from sparsify.modules import in_features, set_weight_matrix, weight_matrix
-from sparsify.passes.base import Pass, calibration_record, register
+from sparsify.passes.base import Pass, calibration_record, register, saw_no_tokens
 from sparsify.passes.prune_config import PruneConfig
 from sparsify.passes.prune_methods import PRUNE_METHODS
 from sparsify.passes.structured import StructuredPrunePass
@@ -176,7 +176,7 @@ class PrunePass(Pass):
                 record.update(status=f"skipped: {W.shape[1]} inputs are not a multiple of M={nm[1]}", sparsity=None)
                 records.append(record)
                 continue
-            blind = bool(self.method.needs) and (stats.get(fqn) is None or stats[fqn].tokens == 0)
+            blind = saw_no_tokens(self.method.needs, stats.get(fqn))
             W_new = self._prune(fqn, W, stats.get(fqn), sparsity, nm, blind)
             set_weight_matrix(module, W_new)
             record.update(calibration_record(stats.get(fqn), "magnitude" if blind else None))

@@ -54,8 +54,8 @@ from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothi
 from sparsify.distributed import World
 from sparsify.errors import SparsifyError
 from sparsify.modules import replace_module
-from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, calibration_record, register
-from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, expand_zero_point
+from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, calibration_record, register, saw_no_tokens
+from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, QuantizeMethod, expand_zero_point
 from sparsify.passes.trainable import FakeQuantLinear, rows_of
 from sparsify.runtime.quantized import STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
 from sparsify.statistics import Stat
@@ -299,7 +299,7 @@ class QuantizePass(Pass):
             s = factors.get(fqn)
             W = module.weight.detach().float()  # (out, in), already smoothed
             H = None
-            blind = bool(self.needs) and (stats is None or stats.tokens == 0)  # a routed expert that saw no token
+            blind = saw_no_tokens(self.needs, stats)
             if "hessian" in self.needs and not blind:
                 H = stats.mean("hessian")  # (in, in)
                 if s is not None:
@@ -319,7 +319,7 @@ class QuantizePass(Pass):
                 "act_order": c.gptq_act_order,
                 "weight_error": _weight_error(W, W_q, H),
                 "status": "quantized",
-                **calibration_record(stats, self._blind_method() if blind else None),
+                **calibration_record(stats, self._uncalibrated_text() if blind else None),
             }
             bias = module.bias.detach() if module.bias is not None else None
             quantized[fqn] = (q, scale.float(), zp, bias, input_scale, W)
@@ -336,23 +336,25 @@ class QuantizePass(Pass):
             replace_module(work.layer, work.relative(fqn), new)
         return records
 
-    def _blind_method(self) -> str:
+    def _uncalibrated(self) -> tuple[QuantizeMethod, QuantizeConfig]:
         """How a target that saw no calibration token is rounded: RTN, with the data-free observer nearest the
-        configured one."""
-        observer = "mse" if self.config.weight_observer == "weighted-mse" else self.config.weight_observer
-        return f"rtn, {observer} observer"
+        configured one (the method and the settings it reads)."""
+        options = self.config
+        if options.weight_observer == "weighted-mse":
+            options = options.model_copy(update={"weight_observer": "mse"})
+        return QUANTIZE_METHODS["rtn"], options
+
+    def _uncalibrated_text(self) -> str:
+        method, options = self._uncalibrated()
+        return f"{method.name}, {options.weight_observer} observer"
 
     def _quantize_weight(
         self, fqn: str, W: Tensor, H: Tensor | None, blind: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(q, scale, zero_point, dequantized)`` by the config's method (``blind``: no calibration data for
-        this target: round-to-nearest, see :meth:`_blind_method`); exact zeros stay zero."""
+        this target: see :meth:`_uncalibrated`); exact zeros stay zero."""
         mask = W != 0  # (out, in): zeros of an earlier pruning pass stay zeros
-        method, options = self.method, self.config
-        if blind:
-            method = QUANTIZE_METHODS["rtn"]
-            if options.weight_observer == "weighted-mse":
-                options = options.model_copy(update={"weight_observer": "mse"})
+        method, options = self._uncalibrated() if blind else (self.method, self.config)
         try:
             r = method.round(W, H, self.scheme.weights, mask, options)
         except ValueError as e:
