@@ -112,6 +112,11 @@ def expert_name(fqn: str) -> str:
     return fqn.rpartition(".")[0]
 
 
+def _in_order(name: str) -> list[tuple[int, int | str]]:
+    """``layers.2.mlp.experts.10`` after ``layers.2.mlp.experts.9``: numbers compared as numbers."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in name.split(".")]
+
+
 def calibration_notes(records: list[dict[str, Any]]) -> list[str]:
     """Report notes naming the experts whose statistics were widened to their layer's other tokens, and those
     compressed without calibration (records' ``calibrated_on``), per pass."""
@@ -126,7 +131,7 @@ def calibration_notes(records: list[dict[str, Any]]) -> list[str]:
             ours = [r for r in rows if str(r["calibrated_on"]).startswith(kind)]
             if not ours:
                 continue
-            names = sorted({expert_name(r["name"]) for r in ours})
+            names = sorted({expert_name(r["name"]) for r in ours}, key=_in_order)
             fallback = sorted({str(r["calibrated_on"]).removeprefix("none: ") for r in ours})
             how = f" ({'; '.join(fallback)})" if kind == "none" else ""
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
