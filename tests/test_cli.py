@@ -252,7 +252,10 @@ def test_existing_output_needs_overwrite_which_replaces_only_sparsify_outputs(mo
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_user_error(run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST), None, "--overwrite")
+    # the user's files: the refusal says to choose another folder, not to pass --overwrite (which would not help)
+    first = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST)
+    assert_user_error(first, None, "not a sparsify output", "keep.txt", "1 entry,", "choose another folder")
+    assert "pass --overwrite" not in first.output
     assert_user_error(
         run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, "--overwrite"),
         None,
@@ -261,6 +264,7 @@ def test_existing_output_needs_overwrite_which_replaces_only_sparsify_outputs(mo
     )
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()  # an empty folder may be replaced
+    assert_user_error(run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST), None, "--overwrite")
     assert run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.5", *FAST, "--overwrite").exit_code == 0
     first = (out / "sparsify_report.json").read_text()
     r = run("prune", model_dir("llama"), "-o", out, "--sparsity", "0.3", *FAST, "--overwrite")  # and an earlier output
@@ -364,6 +368,9 @@ def test_flag_errors_name_the_flag_and_choices_take_any_case(model_dir, tmp_path
     assert r.exit_code == 2 and "passes.0" not in r.stderr and "Value error" not in r.stderr
     r = run("quantize", model_dir("llama"), "-o", out, "--scheme", "W4A16", "--observer", "mse", *FAST)
     assert_user_error(r, out, "--observer", "w8a8-static")
+    r = run("quantize", model_dir("llama"), "-o", out, "--scheme", "w4", *FAST)  # a choice typer checks itself
+    assert_user_error(r, out, "--scheme", "'w4' is not one of", "w4a16")
+    assert "Value error" not in r.stderr
     r = run("quantize", model_dir("llama"), "-o", out, "--scheme", "W8A16", "--method", "RTN", *FAST, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["recipe"]["passes"][0]["scheme"] == "w8a16"

@@ -95,20 +95,20 @@ def check_output(out: str | Path, reads: list[Path], model_dir: Path | None, ove
     if r.exists():
         if not r.is_dir():
             raise SparsifyError(f"{shown} exists and is not a folder")
+        check_replaceable(r, shown)  # the user's files: --overwrite would not help, so it is not suggested
         if not overwrite:
             raise SparsifyError(f"{shown} exists; pass --overwrite to replace it")
-        check_replaceable(r, shown)
     return OutputPath(r, shown)
 
 
 def check_replaceable(folder: Path, shown: str) -> None:
-    """``--overwrite`` replaces an empty folder or an earlier sparsify output, nothing else."""
+    """Refuse a folder that is neither empty nor an earlier sparsify output: ``--overwrite`` replaces nothing else."""
     entries = sorted(p.name for p in folder.iterdir())
     if entries and REPORT_MARKER not in entries:
+        held = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, e.g. {entries[0]}"
         raise SparsifyError(
-            f"{shown} is not a sparsify output (no {REPORT_MARKER}; it holds {len(entries)} entries, e.g."
-            f" {entries[0]}); --overwrite replaces only earlier sparsify outputs and empty folders:"
-            " remove it yourself or choose another folder"
+            f"{shown} holds your files and is not a sparsify output (no {REPORT_MARKER}; {held}): choose another"
+            " folder (sparsify writes a new or empty folder, or replaces its own earlier output with --overwrite)"
         )
 
 
