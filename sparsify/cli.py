@@ -49,7 +49,8 @@ class _OneLineErrors(TyperGroup):
         except _click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            _say(f"error: {e.format_message()}{where}")
+            # typer checks values with pydantic, whose messages start "Value error, ": the user is told the problem only
+            _say(f"error: {e.format_message().replace(': Value error, ', ': ')}{where}")
             sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
