@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from sparsify.errors import SparsifyError, shorten
-from sparsify.sizes import PART_LABELS, PARTS
+from sparsify.sizes import PART_LABELS, PARTS, fmt_bytes
 
 REPORT_FILE = "sparsify_report.json"
 
@@ -108,18 +108,23 @@ def quality_verdict(
     (past ``max_ratio``, when one is set), at the worst of the context lengths measured; None without one."""
     if not eval_info or "before" not in eval_info:
         return None
-    pairs = [(e["before"], e["after"], e["seq_len"]) for e in eval_info.get("by_length", [eval_info])]
-    ratios = [(a / b if math.isfinite(a) and b > 0 else math.inf, b, a, n) for b, a, n in pairs]
-    ratio, before, after, length = max(ratios)
+    e = max(eval_info.get("by_length", [eval_info]), key=_ppl_ratio)
+    ratio = _ppl_ratio(e)
     limit = max_ratio if max_ratio is not None else warn_ratio
     status = "ok" if ratio <= limit else "failed" if max_ratio is not None else "warning"
     what = "the --max-ppl-ratio limit" if max_ratio is not None else "the warning threshold"
     message = (
-        f"perplexity {before:.4g} → {after:.4g} at {length} tokens of {eval_info.get('text')}: {ratio:.3g}× the"
+        f"perplexity {e['before']:.4g} → {e['after']:.4g} on {eval_info.get('text')},"
+        f" {fmt_windows(e.get('windows', eval_info.get('windows')), e['seq_len'])}: {ratio:.3g}× the"
         f" input's, past {what} of {limit:g}×; the compression damaged this model badly (see the report; milder"
         " settings keep more)"
     )
     return {"status": status, "ppl_ratio": ratio, "limit": limit, "message": message if status != "ok" else ""}
+
+
+def _ppl_ratio(e: dict[str, Any]) -> float:
+    """Perplexity after / before at one length (infinite when the output's is not finite)."""
+    return e["after"] / e["before"] if math.isfinite(e["after"]) and e["before"] > 0 else math.inf
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
@@ -321,14 +326,6 @@ def _report_problems(e: ValidationError) -> str:
 # ------------------------------------------------------------------------------------------------ numbers
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def fmt_sig(x: Any, digits: int = 3, pad: bool = True) -> str:
     """A measured number with ``digits`` significant digits: ``0.0757``, ``321``, ``3.00e-6`` (never ``0.0000``
     for a small non-zero value); integers with thousands separators; None as a dash."""
@@ -383,19 +380,42 @@ def fmt_count(n: float | None) -> str:
 
 
 def fmt_seconds(s: float | None) -> str:
+    """A duration, in one format wherever the report shows one: ``250 ms``, ``41.2 s``, ``20 min 54 s``,
+    ``2 h 05 min``."""
     if s is None:
         return "—"
-    if s < 1e-3:
+    if s < 0.9995e-3:
         return f"{s * 1e6:.3g} µs"
-    if s < 1:
+    if s < 0.9995:
         return f"{s * 1e3:.3g} ms"
-    if s < 60:
+    if s < 59.95:
         return f"{s:.3g} s"
-    return f"{int(s // 60)} min {s % 60:.0f} s"
+    whole = round(s)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
-def _pct(x: float | None) -> str:
-    return fmt_pct(x)
+def fmt_windows(windows: Any, seq_len: Any) -> str:
+    """``16 windows × 512 tokens``: how many windows of how many tokens each (a bare length reads as a total)."""
+    return f"{windows} window{'' if windows == 1 else 's'} × {seq_len} tokens"
+
+
+# The badge a reader sees beside a perplexity: the ratio after / before, graded; the first grade whose bound the
+# ratio does not pass, with the chip's colour. (quality_verdict's status, warning / failed, is the run's own bar.)
+QUALITY_GRADES: tuple[tuple[float, str, str], ...] = (
+    (1.05, "near lossless", "ok"),
+    (1.25, "small loss", "ok"),
+    (2.0, "noticeable loss", "warning"),
+    (math.inf, "large loss", "failed"),
+)
+
+
+def quality_grade(ratio: float | None) -> tuple[str, str] | None:
+    """``(grade, colour)`` for a perplexity ratio after / before (None without one)."""
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or math.isnan(ratio):
+        return None
+    return next((label, cls) for bound, label, cls in QUALITY_GRADES if ratio <= bound)
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -486,6 +506,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     if params_after is None and t.get("parameters") is not None:
         params_after = t["parameters"] + (t.get("quantized_parameters") or 0)
     latency = report.get("latency") or {}
+    ratio = quality.get("ppl_ratio") if _is_number(quality.get("ppl_ratio")) else None
+    if ratio is None and pairs:  # older reports: the worst length, as quality_verdict grades
+        ratio = max(_ppl_ratio(e) if _is_number(e["before"]) else math.inf for e in pairs)
     return {
         "bytes_before": t.get("input_bytes"),
         "bytes_after": t.get("bytes"),
@@ -496,7 +519,10 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "ppl_before": pairs[0]["before"] if pairs else None,
         "ppl_after": pairs[0]["after"] if pairs else None,
         "ppl_len": pairs[0].get("seq_len") if pairs else None,
+        "ppl_windows": fmt_windows(pairs[0].get("windows"), pairs[0].get("seq_len")) if pairs else None,
         "ppl_ratio": pairs[0]["after"] / pairs[0]["before"] if pairs and pairs[0]["before"] else None,
+        "grade_ratio": ratio,
+        "grade": quality_grade(ratio),
         "ppl_before_recovery": ev.get("before_recovery"),
         "kl": _kl(ev),
         "cosine_mean": ev.get("cosine_mean") if ev.get("metric") == "cosine" else None,
@@ -552,94 +578,61 @@ def _pass_views(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def summary_rows(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """Every number as ``(label, text)``: the CLI's summary, the model card, the page's text view."""
     t = report.get("totals") or {}
     descriptions = [p["description"] for p in report.get("passes", [])] or [
         p["type"] for p in report["recipe"]["passes"]
     ]
-    rows = [
-        ("model", f"{report['model']} ({report['model_type']})"),
-        ("output", report["output"]),
-        ("passes", "; ".join(descriptions)),
-    ]
-    cal = report.get("calibration")
-    if cal:
+    rows = [("model", f"{report['model']} ({report['model_type']})"), ("output", report["output"]),
+            ("passes", "; ".join(descriptions))]  # fmt: skip
+    if cal := report.get("calibration"):
         why = f"; {cal['why']}" if cal.get("why") else ""
-        rows.append(
-            (
-                "calibration",
-                f"{cal['windows']} × {cal['seq_len']} tokens of {cal['text']} (seed {report.get('seed')}{why})",
-            )
-        )
+        text = f"{fmt_windows(cal['windows'], cal['seq_len'])} of {cal['text']} (seed {report.get('seed')}{why})"
+        rows.append(("calibration", text))
     rows += [(label, text) for label, text in report.get("summary", [])]
     if t.get("parameters") is not None:
-        rows.append(
-            (
-                "parameters",
-                f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {_pct(t.get('overall_sparsity'))} zeros)"
-                + (
-                    f" in floating point + {t['quantized_parameters']:,} quantized"
-                    if t.get("quantized_parameters")
-                    else ""
-                ),
-            )
-        )
+        q = f" in floating point + {t['quantized_parameters']:,} quantized" if t.get("quantized_parameters") else ""
+        zeros = fmt_pct(t.get("overall_sparsity"))
+        rows.append(("parameters", f"{t['parameters']:,} ({t['nonzeros']:,} non-zero, {zeros} zeros){q}"))
     if t.get("bytes") is not None:
-        rows.append(
-            (
-                "size on disk",
-                _fmt_bytes(t["bytes"])
-                + (
-                    f" ({t['bytes'] / t['input_bytes']:.3f}× the input's {_fmt_bytes(t['input_bytes'])})"
-                    if t.get("input_bytes")
-                    else ""
-                ),
-            )
-        )
+        ib = t.get("input_bytes")
+        vs = f" ({t['bytes'] / ib:.3f}× the input's {fmt_bytes(ib)})" if ib else ""
+        rows.append(("size on disk", fmt_bytes(t["bytes"]) + vs))
     if t.get("wall_seconds") is not None:
-        rows.append(("wall time", f"{t['wall_seconds']:.1f} s"))
+        rows.append(("wall time", fmt_seconds(t["wall_seconds"])))
     if t.get("peak_rss_bytes") is not None:
-        rows.append(("peak memory (RSS)", _fmt_bytes(t["peak_rss_bytes"])))
+        rows.append(("peak memory (RSS)", fmt_bytes(t["peak_rss_bytes"])))
     ev = report.get("eval")
     if ev and ev.get("metric") == "cosine":
-        rows.append(
-            (
-                "embedding similarity",
-                f"cosine to dense {ev['cosine_mean']:.4f} mean, {ev['cosine_min']:.4f} min"
-                f" ({ev['texts']} paragraphs of {ev['text']}, ≤{ev['seq_len']} tokens, mean-pooled)",
-            )
-        )
-    elif ev:
-        for k, e in enumerate(_eval_pairs(ev)):
-            label = "perplexity" if "by_length" not in ev else f"perplexity @{e['seq_len']}"
-            rec = ev.get("before_recovery") if k == 0 else None
-            healed = f"; {rec['perplexity']:.3f} before {rec['step']}" if rec else ""
-            rows.append(
-                (
-                    label,
-                    f"{e['before']:.3f} → {e['after']:.3f} ({ev['text']}, {e['windows']} × {e['seq_len']} tokens,"
-                    f" stride {e['seq_len']}{healed})",
-                )
-            )
+        text = (f"cosine to dense {ev['cosine_mean']:.4f} mean, {ev['cosine_min']:.4f} min ({ev['texts']} paragraphs"
+                f" of {ev['text']}, ≤{ev['seq_len']} tokens, mean-pooled)")  # fmt: skip
+        rows.append(("embedding similarity", text))
+    for k, e in enumerate(_eval_pairs(ev)):
+        label = "perplexity" if "by_length" not in ev else f"perplexity @{e['seq_len']}"
+        rec = ev.get("before_recovery") if k == 0 else None
+        healed = f"; {rec['perplexity']:.3f} before {rec['step']}" if rec else ""
+        where = f"{ev['text']}, {fmt_windows(e['windows'], e['seq_len'])}, stride {e['seq_len']}{healed}"
+        rows.append((label, f"{e['before']:.3f} → {e['after']:.3f} ({where})"))
     if ev and (kl := _kl(ev)):
-        rows.append(("KL to input", f"{fmt_kl(kl)} ({kl.get('tokens')} tokens at {kl.get('seq_len')})"))
+        where = f"{fmt_sig(kl.get('tokens'))} tokens in windows of {kl.get('seq_len')}"
+        rows.append(("KL to input", f"{fmt_kl(kl)} ({where})"))
+    if grade := (h := headline(report))["grade"]:
+        rows.append(("quality", f"{grade[0]}: perplexity {h['grade_ratio']:.2f}× the input's"))
     lat = report.get("latency")
     if lat and lat.get("before_s") and lat.get("after_s"):
-        rows.append(
-            (
-                "latency",
-                f"{fmt_seconds(lat['before_s'])} → {fmt_seconds(lat['after_s'])} per forward pass of"
-                f" {lat.get('seq_len')} tokens ({lat['before_s'] / lat['after_s']:.2f}× the input's speed)",
-            )
-        )
+        speed = f"{lat['before_s'] / lat['after_s']:.2f}× the input's speed"
+        each = f"per forward pass of {lat.get('seq_len')} tokens ({speed})"
+        text = f"{fmt_seconds(lat['before_s'])} → {fmt_seconds(lat['after_s'])} {each}"
+        rows.append(("latency", text))
     quality = report.get("quality")
     if quality and quality.get("status") != "ok":
         rows.append(("QUALITY", f"{quality['status'].upper()}: {quality['message']}"))
     if baseline:
-        rows.append(
-            ("baseline", f"{baseline['path']}: {baseline['parameters']:,} parameters, {_fmt_bytes(baseline['bytes'])}")
-        )
-        rows.append(("non-zeros vs baseline", f"{t['nonzeros'] / max(baseline['nonzeros'], 1):.3f}×"))
-        rows.append(("bytes vs baseline", f"{t['bytes'] / max(baseline['bytes'], 1):.3f}×"))
+        rows += [
+            ("baseline", f"{baseline['path']}: {baseline['parameters']:,} parameters, {fmt_bytes(baseline['bytes'])}"),
+            ("non-zeros vs baseline", f"{t['nonzeros'] / max(baseline['nonzeros'], 1):.3f}×"),
+            ("bytes vs baseline", f"{t['bytes'] / max(baseline['bytes'], 1):.3f}×"),
+        ]
     return rows
 
 
@@ -657,8 +650,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(md(c) for c in row) + " |" for row in rows]
 
 
-def _size_rows(report: dict[str, Any]) -> list[list[str]]:
-    """``part, input, output, change`` for each part of the size breakdown (none without one)."""
+def _size_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """``part, input, output, change`` for each part of the size breakdown (none without one); ``part`` is its
+    key in :data:`sparsify.sizes.PARTS`, the sizes ``(bytes, parameters)`` (``("—", "")``: none)."""
     sizes = report.get("sizes") or {}
     before, after = sizes.get("input") or {}, sizes.get("output") or {}
     if not before or not after:
@@ -669,29 +663,100 @@ def _size_rows(report: dict[str, Any]) -> list[list[str]]:
         nb, na = b.get("bytes", 0), a.get("bytes", 0)
         rows.append(
             [
-                PART_LABELS[part],
-                f"{_fmt_bytes(nb)} ({fmt_count(b.get('parameters', 0))})" if b else "—",
-                f"{_fmt_bytes(na)} ({fmt_count(a.get('parameters', 0))})" if a else "—",
+                part,
+                (fmt_bytes(nb), fmt_count(b.get("parameters", 0))) if b else ("—", ""),
+                (fmt_bytes(na), fmt_count(a.get("parameters", 0))) if a else ("—", ""),
                 f"{na / nb:.2f}×" if nb and a else ("new" if a else "removed"),
             ]
         )
     return rows
 
 
+def _blocks(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]], set[int]]]:
+    """The size by part and the per-record tables as plain text: ``(title, a line above it, header, rows, the
+    columns of numbers)``."""
+    blocks = []
+    if sizes := _size_rows(report):
+        rows = [[PART_LABELS[part], *(f"{x[0]} ({x[1]})" if x[1] else x[0] for x in pair), change]
+                for part, *pair, change in sizes]  # fmt: skip
+        blocks.append(("Size by part", "", ["part", "input", "output", "output / input"], rows, {1, 2, 3}))
+    for table, records in _tables(report):
+        columns, same = _used_columns(table["columns"], records)
+        rows = [[_fmt(r.get(key), fmt) for key, _, fmt in columns] for r in records]
+        numbers = {k for k, c in enumerate(columns) if c[2] in ("pct", "err", "s", "shape")}
+        above = "every row: " + "; ".join(same) if same else ""
+        blocks.append((str(table["title"]), above, [c[1] for c in columns], rows, numbers))
+    return blocks
+
+
 def render_markdown(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     lines = ["# sparsify report", "", "| | |", "|---|---|"]
     lines += [f"| {md(k)} | {md(v)} |" for k, v in summary_rows(report, baseline)]
-    sizes = _size_rows(report)
-    if sizes:
-        lines += ["", "## Size by part", "", *_md_table(["part", "input", "output", "output / input"], sizes)]
-    for table, rows in _tables(report):
-        columns, same = _used_columns(table["columns"], rows)
-        lines += ["", f"## {md(table['title'])}", ""]
-        if same:
-            lines += [md("every row: " + "; ".join(same)), ""]
-        lines += _md_table([c[1] for c in columns], [[_fmt(r.get(c[0]), c[2]) for c in columns] for r in rows])
+    for title, above, header, rows, _ in _blocks(report):
+        lines += ["", f"## {md(title)}", "", *([md(above), ""] if above else []), *_md_table(header, rows)]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {md(n)}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# The summary rows a terminal shows without --full, in this order ("perplexity @N" rows with "perplexity").
+HEADLINE_ROWS = ("model", "output", "passes", "size on disk", "perplexity", "embedding similarity", "KL to input",
+                 "quality", "QUALITY", "latency", "wall time", "baseline", "non-zeros vs baseline",
+                 "bytes vs baseline")  # fmt: skip
+WORST = 10  # the Linears (or layers) with the largest output error a terminal lists
+
+
+def _text_table(header: list[str] | None, rows: list[Any], right: set[int] | None = None) -> list[str]:
+    """Aligned plain-text columns, two spaces apart; the columns in ``right`` (numbers) right-aligned."""
+    table = [[" ".join(str(c).split()) for c in row] for row in ([header] if header else []) + list(rows)]
+    widths = [max(len(row[k]) for row in table) for k in range(len(table[0]))] if table else []
+    return [
+        "  ".join(
+            c.rjust(w) if k in (right or ()) else c.ljust(w) for k, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in table
+    ]
+
+
+def _worst_records(report: dict[str, Any]) -> list[str]:
+    """The :data:`WORST` Linears (or layers) with the largest relative output error, largest first."""
+    largest: dict[str, dict[str, Any]] = {}
+    for r in report.get("layers") or []:
+        name = str(r.get("name"))
+        if _is_number(r.get("rel_error")) and r["rel_error"] > largest.get(name, {}).get("rel_error", -math.inf):
+            largest[name] = r
+    if not largest:
+        return []
+    worst = sorted(largest.values(), key=lambda r: -r["rel_error"])[:WORST]
+    passes = {v["index"]: f"{v['index'] + 1}: {v['description']}" for v in _pass_views(report)}
+    many = len(passes) > 1
+    rows = [[str(r.get("name")), fmt_sig(r["rel_error"]), *([passes.get(r.get("pass"), "—")] if many else [])]
+            for r in worst]  # fmt: skip
+    modules = [bool(_module_of(r)) for r in largest.values()]
+    what = "Linears" if all(modules) else "modules" if any(modules) else "layers"
+    return [
+        "",
+        f"largest relative output error: {len(worst)} of {len(largest)} {what} (--full: every row of every table)",
+        *_text_table([what[:-1], "output error", *(["pass"] if many else [])], rows, {1}),
+    ]
+
+
+def render_text(report: dict[str, Any], full: bool = False, baseline: dict[str, Any] | None = None) -> str:
+    """The report for a terminal, as plain text (nothing escaped): the headline (what was done, size, perplexity
+    with how it was measured, KL, the quality grade, time) and the Linears with the largest output error;
+    ``full``: every summary row, the size by part and every per-record table instead."""
+    rows = summary_rows(report, baseline)
+    if not full:
+        rank = {k: i for i, k in enumerate(HEADLINE_ROWS)}
+        rows = [(k, v) for k, v in rows if k.split(" @")[0] in rank]
+        rows.sort(key=lambda kv: rank[kv[0].split(" @")[0]])
+    lines = _text_table(None, rows)
+    if full:
+        for title, above, header, table, numbers in _blocks(report):
+            lines += ["", title, *([above] if above else []), *_text_table(header, table, numbers)]
+    else:
+        lines += _worst_records(report)
+    lines += [f"note: {' '.join(str(n).split())}" for n in report.get("notes") or []]
     return "\n".join(lines) + "\n"
 
 
@@ -717,7 +782,7 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"Liberation Mo
 .eyebrow{font-size:13px;color:var(--muted);letter-spacing:.02em}
 .path{overflow-wrap:anywhere}
 .chips{display:flex;flex-wrap:wrap;gap:6px;margin:8px 0 0}
-.chip{display:inline-block;border:1px solid var(--line);background:var(--card);border-radius:999px;
+.chip{display:inline-block;white-space:nowrap;border:1px solid var(--line);background:var(--card);border-radius:999px;
 padding:1px 10px;font-size:13px}
 a.chip{color:inherit;text-decoration:none}a.chip:hover{border-color:var(--accent)}
 .chip.ok{background:var(--okbg);border-color:#b7e1c3;color:var(--ok)}
@@ -735,7 +800,13 @@ section{background:var(--card);border:1px solid var(--line);border-radius:10px;p
 .card .big .arrow{color:var(--muted);font-weight:400;padding:0 4px}
 .card .sub{font-size:13px;color:var(--muted)}
 .arrow{color:var(--muted);padding:0 3px}
-td.path{white-space:nowrap}
+td.path{min-width:150px;overflow-wrap:anywhere}
+table.cmp{width:100%}table.cmp td{white-space:normal}
+td.part i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
+.nw{white-space:nowrap}
+.tag.proto{background:#eef0f4;color:var(--fg)}
+.chart{margin:8px 0 18px}
+.chart svg{display:block;width:100%;max-width:560px;height:auto}
 .good{color:var(--ok)}.bad{color:var(--bad)}
 .scroll{overflow-x:auto;max-width:100%;-webkit-overflow-scrolling:touch}
 table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
@@ -778,6 +849,8 @@ section{padding:14px 12px;border-radius:8px}
 .card .big{font-size:18px}
 .stackrow{grid-template-columns:52px 1fr 70px;gap:6px}
 table.kv th{white-space:normal;min-width:96px}
+th,td{padding:4px 6px}
+table.sizes th,table.sizes td.part{white-space:normal}
 }
 td.passes{min-width:180px}
 @media (max-width:640px){
@@ -1157,9 +1230,9 @@ def _cards(report: dict[str, Any]) -> str:
     if h["bytes_after"] is not None:
         sub = ""
         if h["bytes_before"]:
-            sub = f"from {_e(_fmt_bytes(h['bytes_before']))} · {_ratio_text(h['bytes_after'] / h['bytes_before'])}"
+            sub = f"from {_e(fmt_bytes(h['bytes_before']))} · {_ratio_text(h['bytes_after'] / h['bytes_before'])}"
         cards.append(
-            _card("size on disk", _e(_fmt_bytes(h["bytes_after"])), sub, f"{h['bytes_before']} → {h['bytes_after']} B")
+            _card("size on disk", _e(fmt_bytes(h["bytes_after"])), sub, f"{h['bytes_before']} → {h['bytes_after']} B")
         )
     if h["params_after"] is not None:
         subs = []
@@ -1180,7 +1253,7 @@ def _cards(report: dict[str, Any]) -> str:
         more = "<br>".join(
             f"@{_e(str(e['seq_len']))}: {_e(fmt_ppl(e['before']))} → {_e(fmt_ppl(e['after']))}" for e in pairs[1:]
         )
-        sub = f"from {_e(fmt_ppl(h['ppl_before']))} · {_ratio_text(h['ppl_ratio'])} · {_e(str(h['ppl_len']))} tokens"
+        sub = f"from {_e(fmt_ppl(h['ppl_before']))} · {_ratio_text(h['ppl_ratio'])}<br>{_e(h['ppl_windows'])}"
         if rec := h["ppl_before_recovery"]:
             sub += f"<br>{_e(fmt_ppl(rec['perplexity']))} before {_e(rec['step'])}"
         cards.append(
@@ -1217,22 +1290,27 @@ def _cards(report: dict[str, Any]) -> str:
             sub = f"from {_e(fmt_seconds(h['latency_before']))} · {_ratio_text(speed, False)} speed<br>{sub}"
         cards.append(_card("latency", _e(fmt_seconds(h["latency_after"])), sub))
     if h["wall_seconds"] is not None:
-        sub = f"{_e(_fmt_bytes(h['peak_rss_bytes']))} peak memory" if h["peak_rss_bytes"] is not None else ""
+        sub = f"{_e(fmt_bytes(h['peak_rss_bytes']))} peak memory" if h["peak_rss_bytes"] is not None else ""
         cards.append(_card("this run took", _e(fmt_seconds(h["wall_seconds"])), sub))
     return f'<div class="cards">{"".join(cards)}</div>' if cards else ""
+
+
+def _grade_chip(h: dict[str, Any], ratio: bool = True) -> str:
+    """The graded badge (``small loss · perplexity ×1.12``); the verdict's status where there is no ratio."""
+    if h["grade"]:
+        label, cls = h["grade"]
+        return f'<span class="chip {cls}">{_e(label)}' + f" · perplexity ×{h['grade_ratio']:.2f}" * ratio + "</span>"
+    return f'<span class="chip">quality {_e(h["quality"])}</span>' if h["quality"] else ""
 
 
 def _quality(report: dict[str, Any]) -> tuple[str, str]:
     """(a chip for the header, a banner when the verdict is not ok)."""
     q = report.get("quality") or {}
     status = q.get("status")
-    if status is None:
-        return ('<span class="chip">quality not measured</span>' if not report.get("eval") else ""), ""
-    ratio = q.get("ppl_ratio")
-    chip = f'<span class="chip {_e(status)}">quality {_e(status)}' + (
-        f" · perplexity ×{ratio:.2f}</span>" if _is_number(ratio) else "</span>"
-    )
-    if status == "ok":
+    if status is None and not report.get("eval"):
+        return '<span class="chip">quality not measured</span>', ""
+    chip = _grade_chip(headline(report))
+    if status in (None, "ok"):
         return chip, ""
     head = "Quality check failed" if status == "failed" else "Quality warning"
     return (
@@ -1245,7 +1323,7 @@ def _stack(part_sizes: dict[str, Any], scale: float) -> str:
     total = sum(v["bytes"] for v in part_sizes.values()) or 1
     spans = "".join(
         f'<span style="width:{100 * part_sizes[p]["bytes"] / scale:.3f}%;background:{PART_COLORS[p]}"'
-        f' title="{_e(PART_LABELS[p])}: {_e(_fmt_bytes(part_sizes[p]["bytes"]))}'
+        f' title="{_e(PART_LABELS[p])}: {_e(fmt_bytes(part_sizes[p]["bytes"]))}'
         f' ({100 * part_sizes[p]["bytes"] / total:.1f}%)"></span>'
         for p in PARTS
         if p in part_sizes and part_sizes[p]["bytes"]
@@ -1265,35 +1343,44 @@ def _sizes_section(report: dict[str, Any]) -> str:
     legend = "".join(f'<span><i style="background:{PART_COLORS[p]}"></i>{_e(PART_LABELS[p])}</span>' for p in present)
     bars = "".join(
         f'<div class="stackrow"><span class="small">{label}</span>{_stack(s, scale)}'
-        f'<span class="small num">{_e(_fmt_bytes(t))}</span></div>'
+        f'<span class="small num">{_e(fmt_bytes(t))}</span></div>'
         for label, s, t in (("input", before, tb), ("output", after, ta))
     )
-    rows = []
-    for p in present:
-        b, a = before.get(p, {}), after.get(p, {})
-        nb, na = b.get("bytes", 0), a.get("bytes", 0)
-        change = f"{na / nb:.2f}×" if nb and a else ("new" if a else "removed")
-        rows.append(
-            f'<tr><td class="part"><i style="display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;'
-            f'background:{PART_COLORS[p]}"></i>{_e(PART_LABELS[p])}</td>'
-            f'<td class="num">{_e(_fmt_bytes(nb)) if b else "—"}</td>'
-            f'<td class="num">{_e(fmt_count(b.get("parameters"))) if b else "—"}</td>'
-            f'<td class="num">{_e(_fmt_bytes(na)) if a else "—"}</td>'
-            f'<td class="num">{_e(fmt_count(a.get("parameters"))) if a else "—"}</td>'
-            f'<td class="num">{_e(change)}</td></tr>'
-        )
+    rows = "".join(
+        f'<tr><td class="part"><i style="background:{PART_COLORS[part]}"></i>{_e(PART_LABELS[part])}</td>'
+        + "".join(f'<td class="num">{_nowrap(x[0])}<br><span class="muted">{_nowrap(x[1])}</span></td>' for x in pair)
+        + f'<td class="num">{_e(change)}</td></tr>'
+        for part, *pair, change in _size_rows(report)
+    )
     table = (
-        '<div class="scroll"><table><tr><th>part</th><th class="num">input</th><th class="num">parameters</th>'
-        '<th class="num">output</th><th class="num">parameters</th><th class="num">output / input</th></tr>'
-        + "".join(rows)
-        + "</table></div>"
+        '<div class="scroll"><table class="sizes"><tr><th>part</th><th class="num">input</th>'
+        f'<th class="num">output</th><th class="num">output / input</th></tr>{rows}</table></div>'
     )
     return (
         '<section id="sizes"><h2>Where the bytes are</h2>'
-        '<p class="small muted">tensor bytes per part of the model; quantization scales count with their weights'
-        " (bytes, not parameters)</p>"
+        '<p class="small muted">tensor bytes (parameters) per part of the model; quantization scales count with'
+        " their weights (bytes, not parameters)</p>"
         f'<div class="legend">{legend}</div>{bars}{table}</section>'
     )
+
+
+def _short_path(path: Any) -> str:
+    """A folder as a title: its name without a cache's hash suffix (``SmolLM2-135M-Instruct.Q4_1``), the full path in
+    the title attribute; a Hub id (``org/name``) as it is."""
+    full = str(path if path is not None else "?")
+    hub = full.count("/") == 1 and not full.startswith((".", "/", "~"))
+    name = full if hub else re.sub(r"-[0-9a-f]{12,}$", "", Path(full).name) or full
+    return f'<span class="path" title="{_e(full)}">{_e(name)}</span>'
+
+
+def _nowrap(text: str) -> str:
+    """``text`` escaped, kept on one line (a number and its unit)."""
+    return f'<span class="nw">{_e(text)}</span>'
+
+
+def _slashes(path: Any) -> str:
+    """``path`` escaped, with a line break allowed after each slash (a long path wraps at its folders)."""
+    return f'<span title="{_e(str(path))}">{_e(str(path)).replace("/", "/<wbr>")}</span>'
 
 
 def _page(title: str, body: str) -> str:
@@ -1314,8 +1401,8 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
     header = (
         f'<header><p class="eyebrow">sparsify report · {_e(str(report.get("model_type", "")))}'
         f"{' · ' + _e(created) if created else ''}</p>"
-        f'<h1><span class="path">{_e(str(report.get("model", "?")))}</span> <span class="muted">→</span>'
-        f' <span class="path">{_e(str(report.get("output", "?")))}</span></h1>'
+        f'<h1>{_short_path(report.get("model"))} <span class="muted">→</span> {_short_path(report.get("output"))}</h1>'
+        f'<p class="small muted path">{_slashes(report.get("model", "?"))} → {_slashes(report.get("output", "?"))}</p>'
         f'<div class="chips">{chip}{chips}</div></header>'
     )
     sections = [header, banner, _cards(report)]
@@ -1331,15 +1418,15 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
         sections.append(f"<section><h2>What the passes measured</h2>{_kv(report['summary'])}</section>")
     if len(by_length) > 1:
         rows = "".join(
-            f'<tr><td class="num">{_e(str(e["seq_len"]))}</td><td class="num">{_e(fmt_ppl(e["before"]))}</td>'
-            f'<td class="num">{_e(fmt_ppl(e["after"]))}</td><td class="num">{e["after"] / e["before"]:.3f}×</td>'
-            f'<td class="num">{_e(str(e.get("windows", "—")))}</td></tr>'
+            f'<tr><td class="num">{_e(fmt_windows(e.get("windows", "?"), e["seq_len"]))}</td>'
+            f'<td class="num">{_e(fmt_ppl(e["before"]))}</td><td class="num">{_e(fmt_ppl(e["after"]))}</td>'
+            f'<td class="num">{e["after"] / e["before"]:.3f}×</td></tr>'
             for e in by_length
         )
         sections.append(
-            '<section><h2>Perplexity by context length</h2><div class="scroll"><table><tr><th class="num">tokens</th>'
-            '<th class="num">before</th><th class="num">after</th><th class="num">after / before</th>'
-            f'<th class="num">windows</th></tr>{rows}</table></div></section>'
+            '<section><h2>Perplexity by context length</h2><div class="scroll"><table><tr><th class="num">measured on'
+            '</th><th class="num">before</th><th class="num">after</th><th class="num">after / before</th></tr>'
+            f"{rows}</table></div></section>"
         )
     pass_notes = {f"pass {v['index']}:" for v in views}
     notes = [n for n in report.get("notes", []) if not any(n.startswith(p) for p in pass_notes)]
@@ -1360,100 +1447,193 @@ def render_html(report: dict[str, Any], baseline: dict[str, Any] | None = None) 
 # ---------------------------------------------------------------------------------------------- compare
 
 
-def _compare_rows(reports: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None, int | None]:
-    """Each report's headline numbers, the index of the best perplexity (or similarity) and of the smallest size."""
-    rows = [{**headline(r), "report": r} for r in reports]
-    ppl = [(h["ppl_after"], i) for i, h in enumerate(rows) if h["ppl_after"] is not None]
-    cos = [(-h["cosine_mean"], i) for i, h in enumerate(rows) if h["cosine_mean"] is not None]
-    quality = min(ppl)[1] if len(ppl) > 1 else min(cos)[1] if len(cos) > 1 else None
-    sizes = [(h["bytes_after"], i) for i, h in enumerate(rows) if h["bytes_after"] is not None]
-    smallest = min(sizes)[1] if len(sizes) > 1 else None
-    return rows, quality, smallest
+def eval_protocol(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What the report's quality number was measured on: the text, how many windows of how many tokens (the first
+    length's; encoders: paragraphs) and, in newer reports, the digest of those windows; None without one."""
+    ev = report.get("eval") or {}
+    cosine = ev.get("metric") == "cosine"
+    first = next(iter(_eval_pairs(ev)), None)
+    if not cosine and first is None:
+        return None
+    return {
+        "metric": "cosine" if cosine else "perplexity",
+        "text": ev.get("text"),
+        "windows": ev.get("texts") if cosine else first.get("windows"),
+        "seq_len": ev.get("seq_len") if cosine else first.get("seq_len"),
+        "digest": ev.get("digest") or None,
+    }
 
 
-def _compare_caveats(reports: list[dict[str, Any]]) -> list[str]:
-    out = []
+def protocol_label(protocol: dict[str, Any]) -> str:
+    """``builtin:pydoc-topics-heldout, 16 windows × 512 tokens``."""
+    if protocol["metric"] == "cosine":
+        return f"{protocol['text']}, {protocol['windows']} paragraphs of ≤{protocol['seq_len']} tokens"
+    return f"{protocol['text']}, {fmt_windows(protocol['windows'], protocol['seq_len'])}"
+
+
+def protocol_groups(protocols: list[dict[str, Any] | None]) -> list[list[int]]:
+    """The indices of the outputs whose quality numbers compare: measured on the same text, windows and window
+    length, with the same digest where both have one. Where digests disagree, those without one stand apart (they
+    could be either); an output without a measurement is in no group. Groups in order of their first output."""
+    by_key: dict[tuple[str, ...], list[int]] = {}
+    for i, p in enumerate(protocols):
+        if p is not None:
+            by_key.setdefault(tuple(str(p[k]) for k in ("metric", "text", "windows", "seq_len")), []).append(i)
+    groups = []
+    for members in by_key.values():
+        digest = {i: str(protocols[i]["digest"] or "") for i in members}  # type: ignore[index]
+        seen = list(dict.fromkeys(d for d in digest.values() if d))
+        if len(seen) <= 1:
+            groups.append(members)
+        else:
+            groups += [g for d in [*seen, ""] if (g := [i for i in members if digest[i] == d])]
+    return sorted(groups)
+
+
+def _compare_rows(reports: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], int | None]:
+    """Each report's headline numbers, with ``protocol`` and ``group`` (its letter where the outputs were measured
+    under several protocols, else ""; None: not measured) and ``best`` (the tag of the best quality number in a
+    group of two or more: ``best``, ``best of B``); the lines a reader must see first; the smallest size's index."""
+    rows = [{**headline(r), "report": r, "group": None, "protocol": None, "best": ""} for r in reports]
+    protocols = [eval_protocol(r) for r in reports]
+    groups = protocol_groups(protocols)
+    base = [protocol_label(protocols[g[0]]) for g in groups]  # type: ignore[arg-type]
+    labels = list(base)
+    for k, g in enumerate(groups):
+        if base.count(base[k]) > 1:  # the same text and windows, other tokens
+            digest = protocols[g[0]]["digest"]  # type: ignore[index]
+            labels[k] += f", windows {str(digest)[:12]}" if digest else ", windows not recorded"
+    for k, members in enumerate(groups):
+        letter = chr(ord("A") + k) if len(groups) > 1 else ""
+        scored = []
+        for i in members:
+            rows[i].update(group=letter, protocol=labels[k])
+            score = rows[i]["ppl_after"] if rows[i]["cosine_mean"] is None else -rows[i]["cosine_mean"]
+            if _is_number(score):
+                scored.append((score, i))
+        if len(scored) > 1:
+            rows[min(scored)[1]]["best"] = f"best of {letter}" if letter else "best"
+    caveats = []
     models = sorted({str(r.get("model")) for r in reports})
     if len(models) > 1:
-        out.append(f"these outputs come from different models ({', '.join(models)}): their numbers do not compare")
-    evals = {(e.get("text"), e.get("seq_len")) for r in reports if (e := r.get("eval")) and e.get("metric") != "cosine"}
-    if len(evals) > 1:
-        out.append("perplexity was measured on different text or context lengths: compare the ratios, not the values")
-    return out
+        caveats.append(f"these outputs come from different models ({', '.join(models)}): their numbers do not compare")
+    if len(groups) > 1:
+        names = [Path(str(r.get("output", "?"))).name for r in reports]
+        each = "; ".join(
+            f"{chr(ord('A') + k)} = {labels[k]} ({', '.join(names[i] for i in g)})" for k, g in enumerate(groups)
+        )
+        caveats.append(
+            f"quality measured under {len(groups)} evaluation protocols; outputs compared only within one: {each}"
+        )
+    sizes = [(h["bytes_after"], i) for i, h in enumerate(rows) if h["bytes_after"] is not None]
+    return rows, caveats, min(sizes)[1] if len(sizes) > 1 else None
+
+
+def _one_protocol(rows: list[dict[str, Any]]) -> str | None:
+    """The protocol every measured output shares (None: several, or none measured)."""
+    return rows[0]["protocol"] if len({h["group"] for h in rows} - {None}) == 1 else None
+
+
+def _compare_cells(h: dict[str, Any]) -> dict[str, str]:
+    """The comparison's cells as plain text (the HTML page escapes and decorates them)."""
+    r = h["report"]
+    size = "—"
+    if h["bytes_after"] is not None:
+        size = fmt_bytes(h["bytes_after"]) + (
+            f" ({h['bytes_after'] / h['bytes_before']:.2f}×)" if h["bytes_before"] else ""
+        )
+    if h["cosine_mean"] is not None:
+        value = f"{h['cosine_mean']:.4f}"
+    elif h["ppl_after"] is not None:
+        value = f"{fmt_ppl(h['ppl_before'])} → {fmt_ppl(h['ppl_after'])}" + (
+            f" ({h['ppl_ratio']:.3f}×)" if h["ppl_ratio"] else ""
+        )
+    else:
+        value = "not measured"
+    grade = h["grade"][0] if h["grade"] else h["quality"] or "—"
+    if h["grade"] and h["quality"] not in (None, "ok"):
+        grade += f"; {h['quality']}"
+    return {
+        "output": str(r.get("output", "?")),
+        "passes": "; ".join(p.get("description", p.get("type", "?")) for p in r.get("passes") or []) or "—",
+        "size": size,
+        "parameters": fmt_count(h["params_after"]),
+        "value": value,
+        "kl": fmt_kl(h["kl"]) if h["kl"] else "—",
+        "grade": grade,
+        "latency": f"{fmt_seconds(h['latency_after'])} ({h['latency_before'] / h['latency_after']:.2f}× speed)"
+        if h["latency_after"] and h["latency_before"]
+        else "—",
+        "wall": fmt_seconds(h["wall_seconds"]),
+    }
+
+
+def _compare_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """``(cell key, header, HTML class)`` of the comparison's columns; KL and latency where some output has them."""
+    has_cos = any(h["cosine_mean"] is not None for h in rows)
+    return [
+        ("output", "output", "path"),
+        ("passes", "passes", "passes"),
+        ("size", "size on disk", "num"),
+        ("parameters", "parameters", "num"),
+        ("value", "cosine to input" if has_cos else "perplexity", "num"),
+        *([("kl", "KL to input", "num")] if any(h["kl"] for h in rows) else []),
+        ("grade", "quality", ""),
+        *([("latency", "latency", "num")] if any(h["latency_after"] for h in rows) else []),
+        ("wall", "wall time", "num"),
+    ]
 
 
 def render_compare_html(reports: list[dict[str, Any]]) -> str:
     """Several outputs side by side (one row each): size, parameters, perplexity before → after, quality, latency,
-    wall time and passes; the best perplexity and the smallest size highlighted."""
-    rows, best, smallest = _compare_rows(reports)
-    has_latency = any(h["latency_after"] for h in rows)
-    has_cos = any(h["cosine_mean"] is not None for h in rows)
-    has_kl = any(h["kl"] for h in rows)
+    wall time and passes; the best quality number (per evaluation protocol) and the smallest size highlighted."""
+    rows, caveats, smallest = _compare_rows(reports)
+    columns = _compare_columns(rows)
     top_bytes = max([0, *(h["bytes_after"] or 0 for h in rows), *(h["bytes_before"] or 0 for h in rows)]) or 1
-    head = (
-        "<tr class='head'><th>output</th><th>passes</th><th class='num'>size on disk</th><th class='num'>parameters</th>"
-        + ("<th class='num'>cosine to input</th>" if has_cos else "<th class='num'>perplexity</th>")
-        + ("<th class='num'>KL to input</th>" if has_kl else "")
-        + "<th>quality</th>"
-        + ("<th class='num'>latency</th>" if has_latency else "")
-        + "<th class='num'>wall time</th></tr>"
-    )
+    head = "<tr class='head'>" + "".join(f"<th class='{cls}'>{_e(title)}</th>" for _, title, cls in columns) + "</tr>"
     body = []
     for i, h in enumerate(rows):
-        r = h["report"]
-        passes = "; ".join(p.get("description", p.get("type", "?")) for p in r.get("passes") or []) or "—"
-        size = "—"
-        if h["bytes_after"] is not None:
-            ratio = f" ({h['bytes_after'] / h['bytes_before']:.2f}×)" if h["bytes_before"] else ""
-            size = (
-                f'<span class="bar" style="width:{60 * h["bytes_after"] / top_bytes:.0f}px"></span> '
-                f"{_e(_fmt_bytes(h['bytes_after']) + ratio)}"
-                + ('<span class="tag">smallest</span>' if i == smallest else "")
-            )
-        if has_cos:
-            quality_cell = _e(f"{h['cosine_mean']:.4f}") if h["cosine_mean"] is not None else "—"
-        elif h["ppl_after"] is not None:
-            quality_cell = _arrow(fmt_ppl(h["ppl_before"]), fmt_ppl(h["ppl_after"])) + (
-                f" <span class='muted'>({h['ppl_ratio']:.3f}×)</span>" if h["ppl_ratio"] else ""
-            )
-        else:
-            quality_cell = "not measured"
-        if i == best:
-            quality_cell += '<span class="tag">best</span>'
-        status = h["quality"]
-        verdict = f'<span class="chip {_e(status)}">{_e(status)}</span>' if status else "—"
-        latency = (
-            _e(f"{fmt_seconds(h['latency_after'])} ({h['latency_before'] / h['latency_after']:.2f}× speed)")
-            if h["latency_after"] and h["latency_before"]
-            else "—"
+        text = _compare_cells(h)
+        cells = {key: _e(value) for key, value in text.items()}
+        for key in ("size", "parameters", "latency", "wall", "kl"):  # each number with its unit on one line
+            cells[key] = ", ".join(_nowrap(part) for part in text[key].split(", "))
+        cells["output"] = (
+            f'<b>{_e(Path(text["output"]).name)}</b><br><span class="small muted">{_slashes(text["output"])}</span>'
         )
-        cells = [
-            ("output", "path", f"<b>{_e(Path(str(r.get('output', '?'))).name)}</b><br>"
-             f'<span class="small muted">{_e(str(r.get("output", "?")))}</span>'),
-            ("passes", "passes", _e(passes)),
-            ("size on disk", "num", size),
-            ("parameters", "num", _e(fmt_count(h["params_after"]))),
-            ("cosine to input" if has_cos else "perplexity", "num", quality_cell),
-            *([("KL to input", "num", _e(fmt_kl(h["kl"])) if h["kl"] else "—")] if has_kl else []),
-            ("quality", "", verdict),
-            *([("latency", "num", latency)] if has_latency else []),
-            ("wall time", "num", _e(fmt_seconds(h["wall_seconds"]))),
-        ]  # fmt: skip
+        if h["bytes_after"] is not None:
+            bar = f'<span class="bar" style="width:{60 * h["bytes_after"] / top_bytes:.0f}px"></span> '
+            cells["size"] = bar + cells["size"] + ('<span class="tag">smallest</span>' if i == smallest else "")
+        if h["ppl_after"] is not None and h["cosine_mean"] is None:
+            ratio = f" <span class='muted'>({h['ppl_ratio']:.3f}×)</span>" if h["ppl_ratio"] else ""
+            cells["value"] = _arrow(fmt_ppl(h["ppl_before"]), fmt_ppl(h["ppl_after"])) + ratio
+        if h["group"]:
+            cells["value"] += f'<span class="tag proto" title="evaluation protocol {h["group"]}">{h["group"]}</span>'
+        if h["best"]:
+            cells["value"] += f'<span class="tag">{_e(h["best"])}</span>'
+        if h["grade"] and (status := h["quality"]) not in (None, "ok"):
+            cells["grade"] = _grade_chip(h, False) + f' <span class="chip {_e(status)}">{_e(status)}</span>'
+        else:
+            cells["grade"] = _grade_chip(h, False) or "—"
         body.append(
-            f"<tr{' class=best' if i in (best, smallest) else ''}>"
+            f"<tr{' class=best' if h['best'] or i == smallest else ''}>"
             + "".join(
-                f'<td class="{cls}" data-label="{_e(label)}"><span>{html_}</span></td>' for label, cls, html_ in cells
+                f'<td class="{cls}" data-label="{_e(title)}"><span>{cells[key]}</span></td>'
+                for key, title, cls in columns
             )
             + "</tr>"
         )
     models = sorted({str(r.get("model")) for r in reports})
-    caveats = "".join(f'<div class="banner warning">{_e(c)}</div>' for c in _compare_caveats(reports))
+    protocol = _one_protocol(rows)
+    measured = f"Measured on {_e(protocol)}. " if protocol else ""
     body_html = (
         f'<header><p class="eyebrow">sparsify comparison · {len(reports)} outputs</p>'
-        f'<h1 class="path">{_e(", ".join(models))}</h1></header>{caveats}'
-        f'<section><div class="scroll"><table class="cmp">{head}{"".join(body)}</table></div>'
-        '<p class="small muted">Highlighted: the best perplexity (lowest after; for encoders the highest cosine'
-        " similarity) and the smallest size on disk.</p></section>" + _scatter(rows)
+        f"<h1>{', '.join(_short_path(m) for m in models)}</h1>"
+        f'<p class="small muted path">{_slashes(", ".join(models))}</p></header>'
+        + "".join(f'<div class="banner warning">{_e(c)}</div>' for c in caveats)
+        + f'<section><div class="scroll"><table class="cmp">{head}{"".join(body)}</table></div>'
+        f'<p class="small muted">{measured}Highlighted: the best perplexity (lowest after; for encoders the highest'
+        " cosine similarity) among outputs measured alike, and the smallest size on disk.</p></section>"
+        + _scatters(rows)
     )
     return _page("sparsify comparison", body_html)
 
@@ -1471,34 +1651,50 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def _scatter(rows: list[dict[str, Any]]) -> str:
-    """Size against perplexity after, one labelled point per output and one for the input: the trade-off."""
-    points = [(h["bytes_after"], h["ppl_after"], Path(str(h["report"].get("output", "?"))).name) for h in rows]
-    points = [p for p in points if p[0] and p[1] is not None and math.isfinite(p[1])]
-    inputs = {(h["bytes_before"], h["ppl_before"]) for h in rows if h["bytes_before"] and h["ppl_before"]}
-    if len(points) < 2:
+def _scatters(rows: list[dict[str, Any]]) -> str:
+    """Size against perplexity after, one chart per evaluation protocol (perplexities measured differently share no
+    axis); each with its input as a grey point where the outputs agree on one."""
+    charts = []
+    for group in dict.fromkeys(h["group"] for h in rows if h["group"] is not None and h["cosine_mean"] is None):
+        members = [h for h in rows if h["group"] == group and h["cosine_mean"] is None]
+        points = [(h["bytes_after"], h["ppl_after"], Path(str(h["report"].get("output", "?"))).name) for h in members]
+        points = [p for p in points if p[0] and _is_number(p[1])]
+        inputs = {(h["bytes_before"], h["ppl_before"]) for h in members if h["bytes_before"] and h["ppl_before"]}
+        if len(inputs) == 1:
+            points.append((*inputs.pop(), "input"))
+        if len(points) >= 2:
+            charts.append(_scatter(points, f"protocol {group}: " * bool(group) + members[0]["protocol"]))
+    if not charts:
         return ""
-    if len(inputs) == 1:
-        b, p = inputs.pop()
-        points.append((b, p, "input"))
-    w, h, left, bottom, top, right = 640, 300, 70, 44, 16, 24
+    return f"<section><h2>Size against quality</h2>{''.join(charts)}</section>"
+
+
+def _scatter(points: list[tuple[float, float, str]], protocol: str) -> str:
+    """One chart: a labelled point per output (and ``input``, grey); it scales to the width it is given."""
+    w, h, left, bottom, top, right = 480, 280, 74, 40, 14, 16
     unit = next(u for u in (1, 2**10, 2**20, 2**30, 2**40) if max(p[0] for p in points) / u < 1024 or u == 2**40)
     unit_name = {1: "B", 2**10: "KiB", 2**20: "MiB", 2**30: "GiB", 2**40: "TiB"}[unit]
     x_ticks = _nice_ticks(0.0, max(p[0] for p in points) / unit * 1.05)
     ys = [p[1] for p in points]
-    y_ticks = _nice_ticks(min(ys), max(ys), 4)
+    log = min(ys) > 0 and max(ys) / min(ys) > 20  # one output far off: a log axis keeps the others apart
+    if log:
+        y_ticks = [10.0**k for k in range(math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys))) + 1)]
+    else:
+        y_ticks = _nice_ticks(min(ys), max(ys), 4)
+    f = math.log10 if log else float
     x0, x1 = 0.0, x_ticks[-1] * unit
-    y0, y1 = y_ticks[0], y_ticks[-1]
+    y0, y1 = f(y_ticks[0]), f(y_ticks[-1])
 
     def sx(v: float) -> float:
         return left + (v - x0) / (x1 - x0) * (w - left - right)
 
     def sy(v: float) -> float:
-        return top + (y1 - v) / ((y1 - y0) or 1.0) * (h - top - bottom)
+        return top + (y1 - f(v)) / ((y1 - y0) or 1.0) * (h - top - bottom)
 
+    font = 12
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"'
-        f' aria-label="size against perplexity" font-size="{_SVG_FONT}">',
+        f' aria-label="size against perplexity" font-size="{font}">',
     ]
     for xv in x_ticks:
         out.append(
@@ -1507,87 +1703,69 @@ def _scatter(rows: list[dict[str, Any]]) -> str:
         out.append(f'<text x="{sx(xv * unit):.1f}" y="{h - bottom + 15}" text-anchor="middle">{xv:g}</text>')
     for yv in y_ticks:
         out.append(f'<line x1="{left}" y1="{sy(yv):.1f}" x2="{w - right}" y2="{sy(yv):.1f}" stroke="#eceef2"/>')
-        out.append(f'<text x="{left - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:g}</text>')
+        out.append(f'<text x="{left - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:,g}</text>')
     out += [
         f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#8a93a3"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#8a93a3"/>',
         f'<text x="{(left + w - right) / 2}" y="{h - 6}" text-anchor="middle" fill="#5d6678">size on disk'
         f" ({unit_name}) →</text>",
         f'<text transform="translate(14 {(top + h - bottom) / 2}) rotate(-90)" text-anchor="middle"'
-        ' fill="#5d6678">perplexity after (lower is better) →</text>',
+        f' fill="#5d6678">perplexity after{" (log scale)" * log} →</text>',
     ]
     placed: list[tuple[float, float, float, float]] = []  # label boxes so far: x0, y0, x1, y1
     for x, y, name in sorted(points, key=lambda p: (p[1], p[0])):
         fill = "#8a93a3" if name == "input" else "#2b5fad"
         cx, cy = sx(x), sy(y)
-        tw = len(name) * _SVG_FONT * 0.6
+        tw = len(name) * font * 0.6
         spot = None
         for dx, dy, anchor in ((8, -7, "start"), (8, 13, "start"), (-8, -7, "end"), (-8, 13, "end"), (8, 3, "start")):
             bx = cx + dx if anchor == "start" else cx + dx - tw
             box = (bx, cy + dy - 10, bx + tw, cy + dy + 2)
-            inside = box[0] >= left and box[2] <= w - 2 and box[1] >= 0
+            inside = box[0] >= left and box[2] <= w - 2 and box[1] >= 0 and box[3] <= h - bottom
             if inside and not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed):
                 spot = (dx, dy, anchor, box)
                 break
         dx, dy, anchor, box = spot or (8, -7, "start", (cx, cy, cx, cy))
         placed.append(box)
         out.append(
-            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{fill}"><title>{_e(name)}: {_e(_fmt_bytes(x))},'
-            f" perplexity {_e(fmt_ppl(y))}</title></circle>"
+            f'<circle class="{"input" if name == "input" else "output"}" cx="{cx:.1f}" cy="{cy:.1f}" r="5"'
+            f' fill="{fill}"><title>{_e(name)}: {_e(fmt_bytes(x))}, perplexity {_e(fmt_ppl(y))}</title></circle>'
             f'<text x="{cx + dx:.1f}" y="{cy + dy:.1f}" text-anchor="{anchor}">{_e(name)}</text>'
         )
     out.append("</svg>")
-    return (
-        '<section><h2>Size against quality</h2><p class="small muted">down and left is better; grey: the input'
-        f' model</p><div class="map" style="width:{w}px"><div class="scroll">{"".join(out)}</div></div></section>'
-    )
+    grey = "; grey: the input" if any(p[2] == "input" for p in points) else ""
+    caption = f'<p class="small muted">{_e(protocol)}; down and left is better{grey}</p>'
+    return f'<div class="chart">{caption}{"".join(out)}</div>'
+
+
+def _compare_plain(reports: list[dict[str, Any]]) -> tuple[list[str], list[str], list[list[str]], set[int]]:
+    """The comparison as plain text: the lines to read first, the header, one row per output (tags in brackets),
+    the columns of numbers."""
+    rows, lines, smallest = _compare_rows(reports)
+    columns = _compare_columns(rows)
+    table = []
+    for i, h in enumerate(rows):
+        cells = _compare_cells(h)
+        cells["size"] += " (smallest)" * (i == smallest)
+        cells["value"] += f" [{h['group']}]" * bool(h["group"]) + f" ({h['best']})" * bool(h["best"])
+        table.append([cells[key] for key, _, _ in columns])
+    if protocol := _one_protocol(rows):
+        lines.append(f"quality measured on {protocol}")
+    return lines, [title for _, title, _ in columns], table, {k for k, c in enumerate(columns) if "num" in c[2]}
 
 
 def render_compare_markdown(reports: list[dict[str, Any]]) -> str:
-    """:func:`render_compare_html` as a Markdown table; the best values in bold."""
-    rows, best, smallest = _compare_rows(reports)
-    has_cos = any(h["cosine_mean"] is not None for h in rows)
-    header = ["output", "passes", "size on disk", "parameters", "cosine to input" if has_cos else "perplexity"]
-    has_kl = any(h["kl"] for h in rows)
-    header += ["KL to input"] if has_kl else []
-    has_latency = any(h["latency_after"] for h in rows)
-    header += ["quality", *(["latency"] if has_latency else []), "wall time"]
-    table = []
-    for i, h in enumerate(rows):
-        r = h["report"]
-        size = "—"
-        if h["bytes_after"] is not None:
-            size = _fmt_bytes(h["bytes_after"]) + (
-                f" ({h['bytes_after'] / h['bytes_before']:.2f}×)" if h["bytes_before"] else ""
-            )
-        if has_cos:
-            q = f"{h['cosine_mean']:.4f}" if h["cosine_mean"] is not None else "—"
-        elif h["ppl_after"] is not None:
-            q = f"{fmt_ppl(h['ppl_before'])} → {fmt_ppl(h['ppl_after'])} ({h['ppl_ratio']:.3f}×)"
-        else:
-            q = "not measured"
-        latency = (
-            f"{fmt_seconds(h['latency_after'])} ({h['latency_before'] / h['latency_after']:.2f}× speed)"
-            if h["latency_after"] and h["latency_before"]
-            else "—"
-        )
-        cells = [
-            md(r.get("output", "?")),
-            md("; ".join(p.get("description", p.get("type", "?")) for p in r.get("passes") or []) or "—"),
-            f"**{md(size)}** (smallest)" if i == smallest else md(size),
-            md(fmt_count(h["params_after"])),
-            f"**{md(q)}** (best)" if i == best else md(q),
-            *([md(fmt_kl(h["kl"])) if h["kl"] else "—"] if has_kl else []),
-            md(h["quality"] or "—"),
-            *([md(latency)] if has_latency else []),
-            md(fmt_seconds(h["wall_seconds"])),
-        ]
-        table.append("| " + " | ".join(cells) + " |")
+    """:func:`render_compare_html` as a Markdown table."""
+    lines, header, table, _ = _compare_plain(reports)
     models = sorted({str(r.get("model")) for r in reports})
-    lines = [f"# sparsify comparison: {md(', '.join(models))}", ""]
-    lines += [f"> {md(c)}" for c in _compare_caveats(reports)]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *table]
-    return "\n".join(lines) + "\n"
+    out = [f"# sparsify comparison: {md(', '.join(models))}", "", *(f"> {md(line)}" for line in lines)]
+    return "\n".join([*out, "", *_md_table(header, table)]) + "\n"
+
+
+def render_compare_text(reports: list[dict[str, Any]]) -> str:
+    """:func:`render_compare_html` for a terminal: plain text, one row per output."""
+    lines, header, table, numbers = _compare_plain(reports)
+    return "\n".join([*lines, *([""] if lines else []), *_text_table(header, table, numbers)]) + "\n"
 
 
 CARD_KEYS = ("license", "license_name", "license_link", "language")

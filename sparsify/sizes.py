@@ -30,6 +30,15 @@ LM_HEADS = ("lm_head", "embed_out")  # gpt_neox calls its LM head embed_out
 MLP_ALIASES = ("block_sparse_moe",)
 
 
+def fmt_bytes(n: float) -> str:
+    """``804.0 MiB``: bytes in binary units, as every size sparsify prints reads."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _stem(name: str) -> str:
     """The module path of a tensor name (``...q_proj.weight`` → ``...q_proj``)."""
     return name.rsplit(".", 1)[0] if "." in name else name

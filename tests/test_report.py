@@ -246,7 +246,7 @@ def test_the_compare_page_warns_when_the_numbers_do_not_compare():
     other["model"] = "/models/qwen"
     other["eval"]["seq_len"] = 2048
     page = render_compare_html([_report("/out/a"), other])
-    assert "come from different models" in page and "different text or context lengths" in page
+    assert "come from different models" in page and "under 2 evaluation protocols" in page
     assert "banner" not in render_compare_html([_report("/out/a"), _report("/out/b")]).split("</style>")[1]
 
 
@@ -296,7 +296,7 @@ SVG = "<svg onload=alert(1)>"
 
 def _forged() -> dict:
     """A report with markup in every field a page shows, numbers included (as strings, where JSON allows any)."""
-    report = _report()
+    report = copy.deepcopy(_report())  # _report() shares its column lists
     for key in ("model", "output", "model_type", "created", "run_id", "loader", "sparsify_version", "seed"):
         report[key] = SVG
     report["eval"] = {"seq_len": SVG, "windows": SVG, "text": SVG, "before": 12.0, "after": 12.5}
