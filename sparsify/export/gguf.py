@@ -247,9 +247,11 @@ def _type_notes(tensors: list[Planned], layouts: dict[str, Layout], want: str) -
             if want != "auto"
             else "GGUF's block types hold blocks of 32 weights (Q4_0 and Q8_0 symmetric, Q4_1 with a minimum)"
         )
+        int4 = want == "auto" and any(layouts[s].bits == 4 for t in again for s in t.sources if s in layouts)
+        hint = " (sparsify quantize --group-size 32: int4 weights then export as stored)" if int4 else ""
         notes.append(
             f"{len(again)} quantized tensors rounded again ({'; '.join(kinds)} to {', '.join(types)}): {why};"
-            " their rounding errors add up"
+            f" their rounding errors add up{hint}"
         )
     deq = [t for t in tensors if t.how == "dequantized" and len(t.shape) > 1 and t.name.split(".")[-2] not in _KEEP_F32]
     if deq:

@@ -6,7 +6,8 @@ format that transformers and vLLM load.
 - type: quantize
   scheme: w4a16            # w8a8 | w8a8-static | w4a16 | w8a16
   method: gptq             # rtn | gptq
-  group_size: 64           # weight-only default 128; -1 per channel (8-bit weights: per channel)
+  group_size: 32           # w4a16 default: 128 where it divides every target's inputs, else 32 (GGUF's
+                           #   block: exports as stored); -1 per channel (w8a16's default)
   act_order: true          # GPTQ (default): columns in decreasing Hessian-diagonal order (static groups)
   symmetric: true          # false: asymmetric weights (weight-only schemes)
   observer: mse            # w8a8-static: mse | percentile | minmax (the input_scale)
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE activation scales
+DEFAULT_GROUP = 128  # w4a16's group size where it divides every target's inputs (llm-compressor's, vLLM's usual)
+GGUF_BLOCK = 32  # weights per GGUF Q4_0 / Q4_1 / Q8_0 block: w4a16's default elsewhere (the export keeps it as stored)
 
 
 class QATConfig(StrictModel):
@@ -80,7 +83,12 @@ class QuantizeConfig(LayerPassConfig):
         description="w8a8 (int8 activations per token), w8a8-static (one calibrated scale), w4a16, w8a16 (weight-only)"
     )
     method: Literal[tuple(QUANTIZE_METHODS)] = Field("gptq", description="weight rounding: round-to-nearest or GPTQ")
-    group_size: int | None = Field(None, description="weights per scale along the input; -1: per channel")
+    group_size: int | None = Field(
+        None,
+        description=f"weights per scale along the input; -1: per channel [default: w4a16: {DEFAULT_GROUP} where it"
+        f" divides every quantized Linear's inputs, else {GGUF_BLOCK}, GGUF's block (exports to GGUF as stored);"
+        " w8a16: per channel]",
+    )
     symmetric: bool = Field(
         True,
         description="weights symmetric around zero, or with a zero point (weight-only schemes)",
@@ -153,10 +161,25 @@ class QuantizeConfig(LayerPassConfig):
         return SCHEMES[self.scheme].activations
 
     @property
+    def group_auto(self) -> bool:
+        """Whether the group size is the default's to choose from the model's widths (w4a16 without group_size):
+        :meth:`QuantizePass.validate` resolves it before any work, into the config the run records."""
+        return self.group_size is None and self.activations is None and self.bits == 4
+
+    @property
     def weight_group(self) -> int | None:
+        """Inputs per weight scale (None: per channel); :data:`DEFAULT_GROUP` while :attr:`group_auto`."""
         if self.group_size == -1 or self.activations is not None:
             return None
-        return self.group_size if self.group_size is not None else (128 if self.bits == 4 else None)
+        return self.group_size if self.group_size is not None else (DEFAULT_GROUP if self.bits == 4 else None)
+
+    def gguf_type(self) -> str | None:
+        """The GGUF block type that holds these weights as stored in groups of :data:`GGUF_BLOCK` (None: none)."""
+        if self.activations is not None:
+            return None
+        if self.bits == 4:
+            return "Q4_0" if self.symmetric else "Q4_1"
+        return "Q8_0" if self.symmetric else None
 
     def quant_scheme(self) -> QuantScheme:
         g = self.weight_group
@@ -211,7 +234,7 @@ class QuantizePass(Pass):
     )
     command_examples = (
         "Examples: sparsify quantize ./model -o ./model-w8a8 --scheme w8a8 --smoothquant 0.5;"
-        " sparsify quantize ./model -o ./model-w4 --scheme w4a16 --method gptq --group-size 64"
+        " sparsify quantize ./model -o ./model-w4 --scheme w4a16 --method gptq --group-size 32"
     )
     config: QuantizeConfig
     kind = "quantize"
@@ -247,10 +270,11 @@ class QuantizePass(Pass):
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
         self.smoothed: list[str] = []
+        self.auto_group_why: str | None = None  # why the default group size is GGUF's block (see validate)
 
     def describe(self) -> str:
         c = self.config
-        group = f" g{c.weight_group}" if c.weight_group else ""
+        group = f" g{c.weight_group}" if c.weight_group and not c.group_auto else ""
         extra = (f" + SmoothQuant {c.smoothquant}" if c.smoothquant is not None else "") + (
             f" + QAT {c.qat.steps} steps" if c.qat else ""
         )
@@ -272,7 +296,7 @@ class QuantizePass(Pass):
         self.model = model
 
     def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
-        group = self.config.weight_group
+        widths: dict[str, int] = {}  # fqn -> inputs, every target of every layer
         for layer_targets in targets.values():
             for fqn, module in layer_targets.items():
                 if not isinstance(module, nn.Linear):
@@ -280,10 +304,36 @@ class QuantizePass(Pass):
                         f"{fqn} is a {type(module).__name__}, not an nn.Linear: the compressed-tensors format"
                         " (and vLLM) quantize nn.Linear modules only"
                     )
-                if group and module.in_features % group:
-                    divisors = [g for g in (32, 64, 128, 256) if module.in_features % g == 0]
-                    hint = f"; {', '.join(map(str, divisors))} divide it" if divisors else "; use -1 (per channel)"
-                    raise SparsifyError(f"group_size {group} does not divide {fqn}'s {module.in_features} inputs{hint}")
+                widths[fqn] = module.in_features
+        c = self.config
+        if c.group_auto:
+            self._resolve_group(widths)
+            return
+        group = c.weight_group
+        for fqn, width in widths.items():
+            if group and width % group:
+                raise SparsifyError(
+                    f"--group-size {group} does not divide {fqn}'s {width} inputs; {_group_hint(widths, c)}"
+                )
+
+    def _resolve_group(self, widths: dict[str, int]) -> None:
+        """w4a16's default group size for these targets: :data:`DEFAULT_GROUP` where it divides every one's inputs,
+        else :data:`GGUF_BLOCK` (noted). The pass's config then holds the number, which the report's settings name;
+        the choice is a function of the planned widths alone, so a ``--resume`` or a re-run chooses alike."""
+        group = DEFAULT_GROUP
+        odd = next(((fqn, w) for fqn, w in widths.items() if w % DEFAULT_GROUP), None)
+        if odd is not None:
+            group = GGUF_BLOCK
+            if (bad := next(((fqn, w) for fqn, w in widths.items() if w % GGUF_BLOCK), None)) is not None:
+                raise SparsifyError(
+                    f"the default group size ({DEFAULT_GROUP}, else {GGUF_BLOCK}) does not divide {bad[0]}'s"
+                    f" {bad[1]} inputs; set --group-size: {_group_hint(widths, self.config)}"
+                )
+            gguf = self.config.gguf_type()
+            stored = f"; {GGUF_BLOCK} exports to GGUF {gguf} as stored" if gguf else ""
+            self.auto_group_why = f"{DEFAULT_GROUP} does not divide {odd[0]}'s {odd[1]} inputs{stored}"
+        self.config = self.config.model_copy(update={"group_size": group})
+        self.scheme = self.config.quant_scheme()
 
     # ------------------------------------------------------------------------------- per layer
 
@@ -453,6 +503,11 @@ class QuantizePass(Pass):
     def notes(self) -> list[str]:
         c = self.config
         notes = []
+        if self.auto_group_why is not None:
+            notes.append(
+                f"pass {self.index}: {c.scheme} group size {c.weight_group} (the default's choice):"
+                f" {self.auto_group_why} (--group-size sets another)"
+            )
         if c.smoothquant is not None and self.smoothed:
             names = ", ".join(sorted(set(self.smoothed)))
             notes.append(f"pass {self.index}: SmoothQuant (alpha {c.smoothquant}) folded into {names} of every layer")
@@ -517,6 +572,19 @@ class QuantizePass(Pass):
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def _group_hint(widths: dict[str, int], config: QuantizeConfig) -> str:
+    """The group sizes that divide every target's inputs (``widths``: fqn -> inputs), the one that exports to GGUF
+    as stored marked; else per channel."""
+    fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+    fits = fits or [g for g in (16, 8) if all(w % g == 0 for w in widths.values())][:1]
+    gguf = config.gguf_type()
+    named = [f"{g} (exports to GGUF {gguf} as stored)" if g == GGUF_BLOCK and gguf else str(g) for g in fits]
+    if not named:
+        return "use -1 (per channel)"
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
+    return f"{listed} {'divides' if len(named) == 1 else 'divide'} every quantized Linear's inputs; -1: per channel"
 
 
 def _method_text(record: dict[str, Any]) -> str:
