@@ -173,7 +173,7 @@ SINGLE = World()
 
 class PeerLost(SparsifyError):
     """Another rank of the torchrun job ended (failed, killed): this one stops too. Like an interruption by signal,
-    a run started with ``--resume`` keeps its finished layers for the next ``--resume``."""
+    it keeps its finished layers for the next ``--resume``."""
 
     keep_partial = True
 

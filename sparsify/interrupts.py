@@ -33,7 +33,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
-        self.kept: str | None = None  # set when partial work was kept for --resume
+        self.kept: str | None = None  # set when partial work was kept for --resume: the work folder
+        self.kept_layers: int | None = None  # with kept: the finished layers kept (None: a complete output)
         self.finished: str | None = None  # set when the output was already complete and in place
 
     @property

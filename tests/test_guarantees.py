@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -200,24 +201,108 @@ def test_resume_after_a_kill_produces_the_same_bytes(deep, tmp_path):
     assert _leftovers(tmp_path, out) == []
 
 
-def test_sigterm_with_resume_keeps_finished_layers_and_resume_continues(deep, tmp_path):
-    out = tmp_path / "out"
-    args = ["prune", deep, "-o", out, *PRUNE, "--resume"]
-    r = _fault("sigterm@3", *args)
+def _kept(line: str, name: str, work: Path) -> tuple[int, list[str]]:
+    """``(layers kept, the command's arguments after 'sparsify')`` of an interruption's line that kept work."""
+    m = re.fullmatch(rf"interrupted \({name}\); (\d+) finished layers? kept in (.+); to continue, run: (.+)", line)
+    assert m is not None and m[2] == str(work), line
+    command = shlex.split(m[3])
+    assert command[0] == "sparsify" and command.count("--resume") == 1, line
+    return int(m[1]), command[1:]
+
+
+@pytest.mark.parametrize("first", [[], ["--resume"]], ids=["without-resume", "with-resume"])
+def test_a_signal_keeps_finished_layers_and_the_command_it_names_continues(deep, tmp_path, first):
+    """SIGTERM at layer 3 of 4 keeps the finished layers whether or not the run was given --resume, and its one
+    line names the command that continues: the same command with --resume (once), which writes the bytes of a
+    run never interrupted. A run without --resume is refused, the work kept (nothing lost silently)."""
+    out = tmp_path / "my out"  # a space: the command is shell-quoted
+    args = ["prune", str(deep), "-o", str(out), *PRUNE]
+    r = _fault("sigterm@3", *args, *first)
     assert r.returncode == 143, r.stderr
     (line,) = _error_lines(r.stderr)
-    assert line.startswith("interrupted (SIGTERM); finished layers kept in") and "--resume" in line
-    assert _leftovers(tmp_path, out) == [".out.partial"]
-    r = _fault("count", *args)
+    # checkpoints are skipped when saving one costs more than ~10% of the run, so under load the last kept
+    # one may be an earlier layer's: any count after 0 shows finished work was kept, and the resume starts there
+    done, command = _kept(line, "SIGTERM", tmp_path / ".my out.partial")
+    assert 1 <= done <= 3 and command == [*args, *first, *([] if first else ["--resume"])], line
+    assert _leftovers(tmp_path, out) == [".my out.partial"]
+    assert_user_error(run(*args), None, "--resume", "--overwrite", f"{done} layer")
+    assert _leftovers(tmp_path, out) == [".my out.partial"]
+    r = _fault("count", *command)
     assert r.returncode == 0, r.stderr
     notes = json.loads((out / "sparsify_report.json").read_text())["notes"]
-    # checkpoints are skipped when saving one costs more than ~10% of the run, so under load the last kept
-    # one may be an earlier layer's: any resume point after layer 0 shows finished work was kept
-    assert any(re.search(r"resumed at layer [123] of 4", n) for n in notes), notes
+    assert any(f"resumed at layer {done} of 4" in n for n in notes), notes
     reference = tmp_path / "reference"
     assert run("prune", deep, "-o", reference, *PRUNE).exit_code == 0
     assert _weights(out) == _weights(reference)
     assert _leftovers(tmp_path, out) == []
+
+
+def _stop_at_layer(monkeypatch, layer: int, error) -> None:
+    """Every layer-wise pass raises ``error()`` when it starts on ``layer`` (in this process)."""
+    from sparsify.passes import PASSES
+
+    for cls in {c for c in PASSES.values() if c.layerwise}:
+        original = cls.compress_layer
+
+        def compress_layer(self, work, _original=original):
+            if work.index == layer:
+                raise error()
+            return _original(self, work)
+
+        monkeypatch.setattr(cls, "compress_layer", compress_layer)
+
+
+def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume(deep, tmp_path, monkeypatch):
+    """In the library: a run stopped by a signal (Interrupted) or by another torchrun rank's end (PeerLost) once it
+    finished a layer keeps its layers in the work folder, given resume or not, and the Interrupted says where and
+    how many; one stopped in its first layer, or by an error, or inside discarding_interrupted_work (the demo,
+    which has no --resume) unless given resume, keeps nothing."""
+    from sparsify.checkpoint.output import StageState
+    from sparsify.distributed import PeerLost
+    from sparsify.interrupts import Interrupted
+    from sparsify.pipeline import Options
+    from sparsify.recipe import parse_recipe
+    from tests.zoo import compress
+
+    step = {"type": "prune", "method": "wanda", "sparsity": 0.5}
+    recipe = parse_recipe({"calibration": {"samples": 4, "seq_len": 32}, "passes": [step]})
+    out, work = tmp_path / "out", str(tmp_path / ".out.partial")
+    plain, replace, resume = Options(evaluate=False), Options(evaluate=False, overwrite=True), Options(resume=True)
+
+    def stopped(at: int, error, opts: Options) -> BaseException:
+        _stop_at_layer(monkeypatch, at, error)
+        with pytest.raises(BaseException) as e:
+            compress(deep, recipe, out, opts)
+        assert not out.exists()
+        return e.value
+
+    e = stopped(2, lambda: Interrupted(signal.SIGINT), plain)
+    assert e.kept == work and e.finished is None and not out.exists()
+    assert e.kept_layers in (1, 2)  # 1: the checkpoint after layer 1 skipped (slow)
+    assert _leftovers(tmp_path, out) == [".out.partial"]
+    from sparsify.checkpoint.output import discarding_interrupted_work
+
+    with discarding_interrupted_work():  # the demo's (it replaces its output each run)
+        e = stopped(2, lambda: Interrupted(signal.SIGINT), replace)
+        assert e.kept is None and _leftovers(tmp_path, out) == []
+        e = stopped(2, lambda: Interrupted(signal.SIGINT), resume)
+        assert e.kept == work and _leftovers(tmp_path, out) == [".out.partial"]
+    monkeypatch.undo()
+    checkpoint = StageState.checkpoint
+
+    def peer_lost(self, next_layer, *args):  # as _run_stages_with raises it when a collective fails
+        checkpoint(self, next_layer, *args)
+        raise PeerLost("torchrun: another rank ended")
+
+    monkeypatch.setattr(StageState, "checkpoint", peer_lost)
+    with pytest.raises(PeerLost):
+        compress(deep, recipe, out, replace)
+    assert _leftovers(tmp_path, out) == [".out.partial"] and not out.exists()
+    monkeypatch.undo()
+    e = stopped(2, lambda: RuntimeError("a failure"), replace)
+    assert isinstance(e, RuntimeError) and _leftovers(tmp_path, out) == []
+    e = stopped(0, lambda: Interrupted(signal.SIGTERM), plain)
+    assert e.kept is None and e.kept_layers is None and _leftovers(tmp_path, out) == []
 
 
 def test_resume_with_nothing_to_resume_just_runs(model_dir, tmp_path):
@@ -228,8 +313,9 @@ def test_resume_with_nothing_to_resume_just_runs(model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------ signals
 
 
-@pytest.mark.parametrize(("fault", "code", "name"), [("sigterm@1", 143, "SIGTERM"), ("del@1", 130, "SIGINT")])
+@pytest.mark.parametrize(("fault", "code", "name"), [("sigterm@0", 143, "SIGTERM"), ("del@0", 130, "SIGINT")])
 def test_signals_stop_the_run_clean_up_and_exit_with_the_signal_code(deep, tmp_path, fault, code, name):
+    """Stopped in its first layer (nothing finished, nothing worth keeping): everything goes, parents included."""
     out = tmp_path / "sub" / "out"
     before = _tree(deep)
     r = _fault(fault, "prune", deep, "-o", out, *PRUNE)
@@ -263,7 +349,9 @@ def test_signals_while_exporting_gguf_leave_the_file_whole_or_absent(model_dir, 
 
 def test_fault_injection_at_random_points(deep, tmp_path):
     """SIGINT, SIGTERM and SIGHUP at random calls into sparsify, and exceptions raised inside a pass:
-    every time the input is intact, nothing is left beside OUT, OUT is absent or complete, the exit is non-zero."""
+    every time the input is intact, OUT is absent or complete, the exit is non-zero, and nothing is left beside
+    OUT but, after a signal once a layer was finished, the work folder with those layers, which the command the
+    line names finishes to the bytes of a run never interrupted."""
     probe = _fault("count", "prune", deep, "-o", tmp_path / "probe", *PRUNE)
     assert probe.returncode == 0, probe.stderr
     total = int(probe.stderr.rsplit("calls=", 1)[1].split()[0])
@@ -276,7 +364,7 @@ def test_fault_injection_at_random_points(deep, tmp_path):
     faults += [f"{signals[k % 3]}@{total - k}" for k in (1, 8, 16, 20)]  # the rename, the report, the end
     faults += [f"raise@{k}" for k in (1, 3)]
     before = _tree(deep)
-    finished = 0
+    finished = kept = 0
     for i, fault in enumerate(faults):
         parent = tmp_path / f"run{i}"
         out = parent / "nested" / "out"
@@ -291,9 +379,17 @@ def test_fault_injection_at_random_points(deep, tmp_path):
             assert "after" in _error_lines(r.stderr)[0], fault
             assert (out / "sparsify_report.json").is_file() and (out / "model.safetensors").is_file()
             assert _leftovers(out.parent, out) == [], fault
+        elif "kept in" in r.stderr:  # a signal after a layer was finished: kept, and the line says how to go on
+            kept += 1
+            name = fault.split("@")[0]
+            _, command = _kept(_error_lines(r.stderr)[0], name, out.parent / ".out.partial")
+            assert [p.name for p in parent.rglob("*") if ".out.partial" not in str(p)] == ["nested"], fault
+            r = _fault("count", *command)
+            assert r.returncode == 0, (fault, r.stderr)
+            assert _weights(out) == _weights(tmp_path / "probe") and _leftovers(out.parent, out) == [], fault
         else:
             assert not parent.exists() or not any(parent.iterdir()), (fault, list(parent.rglob("*")))
-    assert 0 < finished < len(faults)  # both outcomes were exercised
+    assert 0 < finished < len(faults) and kept > 0  # every outcome was exercised
 
 
 # ------------------------------------------------------------------------------------------ one line
@@ -331,6 +427,40 @@ def test_no_arguments_still_show_help():
 def test_help_exits_zero():
     r = run("prune", "--help")
     assert r.exit_code == 0 and "--resume" in r.stdout
+
+
+def test_the_line_of_an_interruption_that_kept_work_names_the_command_that_continues(capsys, monkeypatch):
+    """The user's command line with --resume appended once (before a "--"), shell-quoted, as ``sparsify ...``
+    however it was started, never cut; under torchrun the same torchrun command with --resume."""
+    from sparsify.cli import _interrupted
+    from sparsify.interrupts import Interrupted
+
+    def line(*argv: str, layers: int | None = 5, world: str = "1") -> str:
+        monkeypatch.setattr(sys, "argv", list(argv))
+        monkeypatch.setenv("WORLD_SIZE", world)
+        e = Interrupted(signal.SIGINT)
+        e.kept, e.kept_layers = "/w/.out.partial", layers
+        assert _interrupted(e) == 130
+        return capsys.readouterr().err.strip()
+
+    head = "interrupted (SIGINT); 5 finished layers kept in /w/.out.partial; to continue, run"
+    cmd = ["prune", "m", "-o", "out", "--method", "wanda"]
+    assert line("/venv/bin/sparsify", *cmd) == f"{head}: sparsify prune m -o out --method wanda --resume"
+    assert line("/src/sparsify/__main__.py", *cmd) == f"{head}: sparsify prune m -o out --method wanda --resume"
+    assert line("sparsify", "prune", "my  model", "--resume", "-o", "o'ut") == (
+        f"{head}: sparsify prune 'my  model' --resume -o 'o'\"'\"'ut'"
+    )
+    assert line("sparsify", "prune", "-o", "out", "--", "-m") == f"{head}: sparsify prune -o out --resume -- -m"
+    deep = "/data/" + "d" * 700
+    assert line("sparsify", "prune", deep, "-o", "out") == f"{head}: sparsify prune {deep} -o out --resume"
+    assert line("sparsify", *cmd, layers=1, world="2") == (
+        "interrupted (SIGINT); 1 finished layer kept in /w/.out.partial; to continue, run the same torchrun"
+        " command with --resume: torchrun [its options] -m sparsify prune m -o out --method wanda --resume"
+    )
+    assert line("sparsify", "prune", "m\nx", "-o", "out") == f"{head} the same command with --resume"
+    assert line("sparsify", *cmd, layers=None).startswith(
+        "interrupted (SIGINT); its complete output kept in /w/.out.partial; to continue, run: sparsify prune"
+    )
 
 
 def test_interrupt_after_the_output_is_in_place_says_so(capsys):

@@ -14,13 +14,16 @@ Rules (docs/guarantees.md says how each is tested):
   records that the output is complete: a hard death until the rename leaves a folder ``--resume`` renames
   into place and ``--overwrite`` discards.
 - Every way a run can end cleans up (the partial folder and the parent folders it created), except
-  a hard death (SIGKILL, OOM killer, power loss), whose ``.OUT.partial`` a later ``--resume`` continues;
-  with ``--resume`` an interrupted run (SIGINT/SIGTERM/SIGHUP) keeps its finished layers as well.
+  a hard death (SIGKILL, OOM killer, power loss), whose ``.OUT.partial`` a later ``--resume`` continues,
+  and a run stopped by a signal (SIGINT/SIGTERM/SIGHUP) or by another torchrun rank's end after it finished
+  a layer, which keeps its finished layers there for ``--resume`` too, whether or not it was given
+  ``--resume`` (unless :func:`discarding_interrupted_work`: the demo, which cannot resume).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -48,6 +51,21 @@ STATE_DIR = ".sparsify-state"
 REPORT_MARKER = "sparsify_report.json"  # what makes a folder an earlier sparsify output
 FINISHED = "finished"  # in the state folder: the output around it is complete, only its rename into place is left
 HOLDER = "holder.json"  # in the state folder: the pid of the run that holds the folder's lock now
+
+# Whether a run stopped by a signal keeps its finished layers for ``--resume`` (see discarding_interrupted_work).
+_KEEP_INTERRUPTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsify_keep_interrupted", default=True)
+
+
+@contextlib.contextmanager
+def discarding_interrupted_work() -> Iterator[None]:
+    """Runs inside the block that are stopped by a signal discard their finished layers instead of keeping them
+    for ``--resume`` (unless they were given ``resume``): for a caller whose runs cannot be resumed (the demo,
+    which replaces its output each time)."""
+    token = _KEEP_INTERRUPTED.set(False)
+    try:
+        yield
+    finally:
+        _KEEP_INTERRUPTED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -548,8 +566,11 @@ def partial_output(
     The folder is locked first, so a second run into OUT is refused from the start; the block calls
     ``work.begin(run_info)`` once it knows what the run is (a resumed run is checked against it there).
     On any exception the work folder and the parent folders created for OUT are removed, except that
-    with ``resume`` an interruption by signal keeps finished layers for the next ``--resume``, and an
-    unfinished run's folder that this run did not take over is left as it was.
+    an interruption by signal (or an exception marked ``keep_partial``) after a layer was finished keeps the
+    finished layers for the next ``--resume``, whether or not this run was given ``resume`` (not inside
+    :func:`discarding_interrupted_work`), and an unfinished run's folder that this run did not take over is
+    left as it was. An :class:`~sparsify.interrupts.Interrupted` is told where its work was kept and how many
+    layers (``kept``, ``kept_layers``), or that the output was already in place (``finished``).
     """
     created = _make_parents(out.path.parent)
     partial: Partial | None = None
@@ -560,15 +581,21 @@ def partial_output(
         partial.finish(out, overwrite)
     except BaseException as e:
         if partial is not None and partial.resumed and not partial.begun:  # someone else's work: untouched
+            if isinstance(e, interrupts.Interrupted) and (done := partial.progress()) > 0:
+                e.kept, e.kept_layers = str(partial.dir), None if partial.output_complete else done
             partial.release()
             raise
         with interrupts.deferred():
             finished = partial is not None and partial.finished
             stopped = isinstance(e, interrupts.Interrupted) or getattr(e, "keep_partial", False)
-            keep = stopped and resume and partial is not None and partial.progress() > 0
+            wanted = stopped and (resume or _KEEP_INTERRUPTED.get()) and not finished
+            done = partial.progress() if wanted and partial is not None else 0
+            keep = done > 0  # a run stopped before it finished a layer has nothing worth keeping
             if isinstance(e, interrupts.Interrupted):
                 e.finished = out.shown if finished else None
-                e.kept = str(partial.dir) if keep and not finished and partial is not None else None
+                if keep and partial is not None:
+                    e.kept = str(partial.dir)
+                    e.kept_layers = None if partial.output_complete else done
             if partial is not None and not finished and not keep:
                 partial.discard()
             if not finished and not keep:
