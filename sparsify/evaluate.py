@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,9 +27,26 @@ from sparsify.loading import load
 from sparsify.modules import replaying
 from sparsify.progress import NoProgress, Progress, library_bars_silenced
 from sparsify.runtime.format import read_config
+from sparsify.sizes import fmt_bytes
 
 BATCH_TOKENS = 2048  # tokens per evaluation forward: the logits (tokens × vocab floats) dominate memory
-DEFAULT_EVAL_WINDOWS = 16  # windows of the perplexity a compressing run measures before and after
+DEFAULT_EVAL_WINDOWS = 16  # windows of the embedded (or held-out) text every perplexity is measured on
+
+
+def eval_window_count(data: str | None, asked: int | None = None) -> int | None:
+    """How many windows a perplexity reads: ``asked``, else :data:`DEFAULT_EVAL_WINDOWS` of the embedded held-out
+    text or of a run's held-out calibration windows (``data`` None), else every window of the user's text. One rule
+    for the demo, ``sparsify eval`` and every run's before and after, so that one label means one number."""
+    if asked is not None:
+        return asked
+    return DEFAULT_EVAL_WINDOWS if data is None or str(data) == BUILTIN_EVAL else None
+
+
+def protocol_label(info: dict[str, Any]) -> str:
+    """What a perplexity was measured on, as printed beside it: ``builtin:pydoc-topics-heldout, 16 windows × 512
+    tokens`` (``info``: an :func:`evaluate` result or one of its ``by_length`` entries with the text's name)."""
+    n = int(info["windows"])
+    return f"{info.get('text')}, {n} window{'s' if n != 1 else ''} × {info['seq_len']} tokens"
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -93,6 +110,7 @@ def perplexity(
     batch_size: int = 4,
     progress: Progress | None = None,
     each: Callable[[Tensor], None] | None = None,
+    description: str = "perplexity, batches",
 ) -> float:
     """``exp(mean NLL)`` over every predicted token of ``windows: (W, L)``; ``each``, given, is handed every
     batch's log-probabilities of the next token ``(B, L - 1, V)`` (float32, on the model's device)."""
@@ -100,7 +118,7 @@ def perplexity(
     nll, count = 0.0, 0
     chunks = windows.split(batch_size)
     device = next(model.parameters()).device
-    for chunk in progress.track(chunks, len(chunks), "evaluating perplexity"):
+    for chunk in progress.track(chunks, len(chunks), description):
         interrupts.check()
         chunk = chunk.to(device)
         logits = model(input_ids=chunk, use_cache=False).logits.float()  # (B, L, V)
@@ -215,14 +233,6 @@ def _vocab(model: nn.Module) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 @dataclass(frozen=True)
 class SavedLogprobs:
     """A model's log-probabilities of the next token over evaluation windows ``(W, L)``, on disk: ``path`` holds them
@@ -249,7 +259,7 @@ class SavedLogprobs:
             return None
         return (
             f"the reference's log-probabilities over {windows.shape[0] * (windows.shape[1] - 1):,} tokens × {vocab:,}"
-            f" vocabulary entries need {_size(need)} in {self.path.parent}, {_size(free)} free"
+            f" vocabulary entries need {fmt_bytes(need)} in {self.path.parent}, {fmt_bytes(free)} free"
         )
 
     def problem(self, windows: Tensor) -> str | None:
@@ -343,6 +353,20 @@ class KLMeter:
         }
 
 
+class CachedReference(Protocol):
+    """A reference model's measurement kept between runs (:mod:`sparsify.references`): its perplexity (None until
+    measured) and log-probabilities."""
+
+    @property
+    def logprobs(self) -> SavedLogprobs: ...
+
+    def perplexity(self) -> dict[str, Any] | None: ...
+
+    def store(self, info: dict[str, Any]) -> None: ...
+
+    def release(self) -> None: ...
+
+
 def _hooks(*hooks: Callable[[Tensor], None] | None) -> Callable[[Tensor], None] | None:
     kept = [h for h in hooks if h is not None]
     if not kept:
@@ -369,6 +393,8 @@ def evaluate(
     text_name: str | None = None,
     save_logprobs: SavedLogprobs | None = None,
     kl_from: SavedLogprobs | None = None,
+    label: str | None = None,
+    cache: Callable[[Tensor], CachedReference | None] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the model at ``path`` on ``data`` (default: held-out embedded text), with settings.
 
@@ -377,13 +403,21 @@ def evaluate(
     named ``text_name``) is evaluated instead of ``data``: windows held out of a run's calibration text.
     At the first length, ``save_logprobs`` receives the model's log-probabilities of every next token (a KL's
     reference), and with ``kl_from`` (a reference's, on the same windows) the result's ``kl`` is the KL of this
-    model's from them (:class:`KLMeter`).
+    model's from them (:class:`KLMeter`). ``cache``, given the tokens, returns the model's entry in a cache of
+    measurements on them, if it has one: its perplexity is returned instead of measured again (with neither
+    ``save_logprobs`` nor ``kl_from``).
     """
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
     if stream is None:
         tokenizer = load_tokenizer(path, trust_remote_code)
         text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
         stream, text_name = tokenize(text, tokenizer), text.name
+    if cache is not None and save_logprobs is None and kl_from is None and (entry := cache(stream)) is not None:
+        try:
+            if (found := entry.perplexity()) is not None:
+                return {k: v for k, v in found.items() if k != "measured_at"} | {"cached": found.get("measured_at")}
+        finally:
+            entry.release()
     first_windows = eval_windows(stream, lengths[0], max_windows)
     meter = KLMeter(kl_from, first_windows) if kl_from is not None else None  # refused before the model loads
     model = load_causal_lm(path, dtype, trust_remote_code, device)
@@ -397,7 +431,9 @@ def evaluate(
         windows = eval_windows(stream, length, max_windows)
         each = _hooks(writer, meter) if k == 0 else None
         try:
-            ppl = perplexity(model, windows, max(1, BATCH_TOKENS // length), progress, each)
+            shown = protocol_label({"text": text_name, "windows": windows.shape[0], "seq_len": length})
+            what = f"perplexity of {label or Path(path).name} ({shown}), batches"
+            ppl = perplexity(model, windows, max(1, BATCH_TOKENS // length), progress, each, what)
         finally:
             if writer is not None and k == 0:
                 writer.close(complete=sys.exc_info()[0] is None)
@@ -408,6 +444,7 @@ def evaluate(
     info = {
         **first,
         "text": text_name,
+        "digest": _digest(first_windows),  # which windows: two perplexities compare only on the same ones
         "stride": first["seq_len"],
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
@@ -432,11 +469,14 @@ def evaluate_with_reference(
     text_column: str | None = None,
     shown: str | None = None,
     required: bool = True,
+    cache: Callable[[Tensor], CachedReference | None] | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate`, with ``kl``: the KL of the model's next-token distribution from the ``reference`` model's
     (``shown``: as the user named it) on the same windows, at the first length. The reference is evaluated first,
     its log-probabilities streamed to a temporary file (under TMPDIR) and the model freed: one model in memory.
-    Without room for that file the KL is refused, or (not ``required``) left out with a line under ``notes``."""
+    Without room for that file the KL is refused, or (not ``required``) left out with a line under ``notes``.
+    ``cache``, given the evaluation tokens, returns the reference's entry in a cache of measurements (held until this
+    returns): its measurement is taken from it, or made into it."""
     shown = shown or str(reference)
     config, ref_config = (read_config(p, trust_remote_code) for p in (path, reference))
     if is_encoder(ref_config.model_type):
@@ -460,18 +500,33 @@ def evaluate_with_reference(
     text = load_text(data, default=BUILTIN_EVAL, text_column=text_column, tokenizer=tokenizer)
     stream = tokenize(text, tokenizer)
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
+    first = eval_windows(stream, lengths[0], max_windows)  # (W, L)
+    entry = cache(stream) if cache is not None else None
     with tempfile.TemporaryDirectory(prefix="sparsify-kl-") as tmp:
-        saved = SavedLogprobs(Path(tmp) / "reference-logprobs")
-        if (problem := saved.space_problem(eval_windows(stream, lengths[0], max_windows), int(vocab or 0))) is not None:
-            if required:
-                raise SparsifyError(f"KL not measured: {problem} (fewer windows: --max-windows N; elsewhere: TMPDIR)")
+        try:
+            ref = entry.perplexity() if entry is not None else None
+            if entry is not None and ref is not None and entry.logprobs.problem(first) is not None:
+                entry.release()  # measured without its log-probabilities: measured again, here
+                entry, ref = None, None
+            saved = entry.logprobs if entry is not None else SavedLogprobs(Path(tmp) / "reference-logprobs")
+            if ref is None:
+                if (problem := saved.space_problem(first, int(vocab or 0))) is not None:
+                    if required:
+                        raise SparsifyError(
+                            f"KL not measured: {problem} (fewer windows: --max-windows N; elsewhere: TMPDIR)"
+                        )
+                    info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
+                                    stream=stream, text_name=text.name)  # fmt: skip
+                    return {**info, "notes": [f"KL to {shown} not measured: {problem}"]}
+                ref = evaluate(reference, None, lengths[0], max_windows, dtype, trust_remote_code, progress, device,
+                               stream=stream, text_name=text.name, save_logprobs=saved, label=f"the reference {shown}")  # fmt: skip
+                if entry is not None:
+                    entry.store(ref)
             info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
-                            stream=stream, text_name=text.name)  # fmt: skip
-            return {**info, "notes": [f"KL to {shown} not measured: {problem}"]}
-        ref = evaluate(reference, None, lengths[0], max_windows, dtype, trust_remote_code, progress, device,
-                       stream=stream, text_name=text.name, save_logprobs=saved)  # fmt: skip
-        info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
-                        stream=stream, text_name=text.name, kl_from=saved)  # fmt: skip
+                            stream=stream, text_name=text.name, kl_from=saved)  # fmt: skip
+        finally:
+            if entry is not None:
+                entry.release()
     info["kl"].update(reference=shown, reference_perplexity=ref["perplexity"])
     return info
 

@@ -15,6 +15,7 @@ compress(model, recipe, out)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -24,6 +25,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +79,21 @@ from sparsify.evaluate import (
     before_after,
     embedding_similarity,
     eval_lengths,
+    eval_window_count,
     evaluate,
     forward_seconds,
     load_tokenizer,
     perplexity,
     perplexity_of_hidden,
+    protocol_label,
 )
 from sparsify.passes import Pass
 from sparsify.plan import Plan, Stage, checked_config, config_from_dict, make_plan
-from sparsify.progress import NoProgress, Progress
+from sparsify.progress import NOTICE, NoProgress, Progress
 from sparsify.recipe import Recipe
+from sparsify.references import evict, open_reference, reference_key
 from sparsify.report import build_report, model_card, quality_verdict, write_report
-from sparsify.sizes import source_sizes
+from sparsify.sizes import fmt_bytes, source_sizes
 from sparsify.verify import check_finite, check_written
 
 log = logging.getLogger(__name__)
@@ -246,7 +251,10 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
     opts = replace(opts, device=device_of(world, resolve_device(opts.device)))
 
     # The work folder is claimed (locked) first: a second run into OUT is refused from the start.
-    with partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=reads) as work:
+    with (
+        partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=reads) as work,
+        contextlib.ExitStack() as held,  # the input's cached measurement, read until the output's KL is measured
+    ):
         run = world.checked(lambda: _before_work(md, recipe, opts))
         info = _run_info(md, run.recipe, run.tokens, opts, work.recorded_files())
         world.same("model, recipe or calibration data", {k: v for k, v in info.items() if k not in _PER_RANK})
@@ -254,13 +262,14 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
         world.checked(lambda: work.begin(info, opts.overwrite))
         if world.checked(lambda: _complete(work, world)):  # killed after the output was complete: rename it
             return work.report()
-        before = _measure(md.path, run, opts, save=_reference_logprobs(work.dir)) if not world.active else None
+        measure_input = partial(_measure_input, md, run, opts, info["model"], work.dir, held)
+        before = measure_input() if not world.active else None
         done = _run_stages_with(world, md, run, opts, work)
         # Under torchrun the ranks part here: rank 0 checks and measures as one process (a loader that sees a
         # process group, as compressed-tensors' does, would wait for ranks that have finished).
         end_world(world)
         if world.leader:
-            before = before or _measure(md.path, run, opts, save=_reference_logprobs(work.dir))
+            before = before or measure_input()
             report, quality = _conclude(md, run, opts, done, work.dir, before, str(model_path), target.shown, t_start)
     if not world.leader:  # a follower's copy was scratch: rank 0 wrote, checked and measured the output
         shutil.rmtree(target.path, ignore_errors=True)
@@ -290,9 +299,8 @@ def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path,
     report and the quality verdict."""
     _write_files(md, run, done.config, folder)
     done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
-    after = _measure(folder, run, opts, kl_from=_reference_logprobs(folder))
-    if kl_note := before.note or after.note:
-        done.notes.append(kl_note)
+    after = _measure(folder, run, opts, kl_from=before.logprobs)
+    done.notes += [n for n in (before.note, after.note) if n]
     eval_info = _eval_info(md, folder, run, opts, before, after, done.before_recovery)
     quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)
     report = _report(md, run, opts, done, model=model, shown=shown, out_dir=folder, eval_info=eval_info,
@@ -375,6 +383,7 @@ class _Measured:
     perplexity: dict[str, Any] | None
     seconds: float | None
     note: str | None = None
+    logprobs: SavedLogprobs | None = None  # the input's: the output's KL reference (None: not saved)
 
 
 def _reference_logprobs(work_dir: Path) -> SavedLogprobs:
@@ -399,11 +408,50 @@ def _measure(
             if save is not None:  # an interrupted run's, were it left, is not taken for this one's
                 save.meta_path.unlink(missing_ok=True)
             note, save, kl_from = f"KL to the input not measured: {problem}", None, None
-        ppl = _perplexity(path, run, opts, save, kl_from)
-    seconds = None
-    if opts.latency:
-        seconds = forward_seconds(path, _latency_len(run), torch.float32, opts.trust_remote_code, opts.device)
-    return _Measured(ppl, seconds, note)
+        ppl = _perplexity(path, run, opts, save, kl_from, "the input" if kl_from is None else "the output")
+    return _Measured(ppl, _seconds(path, run, opts), note, save)
+
+
+def _seconds(path: Path, run: _Run, opts: Options) -> float | None:
+    if not opts.latency:
+        return None
+    return forward_seconds(path, _latency_len(run), torch.float32, opts.trust_remote_code, opts.device)
+
+
+def _measure_input(
+    md: ModelDir, run: _Run, opts: Options, fingerprint: str, work_dir: Path, held: contextlib.ExitStack
+) -> _Measured:
+    """The input measured (:func:`_measure`), or its measurement on this protocol taken from the cache
+    (:mod:`sparsify.references`): measured once per model and protocol, by whichever run came first. The entry
+    stays ``held`` (not evicted) until the output's KL has read it; while another run measures the same entry,
+    this one measures into its work folder (kept there for ``--resume``)."""
+    if run.eval_stream is None or is_encoder(run.config.model_type):
+        return _measure(md.path, run, opts)
+    count = _eval_window_count(opts)
+    key = reference_key(fingerprint, run.eval_stream, run.eval_lengths, count, str(_dtype(run.recipe)), opts.device)
+    windows = eval_windows(run.eval_stream, run.eval_lengths[0], count)  # (W, L)
+    ref = open_reference(key, usable=lambda r: r.logprobs.problem(windows) is None)
+    if ref is None:
+        return _measure(md.path, run, opts, save=_reference_logprobs(work_dir))
+    held.callback(ref.release)
+    if (info := ref.perplexity()) is not None:
+        when = info.get("measured_at", "earlier")
+        log.info("the input's perplexity on %s: %.3f, measured %s (cached)", protocol_label(info),
+                 info["perplexity"], when)  # fmt: skip
+        note = f"the input's perplexity and log-probabilities on these windows taken from the cache (measured {when})"
+        return _Measured(info, _seconds(md.path, run, opts), note, ref.logprobs)
+    measured = _measure(md.path, run, opts, save=ref.logprobs)
+    if measured.perplexity is not None:
+        ref.store(measured.perplexity)
+        evict(keep=ref.dir.name)
+        log.log(
+            NOTICE,
+            "the input's perplexity and log-probabilities on these windows (%s) are kept in %s for"
+            " later runs of this model (sparsify cache --clear frees them)",
+            fmt_bytes(ref.bytes),
+            ref.dir.parent,
+        )
+    return measured
 
 
 def _eval_info(
@@ -479,6 +527,8 @@ def _before_work(md: ModelDir, recipe: Recipe, opts: Options) -> _Run:
     if opts.dtype is not None:
         recipe = recipe.model_copy(update={"dtype": str(opts.dtype).removeprefix("torch.")})
     plan = make_plan(recipe, cfg, _config_of(md, cfg, opts), opts.trust_remote_code, _dtype(recipe))
+    # the defaults the plan resolved on this model (w4a16's group size) written into OUT/recipe.yaml as numbers
+    recipe = recipe.model_copy(update={"passes": [p.config for p in plan.passes]})
     layered = bool(plan.layer_passes)
     _check_world(plan, recipe, opts.world)
     notes: list[str] = list(plan.notes)
@@ -860,7 +910,7 @@ def _latency_len(run: _Run) -> int:
 
 
 def _eval_window_count(opts: Options) -> int | None:
-    return opts.eval_max_windows or (None if opts.eval_data else DEFAULT_EVAL_WINDOWS)
+    return eval_window_count(opts.eval_data, opts.eval_max_windows)
 
 
 def _probe(run: _Run, opts: Options) -> list[torch.Tensor] | None:
@@ -874,7 +924,12 @@ def _probe(run: _Run, opts: Options) -> list[torch.Tensor] | None:
 
 
 def _perplexity(
-    path: Path, run: _Run, opts: Options, save: SavedLogprobs | None = None, kl_from: SavedLogprobs | None = None
+    path: Path,
+    run: _Run,
+    opts: Options,
+    save: SavedLogprobs | None = None,
+    kl_from: SavedLogprobs | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     return evaluate(
         path,
@@ -889,6 +944,7 @@ def _perplexity(
         text_name=run.eval_name,
         save_logprobs=save,
         kl_from=kl_from,
+        label=label,
     )
 
 

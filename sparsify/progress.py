@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
+
+# A log level between info and warning: a one-time line a user should see without -v, though nothing is wrong (what
+# a cache keeps on disk and how to free it). The CLI prints it as "note: ...".
+NOTICE = logging.INFO + 5
 
 
 class Progress(Protocol):

@@ -17,6 +17,19 @@ else:
 from tests import zoo
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory):
+    """sparsify's cache (converted GGUF models, the input measurements runs reuse) in the session's own folder:
+    nothing read from or left in the user's (subprocesses inherit it)."""
+    previous = os.environ.get("SPARSIFY_CACHE")
+    os.environ["SPARSIFY_CACHE"] = str(tmp_path_factory.mktemp("sparsify-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SPARSIFY_CACHE", None)
+    else:
+        os.environ["SPARSIFY_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory):
     """Factory: a saved tiny model folder per family (and dtype), built once per session."""

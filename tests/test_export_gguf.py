@@ -176,6 +176,7 @@ def quantized(source, tmp_path_factory):
         "w4-asym": {"scheme": "w4a16", "group_size": 32, "symmetric": False},
         "w8": {"scheme": "w8a16", "group_size": 32},
         "w4-g64": {"scheme": "w4a16", "group_size": 64},
+        "w4-default": {"scheme": "w4a16"},  # hidden 64: 128 does not divide it, so groups of 32
         "w8a8": {"scheme": "w8a8"},
     }
     made = {}
@@ -229,10 +230,19 @@ def test_quantized_is_exported_as_stored(name, qtype, quantized, tmp_path):
         torch.testing.assert_close(_logits(_from_gguf(out)), _source_logits(src), rtol=0, atol=0)
 
 
+def test_the_default_w4a16_group_of_a_model_128_does_not_divide_exports_as_stored(quantized, tmp_path):
+    """SmolLM2's case (hidden 576; here 64): w4a16's default group size is GGUF's block, so nothing is rounded
+    again."""
+    summary = export(quantized("w4-default"), tmp_path / "m.gguf")
+    assert summary["types"]["Q4_0"] == summary["as_stored"] == 14 and summary["requantized"] == 0
+    assert summary["notes"] == []
+
+
 def test_other_layouts_are_requantized_with_a_note(quantized, tmp_path):
     summary = export(quantized("w4-g64"), tmp_path / "g64.gguf")
     assert summary["requantized"] == 14 and summary["types"]["Q4_0"] == 14
     assert any("int4 symmetric in groups of 64" in n and "to Q4_0" in n for n in summary["notes"]), summary["notes"]
+    assert any("--group-size 32: int4 weights then export as stored" in n for n in summary["notes"])
     summary = export(quantized("w8a8"), tmp_path / "w8a8.gguf")
     assert summary["requantized"] == 14 and summary["types"]["Q8_0"] == 14
     assert any("per channel to Q8_0" in n for n in summary["notes"])
@@ -564,11 +574,16 @@ def test_without_o_nothing_is_written(source):
 
 
 def test_a_gguf_input_loads_quietly(gguf_input, tmp_path):
-    """Reading a .gguf goes through transformers, whose own tqdm bar would leak onto stderr: silenced."""
+    """Reading a .gguf goes through transformers, whose own tqdm bar would leak onto stderr: silenced. The float32
+    copy it is converted to, once, is announced with its size and how to free it; the second read says nothing."""
     result = run("export", "gguf", gguf_input, "-o", tmp_path / "out.gguf")
     assert result.exit_code == 0, result.output
     assert "Converting" not in result.stderr and "it/s" not in result.stderr, result.stderr
-    assert [line for line in result.stderr.splitlines() if not line.startswith("writing GGUF")] == []
+    (note,) = [line for line in result.stderr.splitlines() if not line.startswith("writing GGUF")]
+    assert note.startswith("note: model.gguf converted to float32") and "sparsify cache --clear" in note, note
+    assert "KiB kept in" in note or "MiB kept in" in note, note
+    again = run("export", "gguf", gguf_input, "-o", tmp_path / "again.gguf")
+    assert [line for line in again.stderr.splitlines() if not line.startswith("writing GGUF")] == []
 
 
 def test_stale_partials_of_dead_exports_are_removed(source, tmp_path):

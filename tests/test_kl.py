@@ -1,5 +1,5 @@
 """KL of a model's next-token distribution from a reference's: the maths, `eval --reference`, every run's
-before/after (the input's log-probabilities streamed through the work folder), the report and the comparison."""
+before/after (the input's log-probabilities kept in the cache of measurements), the report and the comparison."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import transformers as T
 from sparsify.algorithms.metrics import kl_stats
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import KLMeter, LogprobWriter, SavedLogprobs
+from sparsify.references import reference_root
 from tests import zoo
 from tests.test_cli import assert_user_error, run
 
@@ -121,7 +122,8 @@ def test_a_run_reports_kl_and_eval_measures_it_from_the_recorded_input(model_dir
     assert "<th class='num'>KL to input</th>" in run("report", out, "--compare", other, "--format", "html").stdout
 
 
-def test_a_resumed_run_measures_the_input_again_when_its_logprobs_are_gone(tmp_path):
+def test_a_resumed_run_measures_the_input_again_when_its_cached_logprobs_are_gone(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))
     model = zoo.save("llama", tmp_path / "llama4", layers=4)
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert run("prune", model, "-o", whole, "--sparsity", "0.5", *RUN).exit_code == 0
@@ -131,9 +133,9 @@ def test_a_resumed_run_measures_the_input_again_when_its_logprobs_are_gone(tmp_p
     killed = subprocess.run([sys.executable, "-m", "tests.faults", "kill@2", "--", *map(str, args)], cwd=root,
                             env=env, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    saved = list((tmp_path / ".out.partial" / ".sparsify-state").glob("reference-logprobs*"))
-    assert len(saved) == 3, saved  # the input's, measured before the layers
-    for f in saved:
+    saved = list(reference_root().glob("*/logprobs*"))
+    assert len(saved) == 3, saved  # the input's, measured once (by the first run) and kept in the cache
+    for f in saved:  # the cache cleared (or evicted) while the run was down
         f.unlink()
     r = run(*args, "--resume")
     assert r.exit_code == 0, r.output
@@ -147,11 +149,13 @@ def test_a_resumed_run_measures_the_input_again_when_its_logprobs_are_gone(tmp_p
 def test_logprobs_lost_before_the_output_is_measured_give_a_note_not_a_number(model_dir, tmp_path, monkeypatch):
     import sparsify.pipeline as pipeline
 
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))
+
     stages = pipeline._run_stages_with
 
     def stages_then_lose_them(world, md, run_, opts, work):
         done = stages(world, md, run_, opts, work)
-        for f in (work.dir / ".sparsify-state").glob("reference-logprobs*"):
+        for f in reference_root().glob("*/logprobs*"):
             f.unlink()
         return done
 
