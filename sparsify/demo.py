@@ -75,7 +75,6 @@ def run_demo(
     """Prune SmolLM2 with ``method`` into ``output`` (default: :func:`default_output`, replaced each time) and
     measure perplexity before and after as every run does (16 windows x 512 tokens of the embedded held-out
     text, the same ``sparsify eval`` reads: :func:`sparsify.evaluate.eval_window_count`)."""
-    from sparsify.checkpoint.output import discarding_interrupted_work
     from sparsify.pipeline import Options, compress
     from sparsify.recipe import parse_recipe
 
@@ -84,9 +83,9 @@ def run_demo(
     if sparsity is not None:
         step["sparsity"] = sparsity
     recipe = parse_recipe({"calibration": {"samples": samples, "seq_len": 512}, "passes": [step]}, "demo")
-    options = Options(overwrite=True, eval_data=BUILTIN_EVAL, progress=progress, device=device)
-    with discarding_interrupted_work():  # no --resume here: an interrupted demo keeps nothing (the next starts over)
-        return compress(model, recipe, output or default_output(), options)
+    # no --resume here: an interrupted demo keeps nothing (the next one starts over)
+    options = Options(overwrite=True, eval_data=BUILTIN_EVAL, progress=progress, device=device, keep_interrupted=False)
+    return compress(model, recipe, output or default_output(), options)
 
 
 def next_step(report: dict[str, Any]) -> str:

@@ -118,6 +118,7 @@ class Options:
     latency: bool = False  # measure a forward's wall time before and after (the report's headline)
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     resume: bool = False  # continue an unfinished run into the same output (same model, recipe, settings)
+    keep_interrupted: bool = True  # a run stopped by a signal keeps its finished layers for --resume
     revision: str | None = None  # branch, tag or commit when the model is a Hugging Face Hub repo id
     progress: Progress = field(default_factory=NoProgress)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in the report: which run wrote an output
@@ -252,7 +253,9 @@ def compress(model_path: str | Path, recipe: Recipe, out: str | Path, options: O
 
     # The work folder is claimed (locked) first: a second run into OUT is refused from the start.
     with (
-        partial_output(target, overwrite=opts.overwrite, resume=opts.resume, protect=reads) as work,
+        partial_output(
+            target, overwrite=opts.overwrite, resume=opts.resume, protect=reads, keep_interrupted=opts.keep_interrupted
+        ) as work,
         contextlib.ExitStack() as held,  # the input's cached measurement, read until the output's KL is measured
     ):
         run = world.checked(lambda: _before_work(md, recipe, opts))
@@ -300,6 +303,9 @@ def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path,
     _write_files(md, run, done.config, folder)
     done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
     after = _measure(folder, run, opts, kl_from=before.logprobs)
+    if after.perplexity is not None and "kl" in after.perplexity:  # this run's input (the cache names whichever
+        given = Path(model).expanduser()  # run's path measured the same bytes first)
+        after.perplexity["kl"]["reference"] = str(given.absolute() if given.exists() else md.path.absolute())
     done.notes += [n for n in (before.note, after.note) if n]
     eval_info = _eval_info(md, folder, run, opts, before, after, done.before_recovery)
     quality = quality_verdict(eval_info, opts.max_ppl_ratio, WARN_PPL_RATIO)

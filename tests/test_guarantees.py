@@ -255,7 +255,7 @@ def _stop_at_layer(monkeypatch, layer: int, error) -> None:
 def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume(deep, tmp_path, monkeypatch):
     """In the library: a run stopped by a signal (Interrupted) or by another torchrun rank's end (PeerLost) once it
     finished a layer keeps its layers in the work folder, given resume or not, and the Interrupted says where and
-    how many; one stopped in its first layer, or by an error, or inside discarding_interrupted_work (the demo,
+    how many; one stopped in its first layer, or by an error, or with keep_interrupted off (the demo,
     which has no --resume) unless given resume, keeps nothing."""
     from sparsify.checkpoint.output import StageState
     from sparsify.distributed import PeerLost
@@ -267,7 +267,7 @@ def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume
     step = {"type": "prune", "method": "wanda", "sparsity": 0.5}
     recipe = parse_recipe({"calibration": {"samples": 4, "seq_len": 32}, "passes": [step]})
     out, work = tmp_path / "out", str(tmp_path / ".out.partial")
-    plain, replace, resume = Options(evaluate=False), Options(evaluate=False, overwrite=True), Options(resume=True)
+    plain, replace = Options(evaluate=False), Options(evaluate=False, overwrite=True)
 
     def stopped(at: int, error, opts: Options) -> BaseException:
         _stop_at_layer(monkeypatch, at, error)
@@ -280,13 +280,11 @@ def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume
     assert e.kept == work and e.finished is None and not out.exists()
     assert e.kept_layers in (1, 2)  # 1: the checkpoint after layer 1 skipped (slow)
     assert _leftovers(tmp_path, out) == [".out.partial"]
-    from sparsify.checkpoint.output import discarding_interrupted_work
-
-    with discarding_interrupted_work():  # the demo's (it replaces its output each run)
-        e = stopped(2, lambda: Interrupted(signal.SIGINT), replace)
-        assert e.kept is None and _leftovers(tmp_path, out) == []
-        e = stopped(2, lambda: Interrupted(signal.SIGINT), resume)
-        assert e.kept == work and _leftovers(tmp_path, out) == [".out.partial"]
+    demo = Options(evaluate=False, overwrite=True, keep_interrupted=False)  # the demo's (it replaces its output)
+    e = stopped(2, lambda: Interrupted(signal.SIGINT), demo)
+    assert e.kept is None and _leftovers(tmp_path, out) == []
+    e = stopped(2, lambda: Interrupted(signal.SIGINT), Options(resume=True, keep_interrupted=False))
+    assert e.kept == work and _leftovers(tmp_path, out) == [".out.partial"]
     monkeypatch.undo()
     checkpoint = StageState.checkpoint
 

@@ -4,6 +4,7 @@ and measure the input once per model and protocol (the cache of measurements, sp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,13 @@ def test_the_input_is_measured_once_per_model_and_protocol(tmp_path, own_cache, 
     assert loads.count(model) == 1, "eval OUT measured the input again"
     assert kl["reference_perplexity"] == a["eval"]["before"]
     assert kl["mean"] == pytest.approx(b["eval"]["kl"]["mean"], rel=1e-4)
+
+    # the same bytes in another folder are the same model; the report names this run's input as the KL reference
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    r = run("prune", copy, "-o", tmp_path / "from-copy", "--sparsity", "0.5", *RUN, "--json")
+    assert r.exit_code == 0 and loads.count(copy) == 0, r.output
+    assert json.loads(r.stdout)["eval"]["kl"]["reference"] == str(copy.absolute())
 
     # another protocol (other windows) is another measurement
     r = run("prune", model, "-o", tmp_path / "third", "--sparsity", "0.5", *RUN[:4], "--eval-seq-len", "32")

@@ -17,13 +17,12 @@ Rules (docs/guarantees.md says how each is tested):
   a hard death (SIGKILL, OOM killer, power loss), whose ``.OUT.partial`` a later ``--resume`` continues,
   and a run stopped by a signal (SIGINT/SIGTERM/SIGHUP) or by another torchrun rank's end after it finished
   a layer, which keeps its finished layers there for ``--resume`` too, whether or not it was given
-  ``--resume`` (unless :func:`discarding_interrupted_work`: the demo, which cannot resume).
+  ``--resume`` (unless ``keep_interrupted`` is off: the demo, which cannot resume).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 import shutil
@@ -51,21 +50,6 @@ STATE_DIR = ".sparsify-state"
 REPORT_MARKER = "sparsify_report.json"  # what makes a folder an earlier sparsify output
 FINISHED = "finished"  # in the state folder: the output around it is complete, only its rename into place is left
 HOLDER = "holder.json"  # in the state folder: the pid of the run that holds the folder's lock now
-
-# Whether a run stopped by a signal keeps its finished layers for ``--resume`` (see discarding_interrupted_work).
-_KEEP_INTERRUPTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsify_keep_interrupted", default=True)
-
-
-@contextlib.contextmanager
-def discarding_interrupted_work() -> Iterator[None]:
-    """Runs inside the block that are stopped by a signal discard their finished layers instead of keeping them
-    for ``--resume`` (unless they were given ``resume``): for a caller whose runs cannot be resumed (the demo,
-    which replaces its output each time)."""
-    token = _KEEP_INTERRUPTED.set(False)
-    try:
-        yield
-    finally:
-        _KEEP_INTERRUPTED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -560,6 +544,7 @@ def partial_output(
     overwrite: bool = False,
     resume: bool = False,
     protect: list[Path] | None = None,
+    keep_interrupted: bool = True,
 ) -> Iterator[Partial]:
     """Build the output in a locked work folder; rename it to OUT when the block completes.
 
@@ -567,8 +552,8 @@ def partial_output(
     ``work.begin(run_info)`` once it knows what the run is (a resumed run is checked against it there).
     On any exception the work folder and the parent folders created for OUT are removed, except that
     an interruption by signal (or an exception marked ``keep_partial``) after a layer was finished keeps the
-    finished layers for the next ``--resume``, whether or not this run was given ``resume`` (not inside
-    :func:`discarding_interrupted_work`), and an unfinished run's folder that this run did not take over is
+    finished layers for the next ``--resume``, whether or not this run was given ``resume`` (unless
+    ``keep_interrupted`` is off and ``resume`` not given: a caller whose runs cannot be resumed), and an unfinished run's folder that this run did not take over is
     left as it was. An :class:`~sparsify.interrupts.Interrupted` is told where its work was kept and how many
     layers (``kept``, ``kept_layers``), or that the output was already in place (``finished``).
     """
@@ -588,7 +573,7 @@ def partial_output(
         with interrupts.deferred():
             finished = partial is not None and partial.finished
             stopped = isinstance(e, interrupts.Interrupted) or getattr(e, "keep_partial", False)
-            wanted = stopped and (resume or _KEEP_INTERRUPTED.get()) and not finished
+            wanted = stopped and (resume or keep_interrupted) and not finished
             done = partial.progress() if wanted and partial is not None else 0
             keep = done > 0  # a run stopped before it finished a layer has nothing worth keeping
             if isinstance(e, interrupts.Interrupted):
