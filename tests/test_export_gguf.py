@@ -341,7 +341,7 @@ def test_refusals_are_one_line_and_write_nothing(source, model_dir, tmp_path):
                                       calibrate=False), bigbird)  # fmt: skip
     assert_user_error(run("export", "gguf", bigbird, "-o", out), out, "only in sparsify's runtime")
     assert_user_error(run("export", "gguf", model_dir("gpt2"), "-o", out), out, "no architecture", "'gpt2'")
-    assert_user_error(run("export", "gguf", source("llama"), "-o", out, "--type", "q5_k"), out, "--type")
+    assert_user_error(run("export", "gguf", source("llama"), "-o", out, "--type", "q4_k_m"), out, "--type")
     assert_user_error(run("export", "gguf", source("llama"), "-o", tmp_path / "x.bin"), None, "does not end in .gguf")
     gemma2 = model_dir("gemma2")  # query_pre_attn_scalar 256 with head_dim 16: llama.cpp would scale by 1/4
     assert_user_error(run("export", "gguf", gemma2, "-o", out), out, "query_pre_attn_scalar is 256", "head_dim")
@@ -468,7 +468,7 @@ def test_export_is_in_the_help_and_made_from_the_registry():
     assert listed.exit_code == 0 and all(name in listed.stdout for name in FORMATS)
     text = " ".join(run("export", "gguf", "-h").stdout.split()).replace("python -m ", "")
     assert "Usage: sparsify export gguf MODEL [OPTIONS]" in text
-    assert "--type auto|f32|f16|bf16|q8_0|q4_0|q4_1" in text and "--overwrite" in text and "--json" in text
+    assert "--type auto|f32|f16|bf16|q8_0|q6_k|q5_k|q5_1|q5_0|q4_k|q4_1|q4_0|q3_k|q2_k" in text and "--overwrite" in text and "--json" in text
 
 
 def test_blocks_are_ggml_layout_byte_for_byte():

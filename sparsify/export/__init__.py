@@ -24,10 +24,13 @@ from sparsify.progress import NoProgress, Progress
 
 
 class GgufConfig(StrictModel):
-    tensor_type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] = Field(
+    tensor_type: Literal[
+        "auto", "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k"
+    ] = Field(
         "auto",
         description="tensor type of the weight matrices: auto keeps quantized layouts as stored (others rounded to"
-        " the nearest GGUF block type) and floats in 16 bits (bf16 stays bf16, else f16); q* (re)quantize",
+        " the nearest GGUF block type) and floats in 16 bits (bf16 stays bf16, else f16); q* (re)quantize (*_k:"
+        " llama.cpp's K-quants, rows not whole blocks of 256 in llama-quantize's fallback type)",
         json_schema_extra={"flag": "--type"},
     )
 

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsify.algorithms.kquants import KTYPES, QK_K, quantize_k
 from sparsify.arch import GGUF_ARCHITECTURES, SPARSIFY_TYPE_PREFIX, GgufArch, layer_windows, lookup
 from sparsify.errors import SparsifyError
-from sparsify.export import GgufConfig
+from sparsify.export import GgufConfig, kquant_blocks
 from sparsify.export import ggml_blocks as blocks
 from sparsify.export.gguf_vocab import Vocab, chat_template, merges, read_vocab
 from sparsify.export.gguf_weights import Layout, Stored, read_layout, read_quantized, stack
@@ -48,10 +49,13 @@ _EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<index>\d+)\.(?P<linear>[^.]+)
 _QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
 _KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers stay in F32, as llama.cpp's converter keeps them
 _ONE_ROW = ("ffn_gate_inp_shexp",)  # a (1, hidden) Linear that llama.cpp reads as a vector
-# with 4-bit --type, the embeddings and the output head take Q8_0: llama.cpp's quantizer gives them more bits too
-# (Q6_K, which gguf-py does not write), and a tied embedding is also the output head
+# with 4-bit --type, the embeddings and the output head take more bits, as llama.cpp's quantizer gives them (Q8_0 for
+# the legacy types, Q6_K for the K types); a tied embedding is also the output head
 _WIDE = ("token_embd", "output")
 _ROPE_TYPES = (None, "default", "linear")
+# what llama-quantize writes for a K type where a tensor's rows are not whole super-blocks of 256
+# (llama-quant.cpp's fallback; IQ4_NL where it has it for Q2_K/Q3_K, which gguf-py cannot write: Q4_0 here)
+K_FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -207,10 +211,12 @@ def _choose(t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: 
     from gguf import GGMLQuantizationType as Q
 
     floats = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
-    quants = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+    quants = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}
     kind = t.name.split(".")[-2]
     if len(t.shape) == 1 or kind in _KEEP_F32:
         return Q.F32, "dequantized" if parts else "float"
+    if want in KTYPES:
+        return _choose_k(t, want, bool(parts))
     fits = t.shape[-1] % blocks.BLOCK == 0
     if parts:
         stored = parts[0].gguf_type() if quantized and len(set(parts)) == 1 else None
@@ -231,6 +237,22 @@ def _choose(t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: 
     if want in quants:
         return Q.F16, "float"
     return (Q.BF16 if dtype == torch.bfloat16 else Q.F16), "float"
+
+
+def _choose_k(t: Planned, want: str, quantized: bool) -> tuple[Any, str]:
+    """A K-quant ``want`` for one matrix: in that type where its rows are whole super-blocks of 256, else in
+    llama-quantize's fallback for it (Q4_0, Q5_0, Q5_1, Q8_0; F16 where rows are not whole blocks of 32 either); the
+    embeddings and output head of a 2- to 5-bit file in Q6_K (Q8_0 as fallback), as llama-quantize gives them."""
+    from gguf import GGMLQuantizationType as Q
+
+    how = "requantized" if quantized else "quantized"
+    wide = t.name.split(".")[-2] in _WIDE and want != "q6_k"
+    name = "q6_k" if wide else want
+    if t.shape[-1] % QK_K == 0:
+        return Q[name.upper()], how
+    if t.shape[-1] % blocks.BLOCK == 0:
+        return Q[K_FALLBACK[name]], how
+    return Q.F16, "dequantized" if quantized else "float"
 
 
 def _type_notes(tensors: list[Planned], layouts: dict[str, Layout], want: str) -> list[str]:
@@ -260,6 +282,14 @@ def _type_notes(tensors: list[Planned], layouts: dict[str, Layout], want: str) -
     fallback = [t for t in tensors if t.how in ("float", "dequantized") and t.qtype == Q.F16 and t.shape[-1] % 32]
     if fallback:
         notes.append(f"{len(fallback)} tensors in F16: rows of {fallback[0].shape[-1]} are not whole blocks of 32")
+    short = [t for t in tensors if len(t.shape) > 1 and t.shape[-1] % QK_K and t.qtype not in (Q.F32, Q.F16)]
+    if want in KTYPES and short:
+        types = ", ".join(f"{n} {q}" for q, n in sorted(Counter(t.qtype.name for t in short).items()))
+        widths = ", ".join(str(w) for w in sorted({t.shape[-1] for t in short}))
+        notes.append(
+            f"{len(short)} tensors not in {want.upper()} ({types}, llama-quantize's fallback): rows of {widths} are"
+            f" not whole super-blocks of {QK_K}"
+        )
     return notes
 
 
@@ -544,6 +574,10 @@ def _encode(t: Planned, w: Stored) -> np.ndarray:
         else:
             data = blocks.q8_0(codes, scale)
         return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
+    if t.qtype.name.lower() in KTYPES:  # ours: gguf-py does not quantize K types
+        x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
+        data = kquant_blocks.pack(quantize_k(x, t.qtype.name.lower()))
+        return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
     x = w.tensor.to(torch.float32).contiguous().numpy()  # type: ignore[union-attr]
     if t.qtype == Q.F32:
         return x
@@ -614,7 +648,9 @@ def _file_type(tensors: list[Planned]) -> int:
     counts = Counter(t.qtype for t in tensors if len(t.shape) > 1)
     top = counts.most_common(1)[0][0] if counts else Q.F32
     return int({Q.F32: F.ALL_F32, Q.F16: F.MOSTLY_F16, Q.BF16: F.MOSTLY_BF16, Q.Q8_0: F.MOSTLY_Q8_0,
-                Q.Q4_0: F.MOSTLY_Q4_0, Q.Q4_1: F.MOSTLY_Q4_1}[top])  # fmt: skip
+                Q.Q4_0: F.MOSTLY_Q4_0, Q.Q4_1: F.MOSTLY_Q4_1, Q.Q5_0: F.MOSTLY_Q5_0, Q.Q5_1: F.MOSTLY_Q5_1,
+                Q.Q2_K: F.MOSTLY_Q2_K, Q.Q3_K: F.MOSTLY_Q3_K_S, Q.Q4_K: F.MOSTLY_Q4_K_S, Q.Q5_K: F.MOSTLY_Q5_K_S,
+                Q.Q6_K: F.MOSTLY_Q6_K}[top])  # fmt: skip
 
 
 def _tokenizer_metadata(w, vocab: Vocab, folder: Path) -> None:

@@ -1,0 +1,106 @@
+"""`sparsify export gguf --type q2_k..q6_k`: llama.cpp's K-quants, packed by us (gguf-py quantizes none of them),
+with llama-quantize's fallbacks where rows are not whole super-blocks; what transformers' GGUF loader reads back is
+exactly our dequantized weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from sparsify.algorithms.kquants import dequantize_k, quantize_k
+from tests import zoo
+from tests.test_cli import assert_user_error, run
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A 1-layer Llama whose rows are whole super-blocks of 256 but the MLP's down projection's (320: whole
+    blocks of 32 only), with untied embeddings."""
+    config = T.LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=256, intermediate_size=320, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide")
+    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    zoo.tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _expected(name: str, w: torch.Tensor, qtype) -> torch.Tensor:
+    """What a weight written in ``qtype`` decodes to: our K-quant, or gguf-py's own rounding for the others."""
+    if qtype.name.endswith("_K"):
+        return dequantize_k(quantize_k(w, qtype.name.lower()))
+    if qtype == Q.F32:
+        return w
+    data = gguf.quants.quantize(w.numpy(), qtype)
+    return torch.from_numpy(gguf.quants.dequantize(data, qtype).copy()).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def exported(wide, tmp_path_factory):
+    """Factory: ``wide`` exported in a K type once per module: ``(file, summary)``."""
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def get(ktype: str) -> tuple[Path, dict]:
+        if ktype not in made:
+            out = tmp_path_factory.mktemp(ktype) / "m.gguf"
+            r = run("export", "gguf", wide, "-o", out, "--type", ktype, "--json")
+            assert r.exit_code == 0, r.output
+            made[ktype] = out, json.loads(r.stdout)
+        return made[ktype]
+
+    return get
+
+
+# Q2_K and Q5_K share Q4_K's path here (affine sub-blocks); their blocks are checked against gguf-py in test_kquants
+@pytest.mark.parametrize("ktype", ["q3_k", "q4_k", "q6_k"])
+def test_k_types_read_back_as_our_weights_with_llama_quantizes_fallbacks(wide, exported, ktype):
+    out, summary = exported(ktype)
+    fallback = {"q2_k": Q.Q4_0, "q3_k": Q.Q4_0, "q4_k": Q.Q5_0, "q5_k": Q.Q5_1, "q6_k": Q.Q8_0}[ktype]
+    want = Q[ktype.upper()]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_gate.weight"] == want
+    assert types["blk.0.ffn_down.weight"] == fallback  # rows of 320
+    assert types["output.weight"] == types["token_embd.weight"] == Q.Q6_K  # more bits, as llama-quantize gives
+    note = f"1 tensors not in {ktype.upper()} (1 {fallback.name}, llama-quantize's fallback): rows of 320"
+    assert note in summary["notes"][0], summary["notes"]
+
+    source = T.AutoModelForCausalLM.from_pretrained(wide).eval()
+    loaded = T.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    read = loaded.state_dict()
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    expected = {}
+    for name, w in source.state_dict().items():
+        if w.dim() < 2:
+            continue
+        short = name.split(".")[-2]
+        gname = "output.weight" if name == "lm_head.weight" else "token_embd.weight" if "embed" in name else (
+            f"blk.0.{gguf_names[short]}.weight")  # fmt: skip
+        expected[name] = _expected(name, w, types[gname])
+        assert torch.equal(read[name], expected[name]), name  # bit for bit (q/k rows permuted and back: rows alone)
+    ours = T.AutoModelForCausalLM.from_pretrained(wide).eval()
+    ours.load_state_dict({**ours.state_dict(), **expected})
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+
+def test_k_file_type_whole_blocks_and_an_unknown_type(wide, exported, tmp_path):
+    reader = gguf.GGUFReader(exported("q4_k")[0])
+    field = reader.fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == gguf.LlamaFileType.MOSTLY_Q4_K_S
+    # every K tensor's bytes are whole ggml blocks of its type
+    for t in reader.tensors:
+        if t.tensor_type.name.endswith("_K"):
+            block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            assert np.asarray(t.data).nbytes == int(np.prod(t.shape)) // block * size
+    assert_user_error(run("export", "gguf", wide, "-o", tmp_path / "x.gguf", "--type", "q4_km"), None, "q4_km")
