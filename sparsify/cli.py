@@ -735,8 +735,8 @@ def eval_cmd(
         if kl := result.get("kl"):
             line += (
                 f"\nKL to reference {kl['mean']:.4g} mean, {kl['p99']:.4g} p99 per token; top-1 agreement"
-                f" {kl['top1']:.2%}  ({kl['reference']}, perplexity {kl['reference_perplexity']:.3f}; {kl['tokens']}"
-                f" tokens at {kl['seq_len']})"
+                f" {kl['top1']:.2%}  ({kl['reference']}, perplexity {kl['reference_perplexity']:.3f}; {kl['tokens']:,}"
+                f" tokens in windows of {kl['seq_len']})"
             )
         bad = [r for r in result.get("by_length", [result]) if not math.isfinite(r["perplexity"])]
         if bad:

@@ -468,7 +468,11 @@ def test_export_is_in_the_help_and_made_from_the_registry():
     assert listed.exit_code == 0 and all(name in listed.stdout for name in FORMATS)
     text = " ".join(run("export", "gguf", "-h").stdout.split()).replace("python -m ", "")
     assert "Usage: sparsify export gguf MODEL [OPTIONS]" in text
-    assert "--type auto|f32|f16|bf16|q8_0|q6_k|q5_k|q5_1|q5_0|q4_k|q4_1|q4_0|q3_k|q2_k" in text and "--overwrite" in text and "--json" in text
+    assert (
+        "--type auto|f32|f16|bf16|q8_0|q6_k|q5_k|q5_1|q5_0|q4_k|q4_1|q4_0|q3_k|q2_k" in text
+        and "--overwrite" in text
+        and "--json" in text
+    )
 
 
 def test_blocks_are_ggml_layout_byte_for_byte():
