@@ -719,10 +719,11 @@ def eval_cmd(
         if ref is not None:
             cache = _measurements(ref, lengths[:1], windows, torch_dtype, device, create=True)
             result = evaluate_with_reference(
-                md.path, ref, *args, shown=shown, required=reference is not None, cache=cache
+                md.path, ref, *args, shown=shown, required=reference is not None, cache=cache, label=model
             )
         else:
-            result = evaluate(md.path, *args, cache=_measurements(md.path, lengths, windows, torch_dtype, device))
+            cache = _measurements(md.path, lengths, windows, torch_dtype, device)
+            result = evaluate(md.path, *args, cache=cache, label=model)
         notes = [*result.pop("notes", []), *([note] if note else [])]
         if notes:
             result["notes"] = notes
@@ -792,13 +793,16 @@ def _kl_reference(model: Path, given: str | None) -> tuple[Path | None, str, str
 
 @app.command(
     epilog="Examples: sparsify report ./model-wanda50 --format html > report.html;"
-    " sparsify report ./wanda --compare ./sparsegpt --compare ./w4a16 --format html > compare.html",
+    " sparsify report ./wanda ./sparsegpt ./w4a16 --format html > compare.html",
     context_settings=HELP,
     cls=_Command,
 )
 @handle_errors
 def report(
-    output: Annotated[Path, typer.Argument(metavar="OUT", help="a sparsify output folder")],
+    outputs: Annotated[
+        list[Path],
+        typer.Argument(metavar="OUT...", help="a sparsify output folder; several: side by side, as --compare"),
+    ],
     compare: Annotated[
         list[Path] | None,
         typer.Option(metavar="OUT2", help="more outputs of the same model, side by side with OUT (repeatable)"),
@@ -825,6 +829,8 @@ def report(
     from sparsify.inspect import checkpoint_totals
 
     text = format is None and (full or sys.stdout.isatty())  # Markdown when written to a file or a pipe
+    output, *more = outputs
+    compare = [*more, *(compare or [])]
     data = r.read_report(output)
     if compare:
         reports = [data, *(r.read_report(p) for p in compare)]

@@ -470,6 +470,7 @@ def evaluate_with_reference(
     shown: str | None = None,
     required: bool = True,
     cache: Callable[[Tensor], CachedReference | None] | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate`, with ``kl``: the KL of the model's next-token distribution from the ``reference`` model's
     (``shown``: as the user named it) on the same windows, at the first length. The reference is evaluated first,
@@ -516,14 +517,14 @@ def evaluate_with_reference(
                             f"KL not measured: {problem} (fewer windows: --max-windows N; elsewhere: TMPDIR)"
                         )
                     info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
-                                    stream=stream, text_name=text.name)  # fmt: skip
+                                    stream=stream, text_name=text.name, label=label)  # fmt: skip
                     return {**info, "notes": [f"KL to {shown} not measured: {problem}"]}
                 ref = evaluate(reference, None, lengths[0], max_windows, dtype, trust_remote_code, progress, device,
                                stream=stream, text_name=text.name, save_logprobs=saved, label=f"the reference {shown}")  # fmt: skip
                 if entry is not None:
                     entry.store(ref)
             info = evaluate(path, None, lengths, max_windows, dtype, trust_remote_code, progress, device,
-                            stream=stream, text_name=text.name, kl_from=saved)  # fmt: skip
+                            stream=stream, text_name=text.name, kl_from=saved, label=label)  # fmt: skip
         finally:
             if entry is not None:
                 entry.release()

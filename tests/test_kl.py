@@ -116,6 +116,7 @@ def test_a_run_reports_kl_and_eval_measures_it_from_the_recorded_input(model_dir
     assert "KL to input" in page.stdout, page.stdout
     assert "KL to the input" in run("report", out, "--format", "html").stdout
     compare = run("report", out, "--compare", other)
+    assert run("report", out, other).stdout == compare.stdout  # several outputs as arguments: the same comparison
     header = next(line for line in compare.stdout.splitlines() if line.startswith("| output"))
     assert "| perplexity | KL to input |" in header, compare.stdout
     assert "top-1" in compare.stdout.split(header)[1]
