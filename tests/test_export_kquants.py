@@ -104,3 +104,70 @@ def test_k_file_type_whole_blocks_and_an_unknown_type(wide, exported, tmp_path):
             block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
             assert np.asarray(t.data).nbytes == int(np.prod(t.shape)) // block * size
     assert_user_error(run("export", "gguf", wide, "-o", tmp_path / "x.gguf", "--type", "q4_km"), None, "q4_km")
+
+
+# ----------------------------------------------------------------------------------------- the importance
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n\n".join(zoo.training_text()))
+    return path
+
+
+def _naive_importance(folder: Path, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean square of every decoder Linear's input columns, by hooks on the whole model's forward."""
+    model = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = windows.numel()
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()  # (N, in)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            m.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        model(windows)
+    return {k: (v / count).float() for k, v in sums.items()}
+
+
+def test_the_importance_is_each_linears_mean_square_input(wide, calib_text):
+    from sparsify.checkpoint import open_model
+    from sparsify.data import load_text, sample_windows, tokenize
+    from sparsify.evaluate import load_tokenizer
+    from sparsify.export.importance import input_importance
+
+    md = open_model(wide)
+    found = input_importance(md, str(calib_text), samples=4, seq_len=32, seed=3)
+    tok = load_tokenizer(wide)
+    windows = sample_windows(tokenize(load_text(str(calib_text), tokenizer=tok), tok), 4, 32, 3)
+    naive = _naive_importance(wide, windows)
+    assert sorted(found) == sorted(naive) and len(found) == 7
+    for name, imp in naive.items():
+        torch.testing.assert_close(found[name], imp, rtol=1e-4, atol=1e-7)
+
+
+def test_k_tensors_are_fitted_to_the_importance_and_reproducible(wide, calib_text, tmp_path):
+    from sparsify.checkpoint import open_model
+    from sparsify.export.importance import input_importance
+
+    args = ["--type", "q4_k", "--calib", calib_text, "--samples", "4", "--seq-len", "32", "--seed", "3"]
+    first, again, plain = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    for out in (first, again):
+        r = run("export", "gguf", wide, "-o", out, *args, "--json")
+        assert r.exit_code == 0, r.output
+    assert first.read_bytes() == again.read_bytes()  # the same settings: the same bytes
+    assert run("export", "gguf", wide, "-o", plain, "--type", "q4_k", "--importance", "none").exit_code == 0
+    assert first.read_bytes() != plain.read_bytes()
+    imp = input_importance(open_model(wide), str(calib_text), samples=4, seq_len=32, seed=3)
+    w = T.AutoModelForCausalLM.from_pretrained(wide).state_dict()["model.layers.0.mlp.gate_proj.weight"]
+    read = {t.name: t for t in gguf.GGUFReader(first).tensors}["blk.0.ffn_gate.weight"]
+    decoded = torch.from_numpy(gguf.quants.dequantize(read.data, Q.Q4_K).copy()).reshape(w.shape)
+    assert torch.equal(decoded, dequantize_k(quantize_k(w, "q4_k", imp["model.layers.0.mlp.gate_proj"])))
+    assert not torch.equal(decoded, dequantize_k(quantize_k(w, "q4_k")))

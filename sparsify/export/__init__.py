@@ -33,6 +33,35 @@ class GgufConfig(StrictModel):
         " llama.cpp's K-quants, rows not whole blocks of 256 in llama-quantize's fallback type)",
         json_schema_extra={"flag": "--type"},
     )
+    importance: Literal["calibration", "none"] = Field(
+        "calibration",
+        description="K types: each super-block's scales fitted to the weights' importance on calibration text (the"
+        " mean square of each input, as llama-imatrix measures it), or unweighted (as llama-quantize without"
+        " --imatrix)",
+        json_schema_extra={"flag": "--importance"},
+    )
+    calib: str | None = Field(
+        None,
+        description="K types: the importance's text (.txt, records, a folder of them) [default: embedded Python docs]",
+        json_schema_extra={"flag": "--calib"},
+    )
+    samples: int = Field(
+        64, gt=0, le=2**20, description="K types: importance windows", json_schema_extra={"flag": "--samples"}
+    )
+    seq_len: int = Field(
+        512,
+        gt=1,
+        le=2**20,
+        description="K types: tokens per importance window",
+        json_schema_extra={"flag": "--seq-len"},
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**63,
+        description="K types: seed of the importance windows' sampling",
+        json_schema_extra={"flag": "--seed"},
+    )
 
 
 @dataclass(frozen=True)

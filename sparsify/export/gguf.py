@@ -74,6 +74,7 @@ class Planned:
     offset: float = 0.0  # added to the weight (norms: Gemma's 1 + w)
     reshape: tuple[int, ...] | None = None
     values: Tensor | None = None  # computed, not read (rope_freqs)
+    importance: Tensor | None = None  # (in,) the K-quant's per-column weights (None: unweighted)
 
 
 @dataclass
@@ -410,6 +411,7 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
     out = _check_output(out, overwrite, model)
     md = open_model(model)
     p = plan(md, out, config)
+    _add_importance(p, md, config, progress)
     log.info("%s: %d tensors, %s", out.name, len(p.tensors), ", ".join(f"{n} {k}" for k, n in _types(p).items()))
     with _aside(out, overwrite) as tmp:
         _write(p, md, tmp, progress)
@@ -418,6 +420,29 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
     except Interrupted as e:  # the file is in place: say so
         e.finished = str(out)
         raise
+
+
+def _add_importance(p: Plan, md, config: GgufConfig, progress: Progress) -> None:
+    """Each K-typed matrix's per-column importance, measured on calibration text (``config.importance``); a note
+    where a tensor has none (stacked experts, a quantized checkpoint's)."""
+    ktyped = [t for t in p.tensors if t.qtype is not None and t.qtype.name.lower() in KTYPES]
+    if config.importance == "none" or not ktyped:
+        return
+    if p.layouts:
+        p.notes.append("K-quant scales fitted unweighted: importance is measured on float checkpoints only")
+        return
+    from sparsify.export.importance import input_importance
+
+    found = input_importance(md, config.calib, config.samples, config.seq_len, config.seed, progress)
+    for t in ktyped:
+        if len(t.sources) == 1:
+            t.importance = found.get(t.sources[0].removesuffix(".weight"))
+    unweighted = [t for t in ktyped if t.importance is None]
+    if unweighted:
+        p.notes.append(
+            f"{len(unweighted)} K-quant tensors fitted unweighted (no importance measured for them: embeddings,"
+            " output head, stacked experts)"
+        )
 
 
 def _check_output(out: Path, overwrite: bool, model: str | Path) -> Path:
@@ -576,7 +601,7 @@ def _encode(t: Planned, w: Stored) -> np.ndarray:
         return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
     if t.qtype.name.lower() in KTYPES:  # ours: gguf-py does not quantize K types
         x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
-        data = kquant_blocks.pack(quantize_k(x, t.qtype.name.lower()))
+        data = kquant_blocks.pack(quantize_k(x, t.qtype.name.lower(), t.importance))
         return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
     x = w.tensor.to(torch.float32).contiguous().numpy()  # type: ignore[union-attr]
     if t.qtype == Q.F32:
