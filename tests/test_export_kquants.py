@@ -46,13 +46,14 @@ def _expected(name: str, w: torch.Tensor, qtype) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(wide, tmp_path_factory):
-    """Factory: ``wide`` exported in a K type once per module: ``(file, summary)``."""
+    """Factory: ``wide`` exported in a K type (unweighted: the importance has tests of its own) once per module:
+    ``(file, summary)``."""
     made: dict[str, tuple[Path, dict]] = {}
 
     def get(ktype: str) -> tuple[Path, dict]:
         if ktype not in made:
             out = tmp_path_factory.mktemp(ktype) / "m.gguf"
-            r = run("export", "gguf", wide, "-o", out, "--type", ktype, "--json")
+            r = run("export", "gguf", wide, "-o", out, "--type", ktype, "--importance", "none", "--json")
             assert r.exit_code == 0, r.output
             made[ktype] = out, json.loads(r.stdout)
         return made[ktype]
@@ -171,3 +172,22 @@ def test_k_tensors_are_fitted_to_the_importance_and_reproducible(wide, calib_tex
     decoded = torch.from_numpy(gguf.quants.dequantize(read.data, Q.Q4_K).copy()).reshape(w.shape)
     assert torch.equal(decoded, dequantize_k(quantize_k(w, "q4_k", imp["model.layers.0.mlp.gate_proj"])))
     assert not torch.equal(decoded, dequantize_k(quantize_k(w, "q4_k")))
+
+
+def test_legacy_types_are_fitted_to_the_importance_and_unweighted_are_gguf_pys(wide, calib_text, tmp_path):
+    """--type q5_0 (and the K types' fallbacks): with importance, llama.cpp's imatrix fit; without, gguf-py's
+    reference rounding byte for byte."""
+    from sparsify.algorithms.kquants import dequantize_legacy, quantize_legacy
+    from sparsify.checkpoint import open_model
+    from sparsify.export.importance import input_importance
+
+    weighted, plain = tmp_path / "w.gguf", tmp_path / "p.gguf"
+    args = ["--calib", calib_text, "--samples", "4", "--seq-len", "32", "--seed", "3"]
+    assert run("export", "gguf", wide, "-o", weighted, "--type", "q5_0", *args).exit_code == 0
+    assert run("export", "gguf", wide, "-o", plain, "--type", "q5_0", "--importance", "none").exit_code == 0
+    w = T.AutoModelForCausalLM.from_pretrained(wide).state_dict()["model.layers.0.mlp.down_proj.weight"]
+    imp = input_importance(open_model(wide), str(calib_text), samples=4, seq_len=32, seed=3)
+    read = {f: {t.name: t for t in gguf.GGUFReader(f).tensors}["blk.0.ffn_down.weight"] for f in (weighted, plain)}
+    decoded = torch.from_numpy(gguf.quants.dequantize(read[weighted].data, Q.Q5_0).copy()).reshape(w.shape)
+    assert torch.equal(decoded, dequantize_legacy(quantize_legacy(w, "q5_0", imp["model.layers.0.mlp.down_proj"])))
+    assert np.array_equal(np.asarray(read[plain].data).reshape(-1), gguf.quants.quantize(w.numpy(), Q.Q5_0).reshape(-1))

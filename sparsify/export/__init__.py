@@ -35,31 +35,30 @@ class GgufConfig(StrictModel):
     )
     importance: Literal["calibration", "none"] = Field(
         "calibration",
-        description="K types: each super-block's scales fitted to the weights' importance on calibration text (the"
+        description="K types and q4_0/q4_1/q5_0/q5_1: each block's scales fitted to the weights' importance on"
+        " calibration text (the"
         " mean square of each input, as llama-imatrix measures it), or unweighted (as llama-quantize without"
         " --imatrix)",
         json_schema_extra={"flag": "--importance"},
     )
     calib: str | None = Field(
         None,
-        description="K types: the importance's text (.txt, records, a folder of them) [default: embedded Python docs]",
+        description="the importance's text (.txt, records, a folder of them) [default: embedded Python docs]",
         json_schema_extra={"flag": "--calib"},
     )
-    samples: int = Field(
-        64, gt=0, le=2**20, description="K types: importance windows", json_schema_extra={"flag": "--samples"}
-    )
-    seq_len: int = Field(
-        512,
+    samples: int = Field(64, gt=0, le=2**20, description="importance windows", json_schema_extra={"flag": "--samples"})
+    seq_len: int | None = Field(
+        None,
         gt=1,
         le=2**20,
-        description="K types: tokens per importance window",
+        description="tokens per importance window [default: 512, or the model's context if shorter]",
         json_schema_extra={"flag": "--seq-len"},
     )
     seed: int = Field(
         0,
         ge=0,
         lt=2**63,
-        description="K types: seed of the importance windows' sampling",
+        description="seed of the importance windows' sampling",
         json_schema_extra={"flag": "--seed"},
     )
 

@@ -11,6 +11,9 @@ compressed-tensors' symmetric int4 codes ``c`` in ``[-8, 7]`` are nibbles ``c + 
 asymmetric ``(c - zp) * scale`` is ``(c + 8) * scale + m`` with ``m = -(8 + zp) * scale``; symmetric int8
 codes are Q8_0's as they are. Nothing is rounded again but ``d`` and ``m`` to fp16: :func:`fp16_changes` says
 how many were not exactly representable.
+
+:func:`pack_legacy` writes a :class:`~sparsify.algorithms.kquants.LegacyQuant` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 fitted
+by ``quantize_legacy``, with or without importance) in the same layouts, Q5_0/Q5_1's as ``ggml-common.h`` has them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from sparsify.algorithms.kquants import LegacyQuant, legacy_type
 
 BLOCK = 32  # weights per ggml block (Q4_0, Q4_1, Q8_0)
 
@@ -71,3 +76,39 @@ def fp16_changes(x: Tensor) -> tuple[int, float]:
         return 0, 0.0
     rel = diff[changed] / x32.abs()[changed].clamp_min(torch.finfo(torch.float32).tiny)
     return n, float(rel.max())
+
+
+# ---- a LegacyQuant (sparsify.algorithms.kquants.quantize_legacy) as ggml blocks ----------------------------------------
+# ``block_q5_0`` (22 bytes): ``d``, ``qh`` (uint32 little-endian, bit ``j`` the fifth bit of weight ``j``), ``qs[16]``
+# (the low nibbles as Q4_0's); ``block_q5_1`` (24): ``d``, ``m``, ``qh``, ``qs``; Q4_0 (18), Q4_1 (20), Q8_0 (34)
+# as above, with the codes as the LegacyQuant holds them (unsigned nibbles, signed int8).
+
+LEGACY_TYPE_SIZE = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}  # bytes per 32-weight block
+
+
+def pack_legacy(lq: LegacyQuant) -> np.ndarray:
+    """``(rows, cols // 32 * LEGACY_TYPE_SIZE)`` uint8: ``lq``'s rows as ggml blocks of its type, ready for the file
+    (``GGUFWriter.add_tensor(name, data, raw_dtype=GGMLQuantizationType.Q5_0)`` takes it with this byte shape)."""
+    t = legacy_type(lq.qtype)
+    q = lq.q.detach().to("cpu", torch.int8)
+    if q.numel() and (int(q.min()) < t.qmin or int(q.max()) > t.qmax):
+        raise ValueError(f"{t.name} codes must lie in [{t.qmin}, {t.qmax}], got [{int(q.min())}, {int(q.max())}]")
+    if t.affine != (lq.m is not None):
+        raise ValueError(f"{t.name} {'needs' if t.affine else 'takes no'} block minimum m")
+    rows, cols = q.shape
+    u = q.contiguous().numpy().view(np.uint8).reshape(rows, cols // BLOCK, BLOCK)  # (rows, blocks, 32) as held
+    parts = [_fp16_bytes(lq.d.detach().cpu())]  # d: (rows, blocks, 2)
+    if lq.m is not None:
+        parts.append(_fp16_bytes(lq.m.detach().cpu()))  # m
+    if t.name == "q8_0":
+        parts.append(u)  # 32 int8
+    else:
+        if t.qmax > 15:  # qh: uint32 little-endian, bit j the fifth bit of weight j
+            bits = ((u >> np.uint8(4)) & np.uint8(1)).astype(np.uint32)  # (rows, blocks, 32)
+            qh = (bits << np.arange(BLOCK, dtype=np.uint32)).sum(-1, dtype=np.uint32)  # (rows, blocks), distinct bits
+            parts.append(qh.astype("<u4").view(np.uint8).reshape(rows, cols // BLOCK, 4))
+        lo = u & np.uint8(0xF)  # (rows, blocks, 32)
+        parts.append(lo[..., : BLOCK // 2] | (lo[..., BLOCK // 2 :] << np.uint8(4)))  # qs: weight j low, j + 16 high
+    out = np.concatenate(parts, axis=-1)  # (rows, blocks, type size)
+    assert out.shape[-1] == LEGACY_TYPE_SIZE[t.name], (t.name, out.shape)
+    return np.ascontiguousarray(out.reshape(rows, cols // BLOCK * LEGACY_TYPE_SIZE[t.name]))

@@ -10,7 +10,9 @@ as stored wherever a GGUF block type has its layout, not dequantized and rounded
 - Types (:func:`_choose`): 1-D tensors and routers in F32; int4 symmetric in groups of 32 → Q4_0, int4
   asymmetric in groups of 32 → Q4_1, int8 symmetric in groups of 32 → Q8_0, as stored (scales to fp16, a
   note when one changes); other quantized layouts rounded again to the nearest block type, with a note;
-  float matrices in ``--type``.
+  float matrices in ``--type``, rounded by :mod:`sparsify.algorithms.kquants` (K types, and the legacy types:
+  their block scales fitted to each Linear's input importance on calibration text, :mod:`.importance`, unless
+  ``--importance none``, which gives llama.cpp's reference rounding, gguf-py's bytes).
 - Everything that can refuse does before the file is opened (:func:`plan`); the tensors are then converted
   one at a time and streamed to a temporary file beside the output, renamed when complete.
 """
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants import KTYPES, QK_K, quantize_k
+from sparsify.algorithms.kquants import KTYPES, LEGACY, QK_K, quantize_k, quantize_legacy
 from sparsify.arch import GGUF_ARCHITECTURES, SPARSIFY_TYPE_PREFIX, GgufArch, layer_windows, lookup
 from sparsify.errors import SparsifyError
 from sparsify.export import GgufConfig, kquant_blocks
@@ -56,6 +58,7 @@ _ROPE_TYPES = (None, "default", "linear")
 # what llama-quantize writes for a K type where a tensor's rows are not whole super-blocks of 256
 # (llama-quant.cpp's fallback; IQ4_NL where it has it for Q2_K/Q3_K, which gguf-py cannot write: Q4_0 here)
 K_FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
+WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1")  # the types whose block scales importance weights (Q8_0: none)
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -423,24 +426,25 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
 
 
 def _add_importance(p: Plan, md, config: GgufConfig, progress: Progress) -> None:
-    """Each K-typed matrix's per-column importance, measured on calibration text (``config.importance``); a note
-    where a tensor has none (stacked experts, a quantized checkpoint's)."""
-    ktyped = [t for t in p.tensors if t.qtype is not None and t.qtype.name.lower() in KTYPES]
-    if config.importance == "none" or not ktyped:
+    """Each matrix fitted here (K types; Q4_0, Q4_1, Q5_0, Q5_1) gets its per-column importance, measured on
+    calibration text (``config.importance``); a note where a tensor has none (embeddings, output head, stacked
+    experts, a quantized checkpoint's)."""
+    fitted = [t for t in p.tensors if t.qtype is not None and t.how != "as stored" and t.qtype.name.lower() in WEIGHTED]
+    if config.importance == "none" or not fitted:
         return
     if p.layouts:
-        p.notes.append("K-quant scales fitted unweighted: importance is measured on float checkpoints only")
+        p.notes.append("block scales fitted unweighted: importance is measured on float checkpoints only")
         return
     from sparsify.export.importance import input_importance
 
     found = input_importance(md, config.calib, config.samples, config.seq_len, config.seed, progress)
-    for t in ktyped:
+    for t in fitted:
         if len(t.sources) == 1:
             t.importance = found.get(t.sources[0].removesuffix(".weight"))
-    unweighted = [t for t in ktyped if t.importance is None]
+    unweighted = [t for t in fitted if t.importance is None]
     if unweighted:
         p.notes.append(
-            f"{len(unweighted)} K-quant tensors fitted unweighted (no importance measured for them: embeddings,"
+            f"{len(unweighted)} tensors' block scales fitted unweighted (no importance measured for them: embeddings,"
             " output head, stacked experts)"
         )
 
@@ -602,6 +606,10 @@ def _encode(t: Planned, w: Stored) -> np.ndarray:
     if t.qtype.name.lower() in KTYPES:  # ours: gguf-py does not quantize K types
         x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
         data = kquant_blocks.pack(quantize_k(x, t.qtype.name.lower(), t.importance))
+        return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
+    if t.qtype.name.lower() in LEGACY:  # llama.cpp's imatrix fit with importance; gguf-py's bytes without
+        x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
+        data = blocks.pack_legacy(quantize_legacy(x, t.qtype.name.lower(), t.importance))
         return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
     x = w.tensor.to(torch.float32).contiguous().numpy()  # type: ignore[union-attr]
     if t.qtype == Q.F32:

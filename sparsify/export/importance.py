@@ -23,23 +23,26 @@ from sparsify.evaluate import load_tokenizer
 from sparsify.progress import NoProgress, Progress
 
 BATCH = 8  # calibration windows per forward
+DEFAULT_SEQ_LEN = 512
 
 
 def input_importance(
     md,
     text: str | None,
     samples: int,
-    seq_len: int,
+    seq_len: int | None,
     seed: int = 0,
     progress: Progress | None = None,
     device: str = "cpu",
 ) -> dict[str, Tensor]:
     """``{fqn: (in,) float32}``: the mean square of each input column of every ``nn.Linear`` inside the decoder
-    layers of the model folder ``md`` over ``samples`` windows of ``seq_len`` tokens of ``text`` (None: the embedded
-    calibration text), sampled with ``seed``."""
+    layers of the model folder ``md`` over ``samples`` windows of ``seq_len`` tokens (None: 512, or the model's
+    context if shorter) of ``text`` (None: the embedded calibration text), sampled with ``seed``."""
     config = md.load_config()
     limit = getattr(config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
+    if seq_len is None:  # the default: 512 tokens, or the model's whole context if shorter
+        seq_len = min(DEFAULT_SEQ_LEN, int(limit or DEFAULT_SEQ_LEN))
+    elif limit and seq_len > limit:
         raise SparsifyError(f"--seq-len {seq_len} is beyond the model's context (max_position_embeddings {limit})")
     tokenizer = load_tokenizer(Path(md.path))
     tokens = sample_windows(tokenize(load_text(text, tokenizer=tokenizer), tokenizer), samples, seq_len, seed)
