@@ -1,6 +1,6 @@
-"""K-quant GGUF exports of SmolLM2-135M: sparsify's scales fitted to calibration importance vs unweighted.
+"""GGUF exports of SmolLM2-135M in K and legacy types: block scales fitted to calibration importance vs unweighted.
 
-    python benchmarks/bench_kquants.py q3_k q4_k q6_k
+    python benchmarks/bench_kquants.py q3_k q4_k q4_0 [--importance none calibration]
 
 For each type, ``sparsify export gguf --type T`` with ``--importance none`` (llama-quantize's rule without an
 imatrix) and ``--importance calibration`` (the mean square of each Linear's inputs over 64 x 512 windows of the
@@ -32,12 +32,13 @@ def main() -> None:
     ap.add_argument("types", nargs="+")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--importance", nargs="+", default=["none", "calibration"], choices=["none", "calibration"])
     args = ap.parse_args()
     model = smollm2_path()
     wiki = wiki_eval_file()
     OUT.mkdir(exist_ok=True)
     for ktype in args.types:
-        for importance in ("none", "calibration"):
+        for importance in args.importance:
             out = OUT / f"smollm2-{ktype}-{importance}.gguf"
             t0 = time.perf_counter()
             config = GgufConfig(tensor_type=ktype, importance=importance, samples=args.samples)
