@@ -711,18 +711,18 @@ def eval_cmd(
             f"  ({result['texts']} paragraphs of {result['text']})"
         )
     else:
-        windows = eval_window_count(data, max_windows)
+        windows = eval_window_count(_eval_path(data), max_windows)
         ref, shown, note = _kl_reference(md.path, reference)
         args = (_eval_path(data), seq_len or [512], windows, torch_dtype, trust_remote_code, RichProgress(err_console),
                 device, text_column)  # fmt: skip
         lengths = seq_len or [512]
         if ref is not None:
-            cache = _measurements(ref, lengths[:1], windows, torch_dtype, device, create=True)
+            cache = _measurements(ref, lengths[:1], windows, torch_dtype, device, trust_remote_code, create=True)
             result = evaluate_with_reference(
                 md.path, ref, *args, shown=shown, required=reference is not None, cache=cache, label=model
             )
         else:
-            cache = _measurements(md.path, lengths, windows, torch_dtype, device)
+            cache = _measurements(md.path, lengths, windows, torch_dtype, device, trust_remote_code)
             result = evaluate(md.path, *args, cache=cache, label=model)
         notes = [*result.pop("notes", []), *([note] if note else [])]
         if notes:
@@ -752,15 +752,22 @@ def eval_cmd(
             out_console.print(text, markup=False, highlight=False)
 
 
-def _measurements(model: Path, lengths: list[int], windows: int | None, dtype: Any, device: str, create: bool = False):
+def _measurements(
+    model: Path, lengths: list[int], windows: int | None, dtype: Any, device: str, trust_remote_code: bool,
+    create: bool = False,
+):  # fmt: skip
     """``model``'s entry in the cache of measurements (:mod:`sparsify.references`) on the evaluation tokens it is
     given, as :func:`sparsify.evaluate.evaluate` takes it: the one a compressing run made of its input (``create``:
-    made here if missing). The model's bytes are hashed for the key."""
+    made here if missing). The model's bytes are hashed for the key, only where the cache can hold it; None for a
+    model run with remote code (its code is not in the key)."""
     from sparsify.checkpoint import open_model
-    from sparsify.references import open_reference, reference_key
+    from sparsify.progress import RichProgress
+    from sparsify.references import open_reference, reference_key, reference_root
 
+    if trust_remote_code or not (create or any(reference_root().glob("*.lock"))):
+        return None
     md = open_model(model)
-    fingerprint = md.fingerprint(md.weight_files())
+    fingerprint = md.fingerprint(md.weight_files(None, RichProgress(err_console)))
     return lambda stream: open_reference(
         reference_key(fingerprint, stream, lengths, windows, str(dtype), device), create
     )

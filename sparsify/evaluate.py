@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -430,13 +429,15 @@ def evaluate(
     for k, length in enumerate(lengths):
         windows = eval_windows(stream, length, max_windows)
         each = _hooks(writer, meter) if k == 0 else None
+        measured = False
         try:
             shown = protocol_label({"text": text_name, "windows": windows.shape[0], "seq_len": length})
             what = f"perplexity of {label or Path(path).name} ({shown}), batches"
             ppl = perplexity(model, windows, max(1, BATCH_TOKENS // length), progress, each, what)
-        finally:
+            measured = True
+        finally:  # (not sys.exc_info(): an exception a caller is handling around this call is not this one)
             if writer is not None and k == 0:
-                writer.close(complete=sys.exc_info()[0] is None)
+                writer.close(complete=measured)
         results.append(
             {"perplexity": ppl, "seq_len": length, "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
         )
@@ -502,12 +503,19 @@ def evaluate_with_reference(
     stream = tokenize(text, tokenizer)
     lengths = [seq_len] if isinstance(seq_len, int) else list(seq_len)
     first = eval_windows(stream, lengths[0], max_windows)  # (W, L)
-    entry = cache(stream) if cache is not None else None
     with tempfile.TemporaryDirectory(prefix="sparsify-kl-") as tmp:
         try:
+            entry = cache(stream) if cache is not None else None
+        except OSError:  # the cache's folder cannot be written: measured as without one
+            entry = None
+        try:
             ref = entry.perplexity() if entry is not None else None
-            if entry is not None and ref is not None and entry.logprobs.problem(first) is not None:
-                entry.release()  # measured without its log-probabilities: measured again, here
+            if entry is not None and (
+                entry.logprobs.problem(first) is not None
+                if ref is not None
+                else entry.logprobs.space_problem(first, int(vocab or 0)) is not None
+            ):
+                entry.release()  # without its log-probabilities, or no room for them: measured here, under TMPDIR
                 entry, ref = None, None
             saved = entry.logprobs if entry is not None else SavedLogprobs(Path(tmp) / "reference-logprobs")
             if ref is None:

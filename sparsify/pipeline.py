@@ -302,7 +302,7 @@ def _conclude(md: ModelDir, run: _Run, opts: Options, done: _Done, folder: Path,
     report and the quality verdict."""
     _write_files(md, run, done.config, folder)
     done.notes += check_written(folder, opts.trust_remote_code, run.tokens, set(md.source.keys()))
-    after = _measure(folder, run, opts, kl_from=before.logprobs)
+    after = _measure(folder, run, opts, kl_from=before.logprobs, label="the output")
     if after.perplexity is not None and "kl" in after.perplexity:  # this run's input (the cache names whichever
         given = Path(model).expanduser()  # run's path measured the same bytes first)
         after.perplexity["kl"]["reference"] = str(given.absolute() if given.exists() else md.path.absolute())
@@ -399,10 +399,16 @@ def _reference_logprobs(work_dir: Path) -> SavedLogprobs:
 
 
 def _measure(
-    path: Path, run: _Run, opts: Options, save: SavedLogprobs | None = None, kl_from: SavedLogprobs | None = None
+    path: Path,
+    run: _Run,
+    opts: Options,
+    save: SavedLogprobs | None = None,
+    kl_from: SavedLogprobs | None = None,
+    label: str = "the input",
 ) -> _Measured:
-    """``path`` measured; the input's log-probabilities streamed to ``save`` as its perplexity is (on the first
-    length's windows), or the KL from those in ``kl_from`` measured with the output's."""
+    """``path`` (``label``: the input or the output) measured; the input's log-probabilities streamed to ``save`` as
+    its perplexity is (on the first length's windows), or the KL from those in ``kl_from`` measured with the
+    output's."""
     ppl, note = None, None
     if run.eval_stream is not None:
         windows = eval_windows(run.eval_stream, run.eval_lengths[0], _eval_window_count(opts))  # (W, L)
@@ -414,7 +420,7 @@ def _measure(
             if save is not None:  # an interrupted run's, were it left, is not taken for this one's
                 save.meta_path.unlink(missing_ok=True)
             note, save, kl_from = f"KL to the input not measured: {problem}", None, None
-        ppl = _perplexity(path, run, opts, save, kl_from, "the input" if kl_from is None else "the output")
+        ppl = _perplexity(path, run, opts, save, kl_from, label)
     return _Measured(ppl, _seconds(path, run, opts), note, save)
 
 
@@ -433,13 +439,24 @@ def _measure_input(
     this one measures into its work folder (kept there for ``--resume``)."""
     if run.eval_stream is None or is_encoder(run.config.model_type):
         return _measure(md.path, run, opts)
+    own = partial(_measure, md.path, run, opts, save=_reference_logprobs(work_dir))  # into the work folder
+    if opts.trust_remote_code:  # the model's own code is not in the key
+        return own()
     count = _eval_window_count(opts)
     key = reference_key(fingerprint, run.eval_stream, run.eval_lengths, count, str(_dtype(run.recipe)), opts.device)
     windows = eval_windows(run.eval_stream, run.eval_lengths[0], count)  # (W, L)
-    ref = open_reference(key, usable=lambda r: r.logprobs.problem(windows) is None)
+    try:
+        ref = open_reference(key, usable=lambda r: r.logprobs.problem(windows) is None)
+    except OSError as e:  # the cache's folder cannot be written: measured as without one
+        log.info("the cache of measurements is not usable (%s): the input measured into the work folder", e)
+        ref = None
     if ref is None:
-        return _measure(md.path, run, opts, save=_reference_logprobs(work_dir))
+        return own()
     held.callback(ref.release)
+    vocab = int(getattr(run.config, "vocab_size", 0) or 0)
+    if ref.perplexity() is None and ref.logprobs.space_problem(windows, vocab) is not None:
+        ref.release()  # no room on the cache's disk: the work folder's may have it
+        return own()
     if (info := ref.perplexity()) is not None:
         when = info.get("measured_at", "earlier")
         log.info("the input's perplexity on %s: %.3f, measured %s (cached)", protocol_label(info),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from sparsify._version import __version__
@@ -43,15 +44,24 @@ def reference_root() -> Path:
 
 def reference_key(model: str, stream: Tensor, lengths: list[int], windows: int | None, dtype: str, device: str) -> str:
     """The entry of one model (``model``: its fingerprint, every byte of config and weights) on one protocol: the
-    evaluation text's tokens, the context lengths and window count, the compute dtype, the device kind."""
+    evaluation text's tokens, the context lengths and window count, the compute dtype, the device kind; and the
+    code that computes it (sparsify's, torch's and transformers' versions). Models run with remote code are not
+    cached (their code is not in the key)."""
+    import transformers
+
     h = hashlib.sha256(stream.contiguous().cpu().numpy().tobytes())
     protocol = {"model": model, "tokens": h.hexdigest(), "lengths": list(lengths), "windows": windows,
-                "dtype": dtype, "device": device.split(":")[0], "sparsify": __version__}  # fmt: skip
+                "dtype": dtype, "device": device.split(":")[0], "sparsify": __version__,
+                "torch": torch.__version__, "transformers": transformers.__version__}  # fmt: skip
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    total = 0
+    for f in path.rglob("*") if path.is_dir() else []:
+        with contextlib.suppress(OSError):  # renamed or removed meanwhile by another process
+            total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 @dataclass
@@ -199,11 +209,11 @@ def clear_cache(everything: bool = False) -> tuple[int, list[str]]:
         path = cache_dir() / name
         if not path.is_dir() or not (default or everything):
             continue
-        if name != "reference":
+        if name not in ("reference", "gguf"):
             freed += _size(path)
             shutil.rmtree(path, ignore_errors=True)
             continue
-        for entry in [p for p in path.iterdir() if p.is_dir()]:
+        for entry in [p for p in path.iterdir() if p.is_dir()]:  # each held while a process reads it
             size = _size(entry)
             if remove_entry(entry):
                 freed += size

@@ -163,3 +163,74 @@ def test_the_demo_names_its_input_and_what_it_was():
     line = next_step({"model": "/c/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
     assert "4-bit Q4_1" in line and "dequantized" in line
     assert "sparsify quantize /c/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf -o w4 --scheme w4a16" in line
+
+
+def test_eval_heldout_reads_the_same_16_windows(tmp_path):
+    model = zoo.save("llama", tmp_path / "model")
+    plain, named = (
+        json.loads(run("eval", model, *d, "--seq-len", "64", "--json").stdout) for d in ([], ["--data", "heldout"])
+    )
+    assert plain["windows"] == named["windows"] == DEFAULT_EVAL_WINDOWS and plain["digest"] == named["digest"]
+
+
+def test_a_cache_that_cannot_take_the_measurement_is_not_needed(tmp_path, own_cache, monkeypatch):
+    """No room on the cache's disk, or a cache folder that cannot be written: the input is measured into the work
+    folder as before the cache, KL and all; nothing is left half-made in the cache."""
+    import sparsify.pipeline as pipeline
+    from sparsify.evaluate import SavedLogprobs
+
+    model = zoo.save("llama", tmp_path / "model")
+    room = SavedLogprobs.space_problem
+
+    def no_room_in_the_cache(self, windows, vocab):
+        return "no room" if str(self.path).startswith(str(own_cache)) else room(self, windows, vocab)
+
+    monkeypatch.setattr(SavedLogprobs, "space_problem", no_room_in_the_cache)
+    r = run("prune", model, "-o", tmp_path / "a", "--sparsity", "0.5", *RUN, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval"]["kl"]["mean"] > 0
+    assert not list(reference_root().glob("*/perplexity.json"))
+    monkeypatch.undo()
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(own_cache))
+
+    monkeypatch.setattr(pipeline, "open_reference", unwritable)
+    r = run("prune", model, "-o", tmp_path / "b", "--sparsity", "0.5", *RUN, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["eval"]["kl"]["mean"] > 0
+
+
+def test_remote_code_models_are_not_cached(tmp_path, own_cache):
+    model = zoo.save("llama", tmp_path / "model")
+    r = run("prune", model, "-o", tmp_path / "a", "--sparsity", "0.5", *RUN, "--trust-remote-code", "--json")
+    assert r.exit_code == 0, r.output
+    assert "kl" in json.loads(r.stdout)["eval"] and not list(reference_root().glob("*/perplexity.json"))
+
+
+def test_clear_leaves_a_converted_model_a_run_is_reading(own_cache):
+    from sparsify.checkpoint.source import hold_cached
+    from sparsify.references import clear_cache
+
+    folder = own_cache / "gguf" / "model-0123"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    held = hold_cached(folder)
+    freed, busy = clear_cache()
+    assert folder.is_dir() and busy == [str(folder)] and freed == 0
+    held.close()
+    freed, busy = clear_cache()
+    assert not folder.exists() and busy == [] and freed == 100
+
+
+def test_log_probabilities_are_finished_when_measured_inside_a_callers_handler(tmp_path):
+    """evaluate() said the writing failed whenever its caller was handling an exception (sys.exc_info)."""
+    from sparsify.evaluate import SavedLogprobs
+
+    model = zoo.save("llama", tmp_path / "model")
+    saved = SavedLogprobs(tmp_path / "logprobs")
+    try:
+        raise PermissionError("the cache cannot be written")
+    except PermissionError:
+        evaluate(model, None, 64, 2, save_logprobs=saved)
+    assert saved.meta_path.is_file() and saved.meta()["positions"] == 63

@@ -11,6 +11,7 @@ stays mapped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -186,6 +187,7 @@ class ModelDir:
     source: TensorSource
     config_path: Path
     notes: list[str] = field(default_factory=list)
+    held: Any = field(default=None, repr=False, compare=False)  # a cached folder's shared lock, while it is read
 
     def load_config(self, trust_remote_code: bool = False):  # -> PretrainedConfig
         from sparsify.runtime.format import read_config
@@ -280,7 +282,11 @@ def open_model(path: str | Path, revision: str | None = None) -> ModelDir:
         raise SparsifyError(f"--revision applies to Hub repo ids; {p} is a local path")
     if p.is_file():
         if p.suffix == ".gguf":
-            return open_model(gguf_to_folder(p))
+            folder = gguf_to_folder(p)
+            held = hold_cached(folder)  # before it is read: sparsify cache --clear leaves it while held
+            md = open_model(folder)
+            md.held = held
+            return md
         raise SparsifyError(f"{p} is a file; pass a model folder (with config.json) or a .gguf file")
     config_path = p / "config.json"
     if not config_path.is_file():
@@ -358,6 +364,14 @@ def cache_dir() -> Path:
         os.environ.get("SPARSIFY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsify"
     )
     return Path(root)
+
+
+def hold_cached(folder: Path) -> Any:
+    """A shared lock on a cached folder (``<folder>.lock`` beside it) for as long as the returned file is open:
+    ``sparsify cache --clear`` removes only folders no process holds."""
+    f = open(folder.parent / f"{folder.name}.lock", "a")  # noqa: SIM115  (held open: the lock lives with it)
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f
 
 
 def gguf_to_folder(path: Path) -> Path:
