@@ -309,6 +309,16 @@ def _resume_command() -> str | None:
     return shlex.join(["sparsify", *args])
 
 
+def _kept_after_peer(e: Exception) -> str:
+    """What a torchrun rank that stopped because another ended adds to its line: where its finished layers are
+    kept, and the command that continues them ("" for any other error)."""
+    from sparsify.distributed import PeerLost
+
+    if not isinstance(e, PeerLost) or not getattr(e, "kept", None):
+        return ""
+    return f"; finished layers kept in {e.kept}: run the same torchrun command with --resume to continue"
+
+
 def _under_torchrun() -> bool:
     import os
 
@@ -352,7 +362,7 @@ def handle_errors(fn: F) -> F:
                         if report is not None:
                             _render(report, bool(kwargs.get("json_out")))
                         if isinstance(e, SparsifyError):
-                            _say(f"error: {e}")
+                            _say(f"error: {e}{_kept_after_peer(e)}")
                         else:
                             _say(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)")
                         code = 2 if isinstance(e, _FlagError) else 1

@@ -293,9 +293,15 @@ def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume
         raise PeerLost("torchrun: another rank ended")
 
     monkeypatch.setattr(StageState, "checkpoint", peer_lost)
-    with pytest.raises(PeerLost):
+    with pytest.raises(PeerLost) as lost:
         compress(deep, recipe, out, replace)
     assert _leftovers(tmp_path, out) == [".out.partial"] and not out.exists()
+    from sparsify.cli import _kept_after_peer
+
+    assert lost.value.kept == work  # and the rank's line names it and the command (it said neither)
+    assert _kept_after_peer(lost.value) == (
+        f"; finished layers kept in {work}: run the same torchrun command with --resume to continue"
+    )
     monkeypatch.undo()
     e = stopped(2, lambda: RuntimeError("a failure"), replace)
     assert isinstance(e, RuntimeError) and _leftovers(tmp_path, out) == []

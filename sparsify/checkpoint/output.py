@@ -581,6 +581,8 @@ def partial_output(
                 if keep and partial is not None:
                     e.kept = str(partial.dir)
                     e.kept_layers = None if partial.output_complete else done
+            elif keep and partial is not None:  # a refusal that keeps the work (another torchrun rank ended)
+                e.kept = str(partial.dir)  # type: ignore[attr-defined]
             if partial is not None and not finished and not keep:
                 partial.discard()
             if not finished and not keep:
