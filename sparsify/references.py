@@ -33,6 +33,7 @@ from torch import Tensor
 from sparsify._version import __version__
 from sparsify.checkpoint import cache_dir
 from sparsify.evaluate import SavedLogprobs
+from sparsify.sizes import folder_bytes
 
 BUDGET_BYTES = 8 << 30  # the entries kept in all (the newest is kept whatever its size)
 PERPLEXITY = "perplexity.json"
@@ -54,14 +55,6 @@ def reference_key(model: str, stream: Tensor, lengths: list[int], windows: int |
                 "dtype": dtype, "device": device.split(":")[0], "sparsify": __version__,
                 "torch": torch.__version__, "transformers": transformers.__version__}  # fmt: skip
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _size(path: Path) -> int:
-    total = 0
-    for f in path.rglob("*") if path.is_dir() else []:
-        with contextlib.suppress(OSError):  # renamed or removed meanwhile by another process
-            total += f.stat().st_size if f.is_file() else 0
-    return total
 
 
 @dataclass
@@ -102,7 +95,7 @@ class Reference:
 
     @property
     def bytes(self) -> int:
-        return _size(self.dir)
+        return folder_bytes(self.dir)
 
 
 def _lock(path: Path, mode: int) -> int | None:
@@ -158,11 +151,11 @@ def evict(budget: int = BUDGET_BYTES, keep: str | None = None) -> None:
             return (p / PERPLEXITY).stat().st_mtime
         return 0.0  # unfinished: first to go
 
-    total = sum(_size(p) for p in entries) + _size(root / keep if keep else root / ".none")
+    total = sum(folder_bytes(p) for p in entries) + folder_bytes(root / keep if keep else root / ".none")
     for p in sorted(entries, key=used):
         if total <= budget:
             break
-        size = _size(p)
+        size = folder_bytes(p)
         if remove_entry(p):
             total -= size
 
@@ -197,7 +190,9 @@ def cache_contents() -> list[dict[str, Any]]:
         path = cache_dir() / name
         if path.is_dir():
             entries = [p for p in path.iterdir() if not p.name.endswith(".lock")]
-            rows.append({"part": name, "path": str(path), "what": what, "bytes": _size(path), "entries": len(entries)})
+            rows.append(
+                {"part": name, "path": str(path), "what": what, "bytes": folder_bytes(path), "entries": len(entries)}
+            )
     return rows
 
 
@@ -210,11 +205,11 @@ def clear_cache(everything: bool = False) -> tuple[int, list[str]]:
         if not path.is_dir() or not (default or everything):
             continue
         if name not in ("reference", "gguf"):
-            freed += _size(path)
+            freed += folder_bytes(path)
             shutil.rmtree(path, ignore_errors=True)
             continue
         for entry in [p for p in path.iterdir() if p.is_dir()]:  # each held while a process reads it
-            size = _size(entry)
+            size = folder_bytes(entry)
             if remove_entry(entry):
                 freed += size
             else:

@@ -6,8 +6,10 @@ parameters)`` for the input and the output, and the report stores ``{part: {"byt
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,6 +39,16 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def folder_bytes(path: Path) -> int:
+    """The bytes of every file below ``path`` (0 if it is not a folder); a file renamed or removed meanwhile by
+    another process counts nothing."""
+    total = 0
+    for f in path.rglob("*") if path.is_dir() else []:
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def _stem(name: str) -> str:

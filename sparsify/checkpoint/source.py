@@ -27,7 +27,7 @@ from torch import Tensor
 from sparsify.checkpoint.atomic import replace_dir
 from sparsify.errors import SparsifyError
 from sparsify.progress import NOTICE, NoProgress, Progress, library_bars_silenced
-from sparsify.sizes import fmt_bytes
+from sparsify.sizes import fmt_bytes, folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,6 @@ def gguf_to_folder(path: Path) -> Path:
     with replace_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     log.log(NOTICE, "%s converted to float32 safetensors to be read, once: %s kept in %s (sparsify cache --clear"
-            " frees it)", path.name, fmt_bytes(size), target)  # fmt: skip
+            " frees it)", path.name, fmt_bytes(folder_bytes(target)), target)  # fmt: skip
     return target
