@@ -627,7 +627,7 @@ def _render_export(summary: dict[str, Any], json_out: bool) -> None:
         return
     types = ", ".join(f"{n} {k}" for k, n in summary["types"].items())
     line = f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors: {types})"
-    for text in (line, *(f"note: {n}" for n in summary["notes"])):
+    for text in (line, *summary.get("details", ()), *(f"note: {n}" for n in summary["notes"])):
         out_console.print(text, markup=False, highlight=False)
 
 

@@ -41,6 +41,19 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size as people write it: ``105MB`` / ``105M`` (10**6), ``100MiB`` (2**20), ``2GB``, ``4096``
+    (bytes); ValueError naming what is expected otherwise."""
+    m = _SIZE.match(str(text))
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"{text!r} is not a size: write e.g. 105MB, 100MiB or 2GB")
+    power = "kmgt".find(m[2].lower()) + 1 if m[2] else 0
+    return int(float(m[1]) * (1024 if m[3] else 1000) ** power)
+
+
 def folder_bytes(path: Path) -> int:
     """The bytes of every file below ``path`` (0 if it is not a folder); a file renamed or removed meanwhile by
     another process counts nothing."""

@@ -451,6 +451,7 @@ def weighted_error(w: Tensor, w_hat: Tensor, imp: Tensor | None = None) -> float
 # whatever ``imp``.
 
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1")  # the types whose block scales take an importance (Q8_0: none)
 QK_LEGACY = 32  # weights per legacy block
 LEGACY_CHUNK = 65536  # blocks quantized at once (whole rows): a few tens of MB of float64 temporaries
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sparsify.errors import SparsifyError
 from sparsify.passes.base import StrictModel
 from sparsify.progress import NoProgress, Progress
+from sparsify.sizes import parse_size
 
 
 class GgufConfig(StrictModel):
@@ -61,6 +62,35 @@ class GgufConfig(StrictModel):
         description="seed of the importance windows' sampling",
         json_schema_extra={"flag": "--seed"},
     )
+    target_size: str | None = Field(
+        None,
+        description="the file's size (105MB, 100MiB, 2GB): each matrix's type chosen (K types, legacy, Q8_0, F16)"
+        " to least predicted damage (its Fisher-weighted rounding error on the calibration windows) within it",
+        json_schema_extra={"flag": "--target-size"},
+    )
+    target_bpw: float | None = Field(
+        None,
+        gt=0,
+        le=32,
+        description="as --target-size, for bits per weight over every tensor (as llama.cpp prints BPW)",
+        json_schema_extra={"flag": "--target-bpw"},
+    )
+
+    @field_validator("target_size")
+    @classmethod
+    def _a_size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> GgufConfig:
+        if self.target_size is not None and self.target_bpw is not None:
+            raise ValueError("--target-size and --target-bpw are two budgets; give one")
+        if (self.target_size is not None or self.target_bpw is not None) and self.tensor_type != "auto":
+            flag = "--target-size" if self.target_size is not None else "--target-bpw"
+            raise ValueError(f"{flag} chooses each matrix's type; --type {self.tensor_type} asks for one: give one")
+        return self
 
 
 @dataclass(frozen=True)
@@ -113,5 +143,6 @@ def export(
     except ValidationError as e:
         from sparsify.recipe import format_validation_error
 
-        raise SparsifyError(format_validation_error(e, f"export {format}")) from None
+        flags = {n: (f.json_schema_extra or {}).get("flag", n) for n, f in fmt.config.model_fields.items()}
+        raise SparsifyError(format_validation_error(e, f"export {format}", {"": "", **flags})) from None
     return fmt.write(model, out, config, overwrite, progress or NoProgress())

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants import KTYPES, LEGACY, QK_K, quantize_k, quantize_legacy
+from sparsify.algorithms.kquants import KTYPES, LEGACY, QK_K, WEIGHTED, quantize_k, quantize_legacy
 from sparsify.arch import GGUF_ARCHITECTURES, SPARSIFY_TYPE_PREFIX, GgufArch, layer_windows, lookup
 from sparsify.errors import SparsifyError
 from sparsify.export import GgufConfig, kquant_blocks
@@ -58,7 +58,6 @@ _ROPE_TYPES = (None, "default", "linear")
 # what llama-quantize writes for a K type where a tensor's rows are not whole super-blocks of 256
 # (llama-quant.cpp's fallback; IQ4_NL where it has it for Q2_K/Q3_K, which gguf-py cannot write: Q4_0 here)
 K_FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
-WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1")  # the types whose block scales importance weights (Q8_0: none)
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -89,6 +88,7 @@ class Plan:
     vocab: Vocab
     notes: list[str] = field(default_factory=list)
     layouts: dict[str, Layout] = field(default_factory=dict)  # the quantized checkpoint weights
+    budget: dict[str, Any] | None = None  # --target-size/--target-bpw's allocation (:mod:`.budget`)
 
 
 def _entries(source, cfg: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], Layout | None]]:
@@ -414,7 +414,12 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
     out = _check_output(out, overwrite, model)
     md = open_model(model)
     p = plan(md, out, config)
-    _add_importance(p, md, config, progress)
+    if config.target_size is not None or config.target_bpw is not None:
+        from sparsify.export import budget
+
+        budget.fit_budget(p, md, config, _header_bytes(p, md), progress)
+    else:
+        _add_importance(p, md, config, progress)
     log.info("%s: %d tensors, %s", out.name, len(p.tensors), ", ".join(f"{n} {k}" for k, n in _types(p).items()))
     with _aside(out, overwrite) as tmp:
         _write(p, md, tmp, progress)
@@ -528,7 +533,8 @@ def _sweep_partials(out: Path) -> None:
             os.close(lock)
 
 
-def _write(p: Plan, md, path: Path, progress: Progress) -> None:
+def _writer(p: Plan, md, path: Path):
+    """A GGUFWriter that has written the header, metadata and tensor infos to ``path``."""
     import gguf
 
     writer = gguf.GGUFWriter(None, p.arch.name)
@@ -536,11 +542,31 @@ def _write(p: Plan, md, path: Path, progress: Progress) -> None:
     for t in p.tensors:
         shape, dtype, nbytes, raw = _info(t)
         writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-    changes = _ScaleChanges()
     try:
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _header_bytes(p: Plan, md) -> int:
+    """The file's bytes before the first tensor (the header's size does not depend on the tensors' types)."""
+    from gguf import GGMLQuantizationType as Q
+
+    typed = replace(p, tensors=[replace(t, qtype=t.qtype or Q.F32) for t in p.tensors])
+    with tempfile.TemporaryDirectory() as scratch:
+        _writer(typed, md, Path(scratch) / "header.gguf").close()
+        size = (Path(scratch) / "header.gguf").stat().st_size
+    return -(-size // 32) * 32  # padded to the data alignment
+
+
+def _write(p: Plan, md, path: Path, progress: Progress) -> None:
+    writer = _writer(p, md, path)
+    changes = _ScaleChanges()
+    try:
         for t in progress.track(p.tensors, len(p.tensors), "writing GGUF"):
             check()  # a safe point between tensors
             w = _load(t, p, md)
@@ -723,4 +749,13 @@ def _summary(p: Plan, out: Path) -> dict[str, Any]:
         "requantized": sum(t.how == "requantized" for t in p.tensors),
         "requantized_tensors": [t.name for t in p.tensors if t.how == "requantized"],
         "notes": p.notes,
+        **_budget_summary(p),
     }
+
+
+def _budget_summary(p: Plan) -> dict[str, Any]:
+    if p.budget is None:
+        return {}
+    from sparsify.export.budget import heat_map
+
+    return {"budget": p.budget, "details": heat_map(p.budget["types"])}

@@ -1,0 +1,117 @@
+"""How much each weight matters to the model's predictions: the diagonal of the empirical Fisher information.
+
+For a Linear ``y_t = W x_t`` at token ``t``, with ``g_t = dS/dy_t`` the gradient of the windows' summed negative
+log-likelihood ``S`` at its output, token ``t`` contributes ``g_t x_t^T`` to ``dS/dW``; the per-token Fisher
+diagonal is ``F = sum_t (g_t^2)(x_t^2)^T / N`` over the ``N`` predicted tokens (one matrix product per Linear and
+batch, from a forward and a backward hook: no per-window backward pass, no weight gradients). An embedding row
+``v`` gathers ``(dS/de_t)^2`` over the tokens ``t`` that are ``v``; a tied output head adds its Linear's share to
+the same matrix. A small change ``dW`` moves the model's predictions by a KL divergence of about
+``0.5 * sum(F * dW**2)`` per token (the Fisher is the KL divergence's curvature at the model):
+:mod:`sparsify.export.budget` predicts each tensor's damage at each type with it, as SqueezeLLM and HAWQ-style
+mixed precision weigh rounding errors.
+
+The whole float model is held in memory (and one batch's activations for the backward pass): fine for the models
+a 2-core machine exports; larger ones want a GPU (``device``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sparsify.data import load_text, sample_windows, tokenize
+from sparsify.evaluate import load_causal_lm, load_tokenizer
+from sparsify.export.importance import DEFAULT_SEQ_LEN
+from sparsify.progress import NoProgress, Progress
+
+BATCH = 4  # windows per forward and backward
+
+
+def weight_fisher(
+    md,
+    text: str | None,
+    samples: int,
+    seq_len: int | None,
+    seed: int = 0,
+    names: set[str] | None = None,
+    progress: Progress | None = None,
+    device: str = "cpu",
+) -> dict[str, Tensor]:
+    """``{parameter name: float32 tensor of its shape}``: the per-token Fisher diagonal of each Linear's and
+    embedding's weight named in ``names`` (None: all), over the ``samples`` windows of ``seq_len`` tokens of
+    ``text`` sampled with ``seed`` that :func:`sparsify.export.importance.input_importance` reads."""
+    config = md.load_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, int(limit or DEFAULT_SEQ_LEN))
+    tokenizer = load_tokenizer(Path(md.path))
+    windows = sample_windows(tokenize(load_text(text, tokenizer=tokenizer), tokenizer), samples, seq_len, seed)
+    model = load_causal_lm(Path(md.path), torch.float32, device=device)
+    model.requires_grad_(False)
+    named = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    fisher: dict[str, Tensor] = {}
+    handles = []
+    for module in model.modules():
+        name = named.get(id(getattr(module, "weight", None)))
+        if name is None or (names is not None and name not in names):
+            continue
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(_linear_hook(fisher, name, module.weight)))
+        elif isinstance(module, nn.Embedding):
+            handles.append(module.register_forward_hook(_embedding_hook(fisher, name, module.weight)))
+    tokens = 0
+    if not handles:
+        return {}
+    try:
+        batches = windows.split(BATCH)
+        for batch in (progress or NoProgress()).track(batches, len(batches), "sensitivity of each weight (Fisher)"):
+            x = batch.to(device)  # (B, L)
+            logits = model(input_ids=x).logits[:, :-1].float()  # (B, L-1, vocab)
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll.backward()
+            tokens += x[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (f / max(tokens, 1)).cpu() for n, f in fisher.items()}
+
+
+def _linear_hook(fisher: dict[str, Tensor], name: str, weight: Tensor) -> Callable:
+    """Forward hook: the output's gradient meets the saved input in ``fisher[name] += (g^2)^T (x^2)``."""
+
+    def hook(_module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float().square()  # (tokens, in)
+        out = out if out.requires_grad else out.detach().requires_grad_()
+
+        def backward(g: Tensor) -> None:
+            g2 = g.reshape(-1, g.shape[-1]).float().square()  # (tokens, out)
+            acc = fisher.setdefault(name, torch.zeros(weight.shape, device=weight.device))
+            acc.add_(g2.T @ x2)  # (out, in)
+
+        out.register_hook(backward)
+        return out
+
+    return hook
+
+
+def _embedding_hook(fisher: dict[str, Tensor], name: str, weight: Tensor) -> Callable:
+    """Forward hook: each token's output gradient, squared, added to its row; the output made to carry gradients
+    (the parameters do not), so that the backward pass reaches every hook."""
+
+    def hook(_module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        ids = args[0].detach().reshape(-1)  # (tokens,)
+        out = out.detach().requires_grad_()
+
+        def backward(g: Tensor) -> None:
+            acc = fisher.setdefault(name, torch.zeros(weight.shape, device=weight.device))
+            acc.index_add_(0, ids, g.reshape(-1, g.shape[-1]).float().square())  # (vocab, dim)
+
+        out.register_hook(backward)
+        return out
+
+    return hook
