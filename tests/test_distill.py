@@ -183,6 +183,7 @@ def test_cli_distill_budget_error_names_the_flag(model_dir, tmp_path):
     assert_user_error(r, out, "--distill-tokens")
 
 
+@pytest.mark.slow
 def test_an_interrupted_distillation_resumes_to_the_same_bytes(deep, tmp_path):  # noqa: F811
     """Killed hard inside the distillation (the stage before it complete): --resume trains again from that
     stage's output and writes the same bytes as a run never interrupted."""

@@ -22,6 +22,8 @@ from sparsify.distributed import SINGLE, World
 from tests import zoo
 from tests.test_guarantees import _weights
 
+pytestmark = pytest.mark.slow  # torchrun: two processes per test
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--samples", "8", "--seq-len", "64", "--batch-size", "2", "--json"]
 

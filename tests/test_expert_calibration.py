@@ -235,6 +235,7 @@ def test_bad_expert_settings_are_refused():
         _recipe(STEPS["wanda"], expert_calibration="some")
 
 
+@pytest.mark.slow
 def test_two_ranks_widen_the_experts_one_process_widens(native, tmp_path):
     one, two, r1, r2 = _both(tmp_path, "prune", native("mixtral"), "--method", "wanda", "--sparsity", "0.5",
                              "--expert-min-tokens", "64")  # fmt: skip

@@ -262,6 +262,7 @@ def test_cli_heal_runs_after_the_commands_pass(model_dir, tmp_path):
     assert json.loads(r.stdout)["totals"]["healed_layers"] == 2
 
 
+@pytest.mark.slow
 def test_an_interrupted_heal_resumes_to_the_same_bytes_and_reports_the_perplexity_before_healing(deep, tmp_path):  # noqa: F811
     """Killed in the sweep, after it (before the perplexity before healing is measured) and after the stage is
     complete: each resumed run writes the whole run's bytes and reports the whole run's perplexity before healing

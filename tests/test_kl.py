@@ -123,6 +123,7 @@ def test_a_run_reports_kl_and_eval_measures_it_from_the_recorded_input(model_dir
     assert "<th class='num'>KL to input</th>" in run("report", out, "--compare", other, "--format", "html").stdout
 
 
+@pytest.mark.slow
 def test_a_resumed_run_measures_the_input_again_when_its_cached_logprobs_are_gone(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path / "cache"))
     model = zoo.save("llama", tmp_path / "llama4", layers=4)

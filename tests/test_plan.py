@@ -188,6 +188,7 @@ def test_an_output_missing_a_tensor_is_never_renamed_into_place(deep, tmp_path, 
 # ---------------------------------------------------------------------------------- resume, re-run, recipe
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_after_its_sweep_writes_the_same_config(deep, tmp_path):
     reference = tmp_path / "reference"
     args = ["prune", deep, "--structured", "channels", "--ratio", "0.25", *FAST]
@@ -201,6 +202,7 @@ def test_resume_of_a_run_killed_after_its_sweep_writes_the_same_config(deep, tmp
     assert _weights(out) == _weights(reference)
 
 
+@pytest.mark.slow
 def test_moe_then_quantize_killed_and_resumed_gives_the_same_bytes(deep, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "out"
     assert compress(deep, reference, [MOE, W4], "--no-eval").exit_code == 0
@@ -215,6 +217,7 @@ def test_moe_then_quantize_killed_and_resumed_gives_the_same_bytes(deep, tmp_pat
     assert run("eval", out, "--seq-len", "64", "--max-windows", "2").exit_code == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
 def test_a_run_killed_before_it_recorded_anything_runs_again_without_overwrite(deep, tmp_path, resume):
     out = tmp_path / "out"
