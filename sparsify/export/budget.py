@@ -147,7 +147,7 @@ def fit_budget(p, md, config, header: int, progress: Progress | None = None) -> 
         f"{_flag(config)} {_asked(config)}: {len(free)} matrices typed by measured damage"
         f" ({', '.join(f'{n} {k}' for k, n in sorted(Counter(p.budget['types'].values()).items()))}),"
         f" {fmt_bytes(total)} ({p.budget['bits_per_weight']:.2f} bits per weight);"
-        f" predicted KL divergence to the float model {predicted:.4f} per token"
+        f" predicted KL divergence to the float model {predicted:.3g} per token"
     )
     if uniform:
         p.notes.append(f"{len(uniform)} matrices' damage weighed by the model's mean sensitivity (no gradient"
