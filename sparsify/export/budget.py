@@ -56,10 +56,11 @@ def type_bytes(shape: tuple[int, ...], name: str) -> int:
     from gguf import GGMLQuantizationType as Q
 
     block, size = GGML_QUANT_SIZES[Q[name.upper()]]
-    return _pad(math.prod(shape) // block * size)
+    return pad(math.prod(shape) // block * size)
 
 
-def _pad(n: int) -> int:
+def pad(n: int) -> int:
+    """``n`` bytes padded to the file's data alignment."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -120,10 +121,10 @@ def fit_budget(p, md, config, header: int, progress: Progress | None = None) -> 
     fisher = weight_fisher(md, config.calib, config.samples, config.seq_len, config.seed, names, progress)
     options: list[list[Option]] = []
     uniform = [t.name for t in free if any(s not in fisher for s in t.sources)]
-    mean = torch.cat([f.flatten() for f in fisher.values()]).mean() if fisher else torch.tensor(1.0)
+    mean = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values()) if fisher else 1.0
     for t in progress.track(free, len(free), "damage of each matrix at each type"):
         w = torch.stack([md.source.get_many([s])[s].float() for s in t.sources])  # (experts or 1, out, in)
-        f = torch.stack([fisher[s] if s in fisher else torch.full(w.shape[1:], float(mean)) for s in t.sources])
+        f = torch.stack([fisher[s] if s in fisher else torch.full(w.shape[1:], mean) for s in t.sources])
         imp = imps.get(t.name)
         options.append([Option(b, damage(w, f, n, imp)) for n, b in zip(menus[t.name], sizes[t.name], strict=True)])
     chosen = allocate(options, want - header - fixed)

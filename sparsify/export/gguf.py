@@ -38,7 +38,7 @@ from torch import Tensor
 from sparsify.algorithms.kquants import KTYPES, LEGACY, QK_K, WEIGHTED, quantize_k, quantize_legacy
 from sparsify.arch import GGUF_ARCHITECTURES, SPARSIFY_TYPE_PREFIX, GgufArch, layer_windows, lookup
 from sparsify.errors import SparsifyError
-from sparsify.export import GgufConfig, kquant_blocks
+from sparsify.export import GgufConfig, budget, kquant_blocks
 from sparsify.export import ggml_blocks as blocks
 from sparsify.export.gguf_vocab import Vocab, chat_template, merges, read_vocab
 from sparsify.export.gguf_weights import Layout, Stored, read_layout, read_quantized, stack
@@ -415,8 +415,6 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
     md = open_model(model)
     p = plan(md, out, config)
     if config.target_size is not None or config.target_bpw is not None:
-        from sparsify.export import budget
-
         budget.fit_budget(p, md, config, _header_bytes(p, md), progress)
     else:
         _add_importance(p, md, config, progress)
@@ -560,7 +558,7 @@ def _header_bytes(p: Plan, md) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         _writer(typed, md, Path(scratch) / "header.gguf").close()
         size = (Path(scratch) / "header.gguf").stat().st_size
-    return -(-size // 32) * 32  # padded to the data alignment
+    return budget.pad(size)
 
 
 def _write(p: Plan, md, path: Path, progress: Progress) -> None:
@@ -756,6 +754,4 @@ def _summary(p: Plan, out: Path) -> dict[str, Any]:
 def _budget_summary(p: Plan) -> dict[str, Any]:
     if p.budget is None:
         return {}
-    from sparsify.export.budget import heat_map
-
-    return {"budget": p.budget, "details": heat_map(p.budget["types"])}
+    return {"budget": p.budget, "details": budget.heat_map(p.budget["types"])}

@@ -26,6 +26,18 @@ BATCH = 8  # calibration windows per forward
 DEFAULT_SEQ_LEN = 512
 
 
+def calibration_windows(md, config, text: str | None, samples: int, seq_len: int | None, seed: int) -> Tensor:
+    """``(samples, seq_len)`` token windows of ``text`` (None: the embedded calibration text) sampled with ``seed``;
+    ``seq_len`` None: 512, or the model's whole context if shorter; longer than the context: refused."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, int(limit or DEFAULT_SEQ_LEN))
+    elif limit and seq_len > limit:
+        raise SparsifyError(f"--seq-len {seq_len} is beyond the model's context (max_position_embeddings {limit})")
+    tokenizer = load_tokenizer(Path(md.path))
+    return sample_windows(tokenize(load_text(text, tokenizer=tokenizer), tokenizer), samples, seq_len, seed)
+
+
 def input_importance(
     md,
     text: str | None,
@@ -39,13 +51,7 @@ def input_importance(
     layers of the model folder ``md`` over ``samples`` windows of ``seq_len`` tokens (None: 512, or the model's
     context if shorter) of ``text`` (None: the embedded calibration text), sampled with ``seed``."""
     config = md.load_config()
-    limit = getattr(config, "max_position_embeddings", None)
-    if seq_len is None:  # the default: 512 tokens, or the model's whole context if shorter
-        seq_len = min(DEFAULT_SEQ_LEN, int(limit or DEFAULT_SEQ_LEN))
-    elif limit and seq_len > limit:
-        raise SparsifyError(f"--seq-len {seq_len} is beyond the model's context (max_position_embeddings {limit})")
-    tokenizer = load_tokenizer(Path(md.path))
-    tokens = sample_windows(tokenize(load_text(text, tokenizer=tokenizer), tokenizer), samples, seq_len, seed)
+    tokens = calibration_windows(md, config, text, samples, seq_len, seed)  # (samples, seq_len)
     skel = open_stage_model(md, config, False, torch.float32)
     layers = Layers.of(skel.model)
     load_outside_layers(skel, layers, md, torch.float32, device)

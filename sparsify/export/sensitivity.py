@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sparsify.data import load_text, sample_windows, tokenize
-from sparsify.evaluate import load_causal_lm, load_tokenizer
-from sparsify.export.importance import DEFAULT_SEQ_LEN
+from sparsify.evaluate import load_causal_lm
+from sparsify.export.importance import calibration_windows
 from sparsify.progress import NoProgress, Progress
 
 BATCH = 4  # windows per forward and backward
@@ -43,12 +42,7 @@ def weight_fisher(
     """``{parameter name: float32 tensor of its shape}``: the per-token Fisher diagonal of each Linear's and
     embedding's weight named in ``names`` (None: all), over the ``samples`` windows of ``seq_len`` tokens of
     ``text`` sampled with ``seed`` that :func:`sparsify.export.importance.input_importance` reads."""
-    config = md.load_config()
-    limit = getattr(config, "max_position_embeddings", None)
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, int(limit or DEFAULT_SEQ_LEN))
-    tokenizer = load_tokenizer(Path(md.path))
-    windows = sample_windows(tokenize(load_text(text, tokenizer=tokenizer), tokenizer), samples, seq_len, seed)
+    windows = calibration_windows(md, md.load_config(), text, samples, seq_len, seed)  # (samples, seq_len)
     model = load_causal_lm(Path(md.path), torch.float32, device=device)
     model.requires_grad_(False)
     named = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
