@@ -88,6 +88,7 @@ from sparsify.evaluate import (
     protocol_label,
 )
 from sparsify.passes import Pass
+from sparsify.passes.base import shorten_per_layer
 from sparsify.plan import Plan, Stage, checked_config, config_from_dict, make_plan
 from sparsify.progress import NOTICE, NoProgress, Progress
 from sparsify.recipe import Recipe
@@ -139,8 +140,6 @@ class QualityError(SparsifyError):
 def _remove_layers(model: nn.Module, layers: Layers, removed: list[int]) -> None:
     """Drop layers from the model (skeleton or in memory) before the sweep: its config, its layer list and
     each module's own ``layer_idx`` follow, so the forward and the loop see the smaller model."""
-    from sparsify.passes.structured import shorten_per_layer
-
     n = len(layers.modules)
     keep = [i for i in range(n) if i not in set(removed)]
     kept = nn.ModuleList([layers.modules[i] for i in keep])

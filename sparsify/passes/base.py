@@ -287,6 +287,9 @@ def calibration_record(stats: InputStats | None, fallback: str | None = None) ->
 
 
 PASSES: dict[str, type[Pass]] = {}
+# pass type -> (when the step's config takes it, the pass class): a family's other implementation behind the same
+# ``type`` (structured pruning behind ``type: prune``), registered by its own module
+VARIANTS: dict[str, list[tuple[Callable[[Any], bool], type[Pass]]]] = {}
 
 
 def register(name: str) -> Callable[[type[Pass]], type[Pass]]:
@@ -299,3 +302,33 @@ def register(name: str) -> Callable[[type[Pass]], type[Pass]]:
         return cls
 
     return add
+
+
+def register_variant(name: str, when: Callable[[Any], bool]) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator: steps of ``type: name`` whose config ``when`` accepts build this pass instead (see
+    :func:`variant_for`); the family's main pass need not import it."""
+
+    def add(cls: type[Pass]) -> type[Pass]:
+        VARIANTS.setdefault(name, []).append((when, cls))
+        return cls
+
+    return add
+
+
+def variant_for(name: str, config: Any) -> type[Pass] | None:
+    """The registered variant of pass type ``name`` that ``config`` asks for (None: the main pass)."""
+    return next((cls for when, cls in VARIANTS.get(name, []) if when(config)), None)
+
+
+def shorten_per_layer(cfg: dict[str, Any], keep: list[int], n: int) -> dict[str, Any]:
+    """Every per-layer list of a config (length ``n``: ``layer_types``, sparsify's patterns) cut to ``keep``."""
+    from sparsify.runtime.format import CONFIG_KEY
+
+    new = {
+        k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n and not k.endswith("_token_id") else v
+        for k, v in cfg.items()
+    }
+    section = cfg.get(CONFIG_KEY)
+    if isinstance(section, dict) and isinstance(section.get("layers"), list) and len(section["layers"]) == n:
+        new[CONFIG_KEY] = {**section, "layers": [section["layers"][i] for i in keep]}
+    return new

@@ -27,10 +27,9 @@ from torch import nn
 from sparsify.algorithms import outlier_ratio, owl_layer_sparsities, wanda_scores
 from sparsify.errors import SparsifyError
 from sparsify.modules import in_features, set_weight_matrix, weight_matrix
-from sparsify.passes.base import Pass, calibration_record, register, saw_no_tokens
+from sparsify.passes.base import Pass, calibration_record, register, saw_no_tokens, variant_for
 from sparsify.passes.prune_config import PruneConfig
 from sparsify.passes.prune_methods import PRUNE_METHODS
-from sparsify.passes.structured import StructuredPrunePass
 from sparsify.statistics import InputStats
 
 if TYPE_CHECKING:
@@ -69,9 +68,8 @@ class PrunePass(Pass):
 
     @classmethod
     def build(cls, config: PruneConfig, index: int, arch: Arch | None = None) -> Pass:  # type: ignore[override]
-        if config.structured is not None:
-            return StructuredPrunePass(config, index, arch)
-        return cls(config, index, arch)
+        variant = variant_for("prune", config)  # structured pruning (sparsify.passes.structured)
+        return (variant or cls)(config, index, arch)
 
     def __init__(self, config: PruneConfig, index: int, arch: Arch | None = None):
         super().__init__(config, index, arch)

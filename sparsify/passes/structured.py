@@ -42,7 +42,7 @@ from sparsify.algorithms.structured import (
 from sparsify.arch import find_layers
 from sparsify.errors import SparsifyError
 from sparsify.modules import add_to_bias, keep_inputs, keep_outputs, out_features, set_weight_matrix, weight_matrix
-from sparsify.passes.base import Pass
+from sparsify.passes.base import Pass, register_variant, shorten_per_layer
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
@@ -58,20 +58,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def shorten_per_layer(cfg: dict[str, Any], keep: list[int], n: int) -> dict[str, Any]:
-    """Every per-layer list of a config (length ``n``: ``layer_types``, sparsify's patterns) cut to ``keep``."""
-    from sparsify.runtime.format import CONFIG_KEY
-
-    new = {
-        k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n and not k.endswith("_token_id") else v
-        for k, v in cfg.items()
-    }
-    section = cfg.get(CONFIG_KEY)
-    if isinstance(section, dict) and isinstance(section.get("layers"), list) and len(section["layers"]) == n:
-        new[CONFIG_KEY] = {**section, "layers": [section["layers"][i] for i in keep]}
-    return new
-
-
+@register_variant("prune", when=lambda config: config.structured is not None)
 class StructuredPrunePass(Pass):
     """Removes FFN channels, head groups or layers (see the module docstring)."""
 
