@@ -82,7 +82,8 @@ def field_option(key: str, field: FieldInfo, path: tuple[str, ...], flag: str | 
                            show_default=False)  # fmt: skip
         return Option(param, Annotated[_choice(get_args(annotation)) | None, opt], path, flag)
     if annotation in (int, float, str):
-        opt = typer.Option(flag, help=help_text + shown, metavar=_metavar(key, annotation), show_default=False)
+        metavar = str(extra.get("metavar") or _metavar(key, annotation))
+        opt = typer.Option(flag, help=help_text + shown, metavar=metavar, show_default=False)
         return Option(param, Annotated[annotation | None, opt], path, flag)
     return None
 

@@ -210,6 +210,7 @@ def compress_model(
         model.base_model, layers.modules, InMemoryLayers(layers.modules), tokens, recipe.calibration.batch_size,
         progress, device, layers.path, recipe.calibration.inputs, experts=recipe.calibration.experts,
     )  # fmt: skip
+    runner.whole = lambda: model
     _prepare(model, layers, passes, runner, None)
     runner.provider = InMemoryLayers(layers.modules)
     output = runner.run(passes, _resolver(layers))
@@ -707,6 +708,7 @@ def _run_stage(
             opts.progress, device, layers.path, run.recipe.calibration.inputs, opts.world,
             run.recipe.calibration.experts,
         )  # fmt: skip
+        runner.whole = _with_head(skel, layers, md, dtype, opts.device)
         saved = state.decisions()
         # under torchrun every rank must take the same path from here (prepare or restore, sweep or not)
         opts.world.same(
@@ -742,6 +744,14 @@ def _run_stage(
             cfg = checked_config(p, p.edit_config(cfg))
     counts = _assemble_stage(out_dir, state, md, skel, layers, opts)
     return cfg, records, notes, counts, before_recovery
+
+
+def _with_head(skel: StageModel, layers: Layers, md: ModelDir, dtype: torch.dtype, device: str):
+    def whole() -> nn.Module:
+        load_outside_layers(skel, layers, md, dtype, device, head=True)
+        return skel.model
+
+    return whole
 
 
 def _stage_skeleton(md: ModelDir, cfg: dict[str, Any], opts: Options, dtype: torch.dtype) -> StageModel:

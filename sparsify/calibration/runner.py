@@ -80,6 +80,9 @@ class LayerwiseRunner:
         self.inputs = (
             inputs  # compressed: each layer calibrated on the compressed layers' outputs; dense: the dense model's
         )
+        # the whole model, its LM head loaded (the layers replayed or loaded one at a time), for a pass that
+        # needs the loss (a bit budget's Fisher); None: not available
+        self.whole: Callable[[], nn.Module] | None = None
 
     def prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}"

@@ -26,6 +26,13 @@ class LayerProvider(Protocol):
 
     def round_to_storage(self, index: int, layer: nn.Module) -> None: ...
 
+    def stored_bytes(self, index: int, name: str) -> tuple[int, torch.dtype] | None:
+        """Layer ``index``'s tensor ``name`` (layer-relative) as it will be written: ``(bytes it takes as the
+        input stores it, the dtype a tensor a pass adds beside it is written in)``; None: not known (in memory)."""
+
+    def total_bytes(self) -> int | None:
+        """Every tensor of the checkpoint read, as stored (None: in memory)."""
+
 
 class InMemoryLayers:
     """Provider for a model already in memory: layers are used in place."""
@@ -41,6 +48,12 @@ class InMemoryLayers:
 
     def round_to_storage(self, index: int, layer: nn.Module) -> None:
         pass
+
+    def stored_bytes(self, index: int, name: str) -> tuple[int, torch.dtype] | None:
+        return None
+
+    def total_bytes(self) -> int | None:
+        return None
 
 
 @dataclass

@@ -55,6 +55,19 @@ class LazyLayers:
         self.stored[index] = {name: t.dtype for name, t in stored.items()}
         return layer
 
+    def stored_bytes(self, index: int, name: str) -> tuple[int, torch.dtype] | None:
+        """See :meth:`sparsify.calibration.work.LayerProvider.stored_bytes`: a tensor added beside ``name``
+        (a quantized weight's scales) is written in ``name``'s stored dtype, the layer's usual one."""
+        key = self._source_key(index, name)
+        if key is None:
+            return None
+        info = self.source.info(key)
+        return info.nbytes, info.dtype
+
+    def total_bytes(self) -> int:
+        """Every tensor of the checkpoint the layers are read from, as stored."""
+        return sum(self.source.info(k).nbytes for k in self.source.keys())
+
     def _storage_dtype(self, index: int, name: str, value: torch.Tensor) -> torch.dtype:
         stored = self.stored.get(index, {})
         if name in stored and stored[name].is_floating_point == value.is_floating_point():

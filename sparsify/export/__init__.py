@@ -66,7 +66,7 @@ class GgufConfig(StrictModel):
         None,
         description="the file's size (105MB, 100MiB, 2GB): each matrix's type chosen (K types, legacy, Q8_0, F16)"
         " to least predicted damage (its Fisher-weighted rounding error on the calibration windows) within it",
-        json_schema_extra={"flag": "--target-size"},
+        json_schema_extra={"flag": "--target-size", "metavar": "SIZE"},
     )
     target_bpw: float | None = Field(
         None,

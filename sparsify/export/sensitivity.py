@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sparsify.calibration.fisher import linear_hook
 from sparsify.evaluate import load_causal_lm
 from sparsify.export.importance import calibration_windows
 from sparsify.progress import NoProgress, Progress
@@ -53,7 +54,7 @@ def weight_fisher(
         if name is None or (names is not None and name not in names):
             continue
         if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(_linear_hook(fisher, name, module.weight)))
+            handles.append(module.register_forward_hook(linear_hook(fisher, name, module.weight.shape)))
         elif isinstance(module, nn.Embedding):
             handles.append(module.register_forward_hook(_embedding_hook(fisher, name, module.weight)))
     tokens = 0
@@ -73,24 +74,6 @@ def weight_fisher(
         for h in handles:
             h.remove()
     return {n: (f / max(tokens, 1)).cpu() for n, f in fisher.items()}
-
-
-def _linear_hook(fisher: dict[str, Tensor], name: str, weight: Tensor) -> Callable:
-    """Forward hook: the output's gradient meets the saved input in ``fisher[name] += (g^2)^T (x^2)``."""
-
-    def hook(_module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float().square()  # (tokens, in)
-        out = out if out.requires_grad else out.detach().requires_grad_()
-
-        def backward(g: Tensor) -> None:
-            g2 = g.reshape(-1, g.shape[-1]).float().square()  # (tokens, out)
-            acc = fisher.setdefault(name, torch.zeros(weight.shape, device=weight.device))
-            acc.add_(g2.T @ x2)  # (out, in)
-
-        out.register_hook(backward)
-        return out
-
-    return hook
 
 
 def _embedding_hook(fisher: dict[str, Tensor], name: str, weight: Tensor) -> Callable:

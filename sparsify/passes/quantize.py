@@ -52,18 +52,21 @@ from sparsify.algorithms.quant import (
 )
 from sparsify.algorithms.reconstruct import fit_block
 from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
+from sparsify.arch import is_encoder
 from sparsify.distributed import World
 from sparsify.errors import SparsifyError
 from sparsify.modules import replace_module
+from sparsify.passes import quantize_budget as budget
 from sparsify.passes.base import LayerPassConfig, Pass, StrictModel, calibration_record, register, saw_no_tokens
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, QuantizeMethod, expand_zero_point
 from sparsify.passes.trainable import FakeQuantLinear, rows_of
 from sparsify.runtime.quantized import STATIC_ACT_ARGS, Activations, QuantizedLinear, QuantScheme
+from sparsify.sizes import fmt_bytes, parse_size
 from sparsify.statistics import Stat
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
-    from sparsify.calibration import LayerWork
+    from sparsify.calibration import LayerwiseRunner, LayerWork
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE activation scales
@@ -114,6 +117,19 @@ class QuantizeConfig(LayerPassConfig):
     )
     smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
     qat: QATConfig | None = Field(None, description="then tune each layer with fake quantization (QAT)")
+    target_bpw: float | None = Field(
+        None,
+        gt=0,
+        le=32,
+        description="w4a16: int4 or int8 (per channel) for each Linear, chosen by measured sensitivity (a Fisher"
+        " diagonal on the calibration) for this many bits per weight over the quantized Linears, scales counted",
+    )
+    target_size: str | None = Field(
+        None,
+        description="as --target-bpw, for the checkpoint's bytes: every tensor (embeddings, norms, LM head) as"
+        " written, e.g. 95MB or 2GiB",
+        json_schema_extra={"metavar": "SIZE"},
+    )
 
     def inapplicable(self) -> dict[str, str]:
         out = {}
@@ -146,7 +162,25 @@ class QuantizeConfig(LayerPassConfig):
             )
         if self.qat is not None and self.sequential:
             raise ValueError("qat tunes each whole layer at once; it does not combine with sequential stages")
+        if self.target_bpw is not None and self.target_size is not None:
+            raise ValueError("target_bpw and target_size are two budgets; give one")
+        if self.budgeted:
+            what = "target_bpw" if self.target_bpw is not None else "target_size"
+            if self.scheme != "w4a16":
+                raise ValueError(
+                    f"{what} chooses int4 or int8 for each Linear of a weight-only model: it needs scheme w4a16"
+                    f" (the smaller of the two), not {self.scheme}"
+                )
+            if self.qat is not None:
+                raise ValueError(f"{what} does not combine with qat (one grid per layer while it tunes)")
+        if self.target_size is not None:
+            parse_size(self.target_size)  # ValueError naming what is expected
         return self
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a bit budget chooses each Linear's scheme (see :mod:`sparsify.passes.quantize_budget`)."""
+        return self.target_bpw is not None or self.target_size is not None
 
     @property
     def gptq_act_order(self) -> bool:
@@ -266,11 +300,18 @@ class QuantizePass(Pass):
         self.custom_stats = {"sample": InputSample} if static and c.observer != "minmax" else {}
         self.needs_grad = c.qat is not None
         self.per_target = c.smoothquant is None and c.qat is None  # else the layer's Linears are fitted together
-        self.needs_data = bool(self.needs) or bool(self.custom_stats) or bool(c.qat)
+        self.needs_data = bool(self.needs) or bool(self.custom_stats) or bool(c.qat) or c.budgeted  # budget: Fisher
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
         self.smoothed: list[str] = []
         self.auto_group_why: str | None = None  # why the default group size is GGUF's block (see validate)
+        self.budget: dict[str, Any] | None = None  # a bit budget's choice (see prepare): bits per fqn, bytes, KL
+
+    def scheme_of(self, fqn: str) -> QuantScheme:
+        """The scheme target ``fqn`` is quantized with: the config's, or int8 where a bit budget chose it."""
+        if self.budget is not None and self.budget["bits"].get(fqn) == budget.INT8:
+            return budget.int8_scheme(self.scheme)
+        return self.scheme
 
     def describe(self) -> str:
         c = self.config
@@ -280,11 +321,22 @@ class QuantizePass(Pass):
         )
         order = " act-order" if c.gptq_act_order else ""
         sym = "" if c.symmetric else " asymmetric"
-        return f"quantize {c.scheme}{group} {c.method}{order}{sym}{extra}"
+        asked = f" within {self._asked()} (int4/int8 per Linear)" if c.budgeted else ""
+        return f"quantize {c.scheme}{group} {c.method}{order}{sym}{extra}{asked}"
+
+    def _asked(self) -> str:
+        c = self.config
+        return f"{c.target_bpw:g} bits per weight" if c.target_bpw is not None else f"{c.target_size}"
 
     # ------------------------------------------------------------------------------- planning
 
     def bind(self, model: nn.Module) -> None:
+        if self.config.budgeted and is_encoder(str(model.config.model_type)):
+            flag = "target_bpw" if self.config.target_bpw is not None else "target_size"
+            raise SparsifyError(
+                f"{flag} weighs each Linear by a language model's loss (a Fisher diagonal);"
+                f" {model.config.model_type} is an encoder: give a scheme without a budget"
+            )
         if self.config.smoothquant is not None and (self.arch is None or not self.arch.smoothable):
             family = self.arch.model_type if self.arch else str(model.config.model_type)
             why = (
@@ -308,13 +360,20 @@ class QuantizePass(Pass):
         c = self.config
         if c.group_auto:
             self._resolve_group(widths)
-            return
-        group = c.weight_group
-        for fqn, width in widths.items():
-            if group and width % group:
-                raise SparsifyError(
-                    f"--group-size {group} does not divide {fqn}'s {width} inputs; {_group_hint(widths, c)}"
-                )
+        else:
+            group = c.weight_group
+            for fqn, width in widths.items():
+                if group and width % group:
+                    raise SparsifyError(
+                        f"--group-size {group} does not divide {fqn}'s {width} inputs; {_group_hint(widths, c)}"
+                    )
+        if c.target_bpw is not None:
+            options = [
+                self._options(fqn, i, m.weight.shape, m.weight.dtype)
+                for i, layer_targets in targets.items()
+                for fqn, m in layer_targets.items()
+            ]
+            self._check_reach(options, budget.budget_bytes(c.target_bpw, None, options, 0), 0)
 
     def _resolve_group(self, widths: dict[str, int]) -> None:
         """w4a16's default group size for these targets: :data:`DEFAULT_GROUP` where it divides every one's inputs,
@@ -335,6 +394,92 @@ class QuantizePass(Pass):
         self.config = self.config.model_copy(update={"group_size": group})
         self.scheme = self.config.quant_scheme()
 
+    # ----------------------------------------------------------------------------- a bit budget
+
+    def _options(self, fqn: str, layer: int, shape: torch.Size, scale_dtype: torch.dtype,
+                 damages: tuple[float, float] = (0.0, 0.0)) -> budget.Target:  # fmt: skip
+        out_f, in_f = int(shape[0]), int(shape[1])
+        sizes = [budget.scheme_bytes(out_f, in_f, s, scale_dtype) for s in self._budget_schemes()]
+        options = tuple(budget.Option(b, d) for b, d in zip(sizes, damages, strict=True))
+        return budget.Target(fqn, layer, out_f * in_f, (self.config.bits, budget.INT8), options)
+
+    def _budget_schemes(self) -> list[QuantScheme]:
+        return [self.scheme, budget.int8_scheme(self.scheme)]
+
+    def _check_reach(self, targets: list[budget.Target], asked: int, rest: int) -> None:
+        """Refuse a budget the targets cannot meet (``asked``: their share of it; ``rest``: the other bytes)."""
+        low, high = budget.reach(targets)
+        params = sum(t.params for t in targets)
+        flag = "--target-bpw" if self.config.target_bpw is not None else "--target-size"
+        if asked < low:
+            raise SparsifyError(
+                f"{flag} {self._asked_value()}: below the smallest this model reaches, every Linear int4"
+                f" ({fmt_bytes(rest + low)}, {8 * low / params:.3f} bits per weight over the quantized Linears)"
+            )
+        if asked > high:
+            raise SparsifyError(
+                f"{flag} {self._asked_value()}: above every Linear int8 ({fmt_bytes(rest + high)},"
+                f" {8 * high / params:.3f} bits per weight): use --scheme w8a16"
+            )
+
+    def _asked_value(self) -> str:
+        c = self.config
+        return f"{c.target_bpw:g}" if c.target_bpw is not None else str(c.target_size)
+
+    def prepare(self, runner: LayerwiseRunner) -> None:
+        """A bit budget's choice, before the first layer is quantized (see :mod:`.quantize_budget`)."""
+        from sparsify.calibration.fisher import layer_fisher
+
+        c = self.config
+        if not c.budgeted:
+            return
+        shapes, rest = {}, 0
+        for i, layer in enumerate(runner.layers):  # the planned shapes (a meta layer needs no loading)
+            for fqn, m in self.targets_in(layer, runner.prefix(i)).items():
+                stored = runner.provider.stored_bytes(i, f"{fqn.removeprefix(runner.prefix(i) + '.')}.weight")
+                shapes[fqn] = (i, m.weight.shape, stored[1] if stored else m.weight.dtype)
+                rest -= stored[0] if stored else 0
+        total = runner.provider.total_bytes()
+        if c.target_size is not None and total is None:
+            raise SparsifyError("target_size counts a checkpoint's bytes: a model in memory takes target_bpw")
+        rest += total or 0
+        plain = [self._options(fqn, i, shape, dtype) for fqn, (i, shape, dtype) in shapes.items()]
+        size = parse_size(c.target_size) if c.target_size is not None else None
+        asked = budget.budget_bytes(c.target_bpw, size, plain, rest)
+        self._check_reach(plain, asked, rest)
+        if runner.whole is None:
+            raise SparsifyError("a bit budget needs the model's LM head (its loss): not available here")
+
+        def layer_targets(i: int, layer: nn.Module) -> dict[str, nn.Module]:
+            return self.targets_in(layer, runner.prefix(i))
+
+        fisher = layer_fisher(runner, runner.whole(), layer_targets)
+        mean = sum(float(f.mean()) for f in fisher.values()) / max(len(fisher), 1)  # a Linear no token reached
+        method, options = self._uncalibrated()
+        targets = []
+        for i in runner.progress.track(range(len(runner.layers)), len(runner.layers), "damage of int4 and int8"):
+            interrupts.check()
+            layer = runner.provider.load(i)
+            for fqn, m in layer_targets(i, layer).items():
+                W = budget.weight_of(m)  # (out, in)
+                F = fisher.get(fqn)
+                F = F if F is not None else torch.full_like(W, mean)  # (out, in)
+                hurt = tuple(
+                    budget.damage(W, F, method.round(W, None, s.weights, W != 0, options).weight)
+                    for s in self._budget_schemes()
+                )
+                targets.append(self._options(fqn, i, W.shape, shapes[fqn][2], hurt))
+            runner.provider.finish(i, layer, write=False)
+        self.budget = budget.choose(targets, asked) | {"rest_bytes": rest}
+        log.info("bit budget: %s", budget.mix_text(self.budget["bits"]))
+
+    def decisions(self) -> dict[str, Any]:
+        return {"budget": self.budget} if self.budget is not None else {}
+
+    def restore(self, decisions: dict[str, Any]) -> None:
+        if "budget" in decisions:
+            self.budget = decisions["budget"]
+
     # ------------------------------------------------------------------------------- per layer
 
     def compress_layer(self, work: LayerWork) -> list[dict[str, Any]]:
@@ -354,7 +499,8 @@ class QuantizePass(Pass):
                 H = stats.mean("hessian")  # (in, in)
                 if s is not None:
                     H = H / (s[:, None] * s[None, :])  # the smoothed inputs' X^T X
-            q, scale, zp, W_q = self._quantize_weight(fqn, W, H, blind)
+            scheme = self.scheme_of(fqn)
+            q, scale, zp, W_q = self._quantize_weight(fqn, W, H, blind, scheme.weights)
             input_scale = self._input_scale(stats, s) if c.activations == "static" and not blind else None
             record: dict[str, Any] = {
                 "kind": self.kind,
@@ -362,9 +508,9 @@ class QuantizePass(Pass):
                 "layer": work.index,
                 "pass": self.index,
                 "shape": list(W.shape),
-                "scheme": c.scheme,
-                "bits": c.bits,
-                "group_size": c.weight_group or "channel",
+                "scheme": scheme.name,
+                "bits": scheme.weights.bits,
+                "group_size": scheme.group_size or "channel",
                 "method": c.method + (" + QAT" if c.qat else ""),
                 "act_order": c.gptq_act_order,
                 "weight_error": _weight_error(W, W_q, H),
@@ -382,7 +528,7 @@ class QuantizePass(Pass):
             for r in records:
                 r["qat_loss"] = losses
         for fqn, (q, scale, zp, bias, input_scale, _) in quantized.items():
-            new = QuantizedLinear.from_quantized(q, scale, zp, self.scheme, bias, input_scale)
+            new = QuantizedLinear.from_quantized(q, scale, zp, self.scheme_of(fqn), bias, input_scale)
             replace_module(work.layer, work.relative(fqn), new)
         return records
 
@@ -399,14 +545,14 @@ class QuantizePass(Pass):
         return f"{method.name}, {options.weight_observer} observer"
 
     def _quantize_weight(
-        self, fqn: str, W: Tensor, H: Tensor | None, blind: bool = False
+        self, fqn: str, W: Tensor, H: Tensor | None, blind: bool, args: QuantArgs
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(q, scale, zero_point, dequantized)`` by the config's method (``blind``: no calibration data for
         this target: see :meth:`_uncalibrated`); exact zeros stay zero."""
         mask = W != 0  # (out, in): zeros of an earlier pruning pass stay zeros
         method, options = self._uncalibrated() if blind else (self.method, self.config)
         try:
-            r = method.round(W, H, self.scheme.weights, mask, options)
+            r = method.round(W, H, args, mask, options)
         except ValueError as e:
             raise SparsifyError(f"{fqn}: {e}") from e
         return r.q, r.scale, r.zero_point, r.weight
@@ -495,7 +641,7 @@ class QuantizePass(Pass):
             if isinstance(module, nn.Linear | QuantizedLinear):
                 linears.append(fqn)
                 if isinstance(module, QuantizedLinear) or self.matcher.selects(fqn, module):
-                    schemes[fqn] = self.scheme
+                    schemes[fqn] = self.scheme_of(fqn)
         new = dict(cfg)
         new["quantization_config"] = quantization_config(schemes, linears)
         return new
@@ -503,6 +649,16 @@ class QuantizePass(Pass):
     def notes(self) -> list[str]:
         c = self.config
         notes = []
+        if self.budget is not None:
+            b = self.budget
+            int8 = sum(v == budget.INT8 for v in b["bits"].values())
+            notes.append(
+                f"pass {self.index}: bit budget {self._asked()}: {int8} of {len(b['bits'])} Linears int8, the rest"
+                f" int4 ({8 * b['bytes'] / b['params']:.3f} bits per weight over them, {fmt_bytes(b['bytes'])};"
+                f" the checkpoint's tensors {fmt_bytes(b['bytes'] + b['rest_bytes'])} predicted); predicted KL to the float"
+                f" model {b['predicted_kl']:.3g} per token on the calibration (round-to-nearest; measured on the"
+                f" evaluation text: the KL above); {budget.mix_text(b['bits'])}"
+            )
         if self.auto_group_why is not None:
             notes.append(
                 f"pass {self.index}: {c.scheme} group size {c.weight_group} (the default's choice):"
@@ -540,15 +696,14 @@ class QuantizePass(Pass):
         done = list({r["name"]: r for r in records if r.get("status") == "quantized"}.values())
         if not done:
             return []
-        schemes = sorted({f"{r['scheme']} (group {r['group_size']})" for r in done})
+        schemes = sorted({f"{r['scheme']} ({_group_text(r['group_size'])})" for r in done})
         params = sum(r["shape"][0] * r["shape"][1] for r in done)
-        bits = done[0]["bits"]
         groups = {r["group_size"] for r in done}
         scale_bytes = sum(
             r["shape"][0] * (r["shape"][1] // r["group_size"] if isinstance(r["group_size"], int) else 1) * 2
             for r in done
         )
-        q_bytes = params * bits / 8 + scale_bytes
+        q_bytes = sum(r["shape"][0] * r["shape"][1] * r["bits"] / 8 for r in done) + scale_bytes
         errors = [r["weight_error"] for r in done if r.get("weight_error") is not None]
         methods = sorted({_method_text(r) for r in done})
         return [
@@ -585,6 +740,10 @@ def _group_hint(widths: dict[str, int], config: QuantizeConfig) -> str:
         return "use -1 (per channel)"
     listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
     return f"{listed} {'divides' if len(named) == 1 else 'divide'} every quantized Linear's inputs; -1: per channel"
+
+
+def _group_text(group: Any) -> str:
+    return f"group {group}" if isinstance(group, int) else f"per {group}"
 
 
 def _method_text(record: dict[str, Any]) -> str:
