@@ -165,3 +165,32 @@ def test_every_output_format_is_documented_and_tested():
     for name in FORMATS:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", docs, re.IGNORECASE), f"format {name}: no docs"
         assert f'"{name}"' in tests, f"format {name}: no test names it"
+
+
+def _gguf_types() -> list[str]:
+    from typing import get_args
+
+    from sparsify.export import GgufConfig
+
+    return [t for t in get_args(GgufConfig.model_fields["tensor_type"].annotation) if t != "auto"]
+
+
+@pytest.mark.parametrize("name", _gguf_types())
+def test_every_gguf_type_is_documented_and_its_blocks_tested(name):
+    """Each ``export gguf --type``: shown in docs/export.md, and its blocks tested against gguf-py's dequantizer
+    (K types: tests/test_kquants.py; legacy: tests/test_legacy_quants.py; floats: written and read back)."""
+    from tests import test_kquants, test_legacy_quants
+
+    export_doc = (ROOT / "docs" / "export.md").read_text()
+    assert re.search(rf"--type [\w|]*(?<![\w-]){re.escape(name)}(?![\w-])", export_doc), f"--type {name}: no docs"
+    blocks = {*test_kquants.TYPES, *test_legacy_quants.LEGACY, "f32", "f16", "bf16"}
+    assert name in blocks, f"--type {name}: no test checks its blocks"
+
+
+def test_contributing_names_files_that_exist():
+    """docs/contributing.md's lists point at real files (a moved file fails here, not in a newcomer's hands)."""
+    text = (ROOT / "docs" / "contributing.md").read_text()
+    paths = set(re.findall(r"`((?:sparsify|tests|docs|configs|benchmarks)/[\w/.\-]+\.(?:py|md|yaml))`", text))
+    assert len(paths) > 10
+    missing = sorted(p for p in paths if not (ROOT / p).exists() and Path(p).stem != "name")  # name: a template
+    assert not missing, missing
