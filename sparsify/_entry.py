@@ -33,7 +33,7 @@ def _handler(signum: int, _frame: object) -> None:
 def main() -> None:
     for s in _SIGNALS:
         signal.signal(s, _handler)
-    from sparsify.cli import main as cli  # torch, transformers, typer: the slow part of starting
+    from sparsify.cli import main as cli  # typer and the configs (torch and transformers: when a command runs)
 
     code: object = 0
     try:

@@ -494,13 +494,13 @@ def _names(options: list[Option], step: str | None) -> dict[str, str]:
     return out
 
 
-def _pass_command(name: str, cls: type) -> None:
-    """The command ``name`` for pass ``cls``: its config's fields, the recipe's settings, the shared options,
+def _pass_command(name: str, config_cls: type) -> None:
+    """The command ``name`` for the pass of ``config_cls``: its config's fields, the recipe's settings, the shared options,
     and for a compressing layer pass each follow-up pass's switch and fields (``--heal``, ``--heal-steps``: a
     step after it)."""
-    options = config_options(cls.config_cls, ("pass",)) + _recipe_options(calibrates=cls.layerwise)
-    follow = _follow_up_options() if cls.layerwise else {}
-    pass_type = cls.config_cls.model_fields["type"].default
+    options = config_options(config_cls, ("pass",)) + _recipe_options(calibrates=config_cls.layerwise)
+    follow = _follow_up_options() if config_cls.layerwise else {}
+    pass_type = config_cls.model_fields["type"].default
     run = ["output", *(p for p, _, _ in RUN_OPTIONS)]
     names = {"passes.0": "", **_names(options, "passes.0")}
     extra = [o for opts in follow.values() for o in opts]
@@ -519,30 +519,31 @@ def _pass_command(name: str, cls: type) -> None:
         _run(model, data, {k: given[k] for k in run}, "", step_names)
 
     command.__name__ = command.__qualname__ = name.replace("-", "_")
-    command.__doc__ = cls.command_help
+    command.__doc__ = config_cls.command_help
     fn = with_options(command, [_MODEL, _OUTPUT], options + extra, [_keyword(p, a, d) for p, a, d in RUN_OPTIONS])
-    app.command(name, epilog=cls.command_examples, context_settings=HELP, cls=_Command)(handle_errors(fn))
+    app.command(name, epilog=config_cls.command_examples, context_settings=HELP, cls=_Command)(handle_errors(fn))
 
 
 def _follow_up_options() -> dict[str, list[Option]]:
     """For each pass with a ``follow_up`` text: ``--TYPE`` and ``--TYPE-KEY`` for each field of its config."""
     from pydantic import Field, create_model
 
-    from sparsify.passes import PASSES
+    from sparsify.passes import CONFIGS
 
     out = {}
-    for kind, cls in sorted(PASSES.items(), key=lambda item: item[1].whole_model):  # whole-model stages come last
+    for cls in sorted(CONFIGS, key=lambda c: c.whole_model):  # whole-model stages come last
         if cls.follow_up:
-            switch = create_model(f"_{kind}", **{kind: (cls.config_cls | None, Field(None, description=cls.follow_up))})
+            kind = cls.model_fields["type"].default
+            switch = create_model(f"_{kind}", **{kind: (cls | None, Field(None, description=cls.follow_up))})
             out[kind] = config_options(switch, ("follow",))
     return out
 
 
 def _commands() -> None:
-    from sparsify.passes import PASSES
+    from sparsify.passes import CONFIGS
 
-    for cls in PASSES.values():
-        if getattr(cls, "command", None):
+    for cls in CONFIGS:
+        if cls.command:
             _pass_command(cls.command, cls)
 
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError
 
-from sparsify.calibration.experts import ExpertCalibration, ExpertMode
 from sparsify.errors import SparsifyError, shorten
+from sparsify.expert_modes import ExpertCalibration, ExpertMode
 from sparsify.passes import CONFIGS, calibrates
 from sparsify.passes.base import StrictModel
 

@@ -54,8 +54,8 @@ def _commands() -> dict[str, Any]:
 def test_every_pass_has_a_command_or_is_a_recipe_type(name):
     cls = PASSES[name]
     assert cls.config_cls.model_fields["type"].default == name  # the recipe `type` that selects it
-    if cls.command is not None:
-        assert cls.command in _commands(), f"pass {name}: no CLI command {cls.command!r}"
+    if cls.config_cls.command is not None:
+        assert cls.config_cls.command in _commands(), f"pass {name}: no CLI command {cls.config_cls.command!r}"
 
 
 @pytest.mark.parametrize("name", list(PASSES))

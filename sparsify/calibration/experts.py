@@ -25,22 +25,12 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor, nn
 
+from sparsify.expert_modes import FILL, ExpertCalibration, ExpertMode
 from sparsify.runtime.moe import MoEBlock
-
-ExpertMode = Literal["fill", "all", "routed"]
-
-
-@dataclass(frozen=True)
-class ExpertCalibration:
-    mode: ExpertMode = "fill"
-    min_tokens: int = 256
-
-
-FILL = ExpertCalibration()  # the default
 
 
 @dataclass(frozen=True)

@@ -19,65 +19,18 @@ one) are written as ``attn_implementation: sparsify`` plus a per-layer ``sparsif
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
+from typing import Any
 
 from sparsify.algorithms.attention_masks import LayerPattern, attention_fraction, pattern_mask
 from sparsify.arch import lookup, supported_list
 from sparsify.errors import SparsifyError
-from sparsify.passes.base import Pass, PassConfig, register
+from sparsify.passes.attention_config import AttentionConfig
+from sparsify.passes.base import Pass, register
 from sparsify.runtime.format import CONFIG_KEY, unwrap_config, wrap_config
 
 FLOPS_AT = 4096  # sequence length at which the report states the attention-FLOPs fraction
 
 _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
-
-
-class AttentionConfig(PassConfig):
-    type: Literal["attention"] = "attention"
-    pattern: Literal["sliding-window", "sinks", "block-sparse", "local"] = Field(
-        "sliding-window", description="attention pattern"
-    )
-    window: int | None = Field(None, ge=1, description="keys each query sees (sliding-window, sinks, local)")
-    sinks: int = Field(0, ge=0, description="leading tokens every query sees (StreamingLLM)")
-    global_every: int = Field(0, ge=0, description="keep every N-th layer full attention (0: none)")
-    block_size: int | None = Field(None, ge=1, description="block-sparse: tokens per block")
-    global_blocks: int = Field(1, ge=0, description="block-sparse: blocks every query sees (and that see all)")
-    random_blocks: int = Field(0, ge=0, description="block-sparse: seeded random blocks per query block")
-
-    def inapplicable(self) -> dict[str, str]:
-        out = {}
-        if self.pattern != "block-sparse":
-            out.update(
-                dict.fromkeys(("block_size", "global_blocks", "random_blocks"), "applies to pattern block-sparse")
-            )
-        if self.pattern != "sinks":
-            out["sinks"] = f"applies to pattern sinks, not {self.pattern}"
-        return out
-
-    @model_validator(mode="after")
-    def _check(self) -> AttentionConfig:
-        if self.pattern in ("sliding-window", "sinks", "local") and self.window is None:
-            raise ValueError(f"pattern {self.pattern} needs a window >= 1")
-        if self.pattern == "block-sparse" and self.block_size is None:
-            raise ValueError("pattern block-sparse needs block_size")
-        if self.pattern == "sinks" and self.sinks < 1:
-            raise ValueError("pattern sinks needs sinks >= 1")
-        if self.pattern == "block-sparse" and self.window is not None:
-            raise ValueError("pattern block-sparse takes block_size, not window")
-        return self
-
-    def layer_pattern(self, layer: int) -> LayerPattern:
-        if self.pattern == "block-sparse":
-            return LayerPattern(
-                "block-sparse",
-                block_size=self.block_size,
-                global_blocks=self.global_blocks,
-                random_blocks=self.random_blocks,
-                seed=layer,
-            )
-        return LayerPattern(self.pattern, window=self.window, sinks=self.sinks)
 
 
 def _shape(p: LayerPattern) -> str:
@@ -122,17 +75,6 @@ class AttentionPass(Pass):
 
     config_cls = AttentionConfig
     config: AttentionConfig
-    command = "attention"
-    command_help = (
-        "Swap the attention pattern: sliding window, sinks + window (StreamingLLM), block-sparse, local (encoders)."
-        " A sliding window on Llama, Mistral, Qwen2/3, Gemma 2/3 or Phi-3 becomes the family's native config (plain"
-        " transformers and vLLM load it); the other patterns are written for sparsify.load(OUT)."
-    )
-    command_examples = (
-        "Examples: sparsify attention ./llama -o ./llama-swa --window 1024 --global-every 4;"
-        " sparsify attention ./llama -o ./llama-sinks --pattern sinks --window 1020 --sinks 4"
-    )
-    layerwise = False
     requires = frozenset()  # the config only: quantized or MoE models take a pattern too
     eval_lengths = (512, 2048)  # a pattern shows at contexts longer than its window
     kind = "attention"

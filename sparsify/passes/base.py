@@ -19,9 +19,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork, ModelWork
     from sparsify.statistics import InputStats
@@ -91,6 +92,19 @@ def _lowercase_choices(annotation: Any) -> bool:
 
 
 class PassConfig(StrictModel):
+    """A recipe step's settings, and what the CLI and the plan know of its pass without importing it (torch):
+    its command, and how it runs."""
+
+    command: ClassVar[str | None] = None  # the CLI command that runs this pass alone (its options: the fields)
+    command_help: ClassVar[str] = ""
+    command_examples: ClassVar[str] = ""
+    layerwise: ClassVar[bool] = True  # runs inside the layer-wise loop (False: edits the config only)
+    # trains the whole model at once after the layer passes before it (a stage of its own: fit_model)
+    whole_model: ClassVar[bool] = False
+    # non-empty: every compressing command can append this pass as a step after its own, with ``--TYPE`` (this
+    # text is its help) and ``--TYPE-KEY`` for each config field (``--heal``, ``--heal-steps``)
+    follow_up: ClassVar[str] = ""
+
     type: str
 
 
@@ -124,15 +138,8 @@ class Pass:
     """A recipe step. Every hook has a default that does nothing."""
 
     config_cls: ClassVar[type[PassConfig]]
-    command: ClassVar[str | None] = None  # the CLI command that runs this pass alone (its options: the config's fields)
-    command_help: ClassVar[str] = ""
-    command_examples: ClassVar[str] = ""
-    layerwise: ClassVar[bool] = True  # runs inside the layer-wise loop (False: edits the config only)
-    # trains the whole model at once after the layer passes before it (a stage of its own: fit_model)
+    layerwise: ClassVar[bool] = True  # the config class's (set by register: one place)
     whole_model: ClassVar[bool] = False
-    # non-empty: every compressing command can append this pass as a step after its own, with ``--TYPE`` (this
-    # text is its help) and ``--TYPE-KEY`` for each config field (``--heal``, ``--heal-steps``)
-    follow_up: ClassVar[str] = ""
     requires: frozenset[str] = frozenset({"float"})  # FACTS this pass needs of the model it is given
     removes: frozenset[str] = frozenset()  # FACTS it takes away from the passes after it
     # its zeros are decisions a later training pass must keep (unstructured pruning), even once quantized
@@ -298,6 +305,7 @@ def register(name: str) -> Callable[[type[Pass]], type[Pass]]:
     def add(cls: type[Pass]) -> type[Pass]:
         if name in PASSES:
             raise ValueError(f"pass type {name!r} registered twice")
+        cls.layerwise, cls.whole_model = cls.config_cls.layerwise, cls.config_cls.whole_model
         PASSES[name] = cls
         return cls
 

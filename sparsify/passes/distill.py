@@ -34,18 +34,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from sparsify import interrupts
 from sparsify.algorithms.reconstruct import fit_block
 from sparsify.errors import SparsifyError
 from sparsify.modules import replaying
-from sparsify.passes.base import Pass, PassConfig, register
+from sparsify.passes.base import Pass, register
+from sparsify.passes.distill_config import DistillConfig
 from sparsify.passes.trainable import TrainableLayer, error_scaled, fit_precision
 
 if TYPE_CHECKING:
@@ -57,36 +57,14 @@ log = logging.getLogger(__name__)
 MEASURED_GROUPS = 4  # the KL before and after (which decides whether training is kept): on the first 4 steps' worth
 
 
-class DistillConfig(PassConfig):
-    type: Literal["distill"] = "distill"
-    tokens: int = Field(65536, ge=1, description="token budget: calibration tokens the training steps read")
-    windows: int = Field(2, ge=1, description="calibration windows per step")
-    lr: float = Field(
-        1e-3, gt=0, description="peak learning rate relative to each tensor's RMS (linear warm-up, cosine decay to 0)"
-    )
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student")
-    vectors: bool = Field(True, description="also train norms and biases (else only weight matrices and scales)")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto",
-        description="the training steps: auto takes bf16 autocast on a device with bf16 units (AMX, AVX-512 BF16,"
-        " GPUs) where a Linear step of the model's shape measures at least 1.3x faster in it, else fp32",
-    )
-
-
 @register("distill")
 class DistillPass(Pass):
     config_cls = DistillConfig
     config: DistillConfig
-    layerwise = False
-    whole_model = True
     requires = frozenset()  # quantized Linears train as float weights and scales, re-rounded on their grid
     recovers = "distillation"
     uses_targets = False
     kind = "distill"
-    follow_up = (
-        "then train the whole model to match the dense model's next-token distribution (end-to-end distillation,"
-        " after --heal if given; see docs/methods/heal.md)"
-    )
     title = "distillation (end to end)"
     columns = (
         ("name", "model", "text"),

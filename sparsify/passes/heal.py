@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from sparsify import interrupts
 from sparsify.algorithms.reconstruct import fit_block
 from sparsify.errors import SparsifyError
-from sparsify.passes.base import Pass, PassConfig, register
+from sparsify.passes.base import Pass, register
+from sparsify.passes.heal_config import HealConfig
 from sparsify.passes.trainable import TrainableLayer, error_scaled, fit_precision, rows_of
 
 if TYPE_CHECKING:
@@ -54,27 +54,6 @@ log = logging.getLogger(__name__)
 LOSS_WINDOWS = 16  # the layer loss before and after a fit: on the first batches holding this many windows
 
 
-class HealConfig(PassConfig):
-    type: Literal["heal"] = "heal"
-    steps: int = Field(128, ge=1, description="Adam steps per layer")
-    samples: int | None = Field(None, ge=1, description="calibration windows fitted on [default: all of the run's]")
-    windows: int = Field(2, ge=1, description="calibration windows per step")
-    lr: float = Field(
-        1e-2, gt=0, description="peak learning rate relative to each tensor's RMS (linear warm-up, cosine decay to 0)"
-    )
-    target: Literal["layer", "model"] = Field(
-        "model",
-        description="model: the dense model's hidden states after the layer (each layer also corrects what the"
-        " layers before it got wrong); layer: the dense layer's outputs on the compressed model's inputs",
-    )
-    vectors: bool = Field(True, description="also train norms and biases (else only weight matrices and scales)")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto",
-        description="the fit's forward and backward: auto takes bf16 autocast on a device with bf16 units (AMX,"
-        " AVX-512 BF16, GPUs) where a Linear step of the model's shape measures at least 1.3x faster in it, else fp32",
-    )
-
-
 @register("heal")
 class HealPass(Pass):
     config_cls = HealConfig
@@ -84,7 +63,6 @@ class HealPass(Pass):
     recovers = "healing"
     uses_targets = False
     kind = "heal"
-    follow_up = "then heal each compressed layer: fit it to the dense model's hidden states (see docs/methods/heal.md)"
     title = "heal (block-wise reconstruction)"
     columns = (
         ("name", "layer", "text"),

@@ -42,15 +42,6 @@ class PrunePass(Pass):
     """Unstructured or N:M pruning of the target Linears (zeros stored dense)."""
 
     config_cls = PruneConfig
-    command = "prune"
-    command_help = (
-        "Prune a model: unstructured or N:M (magnitude, Wanda, RIA, SparseGPT; zeros stored dense), or structured"
-        " (FFN channels, attention head groups, whole layers; physically removed, a smaller config)."
-    )
-    command_examples = (
-        "Examples: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4;"
-        " sparsify prune ./model -o ./model-ffn80 --structured channels --ratio 0.2 --metric flap --bias-compensation"
-    )
     config: PruneConfig
     leaves_zeros = True
     kind = "prune"

@@ -20,6 +20,15 @@ STRUCTURED_ONLY = ("ratio", "remove", "metric", "bias_compensation", "refit", "m
 
 class PruneConfig(LayerPassConfig):
     type: Literal["prune"] = "prune"
+    command = "prune"
+    command_help = (
+        "Prune a model: unstructured or N:M (magnitude, Wanda, RIA, SparseGPT; zeros stored dense), or structured"
+        " (FFN channels, attention head groups, whole layers; physically removed, a smaller config)."
+    )
+    command_examples = (
+        "Examples: sparsify prune ./model -o ./model-2of4 --method sparsegpt --pattern 2:4;"
+        " sparsify prune ./model -o ./model-ffn80 --structured channels --ratio 0.2 --metric flap --bias-compensation"
+    )
     method: Literal[tuple(PRUNE_METHODS)] = Field("wanda", description="importance score / solver")
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N non-zeros in every M inputs)")

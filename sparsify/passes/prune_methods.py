@@ -2,11 +2,14 @@
 ``structured:`` a key of :data:`STRUCTURED`.
 
 An unstructured / N:M method is the calibration statistics it reads plus one function that prunes one
-weight matrix with them; the maths lives in :mod:`sparsify.algorithms`. A new method is a file there
-and one entry here (the config's choices, the CLI's ``--method`` and the docs' contract test follow)::
+weight matrix with them; the maths lives in :mod:`sparsify.algorithms`, imported by each function when it runs
+(the table and the config load without torch: ``sparsify -h``). A new method is a file there and one entry here
+(the config's choices, the CLI's ``--method`` and the docs' contract test follow)::
 
     @prune_method("mine", needs={"sq_norm"}, options=())  # options: config keys only it reads
     def _mine(W, stats, sparsity, nm, options):  # W: (out, in) -> the pruned (out, in)
+        from sparsify.algorithms.mine import my_scores
+
         return W * unstructured_mask(my_scores(W, stats.mean("sq_norm")), sparsity, "row")
 
 Structured pruning removes whole FFN channels, attention head groups or layers; each kind takes the
@@ -17,21 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor
+if TYPE_CHECKING:  # the functions import the maths when they run: the table and the config load without torch
+    from torch import Tensor
 
-from sparsify.algorithms import (
-    dense_output_target,
-    magnitude_mask,
-    nm_mask,
-    ria_scores,
-    sparsegpt_prune,
-    unstructured_mask,
-    wanda_scores,
-)
-from sparsify.algorithms.structured import CHANNEL_METRICS, LAYER_METRICS
-from sparsify.statistics import InputStats
+    from sparsify.statistics import InputStats
 
 NM = tuple[int, int]  # (n, m): n non-zeros in every m consecutive inputs
 
@@ -43,7 +37,7 @@ class SolverOptions(Protocol):
     dampening: float
 
 
-PruneFn = Callable[[Tensor, InputStats | None, float, NM | None, SolverOptions], Tensor]
+PruneFn = Callable[["Tensor", "InputStats | None", float, "NM | None", SolverOptions], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -73,29 +67,39 @@ def prune_method(
 
 def _by_scores(scores: Tensor, W: Tensor, sparsity: float, nm: NM | None) -> Tensor:
     """``W`` keeping the highest ``scores: (out, in)``: per N:M group, or the same count in every row."""
+    from sparsify.algorithms import nm_mask, unstructured_mask
+
     keep = nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, "row")
     return W * keep
 
 
 @prune_method("magnitude")
 def _magnitude(W: Tensor, stats: InputStats | None, sparsity: float, nm: NM | None, options: SolverOptions) -> Tensor:
+    from sparsify.algorithms import magnitude_mask
+
     return W * magnitude_mask(W, sparsity, nm)
 
 
 @prune_method("wanda", needs={"sq_norm"})
 def _wanda(W: Tensor, stats: InputStats | None, sparsity: float, nm: NM | None, options: SolverOptions) -> Tensor:
+    from sparsify.algorithms import wanda_scores
+
     assert stats is not None
     return _by_scores(wanda_scores(W, stats.mean("sq_norm")), W, sparsity, nm)  # scores: (out, in)
 
 
 @prune_method("ria", needs={"sq_norm"})
 def _ria(W: Tensor, stats: InputStats | None, sparsity: float, nm: NM | None, options: SolverOptions) -> Tensor:
+    from sparsify.algorithms import ria_scores
+
     assert stats is not None
     return _by_scores(ria_scores(W, stats.mean("sq_norm")), W, sparsity, nm)  # scores: (out, in)
 
 
 @prune_method("sparsegpt", needs={"hessian"}, options=("blocksize", "dampening", "dense_targets"))
 def _sparsegpt(W: Tensor, stats: InputStats | None, sparsity: float, nm: NM | None, options: SolverOptions) -> Tensor:
+    from sparsify.algorithms import dense_output_target, sparsegpt_prune
+
     assert stats is not None
     H = stats.mean("hessian")  # (in, in)
     if stats.cross is not None:  # dense_targets: fit the dense model's outputs
@@ -111,8 +115,12 @@ class StructuredKind:
     default_metric: str
 
 
+# the names of sparsify.algorithms.structured's CHANNEL_METRICS and LAYER_METRICS (a test holds them equal): the
+# config lists them without importing the maths
+CHANNEL_METRIC_NAMES = ("magnitude", "wanda", "flap")
+LAYER_METRIC_NAMES = ("block-influence", "angular")
 STRUCTURED: dict[str, StructuredKind] = {  # what structured pruning removes
-    "channels": StructuredKind(tuple(CHANNEL_METRICS), "wanda"),  # FFN channels
-    "heads": StructuredKind(tuple(CHANNEL_METRICS), "wanda"),  # attention head groups (whole KV groups)
-    "layers": StructuredKind(LAYER_METRICS, "block-influence"),  # whole layers
+    "channels": StructuredKind(CHANNEL_METRIC_NAMES, "wanda"),  # FFN channels
+    "heads": StructuredKind(CHANNEL_METRIC_NAMES, "wanda"),  # attention head groups (whole KV groups)
+    "layers": StructuredKind(LAYER_METRIC_NAMES, "block-influence"),  # whole layers
 }

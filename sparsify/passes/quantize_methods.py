@@ -2,8 +2,9 @@
 :data:`SCHEMES`, its ``method:`` a key of :data:`QUANTIZE_METHODS`.
 
 A method is what it reads of each target's inputs plus one function that rounds one weight matrix; the
-maths lives in :mod:`sparsify.algorithms`. A new method is a file there and one entry here (the config's
-choices, the CLI's ``--method`` and the docs' contract test follow)::
+maths lives in :mod:`sparsify.algorithms`, imported by each function when it runs (the tables and the config
+load without torch: ``sparsify -h``). A new method is a file there and one entry here (the config's choices, the
+CLI's ``--method`` and the docs' contract test follow)::
 
     @quantize_method("mine", title="My rounding", needs={"hessian"})
     def _mine(W, H, args, mask, options):  # W: (out, in) -> Rounded(q, scale, zero_point, weight)
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # the functions import the maths when they run: the tables and the config load without torch
+    import torch
+    from torch import Tensor
 
-from sparsify.algorithms.gptq import gptq_quantize
-from sparsify.algorithms.quant import PerGroup, QuantArgs, dequantize, observe, qparams, quantize
-from sparsify.runtime.quantized import Activations
+    from sparsify.algorithms.quant import QuantArgs
+    from sparsify.runtime.quantized import Activations
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Rounded:
     weight: Tensor  # (out, in) float: dequantize(q, scale, zero_point)
 
 
-RoundFn = Callable[[Tensor, Tensor | None, QuantArgs, Tensor, RoundingOptions], Rounded]
+RoundFn = Callable[["Tensor", "Tensor | None", "QuantArgs", "Tensor", RoundingOptions], "Rounded"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def quantize_method(
 
 def expand_zero_point(zp: Tensor, shape: torch.Size, args: QuantArgs) -> Tensor:
     """A per-channel or per-group zero point broadcast to the weight's ``(out, in)``."""
+    from sparsify.algorithms.quant import PerGroup
+
     if isinstance(args.granularity, PerGroup):
         return zp.repeat_interleave(args.granularity.size, dim=1)
     return zp.expand(shape)
@@ -95,6 +98,10 @@ def expand_zero_point(zp: Tensor, shape: torch.Size, args: QuantArgs) -> Tensor:
 
 @quantize_method("rtn", title="round-to-nearest")
 def _rtn(W: Tensor, H: Tensor | None, args: QuantArgs, mask: Tensor, options: RoundingOptions) -> Rounded:
+    import torch
+
+    from sparsify.algorithms.quant import dequantize, observe, qparams, quantize
+
     importance = H.diagonal() if H is not None else None  # (in,): each input's mean square, when calibrated
     scale, zp = qparams(*observe(W, args, options.weight_observer, importance=importance), args)  # type: ignore[arg-type]
     q = torch.where(mask, quantize(W, scale, zp, args), expand_zero_point(zp, W.shape, args))  # zp decodes to 0
@@ -103,6 +110,8 @@ def _rtn(W: Tensor, H: Tensor | None, args: QuantArgs, mask: Tensor, options: Ro
 
 @quantize_method("gptq", title="GPTQ", needs={"hessian"}, options=("act_order", "dampening", "blocksize"))
 def _gptq(W: Tensor, H: Tensor | None, args: QuantArgs, mask: Tensor, options: RoundingOptions) -> Rounded:
+    from sparsify.algorithms.gptq import gptq_quantize
+
     assert H is not None
     res = gptq_quantize(
         W,
