@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["rtn", "gptq"], required=True)
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--smoothquant", type=float, default=None)
+    ap.add_argument("--awq", action="store_true", help="AWQModifier (duo scaling, 20-point grid) before the rounding")
     ap.add_argument("--calib", required=True, help=".pt file with a (samples, seq_len) LongTensor")
     args = ap.parse_args()
 
@@ -56,6 +57,10 @@ def main() -> None:
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
         recipe.append(SmoothQuantModifier(smoothing_strength=args.smoothquant))
+    if args.awq:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        recipe.append(AWQModifier(duo_scaling=True, n_grid=20))
     cls = GPTQModifier if args.method == "gptq" else QuantizationModifier
     recipe.append(cls(config_groups=groups, ignore=["lm_head"]))
 

@@ -62,6 +62,9 @@ class Arch:
     keys: ConfigKeys = ConfigKeys()
     # norm (relative to a layer) -> the Linears it feeds (SmoothQuant folds scales into it)
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Linear (relative to a layer) -> the Linears whose inputs are its outputs channel for channel (AWQ folds scales
+    # into its rows): v_proj -> o_proj (skipped where grouped KV heads repeat v's outputs), up_proj -> down_proj
+    linear_feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
     norm_offset: float = 0.0  # the norm scales by offset + weight (Gemma's RMSNorm: 1 + w)
     # whether a norm's output goes only to the Linears it feeds (pre-norm); post-norm blocks (BERT) also
     # send it down the residual stream, so scaling the norm would change the model
@@ -105,6 +108,7 @@ _LLAMA_LIKE = Arch(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    linear_feeds=(("self_attn.v_proj", ("self_attn.o_proj",)), ("mlp.up_proj", ("mlp.down_proj",))),
 )
 _GEMMA2_LIKE = replace(
     _LLAMA_LIKE,
@@ -125,6 +129,7 @@ _MOE_LIKE = replace(
     mlp_in=(),
     mlp_out="",
     norm_feeds=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),),
+    linear_feeds=(("self_attn.v_proj", ("self_attn.o_proj",)),),
     notes="sparse MoE: experts one Linear each, the router kept in float",
 )
 

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from sparsify.cli import app
 from sparsify.passes import PASSES
+from sparsify.passes.equalizers import EQUALIZERS
 from sparsify.passes.prune_config import PruneConfig
 from sparsify.passes.prune_methods import PRUNE_METHODS, STRUCTURED
 from sparsify.passes.quantize import QuantizeConfig
@@ -192,5 +193,18 @@ def test_contributing_names_files_that_exist():
     text = (ROOT / "docs" / "contributing.md").read_text()
     paths = set(re.findall(r"`((?:sparsify|tests|docs|configs|benchmarks)/[\w/.\-]+\.(?:py|md|yaml))`", text))
     assert len(paths) > 10
-    missing = sorted(p for p in paths if not (ROOT / p).exists() and Path(p).stem != "name")  # name: a template
+    missing = sorted(p for p in paths if not (ROOT / p).exists() and not Path(p).stem.startswith("name"))  # a template
     assert not missing, missing
+
+
+# ---------------------------------------------------------------------------------------- equalizers
+
+
+@pytest.mark.parametrize("name", list(EQUALIZERS))
+def test_every_equalizer_is_a_quantize_key_a_flag_documented_and_round_tripped(name):
+    """An equalizer's name is the quantize config key that turns it on (``smoothquant: 0.5``, ``awq: {}``)."""
+    assert name in QuantizeConfig.model_fields, f"equalizer {name}: no quantize config key {name!r}"
+    r = CliRunner().invoke(app, ["quantize", "-h"], terminal_width=200)
+    assert f"--{name}" in r.output, f"equalizer {name}: no --{name} on sparsify quantize"
+    assert re.search(rf"(\b{name}: |--{name}\b)", _text(METHOD_DOCS)), f"equalizer {name}: docs/methods never show it"
+    assert any(name in extra for _, extra in test_quantize.SCHEMES), f"equalizer {name}: no round-trip case"

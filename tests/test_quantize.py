@@ -18,6 +18,7 @@ from sparsify.arch import lookup
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import load_tokenizer
+from sparsify.passes.equalizers import EQUALIZERS
 from sparsify.passes.quantize import fold_smoothing
 from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
@@ -35,6 +36,7 @@ SCHEMES = [
     ("w4a16", {"group_size": 32, "method": "rtn"}),
     ("w4a16", {"group_size": 32, "act_order": False}),
     ("w8a16", {}),
+    ("w4a16", {"group_size": 32, "method": "rtn", "awq": {"grid": 4}}),  # an equalizer on weight-only
 ]
 FAMILIES = ["llama", "qwen3", "gemma2", "phi3", "opt", "gpt_neox", "bert"]
 
@@ -66,8 +68,8 @@ def _in_memory(family: str, src, recipe):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("scheme", "extra"), SCHEMES, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "-")
 def test_every_scheme_loads_in_transformers_and_sparsify_and_equals_memory(family, scheme, extra, model_dir, tmp_path):
-    if extra.get("smoothquant") is not None and not lookup(zoo.CONFIGS[family]().model_type).smoothable:
-        pytest.skip("post-norm family: SmoothQuant is refused (tested below)")
+    if set(extra) & set(EQUALIZERS) and not lookup(zoo.CONFIGS[family]().model_type).smoothable:
+        pytest.skip("post-norm family: equalizers are refused (tested below, and in test_awq)")
     src, out = model_dir(family), tmp_path / "out"
     recipe = _recipe(scheme, **extra)
     report = compress(src, recipe, out)

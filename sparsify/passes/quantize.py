@@ -48,13 +48,15 @@ from sparsify.algorithms.quant import (
     quantize,
 )
 from sparsify.algorithms.reconstruct import fit_block
-from sparsify.algorithms.smoothquant import smooth_norm, smooth_weights, smoothing_scales
+from sparsify.algorithms.smoothquant import smoothing_scales
 from sparsify.arch import is_encoder
 from sparsify.distributed import World
 from sparsify.errors import SparsifyError
 from sparsify.modules import replace_module
+from sparsify.passes import equalizers
 from sparsify.passes import quantize_budget as budget
 from sparsify.passes.base import Pass, calibration_record, register, saw_no_tokens
+from sparsify.passes.equalizers import EQUALIZERS
 from sparsify.passes.quantize_config import DEFAULT_GROUP, GGUF_BLOCK, QuantizeConfig
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, QuantizeMethod, expand_zero_point
 from sparsify.passes.trainable import FakeQuantLinear, rows_of
@@ -133,16 +135,23 @@ class QuantizePass(Pass):
         needs = set(self.method.needs)
         if c.weight_observer == "weighted-mse":
             needs.add("hessian")  # its diagonal: each input's mean square
-        if c.smoothquant is not None or static:
+        # the equalizer the config turns on (its key: smoothquant, awq), if any
+        self.equalizer = next((e for n, e in EQUALIZERS.items() if getattr(c, n, None) is not None), None)
+        if static:
             needs.add("abs_max")
+        if self.equalizer is not None:
+            needs |= self.equalizer.needs
         self.needs = frozenset(needs)
-        self.custom_stats = {"sample": InputSample} if static and c.observer != "minmax" else {}
+        sampled = (static and c.observer != "minmax") or (self.equalizer is not None and self.equalizer.samples)
+        self.custom_stats = {"sample": InputSample} if sampled else {}
         self.needs_grad = c.qat is not None
-        self.per_target = c.smoothquant is None and c.qat is None  # else the layer's Linears are fitted together
+        self.per_target = self.equalizer is None and c.qat is None  # else the layer's Linears are fitted together
         self.needs_data = bool(self.needs) or bool(self.custom_stats) or bool(c.qat) or c.budgeted  # budget: Fisher
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
-        self.smoothed: list[str] = []
+        self.equalized: list[str] = []  # the producers scales were folded into (layer-relative)
+        self.skipped_pairs: set[str] = set()  # pairs whose producer's outputs are not the consumers' inputs
+        self.awq_found: list[dict[str, Any]] = []  # each AWQ pair's exponent and errors
         self.auto_group_why: str | None = None  # why the default group size is GGUF's block (see validate)
         self.budget: dict[str, Any] | None = None  # a bit budget's choice (see prepare): bits per fqn, bytes, KL
 
@@ -155,8 +164,10 @@ class QuantizePass(Pass):
     def describe(self) -> str:
         c = self.config
         group = f" g{c.weight_group}" if c.weight_group and not c.group_auto else ""
-        extra = (f" + SmoothQuant {c.smoothquant}" if c.smoothquant is not None else "") + (
-            f" + QAT {c.qat.steps} steps" if c.qat else ""
+        extra = (
+            (f" + SmoothQuant {c.smoothquant}" if c.smoothquant is not None else "")
+            + (" + AWQ" if c.awq is not None else "")
+            + (f" + QAT {c.qat.steps} steps" if c.qat else "")
         )
         order = " act-order" if c.gptq_act_order else ""
         sym = "" if c.symmetric else " asymmetric"
@@ -176,14 +187,15 @@ class QuantizePass(Pass):
                 f"{flag} weighs each Linear by a language model's loss (a Fisher diagonal);"
                 f" {model.config.model_type} is an encoder: give a scheme without a budget"
             )
-        if self.config.smoothquant is not None and (self.arch is None or not self.arch.smoothable):
+        eq = self.equalizer
+        if eq is not None and (self.arch is None or not self.arch.smoothable or not self.arch.norm_feeds):
             family = self.arch.model_type if self.arch else str(model.config.model_type)
             why = (
                 "its norms also feed the residual stream (post-norm)" if self.arch else "its norms are not in the table"
             )
-            raise SparsifyError(f"SmoothQuant cannot fold scales into {family}'s norms: {why}")
-        if self.config.smoothquant is not None and getattr(model.config, "do_layer_norm_before", True) is False:
-            raise SparsifyError("SmoothQuant cannot fold scales into a post-norm model's norms (do_layer_norm_before)")
+            raise SparsifyError(f"{eq.title} cannot fold scales into {family}'s norms: {why}")
+        if eq is not None and getattr(model.config, "do_layer_norm_before", True) is False:
+            raise SparsifyError(f"{eq.title} cannot fold scales into a post-norm model's norms (do_layer_norm_before)")
         self.model = model
 
     def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
@@ -325,7 +337,7 @@ class QuantizePass(Pass):
         c = self.config
         with torch.no_grad():
             teacher = work.run() if c.qat is not None else None  # the float layer's outputs: what QAT reproduces
-        factors = self._smooth(work) if c.smoothquant is not None else {}
+        factors = self._equalize(work) if self.equalizer is not None else {}
         records, quantized = [], {}
         for fqn, module in work.targets.items():
             t0 = time.perf_counter()
@@ -409,23 +421,39 @@ class QuantizePass(Pass):
         scale, _ = qparams(lo.reshape(1), hi.reshape(1), STATIC_ACT_ARGS)
         return scale
 
-    # --------------------------------------------------------------------------- SmoothQuant
+    # ------------------------------------------------------------------------ equalizers
 
-    def _smooth(self, work: LayerWork) -> dict[str, Tensor]:
-        """SmoothQuant on this layer: fqn → the factors ``s`` its input was divided by."""
-        assert self.arch is not None and self.config.smoothquant is not None
-        absmax = {}
-        for norm_name, fed in self.arch.norm_feeds:
-            watched = [f"{work.prefix}.{n}" for n in fed if f"{work.prefix}.{n}" in work.stats]
-            if watched:
-                absmax[norm_name] = work.stats[watched[0]]["abs_max"]  # (in,): one input for every Linear fed
-        factors = fold_smoothing(work.layer, self.arch, absmax, self.config.smoothquant)
-        self.smoothed += sorted(factors)
-        fed_by = dict(self.arch.norm_feeds)
-        by_linear = {f"{work.prefix}.{n}": s for norm, s in factors.items() for n in fed_by[norm]}
-        for fqn, s in by_linear.items():  # the same function: errors are measured against W * s on x / s
-            if fqn in work.reference:
-                work.reference[fqn] = work.reference[fqn] * s
+    def _equalize(self, work: LayerWork) -> dict[str, Tensor]:
+        """The equalizer on this layer (SmoothQuant, AWQ: :mod:`.equalizers`), pair by pair in data-flow order:
+        fqn → the factors ``s`` its input was divided by (its weight's columns multiplied)."""
+        assert self.arch is not None and self.equalizer is not None
+        eq, layer, method, options = self.equalizer, work.layer, *self._uncalibrated()
+        by_linear: dict[str, Tensor] = {}
+        for pair in equalizers.pairs(self.arch, eq.linear_pairs):
+            present = [n for n in pair.consumers if f"{work.prefix}.{n}" in work.stats]
+            if not present:
+                continue  # not targets here (ignored, or a MoE layer's experts)
+            if not equalizers.fits(layer, pair):
+                self.skipped_pairs.add(f"{pair.producer} -> {', '.join(pair.consumers)}")
+                continue
+            scheme = self.scheme_of(f"{work.prefix}.{present[0]}")
+            args, pair.group = scheme.weights, scheme.group_size
+            pair.weights = [layer.get_submodule(n).weight.detach().float() for n in pair.consumers]
+            pair.stats = work.stats[f"{work.prefix}.{present[0]}"]  # one input for every consumer
+            pair.fake_quantize = lambda W, a=args: method.round(W, None, a, W != 0, options).weight
+            s, info = eq.scales(pair, self.config)  # (in,)
+            equalizers.fold(layer, pair, s, self.arch.norm_offset)
+            self.equalized.append(pair.producer)
+            if info:
+                self.awq_found.append(info)
+            for name in pair.consumers:  # the same function: errors are measured against W * s on x / s
+                fqn = f"{work.prefix}.{name}"
+                by_linear[fqn] = s
+                if fqn in work.reference:
+                    work.reference[fqn] = work.reference[fqn] * s
+            producer = f"{work.prefix}.{pair.producer}"
+            if pair.kind == "linear" and producer in work.reference:  # its rows were divided by s
+                work.reference[producer] = work.reference[producer] / s[:, None]
         return by_linear
 
     # -------------------------------------------------------------------------------- QAT
@@ -503,9 +531,15 @@ class QuantizePass(Pass):
                 f"pass {self.index}: {c.scheme} group size {c.weight_group} (the default's choice):"
                 f" {self.auto_group_why} (--group-size sets another)"
             )
-        if c.smoothquant is not None and self.smoothed:
-            names = ", ".join(sorted(set(self.smoothed)))
-            notes.append(f"pass {self.index}: SmoothQuant (alpha {c.smoothquant}) folded into {names} of every layer")
+        if self.equalizer is not None and self.equalized:
+            names = ", ".join(sorted(set(self.equalized)))
+            what = f"SmoothQuant (alpha {c.smoothquant})" if c.smoothquant is not None else self.equalizer.title
+            notes.append(f"pass {self.index}: {what} scales folded into {names} of every layer{self._awq_text()}")
+        if self.skipped_pairs:
+            notes.append(
+                f"pass {self.index}: no scales between {'; '.join(sorted(self.skipped_pairs))}: the producer's"
+                " outputs are not the consumers' inputs channel for channel (grouped KV heads)"
+            )
         if self.scheme.activations is None:
             notes.append(
                 f"pass {self.index}: {c.scheme} is weight-only: sparsify.load dequantizes it once at load (the file"
@@ -523,6 +557,17 @@ class QuantizePass(Pass):
                 " runs it (checked through sparsify.load before it was written)"
             )
         return notes
+
+    def _awq_text(self) -> str:
+        if not self.awq_found:
+            return ""
+        plain = [f for f in self.awq_found if f["ratio"] is None]
+        gains = [f["error"] / f["plain_error"] for f in self.awq_found if f["plain_error"] > 0]
+        mean = sum(gains) / max(len(gains), 1)
+        return (
+            f"; the consumers' output error on the calibration inputs {mean:.2f}x plain rounding's (mean over"
+            f" {len(self.awq_found)} pairs; {len(plain)} kept plain rounding)"
+        )
 
     def _quantizes_experts(self) -> bool:
         """Whether a quantized Linear is a routed expert's (``...experts.{e}...``), which transformers fuses."""
@@ -602,20 +647,13 @@ def fold_smoothing(layer: nn.Module, arch: Arch, absmax: dict[str, Tensor], alph
     ``s = max|X|^alpha / max|W|^(1 - alpha)`` divide the norm's output (its weight, and bias) and multiply
     the input columns of every Linear it feeds. Returns norm name → ``s``."""
     factors = {}
-    for norm_name, fed in arch.norm_feeds:
-        if norm_name not in absmax:
+    for pair in equalizers.pairs(arch, linear_pairs=False):
+        if pair.producer not in absmax:
             continue
-        linears = [layer.get_submodule(n) for n in fed]
-        s = smoothing_scales(absmax[norm_name], [m.weight for m in linears], alpha)  # (in,)
-        norm = layer.get_submodule(norm_name)
-        bias = getattr(norm, "bias", None)
-        weight, new_bias = smooth_norm(norm.weight, bias, s, arch.norm_offset)  # (in,): output divided by s
-        norm.weight.copy_(weight)
-        if bias is not None:
-            bias.copy_(new_bias)
-        for m in linears:
-            m.weight.copy_(smooth_weights(m.weight, s))  # (out, in) * (in,)
-        factors[norm_name] = s
+        weights = [layer.get_submodule(n).weight for n in pair.consumers]
+        s = smoothing_scales(absmax[pair.producer], weights, alpha)  # (in,)
+        equalizers.fold(layer, pair, s, arch.norm_offset)
+        factors[pair.producer] = s
     return factors
 
 

@@ -23,6 +23,13 @@ class QATConfig(StrictModel):
     windows: int = Field(1, ge=1, description="calibration windows per step")
 
 
+class AWQConfig(StrictModel):
+    grid: int = Field(20, ge=2, le=1000, description="exponents tried in [0, 1) (and plain rounding)")
+    duo_scaling: bool = Field(
+        True, description="scales from the inputs' and the weights' magnitudes (llm-compressor's default), else inputs'"
+    )
+
+
 class QuantizeConfig(LayerPassConfig):
     type: Literal["quantize"] = "quantize"
     command = "quantize"
@@ -69,6 +76,11 @@ class QuantizeConfig(LayerPassConfig):
     )
     smoothquant: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength alpha")
     qat: QATConfig | None = Field(None, description="then tune each layer with fake quantization (QAT)")
+    awq: AWQConfig | None = Field(
+        None,
+        description="weight-only: AWQ's activation-aware per-channel scales, searched per norm/Linear pair on the"
+        " calibration inputs and folded into the model before rounding",
+    )
     target_bpw: float | None = Field(
         None,
         gt=0,
@@ -97,9 +109,12 @@ class QuantizeConfig(LayerPassConfig):
                 f"does not apply: {self.scheme} weights are symmetric (the int8 kernels take no zero point)"
             )
             out["weight_scale"] = f"is for w4a16/w8a16: {self.scheme} keeps positive abs-max weight scales"
+            out["awq"] = (
+                f"protects salient weights of weight-only schemes (w4a16, w8a16); {self.scheme} takes smoothquant"
+            )
         elif not self.symmetric:
             out["weight_scale"] = "chooses a symmetric grid's scale: asymmetric weights take (max - min) / 15"
-        else:
+        if self.activations is None:
             out["smoothquant"] = "moves activation outliers into the weights: it needs w8a8 or w8a8-static"
         return out
 
