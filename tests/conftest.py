@@ -16,6 +16,17 @@ else:
 
 from tests import zoo
 
+# The quick loop's families (pytest -m "not slow"): a decoder (Llama: grouped KV heads, RoPE, gated MLP) and an
+# encoder (BERT: post-norm). A test parametrized over "family" is `slow` for the others; CI runs every family.
+FAST_FAMILIES = frozenset({"llama", "bert"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        family = getattr(getattr(item, "callspec", None), "params", {}).get("family")
+        if isinstance(family, str) and family not in FAST_FAMILIES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _own_cache(tmp_path_factory: pytest.TempPathFactory):

@@ -7,9 +7,8 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from sparsify import pipeline
 from sparsify.checkpoint import TensorInfo, check_output, open_model, partial_output, plan_shards, write_shard
-from sparsify.pipeline import Options
+from sparsify.pipeline import Options, stages
 from sparsify.recipe import parse_recipe
 from tests import zoo
 from tests.zoo import compress
@@ -108,14 +107,14 @@ def test_prefixed_encoder_checkpoint_keeps_its_keys_and_heads(tmp_path):
 
 def test_only_one_layer_is_materialized_at_a_time(model_dir, tmp_path, monkeypatch):
     seen = []
-    original = pipeline.LazyLayers.load
+    original = stages.LazyLayers.load
 
     def spy(self, index):
         others = [j for j, layer in enumerate(self.layers) if j != index]
         seen.append(all(p.is_meta for j in others for p in self.layers[j].parameters()))
         return original(self, index)
 
-    monkeypatch.setattr(pipeline.LazyLayers, "load", spy)
+    monkeypatch.setattr(stages.LazyLayers, "load", spy)
     compress(model_dir("llama"), RECIPE, tmp_path / "out")
     assert seen and all(seen)
 

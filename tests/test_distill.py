@@ -239,12 +239,13 @@ def test_a_distillation_stopped_after_saving_its_layers_resumes_without_training
     again, to the same bytes, records and perplexity before distillation as a run never interrupted."""
     from sparsify import pipeline
     from sparsify.passes import distill
+    from sparsify.pipeline import stages  # the module that calls it
 
     src, recipe = model_dir("llama"), _recipe([CASES["sparsegpt-2:4"][0], DISTILL])
     opts = Options(eval_seq_lens=(32,), eval_max_windows=6, resume=True)
     reference = pipeline.compress(src, recipe, tmp_path / "reference", opts)
     calls = {"assemble": 0, "fit": 0}
-    assemble, fit = pipeline._assemble_stage, distill.DistillPass.fit_model
+    assemble, fit = stages._assemble_stage, distill.DistillPass.fit_model
 
     def stopping(*args, **kwargs):
         calls["assemble"] += 1
@@ -256,7 +257,7 @@ def test_a_distillation_stopped_after_saving_its_layers_resumes_without_training
         calls["fit"] += 1
         return fit(self, work)
 
-    monkeypatch.setattr(pipeline, "_assemble_stage", stopping)
+    monkeypatch.setattr(stages, "_assemble_stage", stopping)
     monkeypatch.setattr(distill.DistillPass, "fit_model", counting)
     with pytest.raises(Interrupted):
         pipeline.compress(src, recipe, tmp_path / "out", opts)

@@ -267,7 +267,7 @@ def test_a_ten_level_yaml_alias_bomb_is_refused_before_it_expands(model_dir, tmp
 
 def test_calibration_that_cannot_fit_in_memory_is_refused_before_any_work(model_dir, tmp_path, monkeypatch):
     """Checked against this machine's memory before any window is sampled (1e9 windows were an OOM kill)."""
-    from sparsify import pipeline
+    from sparsify.pipeline import prepare as pipeline  # the module that calls it
 
     out = tmp_path / "out"
     args = ["prune", model_dir("llama"), "-o", out, "--method", "wanda", "--sparsity", "0.5", "--no-eval"]

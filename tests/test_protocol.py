@@ -176,8 +176,8 @@ def test_eval_heldout_reads_the_same_16_windows(tmp_path):
 def test_a_cache_that_cannot_take_the_measurement_is_not_needed(tmp_path, own_cache, monkeypatch):
     """No room on the cache's disk, or a cache folder that cannot be written: the input is measured into the work
     folder as before the cache, KL and all; nothing is left half-made in the cache."""
-    import sparsify.pipeline as pipeline
     from sparsify.evaluate import SavedLogprobs
+    from sparsify.pipeline import measure as pipeline  # the module that calls open_reference
 
     model = zoo.save("llama", tmp_path / "model")
     room = SavedLogprobs.space_problem
