@@ -301,7 +301,7 @@ def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume
     with pytest.raises(PeerLost) as lost:
         compress(deep, recipe, out, replace)
     assert _leftovers(tmp_path, out) == [".out.partial"] and not out.exists()
-    from sparsify.cli import _kept_after_peer
+    from sparsify.cli.errors import _kept_after_peer
 
     assert lost.value.kept == work  # and the rank's line names it and the command (it said neither)
     assert _kept_after_peer(lost.value) == (
@@ -444,7 +444,7 @@ def test_help_exits_zero():
 def test_the_line_of_an_interruption_that_kept_work_names_the_command_that_continues(capsys, monkeypatch):
     """The user's command line with --resume appended once (before a "--"), shell-quoted, as ``sparsify ...``
     however it was started, never cut; under torchrun the same torchrun command with --resume."""
-    from sparsify.cli import _interrupted
+    from sparsify.cli.errors import _interrupted
     from sparsify.interrupts import Interrupted
 
     def line(*argv: str, layers: int | None = 5, world: str = "1") -> str:
@@ -476,7 +476,7 @@ def test_the_line_of_an_interruption_that_kept_work_names_the_command_that_conti
 
 
 def test_interrupt_after_the_output_is_in_place_says_so(capsys):
-    from sparsify.cli import _interrupted
+    from sparsify.cli.errors import _interrupted
     from sparsify.interrupts import Interrupted
 
     e = Interrupted(signal.SIGHUP)
