@@ -82,7 +82,7 @@ def damage(w: Tensor, fisher: Tensor, name: str, imp: Tensor | None) -> float:
     return float((fisher[rows] * err).sum(dtype=torch.float64)) * w.shape[0] / len(rows)
 
 
-def target_bytes(config, header: int, fixed: int, elements: int) -> int:
+def target_bytes(config, header: int, elements: int) -> int:
     """The file's bytes the user asked for: ``--target-size``, or ``--target-bpw`` over every tensor's weights plus
     the header."""
     if config.target_size is not None:
@@ -105,7 +105,7 @@ def fit_budget(p, md, config, header: int, progress: Progress | None = None) -> 
     elements = sum(math.prod(t.shape) for t in p.tensors)
     menus = {t.name: menu(t.shape[-1]) for t in free}
     sizes = {t.name: [type_bytes(t.shape, n) for n in menus[t.name]] for t in free}
-    want = target_bytes(config, header, fixed, elements)
+    want = target_bytes(config, header, elements)
     low = header + fixed + sum(min(s) for s in sizes.values())
     high = header + fixed + sum(max(s) for s in sizes.values())
     if want < low:
@@ -164,14 +164,10 @@ def _importance(p, md, config, free: list, progress: Progress) -> dict[str, Tens
     """GGUF name -> the (in,) importance its blocks are fitted with (empty with ``--importance none``)."""
     if config.importance == "none":
         return {}
-    from sparsify.export.importance import input_importance
+    from sparsify.export.importance import importance_of, input_importance
 
     found = input_importance(md, config.calib, config.samples, config.seq_len, config.seed, progress)
-    return {
-        t.name: found[t.sources[0].removesuffix(".weight")]
-        for t in free
-        if len(t.sources) == 1 and t.sources[0].removesuffix(".weight") in found
-    }
+    return importance_of(free, found)
 
 
 def _flag(config) -> str:

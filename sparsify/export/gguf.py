@@ -438,12 +438,12 @@ def _add_importance(p: Plan, md, config: GgufConfig, progress: Progress) -> None
     if p.layouts:
         p.notes.append("block scales fitted unweighted: importance is measured on float checkpoints only")
         return
-    from sparsify.export.importance import input_importance
+    from sparsify.export.importance import importance_of, input_importance
 
-    found = input_importance(md, config.calib, config.samples, config.seq_len, config.seed, progress)
+    found = importance_of(fitted, input_importance(md, config.calib, config.samples, config.seq_len, config.seed,
+                                                   progress))  # fmt: skip
     for t in fitted:
-        if len(t.sources) == 1:
-            t.importance = found.get(t.sources[0].removesuffix(".weight"))
+        t.importance = found.get(t.name)
     unweighted = [t for t in fitted if t.importance is None]
     if unweighted:
         p.notes.append(

@@ -71,3 +71,15 @@ def input_importance(
 
     runner.observe(keep, "importance of each Linear's inputs", linears, {"sq_norm"})
     return found
+
+
+def importance_of(tensors: list, found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """GGUF tensor name -> its Linear's measured importance ``(in,)``, for the tensors written from one checkpoint
+    weight (``sources``: ``model.layers.0.mlp.down_proj.weight``); the others (stacked experts, a fused tensor)
+    have none."""
+    out = {}
+    for t in tensors:
+        key = t.sources[0].removesuffix(".weight") if len(t.sources) == 1 else None
+        if key is not None and key in found:
+            out[t.name] = found[key]
+    return out
