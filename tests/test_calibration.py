@@ -136,3 +136,12 @@ def test_dense_targets_with_dense_inputs_is_refused_before_work():
     with pytest.raises(SparsifyError, match=r"dense_targets.*inputs 'dense'"):
         compress_model(model, recipe, torch.randint(3, zoo.VOCAB, (2, 16)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_batch_count_known_before_sampling_is_the_batches_cut():
+    from sparsify.calibration.capture import batch_count, calibration_batches
+
+    for samples in range(1, 40):
+        for batch_size in range(1, 9):
+            got = len(calibration_batches(torch.zeros(samples, 2, dtype=torch.long), batch_size))
+            assert batch_count(samples, batch_size) == got, (samples, batch_size)

@@ -15,7 +15,7 @@
 The loop knows no pass: it calls the hooks of :class:`sparsify.passes.base.Pass`.
 """
 
-from sparsify.calibration.capture import Captured
+from sparsify.calibration.capture import Captured, batch_count
 from sparsify.calibration.compress import Resolver
 from sparsify.calibration.experts import ExpertCalibration, calibration_notes
 from sparsify.calibration.runner import (
@@ -52,6 +52,7 @@ __all__ = [
     "Resolver",
     "ResumePoint",
     "RunOutput",
+    "batch_count",
     "calibration_notes",
     "resumed_probe",
     "run_layer",

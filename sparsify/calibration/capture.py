@@ -44,6 +44,11 @@ def calibration_batches(tokens: Tensor | None, batch_size: int) -> list[Tensor]:
     return [head, *rest.split(batch_size)] if rest.numel() else [head]
 
 
+def batch_count(samples: int, batch_size: int) -> int:
+    """How many batches :func:`calibration_batches` cuts ``samples`` windows into (known before any is sampled)."""
+    return 1 + -(-max(0, samples - ERROR_WINDOWS) // batch_size)
+
+
 @torch.no_grad()
 def capture_inputs(backbone: nn.Module, layers: nn.ModuleList, batches: list[Tensor], device: torch.device) -> Captured:
     """Every layer's inputs on ``batches``; ``layers`` (the backbone's own list) is restored whatever happens."""

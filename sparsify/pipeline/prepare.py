@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from sparsify.arch import is_encoder, lookup
 from sparsify.calibration import (
     ERROR_WINDOWS,
+    batch_count,
     tracks_dense_path,
 )
 from sparsify.checkpoint import (
@@ -102,7 +102,7 @@ def _check_world(plan: Plan, recipe: Recipe, world: World) -> None:
     if not world.active:
         return
     cal = recipe.calibration
-    batches = 1 + math.ceil(max(0, cal.samples - ERROR_WINDOWS) / cal.batch_size)  # as calibration_batches makes
+    batches = batch_count(cal.samples, cal.batch_size)
     if plan.layer_passes and batches < world.size:
         raise SparsifyError(
             f"torchrun: {world.size} ranks for {batches} calibration batch(es) ({cal.samples} windows, batch size"
