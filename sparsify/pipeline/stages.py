@@ -24,18 +24,14 @@ from sparsify.checkpoint import (
     ModelDir,
     assemble,
 )
-from sparsify.checkpoint.output import StageState, tensor_digest
+from sparsify.checkpoint.output import StageState
 from sparsify.checkpoint.stage_model import Layers, StageModel, load_outside_layers, open_stage_model, rest_keys
 from sparsify.distributed import World
-from sparsify.evaluate import (
-    perplexity,
-    perplexity_of_hidden,
-)
 from sparsify.passes import Pass
 from sparsify.pipeline.layers import _finish_records, _prepare, _resolver
-from sparsify.pipeline.measure import _probe
 from sparsify.pipeline.options import Options, _Run
 from sparsify.pipeline.prepare import _dtype
+from sparsify.pipeline.probe import RecoveryProbe
 from sparsify.plan import Stage, checked_config, config_from_dict
 
 
@@ -81,25 +77,21 @@ def _run_stage(
             state.save_decisions(decisions)
         provider.layers, provider.source_index = layers.modules, layers.source_index
         step = next((p.recovers for p in stage.layer_passes if p.recovers), None)  # a recovery pass: its name
-        probe = _probe(run, opts) if step else None
-        windows = tensor_digest(torch.cat(probe)) if probe is not None else None  # what the probe measures on
+        probe = RecoveryProbe.of(step, run, opts)  # before it: the model as it was
         if state.complete:
             output = _saved_output(state, len(layers.modules))
-            before_recovery = state.recovered(windows) if windows is not None else None
+            before_recovery = probe.saved(state)
         else:
-            output = _sweep(runner, stage, layers, state, opts.world, probe)
+            output = _sweep(runner, stage, layers, state, opts.world, probe.windows)
         if output.probe is not None:
             load_outside_layers(skel, layers, md, dtype, opts.device, head=True)
-            ppl = perplexity_of_hidden(skel.model, layers.modules, output.probe)
-            before_recovery = {"step": step, "perplexity": ppl}
-            if windows is not None:  # a run resumed from here on reports it too
-                state.save_recovered(before_recovery, windows)
+            before_recovery = probe.measure(skel.model, layers, output.probe, state)
         if (start := state.resumed_at) is not None:
             notes.append(
                 f"resumed at layer {start} of {len(layers.modules)}: earlier layers kept from the interrupted run"
             )
-        if probe is not None and before_recovery is None:
-            notes.append(f"perplexity before {step} not measured: the run was resumed")
+        if (missing := probe.missing(before_recovery)) is not None:
+            notes.append(missing)
         _finish_records(output)
         records += output.records
         for p in stage.layer_passes:
@@ -172,10 +164,7 @@ def _run_model_stage(
         provider = LazyLayers(layers.modules, layers.path, md.source, skel.keymap, state.layers, dtype, device)
         for i in range(n):
             provider.load(i)
-        if (probe := _probe(run, opts)) is not None:
-            windows = torch.cat(probe)  # (W, L)
-            ppl = perplexity(skel.model, windows.to(device), batch_size=int(probe[0].shape[0]))
-            recovered = {"step": p.recovers, "perplexity": ppl}
+        recovered = RecoveryProbe.of(p.recovers, run, opts).measure_model(skel.model, device)
         work = ModelWork(skel.model, layers.modules, tokens, teacher, device, opts.progress, opts.world)
         if saved is None:
             p.prepare_model(work)
