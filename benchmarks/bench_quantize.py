@@ -8,7 +8,8 @@
 
 A quality SETTING is ``TOOL/SCHEME/METHOD[/KEY=VALUE...]``: TOOL ``ours`` or ``lc`` (llmcompressor in its own
 venv), SCHEME ``w8a8 | w8a8-static | w4a16 | w8a16``, METHOD ``rtn | gptq``, KEY=VALUE a quantize-pass field
-(``group_size=64``, ``smoothquant=0.5``, ``act_order=true``, ``qat.steps=200``); or ``dense``. Both tools get
+(``group_size=64``, ``smoothquant=0.5``, ``awq=on``, ``act_order=true``, ``qat.steps=200``; ``int8=REGEX``: a
+mix by name, see :func:`passes_of`); or ``dense``. Both tools get
 the same calibration windows (embedded pydoc topics, seeded) and every output is evaluated by the same code
 (``sparsify.evaluate``, through ``sparsify.load``) on held-out Wikipedia summaries. Rows append to
 bench-out/quantize.jsonl; the CPU's flags are printed with every speed figure.
@@ -47,8 +48,54 @@ def parse_setting(spec: str) -> tuple[str, dict]:
             outer, inner = key.split(".", 1)
             step.setdefault(outer, {})[inner] = setting_value(v)
         else:
-            step[key] = setting_value(v)
+            step[key] = v if key == "int8" else {} if key == "awq" and v == "on" else setting_value(v)
     return tool, step
+
+
+def passes_of(step: dict) -> list[dict]:
+    """The recipe's passes for one setting. ``int8=REGEX``: a mix chosen by name, as llama.cpp's ``_M`` rules do
+    (int8 per channel on the Linears the regex finds, the setting's int4 elsewhere), run through the budget's own
+    path with its choice replaced by the rule (:func:`rule_mix`): the same pass, grids, writer and predicted KL."""
+    step = dict(step)
+    regex = step.pop("int8", None)
+    if regex is None:
+        return [step]
+    rule_mix(regex)
+    return [{**step, "target_bpw": 7.9}]  # any budget the targets can meet: the rule replaces the choice
+
+
+def rule_mix(regex: str) -> None:
+    import re
+
+    from sparsify.passes import quantize_budget
+
+    def choose(targets, budget):
+        bits = {t.fqn: 8 if re.search(regex, t.fqn) else 4 for t in targets}
+        chosen = [t.options[t.bits.index(bits[t.fqn])] for t in targets]
+        return {
+            "bits": bits,
+            "budget_bytes": budget,
+            "bytes": sum(o.bytes for o in chosen),
+            "predicted_kl": sum(o.damage for o in chosen),
+            "params": sum(t.params for t in targets),
+        }
+
+    quantize_budget.choose = choose
+
+
+@torch.no_grad()
+def kl_to_dense(dense_path: Path, path: Path, windows: torch.Tensor, batch: int = 4) -> float:
+    """Mean KL divergence per predicted token of ``path``'s next-token distribution from the dense model's."""
+    import sparsify
+
+    dense, model = sparsify.load(dense_path, dtype=torch.float32).eval(), sparsify.load(path).eval()
+    total, count = 0.0, 0
+    for chunk in windows.split(batch):
+        p = dense(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)  # (B, L-1, V)
+        q = model(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)
+        total += float((p.exp() * (p - q)).sum())
+        count += p.shape[0] * p.shape[1]
+    return total / count
 
 
 def safetensors_bytes(path: Path) -> int:
@@ -85,7 +132,7 @@ def quality(args) -> None:
     calib = OUT / "calib.pt"
     tokens = sample_windows(tokenize(load_text(None), load_tokenizer(model)), args.samples, args.seq_len, 0)
     torch.save(tokens, calib)
-    dense_linear, _ = linear_bytes(model)
+    dense_linear, dense_params = linear_bytes(model)  # the parameters are the dense model's in every setting
     for spec in args.settings:
         out = OUT / "quant-model"
         shutil.rmtree(out, ignore_errors=True)
@@ -99,7 +146,7 @@ def quality(args) -> None:
                 recipe = parse_recipe(
                     {
                         "calibration": {"samples": args.samples, "seq_len": args.seq_len, "inputs": args.inputs},
-                        "passes": [step],
+                        "passes": passes_of(step),
                     }
                 )
                 t0 = time.perf_counter()
@@ -107,7 +154,9 @@ def quality(args) -> None:
                     model, recipe, out, Options(overwrite=True, evaluate=False, dtype=getattr(torch, args.dtype))
                 )
                 seconds = time.perf_counter() - t0
+                budget = [n for n in report["notes"] if "bit budget" in n]
                 extra = {
+                    "budget_note": budget[0] if budget else None,
                     "compute_dtype": args.dtype,
                     "inputs": args.inputs,
                     "peak_rss_bytes": report["totals"]["peak_rss_bytes"],
@@ -124,6 +173,8 @@ def quality(args) -> None:
                     cmd += ["--group-size", str(step["group_size"])]
                 if step.get("smoothquant") is not None:
                     cmd += ["--smoothquant", str(step["smoothquant"])]
+                if step.get("awq") is not None:
+                    cmd += ["--awq"]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode:
                     raise SystemExit(f"llmcompressor failed:\n{proc.stderr[-3000:]}")
@@ -135,6 +186,11 @@ def quality(args) -> None:
         if args.heldout:  # the calibration's domain (pydoc), windows held out of it
             extra["heldout_perplexity"] = evaluate(path, BUILTIN_EVAL, 512, args.heldout)["perplexity"]
         lb, _ = linear_bytes(path)
+        if args.kl and spec != "dense":
+            from sparsify.data import eval_windows
+
+            windows = eval_windows(tokenize(load_text(str(eval_file)), load_tokenizer(model)), 512, args.eval_windows)
+            extra["kl"] = kl_to_dense(model, path, windows)
         row = {
             "setting": spec,
             "perplexity": ppl["perplexity"],
@@ -142,6 +198,8 @@ def quality(args) -> None:
             "seconds": seconds,
             "bytes": safetensors_bytes(path),
             "linear_bytes": lb,
+            "linear_bpw": 8 * lb / dense_params,
+            "cpu": cpu_flags(),
             "linear_bytes_vs_fp16": lb / (dense_linear / 2),  # the dense checkpoint is float32
             **extra,
             "samples": args.samples,
@@ -250,6 +308,7 @@ def main() -> None:
     q.add_argument("--llmcompressor", help="python of a venv with llmcompressor installed")
     q.add_argument("--dtype", default="float32", help="our compute dtype (llmcompressor's is float32)")
     q.add_argument("--inputs", default="compressed", choices=["compressed", "dense"], help="our calibration inputs")
+    q.add_argument("--kl", action="store_true", help="also the KL divergence to the dense model on the eval windows")
     s = sub.add_parser("speed")
     s.add_argument("--tokens", type=int, default=512)
     s.add_argument("--repeats", type=int, default=5)

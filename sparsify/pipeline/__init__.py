@@ -14,8 +14,8 @@ compress(model, recipe, out)
 
 The modules, in the order they import each other: ``options`` (run settings, what is decided before work) →
 ``layers`` (whole-model decisions, the in-memory API) → ``prepare`` (plan, calibration, checks) → ``measure``
-(perplexity, KL, latency) → ``probe`` (the model before a recovery pass) → ``stages`` (one stage: prepare, sweep, assemble) → ``conclude`` (files, report) →
-``flow`` (:func:`compress`, the one code path).
+(perplexity, KL, latency) → ``probe`` (the model before a recovery pass) → ``stages`` (one stage: prepare,
+sweep, assemble) → ``conclude`` (files, report) → ``flow`` (:func:`compress`, the one code path).
 """
 
 from __future__ import annotations
