@@ -138,3 +138,9 @@ def test_awq_is_for_weight_only_and_pre_norm_families(model_dir, tmp_path):
                          "passes": [{"type": "quantize", "scheme": "w4a16", "awq": {}}]})  # fmt: skip
     with pytest.raises(SparsifyError, match="AWQ cannot fold scales into bert's norms"):
         compress(model_dir("bert"), bert, tmp_path / "bert")
+
+
+def test_awq_with_sequential_stages_is_refused():
+    step = {"type": "quantize", "scheme": "w4a16", "awq": {}, "sequential": True}
+    with pytest.raises(SparsifyError, match="awq folds scales from a Linear into the next"):
+        parse_recipe({"passes": [step]})

@@ -21,6 +21,7 @@ from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import load_tokenizer
 from sparsify.recipe import parse_recipe
+from tests import zoo
 from tests.test_cli import CALIB as CLI_CALIB
 from tests.test_cli import assert_user_error, run
 from tests.zoo import compress
@@ -197,3 +198,25 @@ def test_a_resumed_run_takes_back_the_saved_choice_and_writes_the_same_bytes(mod
     assert chosen == [1] and calls == [0, 1, 1]
     plain, resumed = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("plain", "out"))
     assert plain == resumed
+
+
+def test_a_bf16_checkpoints_budget_counts_its_scales_in_bf16(tmp_path):
+    """The plan's model computes in float32; the written scales are the checkpoint's dtype: a budget only bf16
+    scales can meet is met, not refused."""
+    src = zoo.save("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    report = compress(src, _recipe(target_bpw=4.7), tmp_path / "out")  # int4 g32: 4.5 with bf16 scales, 5.0 fp32
+    bits = _bits(report)
+    assert (
+        set(bits.values()) <= {4, 8}
+        and 8
+        * _target_bytes(tmp_path / "out", set(bits))
+        / sum(r["shape"][0] * r["shape"][1] for r in report["layers"] if r.get("kind") == "quantize")
+        <= 4.7
+    )
+
+
+def test_a_budget_after_a_pass_that_reshapes_its_sweep_is_refused(model_dir, tmp_path):
+    steps = [{"type": "prune", "structured": "channels", "ratio": 0.25}, {**STEP, "target_bpw": 6.0}]
+    with pytest.raises(SparsifyError, match=r"pass 1's bit budget decides each Linear before the sweep, and pass 0"):
+        compress(model_dir("llama"), parse_recipe({"calibration": CALIB, "passes": steps}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

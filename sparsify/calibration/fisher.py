@@ -28,8 +28,11 @@ from sparsify.modules import replaying
 WINDOWS = 16  # calibration windows the Fisher is gathered on: the first ones (under torchrun, each rank its share)
 
 
-def linear_hook(fisher: dict[str, Tensor], name: str, shape: torch.Size) -> Callable:
-    """Forward hook: the output's gradient meets the saved input in ``fisher[name] += (g^2)^T (x^2)``."""
+def linear_hook(
+    fisher: dict[str, Tensor], name: str, shape: torch.Size, seen: dict[str, int] | None = None
+) -> Callable:
+    """Forward hook: the output's gradient meets the saved input in ``fisher[name] += (g^2)^T (x^2)`` (and
+    ``seen[name]`` counts the tokens that reached it: a routed expert may see none)."""
 
     def hook(_module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float().square()  # (tokens, in)
@@ -37,8 +40,11 @@ def linear_hook(fisher: dict[str, Tensor], name: str, shape: torch.Size) -> Call
 
         def backward(g: Tensor) -> None:
             g2 = g.reshape(-1, g.shape[-1]).float().square()  # (tokens, out)
-            acc = fisher.setdefault(name, torch.zeros(shape, device=g.device))
-            acc.add_(g2.T @ x2)  # (out, in)
+            if name not in fisher:
+                fisher[name] = torch.zeros(shape, device=g.device)
+            fisher[name].add_(g2.T @ x2)  # (out, in)
+            if seen is not None:
+                seen[name] = seen.get(name, 0) + g2.shape[0]
 
         out.register_hook(backward)
         return out
@@ -81,15 +87,15 @@ def layer_fisher(
         )
         (g,) = torch.autograd.grad(nll, h)
         grads.append(g)
-    fisher: dict[str, Tensor] = {}
-    shapes: dict[str, torch.Size] = {}  # every target, with or without a token (a starved expert): reduced alike
+    fisher: dict[str, Tensor] = {}  # this layer's accumulators, on the device
+    seen: dict[str, int] = {}
+    out_: dict[str, Tensor] = {}  # every layer's, summed over the ranks, on the CPU
     backward = range(len(runner.layers) - 1, -1, -1)
     for i in runner.progress.track(backward, len(runner.layers), "Fisher, backward"):
         interrupts.check()
         layer = runner.provider.load(i)
         found = targets(i, layer)
-        shapes.update({fqn: m.weight.shape for fqn, m in found.items()})
-        hooks = [m.register_forward_hook(linear_hook(fisher, fqn, m.weight.shape)) for fqn, m in found.items()]
+        hooks = [m.register_forward_hook(linear_hook(fisher, fqn, m.weight.shape, seen)) for fqn, m in found.items()]
         try:
             for b, (h, (args, kwargs)) in enumerate(zip(kept[i], cap.calls[i][:n], strict=True)):
                 h = h.detach().requires_grad_()
@@ -99,11 +105,16 @@ def layer_fisher(
         finally:
             for handle in hooks:
                 handle.remove()
+        for fqn in sorted(found):  # every rank reduces every target, in one order (a starved expert: zeros)
+            acc = fisher.pop(fqn, None)
+            acc = acc if acc is not None else torch.zeros(found[fqn].weight.shape, device=runner.device)
+            tokens_seen = torch.tensor(float(seen.pop(fqn, 0)))
+            runner.world.all_reduce_(acc)
+            runner.world.all_reduce_(tokens_seen)
+            if tokens_seen > 0:  # a Linear no token reached (a routed expert) has no Fisher: the caller fills it
+                out_[fqn] = acc.cpu()
         kept[i] = []
         runner.provider.finish(i, layer, write=False)
     count = torch.tensor(float(sum(t[:, 1:].numel() for t in tokens)))
     runner.world.all_reduce_(count)
-    if runner.world.active:
-        for name in sorted(shapes):
-            runner.world.all_reduce_(fisher.setdefault(name, torch.zeros(shapes[name], device=runner.device)))
-    return {name: (f / count.clamp_min(1)).cpu() for name, f in fisher.items()}
+    return {name: f / count.clamp_min(1) for name, f in out_.items()}

@@ -8,14 +8,14 @@ likewise, one command per entry of :data:`sparsify.export.FORMATS`, with one opt
 
 The modules: ``app`` (the Typer application, shared options, logging) → ``running`` (a recipe run from flags) →
 ``errors`` (one line per failure) → ``generated`` (the commands generated from the pass and format registries) →
-``commands`` (the hand-written ones: eval, report, cache, inspect, demo) → ``reference`` (docs/cli.md's tables).
+``commands`` (the hand-written ones: eval, report, cache, inspect, demo) → ``docs`` (docs/cli.md's tables).
 """
 
 from __future__ import annotations
 
 from sparsify.cli import commands  # noqa: F401 - the commands register on the app (generated ones first)
 from sparsify.cli.app import app
-from sparsify.cli.reference import reference, write_reference
+from sparsify.cli.docs import reference, write_reference
 
 
 def _tune_allocator() -> None:

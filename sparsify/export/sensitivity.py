@@ -85,8 +85,9 @@ def _embedding_hook(fisher: dict[str, Tensor], name: str, weight: Tensor) -> Cal
         out = out.detach().requires_grad_()
 
         def backward(g: Tensor) -> None:
-            acc = fisher.setdefault(name, torch.zeros(weight.shape, device=weight.device))
-            acc.index_add_(0, ids, g.reshape(-1, g.shape[-1]).float().square())  # (vocab, dim)
+            if name not in fisher:
+                fisher[name] = torch.zeros(weight.shape, device=weight.device)
+            fisher[name].index_add_(0, ids, g.reshape(-1, g.shape[-1]).float().square())  # (vocab, dim)
 
         out.register_hook(backward)
         return out

@@ -144,6 +144,9 @@ class Pass:
     removes: frozenset[str] = frozenset()  # FACTS it takes away from the passes after it
     # its zeros are decisions a later training pass must keep (unstructured pruning), even once quantized
     leaves_zeros: ClassVar[bool] = False
+    # it changes which Linears a layer has, or their shapes (structured pruning, dense → MoE): a later pass of its
+    # sweep that decides per Linear before the sweep (a bit budget) would decide for modules that will not exist
+    reshapes: ClassVar[bool] = False
     needs: frozenset[str] = frozenset()  # statistics of target inputs (sparsify.statistics.STATS names)
     custom_stats: ClassVar[dict[str, Callable]] = {}  # name -> Stat factory, for needs the standard ones lack
     needs_dense_path: bool = False  # statistics against the dense model's inputs (first pass only)

@@ -78,6 +78,7 @@ class MoEPass(Pass):
     config_cls = MoEConfig
     config: MoEConfig
     kind = "moe"
+    reshapes = True
     uses_targets: ClassVar[bool] = False  # the FFN of every layer, from the architecture table
     requires = frozenset({"float", "dense_ffn"})
     removes = frozenset({"dense_ffn"})

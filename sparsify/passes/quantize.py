@@ -198,6 +198,14 @@ class QuantizePass(Pass):
             raise SparsifyError(f"{eq.title} cannot fold scales into a post-norm model's norms (do_layer_norm_before)")
         self.model = model
 
+    def after(self, earlier: list[Pass]) -> None:
+        if self.config.budgeted and (shaper := next((p for p in earlier if p.reshapes), None)) is not None:
+            raise SparsifyError(
+                f"pass {self.index}'s bit budget decides each Linear before the sweep, and pass {shaper.index}"
+                f" ({shaper.describe()}) changes the Linears during it: put the budget in a recipe run on that"
+                " pass's output"
+            )
+
     def validate(self, targets: dict[int, dict[str, nn.Module]]) -> None:
         widths: dict[str, int] = {}  # fqn -> inputs, every target of every layer
         for layer_targets in targets.values():
@@ -218,13 +226,14 @@ class QuantizePass(Pass):
                     raise SparsifyError(
                         f"--group-size {group} does not divide {fqn}'s {width} inputs; {_group_hint(widths, c)}"
                     )
-        if c.target_bpw is not None:
-            options = [
-                self._options(fqn, i, m.weight.shape, m.weight.dtype)
-                for i, layer_targets in targets.items()
-                for fqn, m in layer_targets.items()
-            ]
-            self._check_reach(options, budget.budget_bytes(c.target_bpw, None, options, 0), 0)
+        if c.target_bpw is not None:  # sure refusals only: scales in 2 bytes for the least, 4 for the most
+            for scale_dtype, side in ((torch.float16, "low"), (torch.float32, "high")):
+                options = [
+                    self._options(fqn, i, m.weight.shape, scale_dtype)
+                    for i, layer_targets in targets.items()
+                    for fqn, m in layer_targets.items()
+                ]
+                self._check_reach(options, budget.budget_bytes(c.target_bpw, None, options, 0), 0, side)
 
     def _resolve_group(self, widths: dict[str, int]) -> None:
         """w4a16's default group size for these targets: :data:`DEFAULT_GROUP` where it divides every one's inputs,
@@ -257,17 +266,18 @@ class QuantizePass(Pass):
     def _budget_schemes(self) -> list[QuantScheme]:
         return [self.scheme, budget.int8_scheme(self.scheme)]
 
-    def _check_reach(self, targets: list[budget.Target], asked: int, rest: int) -> None:
-        """Refuse a budget the targets cannot meet (``asked``: their share of it; ``rest``: the other bytes)."""
+    def _check_reach(self, targets: list[budget.Target], asked: int, rest: int, side: str = "both") -> None:
+        """Refuse a budget the targets cannot meet (``asked``: their share of it; ``rest``: the other bytes;
+        ``side``: check the least reachable ("low"), the most ("high") or both)."""
         low, high = budget.reach(targets)
         params = sum(t.params for t in targets)
         flag = "--target-bpw" if self.config.target_bpw is not None else "--target-size"
-        if asked < low:
+        if asked < low and side != "high":
             raise SparsifyError(
                 f"{flag} {self._asked_value()}: below the smallest this model reaches, every Linear int4"
                 f" ({fmt_bytes(rest + low)}, {8 * low / params:.3f} bits per weight over the quantized Linears)"
             )
-        if asked > high:
+        if asked > high and side != "low":
             raise SparsifyError(
                 f"{flag} {self._asked_value()}: above every Linear int8 ({fmt_bytes(rest + high)},"
                 f" {8 * high / params:.3f} bits per weight): use --scheme w8a16"

@@ -140,6 +140,9 @@ class QuantizeConfig(LayerPassConfig):
                 )
             if self.qat is not None:
                 raise ValueError(f"{what} does not combine with qat (one grid per layer while it tunes)")
+        if self.awq is not None and self.sequential:
+            raise ValueError("awq folds scales from a Linear into the next (v -> o, up -> down), which sequential"
+                             " stages quantize apart; give one")  # fmt: skip
         if self.target_size is not None:
             parse_size(self.target_size)  # ValueError naming what is expected
         return self

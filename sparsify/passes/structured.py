@@ -64,6 +64,7 @@ class StructuredPrunePass(Pass):
 
     config: PruneConfig
     kind = "structured"
+    reshapes = True
     uses_targets = False  # the blocks of every layer, from the architecture table
     title = "Structured pruning, per layer"
     columns = (

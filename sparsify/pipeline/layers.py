@@ -58,7 +58,15 @@ def _prepare(model: nn.Module, layers: Layers, passes: list[Pass], runner: Layer
         if removed:
             _remove_layers(model, layers, removed)
             runner.layers = layers.modules
+            _follow(runner.provider, layers)  # the passes after this one load the layers that are left
     return decisions
+
+
+def _follow(provider: Any, layers: Layers) -> None:
+    """The provider hands out ``layers``' modules (after a removal): its list, and where each comes from."""
+    provider.layers = layers.modules
+    if hasattr(provider, "source_index"):
+        provider.source_index = layers.source_index
 
 
 def _resolver(layers: Layers):
@@ -97,7 +105,7 @@ def compress_model(
     )  # fmt: skip
     runner.whole = lambda: model
     _prepare(model, layers, passes, runner, None)
-    runner.provider = InMemoryLayers(layers.modules)
+    _follow(runner.provider, layers)
     output = runner.run(passes, _resolver(layers))
     _finish_records(output)
     return output, plan.notes + [n for p in passes for n in p.notes()]

@@ -75,7 +75,6 @@ def _run_stage(
         decisions = _prepare(skel.model, layers, stage.layer_passes, runner, saved)
         if saved is None:
             state.save_decisions(decisions)
-        provider.layers, provider.source_index = layers.modules, layers.source_index
         step = next((p.recovers for p in stage.layer_passes if p.recovers), None)  # a recovery pass: its name
         probe = RecoveryProbe.of(step, run, opts)  # before it: the model as it was
         if state.complete:
