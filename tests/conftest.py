@@ -19,12 +19,17 @@ from tests import zoo
 # The quick loop's families (pytest -m "not slow"): a decoder (Llama: grouped KV heads, RoPE, gated MLP) and an
 # encoder (BERT: post-norm). A test parametrized over "family" is `slow` for the others; CI runs every family.
 FAST_FAMILIES = frozenset({"llama", "bert"})
+# The training loops (heal, distill) are run on every compression "case" in CI; the quick loop keeps one.
+TRAINING_MODULES, FAST_CASE = frozenset({"test_heal", "test_distill"}), "sparsegpt-2:4"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        family = getattr(getattr(item, "callspec", None), "params", {}).get("family")
-        if isinstance(family, str) and family not in FAST_FAMILIES:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        family, case = params.get("family"), params.get("case")
+        module = getattr(item, "module", None)
+        trains = module is not None and module.__name__.rpartition(".")[2] in TRAINING_MODULES
+        if (isinstance(family, str) and family not in FAST_FAMILIES) or (trains and case not in (None, FAST_CASE)):
             item.add_marker(pytest.mark.slow)
 
 
