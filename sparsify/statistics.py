@@ -112,12 +112,50 @@ class ActiveCount(Stat):
         return self.acc
 
 
+SAMPLE_ROWS = 4096  # calibration tokens kept per input (static activation scales' percentile / MSE, AWQ)
+
+
+class InputSample(Stat):
+    """Up to ``SAMPLE_ROWS`` calibration tokens of an input, ``(rows, in)``, kept by seeded reservoir sampling."""
+
+    def __init__(self, n_in: int, device: torch.device):
+        super().__init__(n_in, device)
+        self.rows: Tensor = torch.empty(0, n_in, device=device)
+        self.seen = 0
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def add(self, X: Tensor) -> None:
+        n = X.shape[0]
+        room = SAMPLE_ROWS - self.rows.shape[0]
+        if room > 0:
+            self.rows = torch.cat([self.rows, X[:room]])
+        rest = X[max(room, 0) :]
+        if rest.shape[0]:
+            idx = self.seen + max(room, 0) + torch.arange(rest.shape[0])  # global index of each row
+            slot = (torch.rand(rest.shape[0], generator=self.gen) * (idx + 1)).long()  # reservoir: keep w.p. K/(i+1)
+            keep = slot < SAMPLE_ROWS
+            self.rows[slot[keep].to(self.rows.device)] = rest[keep.to(rest.device)]
+        self.seen += n
+
+    def value(self) -> Tensor:
+        return self.rows
+
+    def reduce(self, world: World) -> None:
+        """Every rank's sample, then ``SAMPLE_ROWS`` of them by the same seeded draw on every rank."""
+        rows = world.all_gather_cat(self.rows)  # (sum of ranks' rows, in)
+        if rows.shape[0] > SAMPLE_ROWS:
+            keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:SAMPLE_ROWS]
+            rows = rows[keep.sort().values.to(rows.device)]
+        self.rows = rows
+
+
 STATS: dict[str, Callable[[int, torch.device], Stat]] = {
     "sq_norm": SqNorm,
     "sum": Sum,
     "hessian": Hessian,
     "abs_max": AbsMax,
     "active_count": ActiveCount,
+    "sample": InputSample,
 }
 
 

@@ -50,7 +50,6 @@ from sparsify.algorithms.quant import (
 from sparsify.algorithms.reconstruct import fit_block
 from sparsify.algorithms.smoothquant import smoothing_scales
 from sparsify.arch import is_encoder
-from sparsify.distributed import World
 from sparsify.errors import SparsifyError
 from sparsify.modules import replace_module
 from sparsify.passes import equalizers
@@ -61,49 +60,13 @@ from sparsify.passes.quantize_config import DEFAULT_GROUP, GGUF_BLOCK, QuantizeC
 from sparsify.passes.quantize_methods import QUANTIZE_METHODS, SCHEMES, QuantizeMethod, expand_zero_point
 from sparsify.passes.trainable import FakeQuantLinear, rows_of
 from sparsify.runtime.quantized import STATIC_ACT_ARGS, QuantizedLinear, QuantScheme
-from sparsify.sizes import fmt_bytes, parse_size
-from sparsify.statistics import Stat
+from sparsify.sizes import fmt_bytes
 
 if TYPE_CHECKING:
     from sparsify.arch import Arch
     from sparsify.calibration import LayerwiseRunner, LayerWork
 
 log = logging.getLogger(__name__)
-SAMPLE_ROWS = 4096  # calibration tokens kept per input for percentile / MSE activation scales
-
-
-class InputSample(Stat):
-    """Up to ``SAMPLE_ROWS`` calibration tokens of an input, ``(rows, in)``, kept by seeded reservoir sampling."""
-
-    def __init__(self, n_in: int, device: torch.device):
-        super().__init__(n_in, device)
-        self.rows: Tensor = torch.empty(0, n_in, device=device)
-        self.seen = 0
-        self.gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def add(self, X: Tensor) -> None:
-        n = X.shape[0]
-        room = SAMPLE_ROWS - self.rows.shape[0]
-        if room > 0:
-            self.rows = torch.cat([self.rows, X[:room]])
-        rest = X[max(room, 0) :]
-        if rest.shape[0]:
-            idx = self.seen + max(room, 0) + torch.arange(rest.shape[0])  # global index of each row
-            slot = (torch.rand(rest.shape[0], generator=self.gen) * (idx + 1)).long()  # reservoir: keep w.p. K/(i+1)
-            keep = slot < SAMPLE_ROWS
-            self.rows[slot[keep].to(self.rows.device)] = rest[keep.to(rest.device)]
-        self.seen += n
-
-    def value(self) -> Tensor:
-        return self.rows
-
-    def reduce(self, world: World) -> None:
-        """Every rank's sample, then ``SAMPLE_ROWS`` of them by the same seeded draw on every rank."""
-        rows = world.all_gather_cat(self.rows)  # (sum of ranks' rows, in)
-        if rows.shape[0] > SAMPLE_ROWS:
-            keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:SAMPLE_ROWS]
-            rows = rows[keep.sort().values.to(rows.device)]
-        self.rows = rows
 
 
 @register("quantize")
@@ -141,12 +104,12 @@ class QuantizePass(Pass):
             needs.add("abs_max")
         if self.equalizer is not None:
             needs |= self.equalizer.needs
+        if (static and c.observer != "minmax") or (self.equalizer is not None and self.equalizer.samples):
+            needs.add("sample")  # rows of the input: static activation scales, AWQ's search
         self.needs = frozenset(needs)
-        sampled = (static and c.observer != "minmax") or (self.equalizer is not None and self.equalizer.samples)
-        self.custom_stats = {"sample": InputSample} if sampled else {}
         self.needs_grad = c.qat is not None
         self.per_target = self.equalizer is None and c.qat is None  # else the layer's Linears are fitted together
-        self.needs_data = bool(self.needs) or bool(self.custom_stats) or bool(c.qat) or c.budgeted  # budget: Fisher
+        self.needs_data = bool(self.needs) or bool(c.qat) or c.budgeted  # a budget: the Fisher
         self.scheme = c.quant_scheme()
         self.model: nn.Module | None = None
         self.equalized: list[str] = []  # the producers scales were folded into (layer-relative)
@@ -229,11 +192,11 @@ class QuantizePass(Pass):
         if c.target_bpw is not None:  # sure refusals only: scales in 2 bytes for the least, 4 for the most
             for scale_dtype, side in ((torch.float16, "low"), (torch.float32, "high")):
                 options = [
-                    self._options(fqn, i, m.weight.shape, scale_dtype)
+                    budget.target(fqn, i, m.weight.shape, scale_dtype, self._budget_schemes())
                     for i, layer_targets in targets.items()
                     for fqn, m in layer_targets.items()
                 ]
-                self._check_reach(options, budget.budget_bytes(c.target_bpw, None, options, 0), 0, side)
+                budget.check_reach(options, budget.budget_bytes(c.target_bpw, None, options, 0), 0, c, side)
 
     def _resolve_group(self, widths: dict[str, int]) -> None:
         """w4a16's default group size for these targets: :data:`DEFAULT_GROUP` where it divides every one's inputs,
@@ -256,83 +219,18 @@ class QuantizePass(Pass):
 
     # ----------------------------------------------------------------------------- a bit budget
 
-    def _options(self, fqn: str, layer: int, shape: torch.Size, scale_dtype: torch.dtype,
-                 damages: tuple[float, float] = (0.0, 0.0)) -> budget.Target:  # fmt: skip
-        out_f, in_f = int(shape[0]), int(shape[1])
-        sizes = [budget.scheme_bytes(out_f, in_f, s, scale_dtype) for s in self._budget_schemes()]
-        options = tuple(budget.Option(b, d) for b, d in zip(sizes, damages, strict=True))
-        return budget.Target(fqn, layer, out_f * in_f, (self.config.bits, budget.INT8), options)
-
     def _budget_schemes(self) -> list[QuantScheme]:
         return [self.scheme, budget.int8_scheme(self.scheme)]
 
-    def _check_reach(self, targets: list[budget.Target], asked: int, rest: int, side: str = "both") -> None:
-        """Refuse a budget the targets cannot meet (``asked``: their share of it; ``rest``: the other bytes;
-        ``side``: check the least reachable ("low"), the most ("high") or both)."""
-        low, high = budget.reach(targets)
-        params = sum(t.params for t in targets)
-        flag = "--target-bpw" if self.config.target_bpw is not None else "--target-size"
-        if asked < low and side != "high":
-            raise SparsifyError(
-                f"{flag} {self._asked_value()}: below the smallest this model reaches, every Linear int4"
-                f" ({fmt_bytes(rest + low)}, {8 * low / params:.3f} bits per weight over the quantized Linears)"
-            )
-        if asked > high and side != "low":
-            raise SparsifyError(
-                f"{flag} {self._asked_value()}: above every Linear int8 ({fmt_bytes(rest + high)},"
-                f" {8 * high / params:.3f} bits per weight): use --scheme w8a16"
-            )
-
-    def _asked_value(self) -> str:
-        c = self.config
-        return f"{c.target_bpw:g}" if c.target_bpw is not None else str(c.target_size)
-
     def prepare(self, runner: LayerwiseRunner) -> None:
         """A bit budget's choice, before the first layer is quantized (see :mod:`.quantize_budget`)."""
-        from sparsify.calibration.fisher import layer_fisher
-
-        c = self.config
-        if not c.budgeted:
-            return
-        shapes, rest = {}, 0
-        for i, layer in enumerate(runner.layers):  # the planned shapes (a meta layer needs no loading)
-            for fqn, m in self.targets_in(layer, runner.prefix(i)).items():
-                stored = runner.provider.stored_bytes(i, f"{fqn.removeprefix(runner.prefix(i) + '.')}.weight")
-                shapes[fqn] = (i, m.weight.shape, stored[1] if stored else m.weight.dtype)
-                rest -= stored[0] if stored else 0
-        total = runner.provider.total_bytes()
-        if c.target_size is not None and total is None:
-            raise SparsifyError("target_size counts a checkpoint's bytes: a model in memory takes target_bpw")
-        rest += total or 0
-        plain = [self._options(fqn, i, shape, dtype) for fqn, (i, shape, dtype) in shapes.items()]
-        size = parse_size(c.target_size) if c.target_size is not None else None
-        asked = budget.budget_bytes(c.target_bpw, size, plain, rest)
-        self._check_reach(plain, asked, rest)
-        if runner.whole is None:
-            raise SparsifyError("a bit budget needs the model's LM head (its loss): not available here")
-
-        def layer_targets(i: int, layer: nn.Module) -> dict[str, nn.Module]:
-            return self.targets_in(layer, runner.prefix(i))
-
-        fisher = layer_fisher(runner, runner.whole(), layer_targets)
-        mean = sum(float(f.mean()) for f in fisher.values()) / max(len(fisher), 1)  # a Linear no token reached
-        method, options = self._uncalibrated()
-        targets = []
-        for i in runner.progress.track(range(len(runner.layers)), len(runner.layers), "damage of int4 and int8"):
-            interrupts.check()
-            layer = runner.provider.load(i)
-            for fqn, m in layer_targets(i, layer).items():
-                W = budget.weight_of(m)  # (out, in)
-                F = fisher.get(fqn)
-                F = F if F is not None else torch.full_like(W, mean)  # (out, in)
-                hurt = tuple(
-                    budget.damage(W, F, method.round(W, None, s.weights, W != 0, options).weight)
-                    for s in self._budget_schemes()
-                )
-                targets.append(self._options(fqn, i, W.shape, shapes[fqn][2], hurt))
-            runner.provider.finish(i, layer, write=False)
-        self.budget = budget.choose(targets, asked) | {"rest_bytes": rest}
-        log.info("bit budget: %s", budget.mix_text(self.budget["bits"]))
+        if self.config.budgeted:
+            method, options = self._uncalibrated()
+            self.budget = budget.plan(
+                runner, self.targets_in, self._budget_schemes(), self.config,
+                lambda W, args: method.round(W, None, args, W != 0, options).weight,
+            )  # fmt: skip
+            log.info("bit budget: %s", budget.mix_text(self.budget["bits"]))
 
     def decisions(self) -> dict[str, Any]:
         return {"budget": self.budget} if self.budget is not None else {}

@@ -19,15 +19,22 @@ scheme (transformers and vLLM load mixed groups). The report draws the weight bi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from sparsify import interrupts
 from sparsify.algorithms.allocate import Option, allocate, largest, smallest
 from sparsify.algorithms.quant import PerChannel, QuantArgs
+from sparsify.errors import SparsifyError
 from sparsify.runtime.quantized import QuantizedLinear, QuantScheme
+from sparsify.sizes import fmt_bytes, parse_size
+
+if TYPE_CHECKING:
+    from sparsify.calibration import LayerwiseRunner
 
 INT8 = 8
 
@@ -108,5 +115,82 @@ def _kind(fqn: str) -> str:
     return ".".join(p for p in tail if not p.isdigit())
 
 
-def weight_of(module: nn.Module) -> Tensor:
-    return module.weight.detach().float()  # (out, in)
+def target(fqn: str, layer: int, shape: torch.Size, scale_dtype: torch.dtype, schemes: list[QuantScheme],
+           damages: tuple[float, ...] | None = None) -> Target:  # fmt: skip
+    """One Linear's options: its bytes in each of ``schemes`` (int4, int8) and the ``damages`` measured (None: 0)."""
+    out_f, in_f = int(shape[0]), int(shape[1])
+    sizes = [scheme_bytes(out_f, in_f, s, scale_dtype) for s in schemes]
+    options = tuple(Option(b, d) for b, d in zip(sizes, damages or (0.0,) * len(schemes), strict=True))
+    return Target(fqn, layer, out_f * in_f, tuple(s.weights.bits for s in schemes), options)
+
+
+def asked_text(config: Any) -> tuple[str, str]:
+    """The flag and the value the user gave (``--target-bpw``, ``5.5``)."""
+    if config.target_bpw is not None:
+        return "--target-bpw", f"{config.target_bpw:g}"
+    return "--target-size", str(config.target_size)
+
+
+def check_reach(targets: list[Target], asked: int, rest: int, config: Any, side: str = "both") -> None:
+    """Refuse a budget the targets cannot meet (``asked``: their share of it; ``rest``: the other bytes;
+    ``side``: check the least reachable ("low"), the most ("high") or both)."""
+    low, high = reach(targets)
+    params = sum(t.params for t in targets)
+    flag, value = asked_text(config)
+    if asked < low and side != "high":
+        raise SparsifyError(
+            f"{flag} {value}: below the smallest this model reaches, every Linear int4"
+            f" ({fmt_bytes(rest + low)}, {8 * low / params:.3f} bits per weight over the quantized Linears)"
+        )
+    if asked > high and side != "low":
+        raise SparsifyError(
+            f"{flag} {value}: above every Linear int8 ({fmt_bytes(rest + high)},"
+            f" {8 * high / params:.3f} bits per weight): use --scheme w8a16"
+        )
+
+
+def plan(
+    runner: LayerwiseRunner,
+    targets_in: Callable[[nn.Module, str], dict[str, nn.Module]],
+    schemes: list[QuantScheme],
+    config: Any,
+    fake_quantize: Callable[[Tensor, QuantArgs], Tensor],
+) -> dict[str, Any]:
+    """The budget's choice for the targets ``targets_in(layer, prefix)`` finds (see the module docstring): the
+    run's decision, as saved. ``fake_quantize(W, args)``: a weight rounded on a scheme's grid, dequantized."""
+    from sparsify.calibration.fisher import layer_fisher
+
+    shapes, rest = {}, 0
+    for i, layer in enumerate(runner.layers):  # the planned shapes (a meta layer needs no loading)
+        for fqn, m in targets_in(layer, runner.prefix(i)).items():
+            stored = runner.provider.stored_bytes(i, f"{fqn.removeprefix(runner.prefix(i) + '.')}.weight")
+            shapes[fqn] = (i, m.weight.shape, stored[1] if stored else m.weight.dtype)
+            rest -= stored[0] if stored else 0
+    total = runner.provider.total_bytes()
+    if config.target_size is not None and total is None:
+        raise SparsifyError("target_size counts a checkpoint's bytes: a model in memory takes target_bpw")
+    rest += total or 0
+    plain = [target(fqn, i, shape, dtype, schemes) for fqn, (i, shape, dtype) in shapes.items()]
+    size = parse_size(config.target_size) if config.target_size is not None else None
+    asked = budget_bytes(config.target_bpw, size, plain, rest)
+    check_reach(plain, asked, rest, config)
+    if runner.whole is None:
+        raise SparsifyError("a bit budget needs the model's LM head (its loss): not available here")
+
+    def layer_targets(i: int, layer: nn.Module) -> dict[str, nn.Module]:
+        return targets_in(layer, runner.prefix(i))
+
+    fisher = layer_fisher(runner, runner.whole(), layer_targets)
+    mean = sum(float(f.mean()) for f in fisher.values()) / max(len(fisher), 1)  # for a Linear no token reached
+    targets = []
+    for i in runner.progress.track(range(len(runner.layers)), len(runner.layers), "damage of int4 and int8"):
+        interrupts.check()
+        layer = runner.provider.load(i)
+        for fqn, m in layer_targets(i, layer).items():
+            W = m.weight.detach().float()  # (out, in)
+            F = fisher.get(fqn)
+            F = F if F is not None else torch.full_like(W, mean)  # (out, in)
+            hurt = tuple(damage(W, F, fake_quantize(W, s.weights)) for s in schemes)
+            targets.append(target(fqn, i, W.shape, shapes[fqn][2], schemes, hurt))
+        runner.provider.finish(i, layer, write=False)
+    return choose(targets, asked) | {"rest_bytes": rest}
