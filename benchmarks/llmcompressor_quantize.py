@@ -49,6 +49,8 @@ def main() -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM
 
+    if not torch.cuda.is_available():  # llm-compressor 0.14's AWQ pins its cached activations (a GPU transfer aid):
+        torch.Tensor.pin_memory = lambda self, *a, **k: self  # a CPU-only torch refuses; no effect on the numbers
     ids = torch.load(args.calib, weights_only=True)  # (samples, seq_len)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     groups = {"group_0": _scheme(args.scheme, args.group_size)}
