@@ -15,6 +15,8 @@ FAULT is one of
 - ``slow@S``: every layer takes S more seconds (so that two runs overlap);
 - ``gate@PATH``: the first layer waits until PATH exists (another run can then be started and finished
   while this one holds its work folder: deterministic, whatever the machine's load);
+- ``run``: nothing injected (a resumed or competing run as the installed command runs it, at full speed);
+  ``count`` also counts the calls into sparsify (printed at exit: ``calls=N``), under a profile (~2x slower).
 - ``killin@FUNC``: SIGKILL this process when sparsify's function FUNC is called (a hard death at a point
   that is not a layer, e.g. ``begin`` before any state is written); ``killin@FUNC#N``: at its N-th call.
 """

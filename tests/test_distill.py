@@ -194,7 +194,7 @@ def test_an_interrupted_distillation_resumes_to_the_same_bytes(deep, tmp_path): 
     out = tmp_path / "out"
     r = _fault("killin@kl", *args[:2], "-o", out, *args[2:])
     assert r.returncode == -signal.SIGKILL and not out.exists()
-    r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
+    r = _fault("run", *args[:2], "-o", out, *args[2:], "--resume")
     assert r.returncode == 0, r.stderr
     assert _weights(out) == _weights(reference)
 

@@ -195,7 +195,7 @@ def test_resume_after_a_kill_produces_the_same_bytes(deep, tmp_path):
     args = ["prune", deep, "-o", out, "--method", "sparsegpt", "--sparsity", "0.5", *FAST]
     r = _fault("kill@2", *args)
     assert r.returncode == -signal.SIGKILL and not out.exists()
-    r = _fault("count", *args, "--resume", "--json")  # a fresh process, as after a crash
+    r = _fault("run", *args, "--resume", "--json")  # a fresh process, as after a crash
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "sparsify_report.json").read_text())
     assert any(re.search(r"resumed at layer [12] of 4", n) for n in report["notes"]), report["notes"]  # see below
@@ -232,7 +232,7 @@ def test_a_signal_keeps_finished_layers_and_the_command_it_names_continues(deep,
     assert _leftovers(tmp_path, out) == [".my out.partial"]
     assert_user_error(run(*args), None, "--resume", "--overwrite", f"{done} layer")
     assert _leftovers(tmp_path, out) == [".my out.partial"]
-    r = _fault("count", *command)
+    r = _fault("run", *command)
     assert r.returncode == 0, r.stderr
     notes = json.loads((out / "sparsify_report.json").read_text())["notes"]
     assert any(f"resumed at layer {done} of 4" in n for n in notes), notes
@@ -396,7 +396,7 @@ def test_fault_injection_at_random_points(deep, tmp_path):
             name = fault.split("@")[0]
             _, command = _kept(_error_lines(r.stderr)[0], name, out.parent / ".out.partial")
             assert [p.name for p in parent.rglob("*") if ".out.partial" not in str(p)] == ["nested"], fault
-            r = _fault("count", *command)
+            r = _fault("run", *command)
             assert r.returncode == 0, (fault, r.stderr)
             assert _weights(out) == _weights(tmp_path / "probe") and _leftovers(out.parent, out) == [], fault
         else:
@@ -530,7 +530,7 @@ def test_overlapping_runs_with_overwrite_also_end_with_one_success(deep, tmp_pat
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.05)
         second = _fault(
-            "count", "prune", deep, "-o", out, "--method", "magnitude", "--sparsity", "0.3", *FAST, "--overwrite"
+            "run", "prune", deep, "-o", out, "--method", "magnitude", "--sparsity", "0.3", *FAST, "--overwrite"
         )
     finally:
         gate.touch()

@@ -293,7 +293,7 @@ def test_an_interrupted_heal_resumes_to_the_same_bytes_and_reports_the_perplexit
         out = tmp_path / fault.replace("@", "-")
         r = _fault(fault, *args[:2], "-o", out, *args[2:])
         assert r.returncode == -signal.SIGKILL and not out.exists(), fault
-        r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
+        r = _fault("run", *args[:2], "-o", out, *args[2:], "--resume")
         assert r.returncode == 0, r.stderr
         assert _weights(out) == _weights(reference), fault
         resumed = read_report(out)

@@ -196,7 +196,7 @@ def test_resume_of_a_run_killed_after_its_sweep_writes_the_same_config(deep, tmp
     out = tmp_path / "out"
     r = _fault("killin@assemble", *args[:2], "-o", out, *args[2:])
     assert r.returncode == -signal.SIGKILL, r.stderr
-    r = _fault("count", *args[:2], "-o", out, *args[2:], "--resume")
+    r = _fault("run", *args[:2], "-o", out, *args[2:], "--resume")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 96
     assert _weights(out) == _weights(reference)
@@ -211,7 +211,7 @@ def test_moe_then_quantize_killed_and_resumed_gives_the_same_bytes(deep, tmp_pat
     args = ["compress", deep, "-r", recipe, "-o", out, "--no-eval"]
     r = _fault("kill@2", *args)
     assert r.returncode == -signal.SIGKILL and not out.exists()
-    r = _fault("count", *args, "--resume")
+    r = _fault("run", *args, "--resume")
     assert r.returncode == 0, r.stderr
     assert _weights(out) == _weights(reference)
     assert run("eval", out, "--seq-len", "64", "--max-windows", "2").exit_code == 0
