@@ -431,8 +431,8 @@ class QuantizePass(Pass):
                 f"pass {self.index}: bit budget {self._asked()}: {int8} of {len(b['bits'])} Linears int8, the rest"
                 f" int4 ({8 * b['bytes'] / b['params']:.3f} bits per weight over them, {fmt_bytes(b['bytes'])};"
                 f" the checkpoint's tensors {fmt_bytes(b['bytes'] + b['rest_bytes'])} predicted); predicted KL to the float"
-                f" model {b['predicted_kl']:.3g} per token on the calibration (round-to-nearest; measured on the"
-                f" evaluation text: the KL above); {budget.mix_text(b['bits'])}"
+                f" model {b['predicted_kl']:.3g} per token on the calibration (round-to-nearest; the KL to the input"
+                f" this run measures, if it does, is on its evaluation text); {budget.mix_text(b['bits'])}"
             )
         if self.auto_group_why is not None:
             notes.append(
