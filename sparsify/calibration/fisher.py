@@ -61,21 +61,21 @@ def layer_fisher(
     """``{fqn: float32 (out, in)}``: the per-token Fisher diagonal of each target Linear's weight over the first
     ``windows`` calibration windows. ``model``: the whole model whose backbone the runner sweeps, its head loaded
     (the layers may be on the meta device: they are replayed)."""
-    cap = runner.capture()
     batches, sizes, first = runner.batches(), [], runner.first_window()
     for b in batches:  # this rank's batches among the first ``windows`` of the calibration (one process: all)
         if first + sum(sizes) >= windows:
             break
         sizes.append(int(b.shape[0]))
-    n = len(sizes)
-    tokens, hidden = batches[:n], cap.hidden[:n]
+    tokens = batches[: len(sizes)]
+    cap = runner.capture(tokens)  # the layers' inputs on those windows only
+    hidden = cap.hidden
     kept: list[list[Tensor]] = []  # per layer, per batch: the layer's input (B, L, d)
     with torch.no_grad():
         for i in runner.progress.track(range(len(runner.layers)), len(runner.layers), "Fisher, forward"):
             interrupts.check()
             layer = runner.provider.load(i)
             kept.append(hidden)
-            hidden = run_layer(layer, hidden, cap.calls[i][:n])
+            hidden = run_layer(layer, hidden, cap.calls[i])
             runner.provider.finish(i, layer, write=False)
     grads = []  # per batch: dS/dh at the current layer's output (B, L, d)
     for tok, h in zip(tokens, hidden, strict=True):
@@ -97,7 +97,7 @@ def layer_fisher(
         found = targets(i, layer)
         hooks = [m.register_forward_hook(linear_hook(fisher, fqn, m.weight.shape, seen)) for fqn, m in found.items()]
         try:
-            for b, (h, (args, kwargs)) in enumerate(zip(kept[i], cap.calls[i][:n], strict=True)):
+            for b, (h, (args, kwargs)) in enumerate(zip(kept[i], cap.calls[i], strict=True)):
                 h = h.detach().requires_grad_()
                 out = layer(h, *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out  # (B, L, d)

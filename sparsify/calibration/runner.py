@@ -87,11 +87,12 @@ class LayerwiseRunner:
     def prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}"
 
-    def capture(self) -> Captured:
+    def capture(self, batches: list[Tensor] | None = None) -> Captured:
         """What enters every layer on the calibration batches (see :mod:`.capture`); under torchrun, on this rank's
         share of them: whole batches, as one process makes them (rank 0 holds the first, which output errors
-        are measured on), so each batch's statistics are the very same numbers."""
-        return capture_inputs(self.backbone, self.layers, self.batches(), self.device)
+        are measured on), so each batch's statistics are the very same numbers. ``batches``: only these (the
+        first of :meth:`batches`)."""
+        return capture_inputs(self.backbone, self.layers, self.batches() if batches is None else batches, self.device)
 
     def _share(self) -> tuple[list[Tensor], slice]:
         """Every calibration batch, as one process cuts them, and which of them are this rank's."""
