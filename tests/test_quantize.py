@@ -14,12 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sparsify
+from sparsify.algorithms.smoothquant import smoothing_scales
 from sparsify.arch import lookup
 from sparsify.data import load_text, sample_windows, tokenize
 from sparsify.errors import SparsifyError
 from sparsify.evaluate import load_tokenizer
+from sparsify.passes import equalizers
 from sparsify.passes.equalizers import EQUALIZERS
-from sparsify.passes.quantize import fold_smoothing
 from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from sparsify.runtime.quantized import QuantizedLinear
@@ -163,7 +164,12 @@ def test_smoothquant_folding_leaves_the_float_model_unchanged(family, model_dir)
         for norm, fed in arch.norm_feeds:
             n_in = layer.get_submodule(fed[0]).in_features
             absmax[norm] = torch.rand(n_in, generator=g, dtype=torch.float64) * 20 + 0.01  # outlier-ish ranges
-        factors = fold_smoothing(layer, arch, absmax, 0.5)
+        factors = {}
+        with torch.no_grad():
+            for pair in equalizers.pairs(arch, linear_pairs=False):  # SmoothQuant's pairs, folded as the pass does
+                weights = [layer.get_submodule(n).weight for n in pair.consumers]
+                factors[pair.producer] = smoothing_scales(absmax[pair.producer], weights, 0.5)  # (in,)
+                equalizers.fold(layer, pair, factors[pair.producer], arch.norm_offset)
         assert len(factors) == len(arch.norm_feeds) and all((s - 1).abs().max() > 0.1 for s in factors.values())
     tight = 1e-6 if family.startswith("gemma") else 1e-9  # Gemma's norms compute in float32 whatever the dtype
     torch.testing.assert_close(_outputs(model, ids), before, rtol=tight, atol=tight)

@@ -48,7 +48,6 @@ from sparsify.algorithms.quant import (
     quantize,
 )
 from sparsify.algorithms.reconstruct import fit_block
-from sparsify.algorithms.smoothquant import smoothing_scales
 from sparsify.arch import is_encoder
 from sparsify.errors import SparsifyError
 from sparsify.modules import replace_module
@@ -546,23 +545,6 @@ def _method_text(record: dict[str, Any]) -> str:
     if base == "gptq":
         text += " with activation order" if record.get("act_order") else " in column order"
     return text + (" + QAT (layer-wise, straight-through)" if qat else "")
-
-
-@torch.no_grad()
-def fold_smoothing(layer: nn.Module, arch: Arch, absmax: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
-    """SmoothQuant's migration in ``layer``, without changing what it computes: for each norm of
-    ``arch.norm_feeds`` with an activation range ``absmax[norm]: (in,)``, the factors
-    ``s = max|X|^alpha / max|W|^(1 - alpha)`` divide the norm's output (its weight, and bias) and multiply
-    the input columns of every Linear it feeds. Returns norm name → ``s``."""
-    factors = {}
-    for pair in equalizers.pairs(arch, linear_pairs=False):
-        if pair.producer not in absmax:
-            continue
-        weights = [layer.get_submodule(n).weight for n in pair.consumers]
-        s = smoothing_scales(absmax[pair.producer], weights, alpha)  # (in,)
-        equalizers.fold(layer, pair, s, arch.norm_offset)
-        factors[pair.producer] = s
-    return factors
 
 
 def _weight_error(W: Tensor, W_q: Tensor, H: Tensor | None) -> float:
