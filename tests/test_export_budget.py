@@ -26,14 +26,8 @@ _GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """Two Llama layers: rows of 256 (every type) but the down projection's (320: legacy, Q8_0 and F16 only)."""
-    config = T.LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("budget")
-    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
-    zoo.tokenizer().save_pretrained(folder)
-    return folder
+    return zoo.save_llama(tmp_path_factory.mktemp("budget"), hidden_size=256, intermediate_size=320,
+                          num_hidden_layers=2, max_position_embeddings=128)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,8 @@ Q = gguf.GGMLQuantizationType
 def wide(tmp_path_factory) -> Path:
     """A 1-layer Llama whose rows are whole super-blocks of 256 but the MLP's down projection's (320: whole
     blocks of 32 only), with untied embeddings."""
-    config = T.LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=256, intermediate_size=320, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("wide")
-    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
-    zoo.tokenizer().save_pretrained(folder)
-    return folder
+    return zoo.save_llama(tmp_path_factory.mktemp("wide"), hidden_size=256, intermediate_size=320,
+                          num_hidden_layers=1, max_position_embeddings=128)  # fmt: skip
 
 
 def _expected(name: str, w: torch.Tensor, qtype) -> torch.Tensor:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import transformers as T
 import yaml
 
@@ -32,12 +31,7 @@ def _groups(report) -> set:
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A tiny Llama whose every Linear's inputs 128 divides (hidden 128, intermediate 256)."""
-    config = T.LlamaConfig(**{**zoo._COMMON, "hidden_size": 128, "intermediate_size": 256}, **zoo._IDS)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama-wide")
-    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
-    zoo.tokenizer().save_pretrained(folder)
-    return folder
+    return zoo.save_llama(tmp_path_factory.mktemp("llama-wide"), hidden_size=128, intermediate_size=256)
 
 
 def test_the_default_is_32_where_128_does_not_divide_and_says_so(model_dir, tmp_path):

@@ -107,6 +107,16 @@ def save(
     return folder
 
 
+def save_llama(folder: Path, **sizes: int) -> Path:
+    """A Llama with ``sizes`` over the zoo's Llama fields (``hidden_size=256``: rows of whole K-quant super-blocks),
+    transformers' own initialisation under seed 0 (norms left at one), and the tokenizer."""
+    config = T.LlamaConfig(**{**_COMMON, **sizes}, **_IDS)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
 
