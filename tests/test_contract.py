@@ -180,13 +180,23 @@ def _gguf_types() -> list[str]:
 @pytest.mark.parametrize("name", _gguf_types())
 def test_every_gguf_type_is_documented_and_its_blocks_tested(name):
     """Each ``export gguf --type``: shown in docs/export.md, and its blocks tested against gguf-py's dequantizer
-    (K types: tests/test_kquants.py; legacy: tests/test_legacy_quants.py; floats: written and read back)."""
-    from tests import test_kquants, test_legacy_quants
+    (K types: tests/test_kquants.py; legacy: tests/test_legacy_quants.py; IQ4: tests/test_iq4.py; floats: written and
+    read back)."""
+    from tests import test_iq4, test_kquants, test_legacy_quants
 
     export_doc = (ROOT / "docs" / "export.md").read_text()
     assert re.search(rf"--type [\w|]*(?<![\w-]){re.escape(name)}(?![\w-])", export_doc), f"--type {name}: no docs"
-    blocks = {*test_kquants.TYPES, *test_legacy_quants.LEGACY, "f32", "f16", "bf16"}
-    assert name in blocks, f"--type {name}: no test checks its blocks"
+    from sparsify.export.mixes import MIXES
+
+    blocks = {*test_kquants.TYPES, *test_legacy_quants.LEGACY, *test_iq4.TYPES, "f32", "f16", "bf16"}
+    if name in MIXES:  # a named mix: each type it gives is one of the above (tests/test_gguf_mixes.py: which where)
+        mix = MIXES[name]
+        given = {mix.base, "q6_k"} | {
+            r(i, n) or mix.base for r in mix.rules.values() for n in range(1, 65) for i in range(n)
+        }
+        assert given <= blocks, f"--type {name}: no test checks the blocks of {sorted(given - blocks)}"
+    else:
+        assert name in blocks, f"--type {name}: no test checks its blocks"
 
 
 def test_contributing_names_files_that_exist():

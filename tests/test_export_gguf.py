@@ -341,7 +341,7 @@ def test_refusals_are_one_line_and_write_nothing(source, model_dir, tmp_path):
                                       calibrate=False), bigbird)  # fmt: skip
     assert_user_error(run("export", "gguf", bigbird, "-o", out), out, "only in sparsify's runtime")
     assert_user_error(run("export", "gguf", model_dir("gpt2"), "-o", out), out, "no architecture", "'gpt2'")
-    assert_user_error(run("export", "gguf", source("llama"), "-o", out, "--type", "q4_k_m"), out, "--type")
+    assert_user_error(run("export", "gguf", source("llama"), "-o", out, "--type", "q4_k_xl"), out, "--type")
     assert_user_error(run("export", "gguf", source("llama"), "-o", tmp_path / "x.bin"), None, "does not end in .gguf")
     gemma2 = model_dir("gemma2")  # query_pre_attn_scalar 256 with head_dim 16: llama.cpp would scale by 1/4
     assert_user_error(run("export", "gguf", gemma2, "-o", out), out, "query_pre_attn_scalar is 256", "head_dim")

@@ -451,7 +451,8 @@ def weighted_error(w: Tensor, w_hat: Tensor, imp: Tensor | None = None) -> float
 # whatever ``imp``.
 
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
-WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1")  # the types whose block scales take an importance (Q8_0: none)
+# the types whose block scales take an importance (Q8_0: none); IQ4_NL and IQ4_XS are sparsify.algorithms.iq4's
+WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 QK_LEGACY = 32  # weights per legacy block
 LEGACY_CHUNK = 65536  # blocks quantized at once (whole rows): a few tens of MB of float64 temporaries
 

@@ -23,23 +23,27 @@ from sparsify.passes.base import StrictModel
 from sparsify.progress import NoProgress, Progress
 from sparsify.sizes import parse_size
 
+# ``export gguf --type``: floats, then llama.cpp's types with most bits first; its non-linear 4-bit types last
+GgufType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k",
+                   "q2_k", "iq4_nl", "iq4_xs", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m",
+                   "q3_k_s"]  # fmt: skip
+
 
 class GgufConfig(StrictModel):
-    tensor_type: Literal[
-        "auto", "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k"
-    ] = Field(
+    tensor_type: GgufType = Field(
         "auto",
         description="tensor type of the weight matrices: auto keeps quantized layouts as stored (others rounded to"
-        " the nearest GGUF block type) and floats in 16 bits (bf16 stays bf16, else f16); q* (re)quantize (*_k:"
-        " llama.cpp's K-quants, rows not whole blocks of 256 in llama-quantize's fallback type)",
+        " the nearest GGUF block type) and floats in 16 bits (bf16 stays bf16, else f16); q*, iq4_* (re)quantize"
+        " (*_k: llama.cpp's K-quants, iq4_*: its non-linear 4-bit types; *_k and iq4_xs rows not whole blocks of 256"
+        " in llama-quantize's fallback type); q*_k_s/m/l: llama-quantize's named mixes, each matrix in the type"
+        " it gives (more bits for attn_v, ffn_down, the output head), fitted by sparsify",
         json_schema_extra={"flag": "--type"},
     )
     importance: Literal["calibration", "none"] = Field(
         "calibration",
-        description="K types and q4_0/q4_1/q5_0/q5_1: each block's scales fitted to the weights' importance on"
-        " calibration text (the"
-        " mean square of each input, as llama-imatrix measures it), or unweighted (as llama-quantize without"
-        " --imatrix)",
+        description="K types, iq4_nl/iq4_xs and q4_0/q4_1/q5_0/q5_1: each block's scales fitted to the weights'"
+        " importance on calibration text (the mean square of each input, as llama-imatrix measures it), or unweighted"
+        " (as llama-quantize without --imatrix)",
         json_schema_extra={"flag": "--importance"},
     )
     calib: str | None = Field(
@@ -64,8 +68,8 @@ class GgufConfig(StrictModel):
     )
     target_size: str | None = Field(
         None,
-        description="the file's size (105MB, 100MiB, 2GB): each matrix's type chosen (K types, legacy, Q8_0, F16)"
-        " to least predicted damage (its Fisher-weighted rounding error on the calibration windows) within it",
+        description="the file's size (105MB, 100MiB, 2GB): each matrix's type chosen (K types, IQ4, legacy, Q8_0,"
+        " F16) to least predicted damage (its Fisher-weighted rounding error on the calibration windows) within it",
         json_schema_extra={"flag": "--target-size", "metavar": "SIZE"},
     )
     target_bpw: float | None = Field(

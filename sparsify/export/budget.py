@@ -1,7 +1,8 @@
 """A GGUF file of a given size: one type per matrix, chosen by measured damage (``--target-size``/``--target-bpw``).
 
-1. **Menu.** Every float matrix may take each type llama.cpp runs on its shape: the K types where its rows are
-   whole super-blocks of 256, the legacy types where they are whole blocks of 32, Q8_0 and F16 (:data:`MENU`).
+1. **Menu.** Every float matrix may take each type llama.cpp runs on its shape: the K types and IQ4_XS where its
+   rows are whole super-blocks of 256, the legacy types and IQ4_NL where they are whole blocks of 32, Q8_0 and F16
+   (:data:`MENU`).
    Vectors stay F32. Each option's bytes are exact (blocks × block size, padded to the file's alignment).
 2. **Damage.** For each matrix and type, the rounding error the export would make, weighed by each weight's
    Fisher information (:mod:`.sensitivity`): ``sum F * (W - Q(W))**2``, twice the predicted per-token KL
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 
 from sparsify.algorithms.allocate import Option, allocate
+from sparsify.algorithms.iq4 import BLOCK as IQ4_BLOCK
+from sparsify.algorithms.iq4 import IQ4_TYPES, dequantize_iq4, quantize_iq4
 from sparsify.algorithms.kquants import (
     KTYPES,
     QK_K,
@@ -37,7 +40,7 @@ from sparsify.errors import SparsifyError
 from sparsify.progress import NoProgress, Progress
 from sparsify.sizes import fmt_bytes, parse_size
 
-MENU = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0", "f16")
+MENU = ("q2_k", "q3_k", "iq4_xs", "q4_0", "iq4_nl", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0", "f16")
 SAMPLE_ROWS = 128  # rows per matrix whose rounding is measured (every stride-th)
 ALIGN = 32  # GGUF's default data alignment
 # the heat map's column order
@@ -47,7 +50,12 @@ _COLUMNS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 
 def menu(cols: int) -> list[str]:
     """The types llama.cpp runs on rows of ``cols`` weights."""
-    return [n for n in MENU if n == "f16" or (n in KTYPES and cols % QK_K == 0) or (n not in KTYPES and cols % 32 == 0)]
+    return [n for n in MENU if n == "f16" or cols % _block(n) == 0]
+
+
+def _block(name: str) -> int:
+    """Weights per (super-)block of the type ``name``: what a row's length must be a multiple of."""
+    return QK_K if name in KTYPES else IQ4_BLOCK.get(name, 32)
 
 
 def type_bytes(shape: tuple[int, ...], name: str) -> int:
@@ -70,6 +78,8 @@ def roundtrip(x: Tensor, name: str, imp: Tensor | None) -> Tensor:
         return x.half().float()
     if name in KTYPES:
         return dequantize_k(quantize_k(x, name, imp))
+    if name in IQ4_TYPES:
+        return dequantize_iq4(quantize_iq4(x, name, imp))
     return dequantize_legacy(quantize_legacy(x, name, imp if name in WEIGHTED else None))
 
 

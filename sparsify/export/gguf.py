@@ -10,9 +10,10 @@ as stored wherever a GGUF block type has its layout, not dequantized and rounded
 - Types (:func:`_choose`): 1-D tensors and routers in F32; int4 symmetric in groups of 32 → Q4_0, int4
   asymmetric in groups of 32 → Q4_1, int8 symmetric in groups of 32 → Q8_0, as stored (scales to fp16, a
   note when one changes); other quantized layouts rounded again to the nearest block type, with a note;
-  float matrices in ``--type``, rounded by :mod:`sparsify.algorithms.kquants` (K types, and the legacy types:
-  their block scales fitted to each Linear's input importance on calibration text, :mod:`.importance`, unless
-  ``--importance none``, which gives llama.cpp's reference rounding, gguf-py's bytes).
+  float matrices in ``--type``, rounded by :mod:`sparsify.algorithms.kquants` (K types, and the legacy types) and
+  :mod:`sparsify.algorithms.iq4` (IQ4_NL, IQ4_XS): their block scales fitted to each Linear's input importance on
+  calibration text, :mod:`.importance`, unless ``--importance none`` (for the legacy types llama.cpp's reference
+  rounding, gguf-py's bytes).
 - Everything that can refuse does before the file is opened (:func:`plan`); the tensors are then converted
   one at a time and streamed to a temporary file beside the output, renamed when complete.
 """
@@ -35,10 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsify.algorithms.iq4 import IQ4_TYPES, quantize_iq4
 from sparsify.algorithms.kquants import KTYPES, LEGACY, QK_K, WEIGHTED, quantize_k, quantize_legacy
 from sparsify.arch import GGUF_ARCHITECTURES, SPARSIFY_TYPE_PREFIX, GgufArch, layer_windows, lookup
 from sparsify.errors import SparsifyError
-from sparsify.export import GgufConfig, budget, kquant_blocks
+from sparsify.export import GgufConfig, budget, kquant_blocks, mixes
 from sparsify.export import ggml_blocks as blocks
 from sparsify.export.gguf_vocab import Vocab, chat_template, merges, read_vocab
 from sparsify.export.gguf_weights import Layout, Stored, read_layout, read_quantized, stack
@@ -52,12 +54,13 @@ _QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_
 _KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers stay in F32, as llama.cpp's converter keeps them
 _ONE_ROW = ("ffn_gate_inp_shexp",)  # a (1, hidden) Linear that llama.cpp reads as a vector
 # with 4-bit --type, the embeddings and the output head take more bits, as llama.cpp's quantizer gives them (Q8_0 for
-# the legacy types, Q6_K for the K types); a tied embedding is also the output head
+# the legacy types, Q6_K for the K and IQ4 types); a tied embedding is also the output head
 _WIDE = ("token_embd", "output")
 _ROPE_TYPES = (None, "default", "linear")
-# what llama-quantize writes for a K type where a tensor's rows are not whole super-blocks of 256
-# (llama-quant.cpp's fallback; IQ4_NL where it has it for Q2_K/Q3_K, which gguf-py cannot write: Q4_0 here)
-K_FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
+# what llama-quantize writes for a K type (or IQ4_XS) where a tensor's rows are not whole super-blocks of 256
+# (llama-quant.cpp's tensor_type_fallback, llama.cpp 11434); IQ4_NL's blocks are 32 weights: it stays IQ4_NL
+K_FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0", "iq4_xs": "IQ4_NL",
+              "iq4_nl": "IQ4_NL"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- the plan
@@ -89,6 +92,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     layouts: dict[str, Layout] = field(default_factory=dict)  # the quantized checkpoint weights
     budget: dict[str, Any] | None = None  # --target-size/--target-bpw's allocation (:mod:`.budget`)
+    file_type: str | None = None  # a named mix's gguf.LlamaFileType member (else the most common type's)
 
 
 def _entries(source, cfg: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], Layout | None]]:
@@ -122,12 +126,24 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
     if fam.output_required and "output.weight" not in tensors:
         tensors["output.weight"] = replace(tensors["token_embd.weight"], name="output.weight")
     layouts = {k: layout for k, (_, layout) in entries.items() if layout is not None}
+    mix = mixes.MIXES.get(config.tensor_type)
+    if mix is not None and any(len(t.sources) > 1 for t in tensors.values()):
+        raise SparsifyError(
+            f"--type {config.tensor_type}: llama-quantize's named mixes are followed for dense models, and this one"
+            f" has experts; give a K type (--type {mix.base}) or a size (--target-size)"
+        )
+    tied = "output.weight" not in tensors
     for t in tensors.values():
         _shape_and_transform(t, cfg, fam, norm_offset)
         parts = [layouts[s] for s in t.sources if s in layouts]
-        t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), config.tensor_type, _float_dtype(model_dir, t))
+        want = config.tensor_type
+        if mix is not None and len(t.shape) > 1:  # the type llama-quantize gives this matrix in the named mix
+            want = mixes.tensor_type(config.tensor_type, t.name, int(cfg.num_hidden_layers), tied)
+        dtype = _float_dtype(model_dir, t)
+        t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), want, dtype, wide=mix is None)
     notes += vocab.notes + _type_notes(list(tensors.values()), layouts, config.tensor_type)
-    return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts)
+    file_type = None if mix is None else mix.file_type
+    return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts, file_type=file_type)
 
 
 def _family(model_type: str) -> tuple[GgufArch, float]:
@@ -209,9 +225,12 @@ def _float_dtype(model_dir, t: Planned) -> torch.dtype:
     return model_dir.source.info(key).dtype if key in model_dir.source else torch.float32
 
 
-def _choose(t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: torch.dtype) -> tuple[Any, str]:
+def _choose(
+    t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: torch.dtype, wide: bool = True
+) -> tuple[Any, str]:
     """``(GGUF type, how)`` for one tensor; see the module docstring. ``parts``: the layouts of its quantized
-    sources (one, or one per expert; ``quantized``: all of them are)."""
+    sources (one, or one per expert; ``quantized``: all of them are); ``wide``: the embeddings and output head of a
+    K or IQ4 ``want`` take Q6_K (a named mix has given them their type already)."""
     from gguf import GGMLQuantizationType as Q
 
     floats = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
@@ -219,8 +238,8 @@ def _choose(t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: 
     kind = t.name.split(".")[-2]
     if len(t.shape) == 1 or kind in _KEEP_F32:
         return Q.F32, "dequantized" if parts else "float"
-    if want in KTYPES:
-        return _choose_k(t, want, bool(parts))
+    if want in KTYPES or want in IQ4_TYPES:
+        return _choose_k(t, want, bool(parts), wide)
     fits = t.shape[-1] % blocks.BLOCK == 0
     if parts:
         stored = parts[0].gguf_type() if quantized and len(set(parts)) == 1 else None
@@ -243,15 +262,15 @@ def _choose(t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: 
     return (Q.BF16 if dtype == torch.bfloat16 else Q.F16), "float"
 
 
-def _choose_k(t: Planned, want: str, quantized: bool) -> tuple[Any, str]:
-    """A K-quant ``want`` for one matrix: in that type where its rows are whole super-blocks of 256, else in
-    llama-quantize's fallback for it (Q4_0, Q5_0, Q5_1, Q8_0; F16 where rows are not whole blocks of 32 either); the
-    embeddings and output head of a 2- to 5-bit file in Q6_K (Q8_0 as fallback), as llama-quantize gives them."""
+def _choose_k(t: Planned, want: str, quantized: bool, wide: bool = True) -> tuple[Any, str]:
+    """A K-quant (or IQ4) ``want`` for one matrix: in that type where its rows are whole super-blocks of 256, else
+    in llama-quantize's fallback for it (Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL; F16 where rows are not whole blocks of 32
+    either); the embeddings and output head of a 2- to 5-bit file in Q6_K (Q8_0 as fallback), as llama-quantize gives
+    the output head (and a tied embedding)."""
     from gguf import GGMLQuantizationType as Q
 
     how = "requantized" if quantized else "quantized"
-    wide = t.name.split(".")[-2] in _WIDE and want != "q6_k"
-    name = "q6_k" if wide else want
+    name = "q6_k" if wide and t.name.split(".")[-2] in _WIDE else want
     if t.shape[-1] % QK_K == 0:
         return Q[name.upper()], how
     if t.shape[-1] % blocks.BLOCK == 0:
@@ -287,7 +306,8 @@ def _type_notes(tensors: list[Planned], layouts: dict[str, Layout], want: str) -
     if fallback:
         notes.append(f"{len(fallback)} tensors in F16: rows of {fallback[0].shape[-1]} are not whole blocks of 32")
     short = [t for t in tensors if len(t.shape) > 1 and t.shape[-1] % QK_K and t.qtype not in (Q.F32, Q.F16)]
-    if want in KTYPES and short:
+    short = [t for t in short if t.qtype.name.lower() != want]  # IQ4_NL's blocks are 32 weights
+    if (want in KTYPES or want in IQ4_TYPES or want in mixes.MIXES) and short:
         types = ", ".join(f"{n} {q}" for q, n in sorted(Counter(t.qtype.name for t in short).items()))
         widths = ", ".join(str(w) for w in sorted({t.shape[-1] for t in short}))
         notes.append(
@@ -429,9 +449,9 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
 
 
 def _add_importance(p: Plan, md, config: GgufConfig, progress: Progress) -> None:
-    """Each matrix fitted here (K types; Q4_0, Q4_1, Q5_0, Q5_1) gets its per-column importance, measured on
-    calibration text (``config.importance``); a note where a tensor has none (embeddings, output head, stacked
-    experts, a quantized checkpoint's)."""
+    """Each matrix fitted here (K types; IQ4_NL, IQ4_XS; Q4_0, Q4_1, Q5_0, Q5_1) gets its per-column importance,
+    measured on calibration text (``config.importance``); a note where a tensor has none (embeddings, output head,
+    stacked experts, a quantized checkpoint's)."""
     fitted = [t for t in p.tensors if t.qtype is not None and t.how != "as stored" and t.qtype.name.lower() in WEIGHTED]
     if config.importance == "none" or not fitted:
         return
@@ -631,6 +651,10 @@ def _encode(t: Planned, w: Stored) -> np.ndarray:
         x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
         data = kquant_blocks.pack(quantize_k(x, t.qtype.name.lower(), t.importance))
         return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
+    if t.qtype.name.lower() in IQ4_TYPES:  # ours: gguf-py does not quantize them either
+        x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
+        data = kquant_blocks.pack_iq4(quantize_iq4(x, t.qtype.name.lower(), t.importance))
+        return data.reshape(quant_shape_to_byte_shape(t.shape, t.qtype))
     if t.qtype.name.lower() in LEGACY:  # llama.cpp's imatrix fit with importance; gguf-py's bytes without
         x = w.tensor.to(torch.float32).reshape(-1, t.shape[-1])  # type: ignore[union-attr]  (all rows, cols)
         data = blocks.pack_legacy(quantize_legacy(x, t.qtype.name.lower(), t.importance))
@@ -680,7 +704,7 @@ def _metadata(w, p: Plan, md) -> None:
                          ("final_logit_softcapping", w.add_final_logit_softcapping)):  # fmt: skip
             if getattr(cfg, key, None) is not None:
                 add(float(getattr(cfg, key)))
-    w.add_file_type(_file_type(p.tensors))
+    w.add_file_type(_file_type(p.tensors, p.file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(w, p.vocab, md.path)
 
@@ -697,17 +721,19 @@ def _moe_metadata(w, cfg) -> None:
         w.add_expert_shared_feed_forward_length(int(cfg.shared_expert_intermediate_size))
 
 
-def _file_type(tensors: list[Planned]) -> int:
-    """llama.cpp's ``general.file_type``: the type most matrix weights have."""
+def _file_type(tensors: list[Planned], named: str | None = None) -> int:
+    """llama.cpp's ``general.file_type``: ``named`` (a mix's), else the type most matrix weights have."""
     from gguf import GGMLQuantizationType as Q
     from gguf import LlamaFileType as F
 
+    if named is not None:
+        return int(F[named])
     counts = Counter(t.qtype for t in tensors if len(t.shape) > 1)
     top = counts.most_common(1)[0][0] if counts else Q.F32
     return int({Q.F32: F.ALL_F32, Q.F16: F.MOSTLY_F16, Q.BF16: F.MOSTLY_BF16, Q.Q8_0: F.MOSTLY_Q8_0,
                 Q.Q4_0: F.MOSTLY_Q4_0, Q.Q4_1: F.MOSTLY_Q4_1, Q.Q5_0: F.MOSTLY_Q5_0, Q.Q5_1: F.MOSTLY_Q5_1,
                 Q.Q2_K: F.MOSTLY_Q2_K, Q.Q3_K: F.MOSTLY_Q3_K_S, Q.Q4_K: F.MOSTLY_Q4_K_S, Q.Q5_K: F.MOSTLY_Q5_K_S,
-                Q.Q6_K: F.MOSTLY_Q6_K}[top])  # fmt: skip
+                Q.Q6_K: F.MOSTLY_Q6_K, Q.IQ4_NL: F.MOSTLY_IQ4_NL, Q.IQ4_XS: F.MOSTLY_IQ4_XS}[top])  # fmt: skip
 
 
 def _tokenizer_metadata(w, vocab: Vocab, folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""ggml's K-quant blocks (Q2_K..Q6_K) packed from a :class:`~sparsify.algorithms.kquants.KQuant`.
+"""ggml's K-quant blocks (Q2_K..Q6_K) packed from a :class:`~sparsify.algorithms.kquants.KQuant`; IQ4_NL and IQ4_XS
+from a :class:`~sparsify.algorithms.iq4.IQ4Quant` (:func:`pack_iq4`, at the end).
 
 Each super-block of 256 weights is one block, laid out as ``ggml-common.h``'s structs (fp16 little-endian):
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsify.algorithms.iq4 import IQ4Quant
 from sparsify.algorithms.kquants import KTYPES, QK_K, KQuant
 
 TYPE_SIZE = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}  # bytes per 256-weight block
@@ -153,3 +155,43 @@ def pack(kq: KQuant) -> np.ndarray:
     blocks = PACKERS[kq.ktype](kq)  # (rows, blocks, TYPE_SIZE)
     assert blocks.shape[-1] == TYPE_SIZE[kq.ktype], (kq.ktype, blocks.shape)
     return np.ascontiguousarray(blocks.reshape(kq.q.shape[0], -1))
+
+
+# ---- IQ4_NL and IQ4_XS (sparsify.algorithms.iq4) ----------------------------------------------------------------------
+# ``block_iq4_nl`` (18 bytes): ``d``, ``qs[16]``; ``block_iq4_xs`` (136): ``d``, ``scales_h`` (uint16 little-endian,
+# bits ``2 s`` the top two bits of sub-block ``s``'s scale ``+ 32``), ``scales_l[4]`` (byte ``k``: the low nibbles of
+# sub-blocks ``2 k`` (low) and ``2 k + 1`` (high)), ``qs[128]``. In both, each 32 weights' 16 bytes hold weight ``j``
+# in the low nibble of byte ``j`` and weight ``16 + j`` in the high one (the 4-bit index into ``kvalues_iq4nl``).
+
+IQ4_TYPE_SIZE = {"iq4_nl": 18, "iq4_xs": 136}  # bytes per block: 32 (IQ4_NL) or 256 (IQ4_XS) weights
+
+
+def pack_iq4(iq: IQ4Quant) -> np.ndarray:
+    """``(rows, cols // block * IQ4_TYPE_SIZE)`` uint8: ``iq``'s rows as ggml blocks of its type, ready for the file
+    (``GGUFWriter.add_tensor(name, data, raw_dtype=GGMLQuantizationType.IQ4_XS)`` takes it with this byte shape)."""
+    name = iq.qtype
+    if name not in IQ4_TYPE_SIZE:
+        raise ValueError(f"unknown IQ4 type {name!r}: expected one of {', '.join(IQ4_TYPE_SIZE)}")
+    q = iq.q.detach().to("cpu", torch.int16)
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError(f"{name} codes must lie in [0, 15], got [{int(q.min())}, {int(q.max())}]")
+    if (name == "iq4_xs") != (iq.scales is not None):
+        raise ValueError(f"{name} {'needs' if name == 'iq4_xs' else 'takes no'} sub-block scales")
+    rows, cols = q.shape
+    u = q.numpy().astype(np.uint8).reshape(rows, cols // 32, 2, 16)  # (rows, blocks of 32, half, byte)
+    qs = u[:, :, 0] | (u[:, :, 1] << np.uint8(4))  # (rows, blocks of 32, 16)
+    if iq.scales is None:
+        out = np.concatenate([_fp16_bytes(iq.d), qs], axis=-1)  # (rows, blocks, 18)
+    else:
+        sc = iq.scales.detach().to("cpu", torch.int16)
+        if sc.numel() and (int(sc.min()) < -32 or int(sc.max()) > 31):
+            raise ValueError(f"iq4_xs scales must lie in [-32, 31], got [{int(sc.min())}, {int(sc.max())}]")
+        nb = cols // QK_K
+        ls = (sc + 32).numpy().astype(np.uint16).reshape(rows, nb, 8)  # (rows, super-blocks, sub-block) in [0, 63]
+        high = ((ls >> np.uint16(4)) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)  # distinct bits
+        lo = (ls & np.uint16(0xF)).astype(np.uint8).reshape(rows, nb, 4, 2)
+        low = lo[..., 0] | (lo[..., 1] << np.uint8(4))  # (rows, super-blocks, 4)
+        scales_h = high.astype("<u2").view(np.uint8).reshape(rows, nb, 2)
+        out = np.concatenate([_fp16_bytes(iq.d), scales_h, low, qs.reshape(rows, nb, 128)], axis=-1)
+    assert out.shape[-1] == IQ4_TYPE_SIZE[name], (name, out.shape)
+    return np.ascontiguousarray(out.reshape(rows, -1))
