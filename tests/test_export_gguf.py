@@ -374,7 +374,7 @@ def test_refused_windows_and_routing(source, tmp_path):
 def test_gemma_settings_llama_cpp_fixes():
     """llama.cpp scales Gemma's queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) at the 27B depths."""
     from sparsify.arch import GGUF_ARCHITECTURES
-    from sparsify.export.gguf import _check_config
+    from sparsify.export.gguf_plan import _check_config
 
     for family, cls, depth in (("gemma2", T.Gemma2Config, 46), ("gemma3_text", T.Gemma3TextConfig, 62)):
         fam = GGUF_ARCHITECTURES[family]
@@ -407,7 +407,7 @@ def test_windows_llama_cpp_can_run():
     """Gemma 2 and 3 run their window on a fixed pattern of layers in llama.cpp; Llama, Mistral, Qwen and Phi-3
     run none. A window that covers the whole context is no window."""
     from sparsify.arch import GGUF_ARCHITECTURES as G
-    from sparsify.export.gguf import _check_config
+    from sparsify.export.gguf_plan import _check_config
 
     small = dict(num_hidden_layers=4, max_position_embeddings=256)
     _check_config(T.Gemma2Config(**small, sliding_window=16, head_dim=256), G["gemma2"])  # sliding, full, ...

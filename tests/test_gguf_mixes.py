@@ -14,7 +14,7 @@ import transformers as T
 
 from sparsify.checkpoint import open_model
 from sparsify.export import GgufConfig, GgufType
-from sparsify.export.gguf import plan
+from sparsify.export.gguf_plan import plan
 from sparsify.export.mixes import MIXES, more_bits
 from tests import zoo
 from tests.test_cli import assert_user_error, run

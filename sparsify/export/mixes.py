@@ -5,10 +5,10 @@ that give some matrices more bits (llama.cpp's ``src/llama-quant.cpp``, ``llama_
 11434 sources): the output head (and a token embedding tied to it) in Q6_K; in ``_M`` and ``_L`` files the
 value projection ``attn_v`` and the MLP's ``ffn_down`` of some layers in more bits (``use_more_bits``: the first
 and last eighth of the layers and every third between). Here as data, :data:`MIXES`; the writer then takes
-llama-quantize's fallback where a row is not whole super-blocks (``gguf._choose_k``), as llama-quantize does.
+llama-quantize's fallback where a row is not whole super-blocks (``gguf_plan._choose_k``), as llama-quantize does.
 
 Written for dense decoders: llama.cpp's further rules for 8-expert models, Falcon and 70B Llamas are not followed
-(a model with experts is refused, ``gguf.plan``). The blocks are fitted by sparsify (to the calibration
+(a model with experts is refused, ``gguf_plan.plan``). The blocks are fitted by sparsify (to the calibration
 importance by default), so a file named like llama.cpp's holds the same types, tensor for tensor, and the same
 bytes, but its own rounding.
 """
