@@ -109,7 +109,8 @@ def decoded(t) -> np.ndarray:
 
 def ours_with(w: torch.Tensor, ttype: str, imp: np.ndarray) -> np.ndarray:
     """sparsify's quantizer of ``ttype`` given llama-imatrix's importance, decoded."""
-    from sparsify.algorithms.kquants import KTYPES, dequantize_k, dequantize_legacy, quantize_k, quantize_legacy
+    from sparsify.algorithms.kquants import KTYPES, dequantize_k, quantize_k
+    from sparsify.algorithms.legacy_quants import dequantize_legacy, quantize_legacy
 
     i = torch.from_numpy(imp)
     q = dequantize_k(quantize_k(w, ttype, i)) if ttype in KTYPES else dequantize_legacy(quantize_legacy(w, ttype, i))

@@ -6,7 +6,7 @@ windows, the context lengths, the compute dtype, the device, sparsify's version)
 (``$SPARSIFY_CACHE/reference/<key>/``, keyed by a digest of all of these) and reused: another recipe on the same
 model, a resumed run and ``sparsify eval OUT`` (whose KL reference is the input) do not measure the input again.
 
-An entry is a folder holding the log-probabilities (:class:`~sparsify.evaluate.SavedLogprobs`) and
+An entry is a folder holding the log-probabilities (:class:`~sparsify.logprobs.SavedLogprobs`) and
 ``perplexity.json``, written last: without it an entry is unfinished and is measured again. A process measuring an
 entry holds ``<key>.lock`` exclusively, one reading it holds it shared until it is done; a run that finds an entry
 being measured by another measures into its own work folder instead. Entries past :data:`BUDGET_BYTES` in all are
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sparsify._version import __version__
 from sparsify.checkpoint import cache_dir
-from sparsify.evaluate import SavedLogprobs
+from sparsify.logprobs import SavedLogprobs
 from sparsify.sizes import folder_bytes
 
 BUDGET_BYTES = 8 << 30  # the entries kept in all (the newest is kept whatever its size)

@@ -168,10 +168,52 @@ def test_k_tensors_are_fitted_to_the_importance_and_reproducible(wide, calib_tex
     assert not torch.equal(decoded, dequantize_k(quantize_k(w, "q4_k")))
 
 
+def _write_imatrix(path: Path, found: dict[str, torch.Tensor], counts: float = 1.0) -> Path:
+    """A file as llama-imatrix writes it: per matrix ``<name>.in_sum2`` (experts, in) and ``<name>.counts``."""
+    w = gguf.GGUFWriter(path, arch="imatrix")
+    for name, imp in found.items():
+        w.add_tensor(f"{name}.in_sum2", (imp.double() * counts).float().numpy()[None, :])  # (1, in): one "expert"
+        w.add_tensor(f"{name}.counts", np.full((1, 1), counts, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_an_imatrix_file_of_the_measured_importance_gives_the_same_blocks(wide, calib_text, tmp_path):
+    """--importance FILE.gguf (llama-imatrix's format) holding what the calibration measures: the very tensors of
+    --importance calibration; another model's file, or none, is one line."""
+    from sparsify.checkpoint import open_model
+    from sparsify.export import GgufConfig
+    from sparsify.export.gguf_plan import plan
+    from sparsify.export.importance import importance_of, input_importance
+
+    md = open_model(wide)
+    tensors = plan(md, tmp_path / "unused.gguf", GgufConfig(tensor_type="q4_k")).tensors
+    found = importance_of(tensors, input_importance(md, str(calib_text), samples=4, seq_len=32, seed=3))
+    assert len(found) == 7
+    imatrix = _write_imatrix(tmp_path / "imatrix.gguf", found)
+    measured, read = tmp_path / "m.gguf", tmp_path / "r.gguf"
+    args = ["--type", "q4_k", "--calib", calib_text, "--samples", "4", "--seq-len", "32", "--seed", "3"]
+    assert run("export", "gguf", wide, "-o", measured, *args).exit_code == 0
+    r = run("export", "gguf", wide, "-o", read, "--type", "q4_k", "--importance", imatrix)
+    assert r.exit_code == 0, r.output
+    a, b = ({t.name: np.asarray(t.data) for t in gguf.GGUFReader(f).tensors} for f in (measured, read))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    other = _write_imatrix(tmp_path / "other.gguf", {"blk.0.ffn_gate.weight": torch.ones(64)})
+    out = tmp_path / "x.gguf"
+    assert_user_error(run("export", "gguf", wide, "-o", out, "--importance", other, "--type", "q4_k"), out,
+                      "other.gguf", "blk.0.ffn_gate.weight", "another model's")  # fmt: skip
+    missing = str(tmp_path / "nope.gguf")
+    assert_user_error(run("export", "gguf", wide, "-o", out, "--importance", missing), out, "nope.gguf")
+
+
 def test_legacy_types_are_fitted_to_the_importance_and_unweighted_are_gguf_pys(wide, calib_text, tmp_path):
     """--type q5_0 (and the K types' fallbacks): with importance, llama.cpp's imatrix fit; without, gguf-py's
     reference rounding byte for byte."""
-    from sparsify.algorithms.kquants import dequantize_legacy, quantize_legacy
+    from sparsify.algorithms.legacy_quants import dequantize_legacy, quantize_legacy
     from sparsify.checkpoint import open_model
     from sparsify.export.importance import input_importance
 

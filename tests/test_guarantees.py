@@ -262,7 +262,7 @@ def test_a_stopped_run_keeps_its_finished_layers_unless_its_caller_cannot_resume
     finished a layer keeps its layers in the work folder, given resume or not, and the Interrupted says where and
     how many; one stopped in its first layer, or by an error, or with keep_interrupted off (the demo,
     which has no --resume) unless given resume, keeps nothing."""
-    from sparsify.checkpoint.output import StageState
+    from sparsify.checkpoint.stage_state import StageState
     from sparsify.distributed import PeerLost
     from sparsify.interrupts import Interrupted
     from sparsify.pipeline import Options
@@ -567,7 +567,7 @@ def test_a_checkpoint_is_committed_by_its_progress_record(tmp_path):
     activations under the old layer number); the probe's windows and states travel with them."""
     import torch
 
-    from sparsify.checkpoint.output import StageState
+    from sparsify.checkpoint.stage_state import StageState
     from sparsify.checkpoint.writer import save_tensors
 
     first = StageState(tmp_path / "stage", resumed=False)

@@ -18,7 +18,7 @@ import transformers as T
 
 from sparsify.algorithms.metrics import kl_stats
 from sparsify.errors import SparsifyError
-from sparsify.evaluate import KLMeter, LogprobWriter, SavedLogprobs
+from sparsify.logprobs import KLMeter, LogprobWriter, SavedLogprobs
 from sparsify.references import reference_root
 from tests import zoo
 from tests.test_cli import assert_user_error, run

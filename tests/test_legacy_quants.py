@@ -13,7 +13,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from sparsify.algorithms.kquants import (
+from sparsify.algorithms.kquants import weighted_error
+from sparsify.algorithms.legacy_quants import (
     LEGACY,
     LEGACY_TYPES,
     QK_LEGACY,
@@ -21,7 +22,6 @@ from sparsify.algorithms.kquants import (
     dequantize_legacy,
     legacy_weights,
     quantize_legacy,
-    weighted_error,
 )
 from sparsify.export.ggml_blocks import LEGACY_TYPE_SIZE, pack_legacy
 

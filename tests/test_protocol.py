@@ -176,7 +176,7 @@ def test_eval_heldout_reads_the_same_16_windows(tmp_path):
 def test_a_cache_that_cannot_take_the_measurement_is_not_needed(tmp_path, own_cache, monkeypatch):
     """No room on the cache's disk, or a cache folder that cannot be written: the input is measured into the work
     folder as before the cache, KL and all; nothing is left half-made in the cache."""
-    from sparsify.evaluate import SavedLogprobs
+    from sparsify.logprobs import SavedLogprobs
     from sparsify.pipeline import measure as pipeline  # the module that calls open_reference
 
     model = zoo.save("llama", tmp_path / "model")
@@ -225,7 +225,7 @@ def test_clear_leaves_a_converted_model_a_run_is_reading(own_cache):
 
 def test_log_probabilities_are_finished_when_measured_inside_a_callers_handler(tmp_path):
     """evaluate() said the writing failed whenever its caller was handling an exception (sys.exc_info)."""
-    from sparsify.evaluate import SavedLogprobs
+    from sparsify.logprobs import SavedLogprobs
 
     model = zoo.save("llama", tmp_path / "model")
     saved = SavedLogprobs(tmp_path / "logprobs")

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants import _EPS, _TIE, QK_K, _check_imp, _fp16_block, _silent_floor
+from sparsify.algorithms.kquants import EPS, QK_K, TIE, check_imp, fp16_block, silent_floor
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 QK_IQ4 = 32  # weights per IQ4_NL block and per IQ4_XS sub-block
@@ -96,7 +96,7 @@ def _check(w: Tensor, name: str, imp: Tensor | None) -> None:
         )
     if not torch.isfinite(w).all():
         raise ValueError(f"the weight holds inf or NaN: {name.upper()} needs finite values")
-    _check_imp(imp, w.shape[1])
+    check_imp(imp, w.shape[1])
 
 
 def _grid(device: torch.device) -> tuple[Tensor, Tensor]:
@@ -119,7 +119,7 @@ def iq4_weights(w: Tensor, name: str, imp: Tensor | None = None) -> Tensor:
     x = w.to(F64)  # (rows, cols)
     if imp is None:
         return x * x
-    return _weights(x, _silent_floor(imp.to(device=x.device, dtype=F64)), BLOCK[name])
+    return _weights(x, silent_floor(imp.to(device=x.device, dtype=F64)), BLOCK[name])
 
 
 def _weights(x: Tensor, imp: Tensor, block: int) -> Tensor:
@@ -136,7 +136,7 @@ def fit_blocks(x: Tensor, v: Tensor) -> Tensor:
     levels, mids = _grid(x.device)
     ext = x.gather(-1, x.abs().argmax(-1, keepdim=True))[:, 0]  # (B,): the first value of largest magnitude
     x, v = x.T.contiguous(), v.T.contiguous()  # (32, B): per-block values broadcast along the contiguous dim
-    zero = ext.abs() < _EPS
+    zero = ext.abs() < EPS
     ext = torch.where(zero, 1.0, ext)
 
     def candidate(isc: Tensor) -> tuple[Tensor, Tensor]:  # (B,) inverse scale -> its (scale, error removed)
@@ -150,7 +150,7 @@ def fit_blocks(x: Tensor, v: Tensor) -> Tensor:
     scale, gain = candidate(-KVALUES[0] / ext)  # llama.cpp's first guess, d = max / 127
     for i in range(-NTRY, NTRY + 1):  # llama.cpp's order: the first of equal gains stands
         s, g = candidate((i + KVALUES[0]) / ext)
-        take = g > (1 + _TIE) * gain  # (B,)
+        take = g > (1 + TIE) * gain  # (B,)
         scale = torch.where(take, s, scale)
         gain = torch.where(take, g, gain)
     return torch.where(zero, 0.0, scale) + 0.0  # + 0.0: never -0.0
@@ -173,12 +173,12 @@ def _quantize_rows(x: Tensor, v: Tensor, name: str) -> tuple[Tensor, Tensor, Ten
     scale = fit_blocks(x.reshape(-1, QK_IQ4), v.reshape(-1, QK_IQ4)).reshape(rows, blocks)  # (rows, cols // 32)
     xb = x.reshape(rows, blocks, QK_IQ4)  # (rows, cols // 32, 32)
     if name == "iq4_nl":
-        d = _fp16_block(scale, "scale")  # (rows, cols // 32)
+        d = fp16_block(scale, "scale")  # (rows, cols // 32)
         return _codes(xb, d.to(F64), mids), d, None
     subs = QK_K // QK_IQ4
     scale = scale.reshape(rows, cols // QK_K, subs)  # (rows, super-blocks, 8)
     ext = scale.gather(-1, scale.abs().argmax(-1, keepdim=True))[..., 0]  # (rows, super-blocks), signed
-    d = _fp16_block(-ext / -SCALE_MIN + 0.0, "scale")  # the largest on -32; + 0.0: an all-zero super-block's is +0.0
+    d = fp16_block(-ext / -SCALE_MIN + 0.0, "scale")  # the largest on -32; + 0.0: an all-zero super-block's is +0.0
     dd = d.to(F64)[..., None]  # (rows, super-blocks, 1)
     live = dd != 0
     ls = torch.where(live, (scale / torch.where(live, dd, 1.0)).round().clamp(SCALE_MIN, SCALE_MAX), 0.0)
@@ -191,7 +191,7 @@ def _best_scales(x: Tensor, v: Tensor, d: Tensor, ls: Tensor) -> tuple[Tensor, T
     whose nearest codes leave the least weighted error with the super-block scale ``d: (rows, blocks)``, and those
     codes; ``ls`` itself unless another is better by a relative 1e-12."""
     levels, mids = _grid(x.device)
-    tol = _TIE * (v * x * x).sum(-1)  # (rows, blocks)
+    tol = TIE * (v * x * x).sum(-1)  # (rows, blocks)
     best_q = best_l = best_e = None
     for step in (0, -1, 1):
         lc = (ls + step).clamp(SCALE_MIN, SCALE_MAX)  # (rows, blocks)
@@ -219,7 +219,7 @@ def quantize_iq4(w: Tensor, name: str, imp: Tensor | None = None) -> IQ4Quant:
     _check(w, name, imp)
     rows, cols = w.shape
     if imp is not None:
-        imp = _silent_floor(imp.to(device=w.device, dtype=F64))  # (cols,)
+        imp = silent_floor(imp.to(device=w.device, dtype=F64))  # (cols,)
     step = max(1, CHUNK * QK_IQ4 // max(cols, 1))  # rows at a time
     parts = []
     for r in range(0, max(rows, 1), step):

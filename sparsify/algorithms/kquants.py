@@ -38,9 +38,8 @@ is 0-5% lower except Q3_K's, 1-2% higher (llama.cpp weights Q3_K's errors by ``w
 that objective 13-16% better, which costs plain RMSE). The float32 values of :func:`dequantize_k` are bit for bit
 what ggml (and ``gguf.quants``) decode from the packed blocks (``sparsify.export.kquant_blocks``).
 
-The legacy block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (blocks of 32, one fp16 scale each) are at the end of the
-module (:func:`quantize_legacy`, :func:`dequantize_legacy`): llama.cpp's reference rule without an importance,
-its imatrix rule (with the fits above) with one; packed by ``sparsify.export.ggml_blocks.pack_legacy``.
+The fits (:func:`fit_affine`, :func:`fit_symmetric`) and the checks of an importance are shared with the legacy
+block types Q4_0..Q8_0 (:mod:`sparsify.algorithms.legacy_quants`) and IQ4_NL, IQ4_XS (:mod:`sparsify.algorithms.iq4`).
 """
 
 from __future__ import annotations
@@ -52,11 +51,11 @@ import torch
 from torch import Tensor
 
 QK_K = 256  # weights per super-block, in every K type
-_EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a (sub-)block whose largest value is below this is all zeros
+EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a (sub-)block whose largest value is below this is all zeros
 # a candidate replaces the one kept only when better by more than this (relative to the block's weighted energy or
 # gain): candidates equal in exact arithmetic (a constant block, values already on a grid) are then decided by
 # their order, not by the last bits of a sum, so that a block-by-block loop picks the same ones
-_TIE = 1e-12
+TIE = 1e-12
 _SILENT = 1e-6  # the importance, relative to the mean, that a column never active in calibration counts for
 F64 = torch.float64
 Rule = Literal["llama", "plain"]  # how the per-element weights follow from imp: see element_weights
@@ -87,6 +86,9 @@ KTYPES: dict[str, KType] = {
     "q5_k": KType("q5_k", sub=32, qmin=0, qmax=31, smin=0, smax=63, asymmetric=True),
     "q6_k": KType("q6_k", sub=16, qmin=-32, qmax=31, smin=-128, smax=127, asymmetric=False),
 }
+# the types whose block scales take an importance: the K types, the legacy ones but Q8_0
+# (sparsify.algorithms.legacy_quants), IQ4_NL and IQ4_XS (sparsify.algorithms.iq4); here, in the module both import
+WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,11 @@ def _check(w: Tensor, imp: Tensor | None) -> None:
         raise ValueError(f"K-quants take a weight (rows, cols) with cols a multiple of {QK_K}, got {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("the weight holds inf or NaN: K-quants need finite values")
-    _check_imp(imp, w.shape[1])
+    check_imp(imp, w.shape[1])
 
 
-def _check_imp(imp: Tensor | None, cols: int) -> None:
+def check_imp(imp: Tensor | None, cols: int) -> None:
+    """Refuse a per-column importance ``imp`` that is not ``(cols,)``, finite, non-negative and somewhere positive."""
     if imp is not None:
         if imp.shape != (cols,):
             raise ValueError(f"imp must have one value per column, shape ({cols},), got {tuple(imp.shape)}")
@@ -132,6 +135,11 @@ def _check_imp(imp: Tensor | None, cols: int) -> None:
             raise ValueError("imp must be finite and non-negative (a diagonal of X^T X)")
         if not (imp > 0).any():
             raise ValueError("imp is all zeros: no column was ever active in calibration (pass None instead)")
+
+
+def silent_floor(imp: Tensor) -> Tensor:
+    """``imp: (cols,)`` with the columns below ``1e-6`` of its mean (never active in calibration) raised to that."""
+    return imp.clamp_min(_SILENT * float(imp.mean()))  # (cols,)
 
 
 def element_weights(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule = "llama") -> Tensor:
@@ -153,8 +161,7 @@ def element_weights(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule 
     x = w.to(F64)  # (rows, cols)
     rows, cols = x.shape
     if imp is not None:
-        imp = imp.to(device=x.device, dtype=F64)
-        imp = imp.clamp_min(_SILENT * float(imp.mean()))  # (cols,)
+        imp = silent_floor(imp.to(device=x.device, dtype=F64))  # (cols,)
     if rule == "plain":
         return torch.ones_like(x) if imp is None else imp.expand(rows, cols).clone()
     if imp is None:
@@ -203,7 +210,7 @@ def fit_affine(
     scale = torch.where(flat, 0.0, 1 / torch.where(flat, 1.0, iscale))  # (B,)
     offset = lo.clone()  # (B,), <= 0
     err = (v * (scale * q + offset - x).square()).sum(0)  # (B,)
-    tol = _TIE * sum_x2  # (B,)
+    tol = TIE * sum_x2  # (B,)
     for _ in range(passes):
         for i in range(nstep + 1):
             den = hi - offset  # (B,): from the best offset so far, block by block
@@ -249,7 +256,7 @@ def _descend(x: Tensor, v: Tensor, q: Tensor, qmin: int, qmax: int, sweeps: int)
             new = (xj * sl2 / torch.where(can, slx, 1.0)).round().clamp(qmin, qmax)  # (B,)
             slx = slx + vj * xj * new
             sl2 = sl2 + vj * new * new
-            take = can & (new != qj) & (slx * slx * suml2 > (1 + _TIE) * sumlx * sumlx * sl2)
+            take = can & (new != qj) & (slx * slx * suml2 > (1 + TIE) * sumlx * sumlx * sl2)
             q[j] = torch.where(take, new, qj)
             sumlx = torch.where(take, slx, sumlx)
             suml2 = torch.where(take, sl2, suml2)
@@ -264,9 +271,9 @@ def fit_levels(x: Tensor, v: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """
     x, v = x.T.contiguous(), v.T.contiguous()  # (S, B)
     mx = x.amax(0)  # (B,)
-    zero = mx < _EPS
+    zero = mx < EPS
     mx = torch.where(zero, 1.0, mx)
-    tol = _TIE * (v * x * x).sum(0)  # (B,)
+    tol = TIE * (v * x * x).sum(0)  # (B,)
 
     def candidate(i: int) -> tuple[Tensor, Tensor]:
         isc = (nmax + 0.1 * i) / mx  # (B,)
@@ -297,7 +304,7 @@ def fit_symmetric(x: Tensor, v: Tensor, nmax: int, sweeps: int = 0) -> tuple[Ten
     at = x.abs().argmax(-1, keepdim=True)  # (B, 1): the first largest magnitude
     ext = x.gather(-1, at)[:, 0]  # (B,), signed
     x, v = x.T.contiguous(), v.T.contiguous()  # (n, B)
-    zero = ext.abs() < _EPS
+    zero = ext.abs() < EPS
     ext = torch.where(zero, 1.0, ext)
 
     def candidate(i: int) -> tuple[Tensor, Tensor]:
@@ -311,7 +318,7 @@ def fit_symmetric(x: Tensor, v: Tensor, nmax: int, sweeps: int = 0) -> tuple[Ten
     q, gain = candidate(0)
     for i in (*range(-9, 0), *range(1, 10)):  # llama.cpp's order: the first of equal gains stands
         qc, g = candidate(i)
-        take = g > (1 + _TIE) * gain  # (B,)
+        take = g > (1 + TIE) * gain  # (B,)
         q = torch.where(take, qc, q)
         gain = torch.where(take, g, gain)
     q, lx, l2 = _descend(x, v, q, -nmax, nmax - 1, sweeps)  # (n, B), (B,), (B,)
@@ -328,6 +335,14 @@ def _fp16(x: Tensor, what: str) -> Tensor:
     h = x.to(torch.float16)
     if not torch.isfinite(h).all():
         raise ValueError(f"a super-block {what} ({float(x.abs().max()):.3g}) overflows fp16: the weights are too large")
+    return h
+
+
+def fp16_block(x: Tensor, what: str) -> Tensor:
+    """``x`` rounded to the fp16 a (legacy or IQ4) block holds; refused where it overflows."""
+    h = x.to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise ValueError(f"a block {what} ({float(x.abs().max()):.3g}) overflows fp16: the weights are too large")
     return h
 
 
@@ -359,7 +374,7 @@ def _quantize_blocks(x: Tensor, v: Tensor, t: KType) -> tuple[Tensor, Tensor, Te
         d, sc = fit_symmetric(scale, sw, -t.smin)  # (N,), (N, S)
     else:  # q6_k: 8-bit sub-block scales, the largest magnitude on -128 (llama.cpp's rule)
         ext = scale.gather(-1, scale.abs().argmax(-1, keepdim=True))[:, 0]  # (N,), signed
-        zero = ext.abs() < _EPS
+        zero = ext.abs() < EPS
         isc = torch.where(zero, 0.0, t.smin / torch.where(zero, 1.0, ext))  # (N,)
         d = torch.where(zero, 0.0, 1 / torch.where(zero, 1.0, isc))
         sc = (isc[:, None] * scale).round().clamp(t.smin, t.smax)  # (N, S)
@@ -422,217 +437,3 @@ def weighted_error(w: Tensor, w_hat: Tensor, imp: Tensor | None = None) -> float
     if imp is not None:
         e = e * imp.to(device=e.device, dtype=F64)
     return float(e.sum())
-
-
-# ---- llama.cpp's legacy block types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 -----------------------------------------------------
-# A block is 32 consecutive weights of a row with an fp16 scale ``d`` (and for Q4_1/Q5_1 an fp16 minimum ``m``); the
-# codes held are unsigned for the 4- and 5-bit types and decode as ``(q - 8) * d`` (Q4_0), ``(q - 16) * d`` (Q5_0),
-# ``q * d + m`` (Q4_1, Q5_1), and signed ``q * d`` for Q8_0.
-#
-# Without an importance the choice is llama.cpp's ``quantize_row_q*_ref`` (what ``llama-quantize`` runs without an
-# imatrix, and gguf-py's ``gguf.quants.quantize`` reimplements), in float32, operation for operation: Q4_0/Q5_0 put
-# the value of largest magnitude on the code 0 (``d = max / -8``, ``/ -16``) and truncate ``x / d + 8.5``
-# (``+ 16.5``); Q4_1/Q5_1 span ``[min, max]`` (``d = (max - min) / 15``, ``/ 31``, ``m = min``) and truncate
-# ``(x - min) / d + 0.5``; Q8_0 rounds ``x / d`` half away from zero with ``d = amax / 127``; where ``1 / d``
-# overflows (a block of float32 subnormals) the codes are 0, as the casts of inf and NaN give there. The bytes are
-# gguf-py's, bit for bit, with one exception: where a block's smallest or largest value is a zero and the block holds
-# zeros of both signs, numpy's reductions pick a sign by their SIMD order, llama.cpp's loops (and this) the first
-# met; the stored ``d`` or ``m`` may then be the other zero, and the decoded values differ at most in a zero's sign.
-#
-# With an importance ``imp`` (llama.cpp's imatrix) the choice follows ``quantize_row_q4_0_impl`` and its siblings:
-# per-element weights ``imp_j * sqrt(s2 + w_ij ** 2)`` with ``s2`` the row's mean square (:func:`legacy_weights`),
-# then per block :func:`fit_symmetric` (``make_qx_quants(32, 8 or 16, ...)``) for Q4_0/Q5_0 and :func:`fit_affine`
-# (``make_qkx3_quants(32, 15 or 31, ..., -0.9, 0.05, 36)``, one sweep as llama.cpp) for Q4_1/Q5_1. Where this differs
-# from llama.cpp: float64 throughout, the tie rule of the fits above (and Q4_1/Q5_1's candidate scales kept
-# positive); the codes are rounded again to the fp16 ``d`` and ``m`` the file holds (llama.cpp keeps the fit's codes;
-# rounding to the stored grid can only lower the weighted error, element by element: 1.5-4% measured); columns of
-# ``imp`` below 1e-6 of its mean count as that much (llama.cpp writes a block whose columns were all silent as zeros).
-# llama.cpp ignores the imatrix for Q8_0 (its ``quantize_q8_0``), and so does this: Q8_0 is the reference rule
-# whatever ``imp``.
-
-LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
-# the types whose block scales take an importance (Q8_0: none); IQ4_NL and IQ4_XS are sparsify.algorithms.iq4's
-WEIGHTED = (*KTYPES, "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs")
-QK_LEGACY = 32  # weights per legacy block
-LEGACY_CHUNK = 65536  # blocks quantized at once (whole rows): a few tens of MB of float64 temporaries
-
-
-@dataclass(frozen=True)
-class LegacyType:
-    """One legacy type's integers: the codes its blocks hold and how they decode."""
-
-    name: str  # "q4_0": the lower-case GGML type name
-    qmin: int  # smallest code held
-    qmax: int  # largest code held
-    zero: int  # the code that decodes to 0 in a symmetric type: 8 (Q4_0), 16 (Q5_0), 0 (Q8_0; 0 too when affine)
-    affine: bool  # ``q * d + m``: Q4_1, Q5_1
-
-
-LEGACY_TYPES: dict[str, LegacyType] = {
-    "q4_0": LegacyType("q4_0", qmin=0, qmax=15, zero=8, affine=False),
-    "q4_1": LegacyType("q4_1", qmin=0, qmax=15, zero=0, affine=True),
-    "q5_0": LegacyType("q5_0", qmin=0, qmax=31, zero=16, affine=False),
-    "q5_1": LegacyType("q5_1", qmin=0, qmax=31, zero=0, affine=True),
-    "q8_0": LegacyType("q8_0", qmin=-128, qmax=127, zero=0, affine=False),
-}
-
-
-@dataclass(frozen=True)
-class LegacyQuant:
-    """A weight ``(rows, cols)`` quantized to a legacy type: the codes and fp16 scales its blocks hold, unpacked."""
-
-    qtype: str  # a name in LEGACY
-    q: Tensor  # (rows, cols) int8 codes as held: unsigned 4/5-bit (Q4_*, Q5_*) or signed (Q8_0)
-    d: Tensor  # (rows, cols // 32) float16 block scale
-    m: Tensor | None  # (rows, cols // 32) float16 block minimum (added): Q4_1, Q5_1; else None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)  # type: ignore[return-value]
-
-
-def legacy_type(name: str) -> LegacyType:
-    """The :class:`LegacyType` named ``name`` (``"q4_0"``, case-insensitive)."""
-    t = LEGACY_TYPES.get(name.lower())
-    if t is None:
-        raise ValueError(f"unknown legacy type {name!r}: expected one of {', '.join(LEGACY)}")
-    return t
-
-
-def _check_legacy(w: Tensor, imp: Tensor | None) -> None:
-    if w.ndim != 2 or w.shape[1] % QK_LEGACY:
-        raise ValueError(
-            f"legacy quants take a weight (rows, cols) with cols a multiple of {QK_LEGACY}, got {tuple(w.shape)}"
-        )
-    if not torch.isfinite(w).all():
-        raise ValueError("the weight holds inf or NaN: legacy quants need finite values")
-    _check_imp(imp, w.shape[1])
-
-
-def _fp16_block(x: Tensor, what: str) -> Tensor:
-    h = x.to(torch.float16)
-    if not torch.isfinite(h).all():
-        raise ValueError(f"a block {what} ({float(x.abs().max()):.3g}) overflows fp16: the weights are too large")
-    return h
-
-
-def legacy_weights(w: Tensor, imp: Tensor) -> Tensor:
-    """The per-element weights ``v: (rows, cols)`` float64 of llama.cpp's legacy types with an imatrix:
-    ``imp_j * sqrt(s2_i + w_ij ** 2)``, ``s2_i`` the mean square of row ``i`` (``quantize_row_q4_0_impl``'s
-    ``sigma2 = sum_x2 / n_per_row``). Columns of ``imp`` below ``1e-6`` of its mean count as that much."""
-    _check_legacy(w, imp)
-    x = w.to(F64)  # (rows, cols)
-    return _legacy_weights(x, _silent_floor(imp.to(device=x.device, dtype=F64)))
-
-
-def _silent_floor(imp: Tensor) -> Tensor:
-    return imp.clamp_min(_SILENT * float(imp.mean()))  # (cols,)
-
-
-def _legacy_weights(x: Tensor, imp: Tensor) -> Tensor:
-    s2 = x.square().mean(-1, keepdim=True)  # (rows, 1)
-    return imp * (s2 + x.square()).sqrt()  # (rows, cols)
-
-
-def _legacy_reference(x: Tensor, t: LegacyType) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(q, d, m)`` of blocks ``x: (B, 32)`` float32 by llama.cpp's ``quantize_row_q*_ref``, each float32 operation
-    as there: codes ``(B, 32)`` float32 (integral, as held), ``d`` and ``m`` ``(B,)`` float32 before their fp16
-    rounding (``m`` None when symmetric)."""
-
-    def inverse(d: Tensor) -> Tensor:  # (B, 1): 1 / d, 0 where d is 0
-        return torch.where(d == 0, 0.0, torch.ones_like(d) / torch.where(d == 0, 1.0, d))
-
-    def finite(y: Tensor) -> Tensor:  # where 1 / d overflowed (a block of float32 subnormals): the code 0, as the
-        return torch.where(y.isfinite(), y, 0.0)  # float-to-int casts of inf and NaN give in gguf-py and on x86
-
-    if t.name == "q8_0":
-        d = x.abs().amax(-1, keepdim=True) / 127  # (B, 1)
-        y = finite(x * inverse(d))  # (B, 32)
-        a = y.abs()
-        fl = a.floor()
-        q = torch.sign(y) * (fl + (2 * (a - fl)).floor())  # roundf: half away from zero, exactly as gguf-py
-        return q, d[:, 0], None
-    # the extremes as llama.cpp's loops find them (``if (v < min) min = v``): the first of equal values, so the sign
-    # of a zero extreme is that of the first such zero (+0.0 for Q4_0's and Q5_0's all-zero block); argmin/argmax
-    # return the first index of ties, -0.0 and +0.0 among them
-    if not t.affine:  # q4_0, q5_0: the largest magnitude (signed) on the code 0
-        mx = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # (B, 1)
-        mx = torch.where(mx == 0, 0.0, mx)  # an all-zero block: llama.cpp's max stays at its initial +0.0
-        d = mx / -t.zero  # (B, 1)
-        q = finite(x * inverse(d) + (t.zero + 0.5)).trunc().clamp(t.qmin, t.qmax)  # (B, 32)
-        return q, d[:, 0], None
-    lo = x.gather(-1, x.argmin(-1, keepdim=True))  # (B, 1)
-    hi = x.gather(-1, x.argmax(-1, keepdim=True))  # (B, 1)
-    d = (hi - lo) / t.qmax  # (B, 1)
-    q = finite((x - lo) * inverse(d) + 0.5).trunc().clamp(t.qmin, t.qmax)  # (B, 32)
-    return q, d[:, 0], lo[:, 0]
-
-
-def _legacy_weighted(x: Tensor, v: Tensor, t: LegacyType) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(q, d, m)`` of blocks ``x, v: (B, 32)`` float64 by llama.cpp's imatrix rule: codes ``(B, 32)`` float64
-    (integral, as held) rounded to the fp16 ``d, m: (B,)`` returned."""
-    if not t.affine:  # q4_0, q5_0: make_qx_quants(32, zero, ...), codes in [-zero, zero - 1] held + zero
-        scale, _ = fit_symmetric(x, v, t.zero)  # (B,)
-        d = _fp16_block(scale, "scale")
-        dd = d.to(F64)[:, None]  # (B, 1)
-        live = dd != 0
-        q = torch.where(live, (x / torch.where(live, dd, 1.0)).round().clamp(-t.zero, t.zero - 1), 0.0)  # (B, 32)
-        return q + t.zero, d, None
-    scale, the_min, _ = fit_affine(x, v, t.qmax, passes=1)  # (B,) each: make_qkx3_quants(32, qmax, ...)
-    d, m = _fp16_block(scale, "scale"), _fp16_block(-the_min + 0.0, "minimum")  # + 0.0: a zero minimum is +0.0
-    dd, mm = d.to(F64)[:, None], m.to(F64)[:, None]  # (B, 1) each
-    live = dd != 0
-    q = torch.where(live, ((x - mm) / torch.where(live, dd, 1.0)).round().clamp(t.qmin, t.qmax), 0.0)  # (B, 32)
-    return q, d, m
-
-
-def quantize_legacy(w: Tensor, name: str, imp: Tensor | None = None) -> LegacyQuant:
-    """Quantize ``w: (rows, cols)`` (cols a multiple of 32) to the legacy type ``name`` (``"q4_0"``...).
-
-    ``imp: None``: llama.cpp's reference rule (no imatrix), the bytes gguf-py's ``quantize`` writes. ``imp: (cols,)``
-    (the diagonal of ``X^T X``, llama.cpp's imatrix): llama.cpp's imatrix fit, in float64; Q8_0 ignores it, as
-    llama.cpp does. Runs on ``w``'s device, whole rows of about :data:`LEGACY_CHUNK` blocks at a time.
-    """
-    t = legacy_type(name)
-    _check_legacy(w, imp)
-    rows, cols = w.shape
-    weighted = imp is not None and t.name != "q8_0"
-    if weighted:
-        assert imp is not None
-        imp = _silent_floor(imp.to(device=w.device, dtype=F64))  # (cols,)
-    step = max(1, LEGACY_CHUNK * QK_LEGACY // cols)  # rows at a time
-    parts = []
-    for r in range(0, max(rows, 1), step):
-        if weighted:
-            x = w[r : r + step].to(F64)  # (step, cols)
-            v = _legacy_weights(x, imp)  # (step, cols)
-            parts.append(_legacy_weighted(x.reshape(-1, QK_LEGACY), v.reshape(-1, QK_LEGACY), t))
-        else:
-            parts.append(_legacy_reference(w[r : r + step].to(torch.float32).reshape(-1, QK_LEGACY), t))
-    q, d, m = (None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))
-    assert q is not None and d is not None
-    return LegacyQuant(
-        qtype=t.name,
-        q=q.reshape(rows, cols).to(torch.int8),
-        d=_fp16_block(d, "scale").reshape(rows, cols // QK_LEGACY),
-        m=None if m is None else _fp16_block(m, "minimum").reshape(rows, cols // QK_LEGACY),
-    )
-
-
-def dequantize_legacy(lq: LegacyQuant) -> Tensor:
-    """The float32 weight ``(rows, cols)`` that ``lq``'s packed blocks decode to in ggml, bit for bit.
-
-    ``(q - zero) * d`` or ``q * d + m`` in float32 as ggml's ``dequantize_row_q*`` (and gguf-py): the product of an
-    fp16 ``d`` and a code of at most 8 bits is exact, so only the addition of ``m`` rounds, once; signed zeros come
-    out as there (a negative ``d`` times the zero code is ``-0.0``).
-    """
-    t = legacy_type(lq.qtype)
-    rows, cols = lq.q.shape
-    q = lq.q.to(torch.float32).reshape(rows, cols // QK_LEGACY, QK_LEGACY)  # (rows, blocks, 32)
-    if t.zero:
-        q = q - t.zero
-    out = lq.d.to(torch.float32)[..., None] * q  # (rows, blocks, 32)
-    if t.affine:
-        assert lq.m is not None
-        out = out + lq.m.to(torch.float32)[..., None]
-    return out.reshape(rows, cols)

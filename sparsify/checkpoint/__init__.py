@@ -5,7 +5,8 @@
 - :mod:`.lazy`: the layer provider the loop reads layers from and saves them through.
 - :mod:`.writer`: each finished layer to a file, then Hub-style shards, one tensor in memory at a time.
 - :mod:`.atomic`: atomic renames and folders written whole (the bottom: no other module of the package).
-- :mod:`.output`: output-path checks, the locked partial folder, ``--resume`` state, the final rename.
+- :mod:`.output`: output-path checks, the locked partial folder, the final rename.
+- :mod:`.stage_state`: what ``--resume`` needs of one stage, kept in that folder.
 """
 
 from sparsify.checkpoint.atomic import replace_dir

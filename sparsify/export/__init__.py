@@ -39,12 +39,13 @@ class GgufConfig(StrictModel):
         " it gives (more bits for attn_v, ffn_down, the output head), fitted by sparsify",
         json_schema_extra={"flag": "--type"},
     )
-    importance: Literal["calibration", "none"] = Field(
+    importance: str = Field(
         "calibration",
         description="K types, iq4_nl/iq4_xs and q4_0/q4_1/q5_0/q5_1: each block's scales fitted to the weights'"
-        " importance on calibration text (the mean square of each input, as llama-imatrix measures it), or unweighted"
-        " (as llama-quantize without --imatrix)",
-        json_schema_extra={"flag": "--importance"},
+        " importance: measured on calibration text (calibration: the mean square of each input, as llama-imatrix"
+        " measures it), read from a llama-imatrix file (FILE.gguf, as llama-quantize --imatrix), or unweighted"
+        " (none, as llama-quantize without --imatrix)",
+        json_schema_extra={"flag": "--importance", "metavar": "calibration|none|FILE.gguf"},
     )
     calib: str | None = Field(
         None,
@@ -79,6 +80,13 @@ class GgufConfig(StrictModel):
         description="as --target-size, for bits per weight over every tensor (as llama.cpp prints BPW)",
         json_schema_extra={"flag": "--target-bpw"},
     )
+
+    @field_validator("importance")
+    @classmethod
+    def _an_importance(cls, v: str) -> str:
+        if v not in ("calibration", "none") and not (v.endswith(".gguf") and Path(v).is_file()):
+            raise ValueError(f"expected calibration, none or an existing llama-imatrix .gguf file, got {v!r}")
+        return v
 
     @field_validator("target_size")
     @classmethod

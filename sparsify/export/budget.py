@@ -27,15 +27,8 @@ from torch import Tensor
 from sparsify.algorithms.allocate import Option, allocate
 from sparsify.algorithms.iq4 import BLOCK as IQ4_BLOCK
 from sparsify.algorithms.iq4 import IQ4_TYPES, dequantize_iq4, quantize_iq4
-from sparsify.algorithms.kquants import (
-    KTYPES,
-    QK_K,
-    WEIGHTED,
-    dequantize_k,
-    dequantize_legacy,
-    quantize_k,
-    quantize_legacy,
-)
+from sparsify.algorithms.kquants import KTYPES, QK_K, WEIGHTED, dequantize_k, quantize_k
+from sparsify.algorithms.legacy_quants import dequantize_legacy, quantize_legacy
 from sparsify.errors import SparsifyError
 from sparsify.progress import NoProgress, Progress
 from sparsify.sizes import fmt_bytes, parse_size
@@ -172,12 +165,9 @@ def _free(t) -> bool:
 
 def _importance(p, md, config, free: list, progress: Progress) -> dict[str, Tensor]:
     """GGUF name -> the (in,) importance its blocks are fitted with (empty with ``--importance none``)."""
-    if config.importance == "none":
-        return {}
-    from sparsify.export.importance import importance_of, input_importance
+    from sparsify.export.importance import importance_for
 
-    found = input_importance(md, config.calib, config.samples, config.seq_len, config.seed, progress)
-    return importance_of(free, found)
+    return importance_for(free, md, config, progress)
 
 
 def _flag(config) -> str:

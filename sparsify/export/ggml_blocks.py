@@ -12,8 +12,9 @@ asymmetric ``(c - zp) * scale`` is ``(c + 8) * scale + m`` with ``m = -(8 + zp) 
 codes are Q8_0's as they are. Nothing is rounded again but ``d`` and ``m`` to fp16: :func:`fp16_changes` says
 how many were not exactly representable.
 
-:func:`pack_legacy` writes a :class:`~sparsify.algorithms.kquants.LegacyQuant` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 fitted
-by ``quantize_legacy``, with or without importance) in the same layouts, Q5_0/Q5_1's as ``ggml-common.h`` has them.
+:func:`pack_legacy` writes a :class:`~sparsify.algorithms.legacy_quants.LegacyQuant` (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0 fitted by ``quantize_legacy``, with or without importance) in the same layouts, Q5_0/Q5_1's as
+``ggml-common.h`` has them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants import LegacyQuant, legacy_type
+from sparsify.algorithms.legacy_quants import LegacyQuant, legacy_type
 
 BLOCK = 32  # weights per ggml block (Q4_0, Q4_1, Q8_0)
 
@@ -78,7 +79,7 @@ def fp16_changes(x: Tensor) -> tuple[int, float]:
     return n, float(rel.max())
 
 
-# ---- a LegacyQuant (sparsify.algorithms.kquants.quantize_legacy) as ggml blocks ----------------------------------------
+# ---- a LegacyQuant (sparsify.algorithms.legacy_quants.quantize_legacy) as ggml blocks ----------------------------------
 # ``block_q5_0`` (22 bytes): ``d``, ``qh`` (uint32 little-endian, bit ``j`` the fifth bit of weight ``j``), ``qs[16]``
 # (the low nibbles as Q4_0's); ``block_q5_1`` (24): ``d``, ``m``, ``qh``, ``qs``; Q4_0 (18), Q4_1 (20), Q8_0 (34)
 # as above, with the codes as the LegacyQuant holds them (unsigned nibbles, signed int8).

@@ -5,8 +5,9 @@ What llama.cpp's ``convert_hf_to_gguf.py`` does, for the families sparsify write
 as stored wherever a GGUF block type has its layout, not dequantized and rounded again.
 
 - The plan (:mod:`.gguf_plan`): names, shapes, types and every check; the tokenizer from :mod:`.gguf_vocab`.
-- Float matrices in ``--type`` are rounded here, by :mod:`sparsify.algorithms.kquants` (K types, and the legacy types) and
-  :mod:`sparsify.algorithms.iq4` (IQ4_NL, IQ4_XS): their block scales fitted to each Linear's input importance on
+- Float matrices in ``--type`` are rounded here, by :mod:`sparsify.algorithms.kquants` (K types),
+  :mod:`sparsify.algorithms.legacy_quants` (Q4_0 .. Q8_0) and :mod:`sparsify.algorithms.iq4` (IQ4_NL, IQ4_XS):
+  their block scales fitted to each Linear's input importance on
   calibration text, :mod:`.importance`, unless ``--importance none`` (for the legacy types llama.cpp's reference
   rounding, gguf-py's bytes).
 - Everything that can refuse does before the file is opened (:func:`.gguf_plan.plan`); the tensors are then converted
@@ -32,7 +33,8 @@ import torch
 from torch import Tensor
 
 from sparsify.algorithms.iq4 import IQ4_TYPES, quantize_iq4
-from sparsify.algorithms.kquants import KTYPES, LEGACY, WEIGHTED, quantize_k, quantize_legacy
+from sparsify.algorithms.kquants import KTYPES, WEIGHTED, quantize_k
+from sparsify.algorithms.legacy_quants import LEGACY, quantize_legacy
 from sparsify.errors import SparsifyError
 from sparsify.export import GgufConfig, budget, kquant_blocks
 from sparsify.export import ggml_blocks as blocks
@@ -75,7 +77,7 @@ def write_gguf(model: str | Path, out: Path, config: GgufConfig, overwrite: bool
 
 def _add_importance(p: Plan, md, config: GgufConfig, progress: Progress) -> None:
     """Each matrix fitted here (K types; IQ4_NL, IQ4_XS; Q4_0, Q4_1, Q5_0, Q5_1) gets its per-column importance,
-    measured on calibration text (``config.importance``); a note where a tensor has none (embeddings, output head,
+    measured on calibration text or read from a llama-imatrix file (``config.importance``); a note where a tensor has none (embeddings, output head,
     stacked experts, a quantized checkpoint's)."""
     fitted = [t for t in p.tensors if t.qtype is not None and t.how != "as stored" and t.qtype.name.lower() in WEIGHTED]
     if config.importance == "none" or not fitted:
@@ -83,16 +85,16 @@ def _add_importance(p: Plan, md, config: GgufConfig, progress: Progress) -> None
     if p.layouts:
         p.notes.append("block scales fitted unweighted: importance is measured on float checkpoints only")
         return
-    from sparsify.export.importance import importance_of, input_importance
+    from sparsify.export.importance import importance_for
 
-    found = importance_of(fitted, input_importance(md, config.calib, config.samples, config.seq_len, config.seed,
-                                                   progress))  # fmt: skip
+    found = importance_for(fitted, md, config, progress)
     for t in fitted:
         t.importance = found.get(t.name)
     unweighted = [t for t in fitted if t.importance is None]
     if unweighted:
+        where = "in the file" if config.importance != "calibration" else "measured"
         p.notes.append(
-            f"{len(unweighted)} tensors' block scales fitted unweighted (no importance measured for them: embeddings,"
+            f"{len(unweighted)} tensors' block scales fitted unweighted (no importance {where} for them: embeddings,"
             " output head, stacked experts)"
         )
 

@@ -4,7 +4,8 @@ The importance of input column ``j`` of a Linear is the mean over calibration to
 diagonal of ``X^T X / N``, what llama.cpp's ``llama-imatrix`` accumulates and ``llama-quantize --imatrix`` weights
 each weight's rounding error by. Here it is measured by sparsify's own calibration sweep (one decoder layer in
 memory at a time, the statistics of q/k/v gathered once), on the same windows a compressing run would calibrate
-on, so that an export is reproducible byte for byte from the model and its settings.
+on, so that an export is reproducible byte for byte from the model and its settings; or read from a file
+``llama-imatrix`` wrote (:func:`read_imatrix`), so that a llama.cpp user's importance matrix serves as it is.
 """
 
 from __future__ import annotations
@@ -82,4 +83,50 @@ def importance_of(tensors: list, found: dict[str, Tensor]) -> dict[str, Tensor]:
         key = t.sources[0].removesuffix(".weight") if len(t.sources) == 1 else None
         if key is not None and key in found:
             out[t.name] = found[key]
+    return out
+
+
+def read_imatrix(path: str | Path) -> dict[str, Tensor]:
+    """``{GGUF tensor name: (in,) float32}`` from a ``llama-imatrix`` GGUF file: each matrix's ``in_sum2`` over its
+    ``counts`` (the mean square of each input column, as ``llama-quantize --imatrix`` reads it). Stacked experts
+    (one row per expert) are left out: their blocks are fitted unweighted here."""
+    from gguf import GGUFReader
+
+    try:
+        tensors = {t.name: t for t in GGUFReader(path).tensors}
+    except Exception as e:  # a truncated or foreign file: gguf-py's own message
+        raise SparsifyError(f"--importance {path}: not a GGUF file llama-imatrix wrote ({e})") from e
+    found = {}
+    for name, t in tensors.items():
+        base = name.removesuffix(".in_sum2")
+        if base == name or f"{base}.counts" not in tensors:
+            continue
+        sums = torch.from_numpy(t.data.astype("float64").copy())  # (experts, in) or (in,)
+        counts = torch.from_numpy(tensors[f"{base}.counts"].data.astype("float64").copy()).reshape(-1)  # (experts,)
+        if (sums.ndim == 1 or sums.shape[0] == 1) and counts[0] > 0:  # one matrix (not stacked experts), seen
+            found[base] = (sums.reshape(-1) / counts[0]).float()
+    if not found:
+        raise SparsifyError(f"--importance {path}: no importance matrix in it (llama-imatrix's in_sum2 and counts)")
+    return found
+
+
+def importance_for(tensors: list, md, config, progress: Progress | None = None) -> dict[str, Tensor]:
+    """GGUF tensor name -> the ``(in,)`` importance its blocks are fitted with, as ``config.importance`` says:
+    measured on calibration text, read from a llama-imatrix file (each checked against the tensor's width), or
+    none (empty)."""
+    if config.importance == "none":
+        return {}
+    if config.importance == "calibration":
+        found = input_importance(md, config.calib, config.samples, config.seq_len, config.seed, progress)
+        return importance_of(tensors, found)
+    read = read_imatrix(config.importance)
+    out = {}
+    for t in tensors:
+        if t.name in read:
+            if read[t.name].numel() != t.shape[-1]:
+                raise SparsifyError(
+                    f"--importance {config.importance}: {t.name} has {read[t.name].numel()} columns there and"
+                    f" {t.shape[-1]} in this model: the importance matrix is another model's"
+                )
+            out[t.name] = read[t.name]
     return out

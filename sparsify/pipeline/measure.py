@@ -17,7 +17,6 @@ from sparsify.checkpoint.output import STATE_DIR
 from sparsify.data import eval_windows
 from sparsify.evaluate import (
     BATCH_TOKENS,
-    SavedLogprobs,
     before_after,
     embedding_similarity,
     eval_window_count,
@@ -25,6 +24,7 @@ from sparsify.evaluate import (
     forward_seconds,
     protocol_label,
 )
+from sparsify.logprobs import SavedLogprobs
 from sparsify.pipeline.options import Options, _Run
 from sparsify.pipeline.prepare import _dtype
 from sparsify.progress import NOTICE

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparsify.checkpoint.output import StageState, tensor_digest
+from sparsify.checkpoint.output import tensor_digest
+from sparsify.checkpoint.stage_state import StageState
 from sparsify.evaluate import perplexity, perplexity_of_hidden
 from sparsify.pipeline.measure import _probe
 from sparsify.pipeline.options import Options, _Run

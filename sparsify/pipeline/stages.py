@@ -24,8 +24,8 @@ from sparsify.checkpoint import (
     ModelDir,
     assemble,
 )
-from sparsify.checkpoint.output import StageState
 from sparsify.checkpoint.stage_model import Layers, StageModel, load_outside_layers, open_stage_model, rest_keys
+from sparsify.checkpoint.stage_state import StageState
 from sparsify.distributed import World
 from sparsify.passes import Pass
 from sparsify.pipeline.layers import _finish_records, _prepare, _resolver
