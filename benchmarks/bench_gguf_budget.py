@@ -1,12 +1,14 @@
 """Ours vs llama.cpp's own imatrix quants, judged by llama.cpp: bytes vs perplexity and KL on held-out prose.
 
-    python benchmarks/bench_gguf_budget.py --llama-bin llama.cpp/build/bin [--mixes Q3_K_M Q4_K_M Q5_K_M]
+    python benchmarks/bench_gguf_budget.py --llama-bin llama.cpp/build/bin [--mixes Q3_K_M Q4_K_M Q5_K_M IQ4_XS]
+                                           [--no-budget]
 
 1. The float model (SmolLM2-135M, dequantized from its Q4_1 release) written as F16 GGUF by ``sparsify export``.
 2. llama.cpp, as its users make their files: ``llama-imatrix`` over the pydoc calibration text (the same text
    sparsify calibrates on, 64 chunks of 512 tokens), then ``llama-quantize --imatrix`` at each mix (and Q4_0).
-3. sparsify: ``sparsify export gguf --target-size <that mix's file bytes>`` on the same text (64 windows of 512),
-   and ``--type q4_0`` fitted to the importance.
+3. sparsify on the same text (64 windows of 512): ``--type <the same mix>`` (the same type for every tensor as
+   llama-quantize's file, each block fitted to the importance by sparsify: ``--type q4_0``, ``q4_k_m``,
+   ``iq4_xs``...), and (unless ``--no-budget``) ``--target-size <that mix's file bytes>``.
 4. Every file through ``llama-perplexity`` on held-out Wikipedia summaries (another domain than the calibration;
    512-token chunks): perplexity, and KL divergence to the F16 file (``--kl-divergence``).
 
@@ -78,9 +80,13 @@ def _once(module, name: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bin", type=Path, required=True)
-    ap.add_argument("--mixes", nargs="+", default=["Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M"])
+    ap.add_argument("--mixes", nargs="+", default=["Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS"])
     ap.add_argument("--chunks", type=int, default=32, help="512-token chunks of held-out text evaluated")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--no-budget", action="store_true", help="only the same-mix files, no --target-size runs")
+    ap.add_argument("--llama-imatrix", action="store_true",
+                    help="the same-mix files fitted to llama-imatrix's file (--importance FILE), not to sparsify's"
+                         " measurement; llama.cpp's own files not scored again")  # fmt: skip
     args = ap.parse_args()
     b, work = args.llama_bin, OUT / "gguf-budget"
     work.mkdir(parents=True, exist_ok=True)
@@ -116,25 +122,28 @@ def main() -> None:
         t0 = time.perf_counter()
         if not theirs.exists():
             _run([b / "llama-quantize", "--imatrix", imatrix, f16, theirs, mix])
-        record({"tool": "llama.cpp imatrix", "setting": mix, "file": str(theirs),
+        if not args.llama_imatrix:
+            record({"tool": "llama.cpp imatrix", "setting": mix, "file": str(theirs),
+                    "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        imp = {"importance": str(imatrix)} if args.llama_imatrix else {"calib": str(calib), "samples": args.samples}
+        same = work / f"sparsify-{mix.lower()}-same-mix{'-llama-imatrix' if args.llama_imatrix else ''}.gguf"
+        t0 = time.perf_counter()
+        summary = export(model, same, "gguf", overwrite=True, tensor_type=mix.lower(), **imp)
+        setting = f"--type {mix.lower()}" + (" --importance <llama-imatrix's file>" if args.llama_imatrix else "")
+        record({"tool": "sparsify", "setting": setting, "file": str(same), "types": summary["types"],
                 "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        if args.no_budget or mix in ("Q4_0", "IQ4_XS"):
+            continue
         for grid in ("whole menu", "no release grid"):
-            if mix == "Q4_0" and grid != "whole menu":
-                continue
             budget.MENU = (
                 full_menu if grid == "whole menu" else tuple(n for n in full_menu if n not in ("q4_1", "q5_1"))
             )
             ours = work / f"sparsify-{mix.lower()}-{grid.replace(' ', '-')}.gguf"
             t0 = time.perf_counter()
-            if mix == "Q4_0":
-                summary = export(model, ours, "gguf", overwrite=True, tensor_type="q4_0", calib=str(calib),
-                                 samples=args.samples)  # fmt: skip
-                setting = "--type q4_0"
-            else:
-                size = theirs.stat().st_size
-                summary = export(model, ours, "gguf", overwrite=True, target_size=str(size), calib=str(calib),
-                                 samples=args.samples)  # fmt: skip
-                setting = f"--target-size {size} ({mix}'s bytes), {grid}"
+            size = theirs.stat().st_size
+            summary = export(model, ours, "gguf", overwrite=True, target_size=str(size), calib=str(calib),
+                             samples=args.samples)  # fmt: skip
+            setting = f"--target-size {size} ({mix}'s bytes), {grid}"
             record({"tool": "sparsify", "setting": setting, "file": str(ours), "types": summary["types"],
                     "predicted_kl": summary.get("budget", {}).get("predicted_kl"),
                     "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
