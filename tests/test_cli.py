@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +26,19 @@ FAST = [*CALIB, "--no-eval"]  # and no perplexity before/after, where the test i
 
 def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
+
+
+def run_process(*args: object, env: dict[str, str] | None = None) -> SimpleNamespace:
+    """``python -m sparsify ARGS`` as its own process (the entry point users run, from its first import to its exit
+    code), read as :func:`run`'s result is: ``exit_code``, ``stdout``, ``stderr``, ``output``."""
+    cmd = [sys.executable, "-m", "sparsify", *map(str, args)]
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **(env or {})},
+                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    return SimpleNamespace(exit_code=r.returncode, stdout=r.stdout, stderr=r.stderr, output=r.stdout + r.stderr)
+
+
+# A test parametrized over "cli" runs the same commands in-process (the quick loop) and as a process (`slow`).
+CLI = {"in-process": run, "process": run_process}
 
 
 def assert_user_error(result, out: Path | None, *fragments: str) -> None:

@@ -590,6 +590,7 @@ def test_a_gguf_input_loads_quietly(gguf_input, tmp_path):
     assert [line for line in again.stderr.splitlines() if not line.startswith("writing GGUF")] == []
 
 
+@pytest.mark.slow  # a killed process
 def test_stale_partials_of_dead_exports_are_removed(source, tmp_path):
     """A SIGKILLed export leaves its temporary file; the next export of the same file removes it, but not one a
     live export holds, one of another file, or a file of the user's that merely looks alike."""

@@ -5,8 +5,6 @@ experts; refusals."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -20,6 +18,7 @@ from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from sparsify.runtime.quantized import QuantizedLinear
 from tests import zoo
+from tests.test_cli import run
 from tests.test_quantize import _tokens
 from tests.zoo import compress
 
@@ -203,28 +202,16 @@ def test_bad_settings_are_refused_before_any_work(family, step, message, model_d
 
 
 def test_cli_moe_convert(model_dir, tmp_path):
-    base = [
-        sys.executable,
-        "-m",
-        "sparsify",
-        "moe-convert",
-        str(model_dir("llama")),
-        "--samples",
-        "8",
-        "--seq-len",
-        "32",
-    ]
-    bad = subprocess.run([*base, "-o", str(tmp_path / "bad"), "--experts", "3", "--top-k", "2"], capture_output=True,
-                         text=True)  # fmt: skip
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not divide" in bad.stderr
-    default_k = subprocess.run([*base, "-o", str(tmp_path / "bad"), "--experts", "4"], capture_output=True, text=True)
+    base = ["moe-convert", model_dir("llama"), "--samples", "8", "--seq-len", "32"]
+    bad = run(*base, "-o", tmp_path / "bad", "--experts", "3", "--top-k", "2")
+    assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not divide" in bad.stderr
+    default_k = run(*base, "-o", tmp_path / "bad", "--experts", "4")
     assert (
-        default_k.returncode == 2
+        default_k.exit_code == 2
         and default_k.stderr == "error: --top-k 6 (the default) is more than the 4 routed experts (experts - shared)\n"
     )
     assert not (tmp_path / "bad").exists()
-    ok = subprocess.run([*base, "-o", str(tmp_path / "ok"), "--experts", "4", "--top-k", "2", "--json"],
-                        capture_output=True, text=True)  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
+    ok = run(*base, "-o", tmp_path / "ok", "--experts", "4", "--top-k", "2", "--json")
+    assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["totals"]["ffn_active"] == 0.5
     assert "moe 4 experts, top-2" in (tmp_path / "ok" / "README.md").read_text()

@@ -246,9 +246,9 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_the_written_recipe_reproduces_the_output(deep, tmp_path, name):
-    command, *flags = RECIPES[name]
+@pytest.mark.parametrize("case", RECIPES)  # the quick loop keeps a few (tests/conftest.py QUICK_CASES)
+def test_the_written_recipe_reproduces_the_output(deep, tmp_path, case):
+    command, *flags = RECIPES[case]
     first, second = tmp_path / "first", tmp_path / "second"
     r = run(command, deep, "-o", first, *flags, *FAST)
     assert r.exit_code == 0, r.output

@@ -4,8 +4,6 @@ model quantized in memory; packed codes; SmoothQuant exactness; kernels; pruned 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from sparsify.pipeline import compress_model
 from sparsify.recipe import parse_recipe
 from sparsify.runtime.quantized import QuantizedLinear
 from tests import zoo
+from tests.test_cli import CLI, run
 from tests.zoo import compress
 
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
@@ -281,45 +280,40 @@ def test_qat_lowers_the_layer_loss_and_exports_the_same_format(model_dir, tmp_pa
     )
 
 
-def test_reads_a_checkpoint_written_by_compressed_tensors_itself(tmp_path):
+@pytest.mark.parametrize("preset", ["W8A8", "W4A16"])
+def test_reads_a_checkpoint_written_by_compressed_tensors_itself(preset, tmp_path):
     """What llm-compressor writes: a model with compressed-tensors' quantization applied and compressed by its
     ModelCompressor, saved by transformers. sparsify.load and sparsify eval run it as transformers does."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    for preset in ("W8A8", "W4A16"):
-        model = zoo.build("llama")
-        scheme = preset_name_to_scheme(preset, ["Linear"])
-        if scheme.weights.group_size:
-            scheme.weights.group_size = 32
-        fmt = "int-quantized" if preset == "W8A8" else "pack-quantized"
-        apply_quantization_config(
-            model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"], format=fmt)
-        )
-        for _, m in model.named_modules():
-            if getattr(m, "quantization_scheme", None) is None:
-                continue
-            W, args = m.weight.data, m.quantization_scheme.weights
-            Wg = W.reshape(W.shape[0], -1, args.group_size) if args.group_size else W.unsqueeze(1)
-            s, z = calculate_qparams(Wg.amin(-1), Wg.amax(-1), args)
-            m.weight_scale.data = s.reshape(m.weight_scale.shape)
-            m.weight_zero_point.data = z.reshape(m.weight_zero_point.shape)
-        compressor = ModelCompressor.from_pretrained_model(model, None)
-        compressor.compress_model(model)
-        path = tmp_path / preset
-        model.save_pretrained(path)
-        compressor.update_config(path)
-        zoo.tokenizer().save_pretrained(path)
-        ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-        theirs = _outputs(T.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
-        torch.testing.assert_close(_outputs(sparsify.load(path, kernel="reference"), ids), theirs, rtol=0, atol=1e-4)
-        result = subprocess.run(
-            [sys.executable, "-m", "sparsify", "eval", str(path), "--data", "heldout", "--seq-len", "128", "--json"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["perplexity"] > 1
+    model = zoo.build("llama")
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    if scheme.weights.group_size:
+        scheme.weights.group_size = 32
+    fmt = "int-quantized" if preset == "W8A8" else "pack-quantized"
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"], format=fmt))
+    for _, m in model.named_modules():
+        if getattr(m, "quantization_scheme", None) is None:
+            continue
+        W, args = m.weight.data, m.quantization_scheme.weights
+        Wg = W.reshape(W.shape[0], -1, args.group_size) if args.group_size else W.unsqueeze(1)
+        s, z = calculate_qparams(Wg.amin(-1), Wg.amax(-1), args)
+        m.weight_scale.data = s.reshape(m.weight_scale.shape)
+        m.weight_zero_point.data = z.reshape(m.weight_zero_point.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, None)
+    compressor.compress_model(model)
+    path = tmp_path / preset
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    zoo.tokenizer().save_pretrained(path)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    theirs = _outputs(T.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
+    torch.testing.assert_close(_outputs(sparsify.load(path, kernel="reference"), ids), theirs, rtol=0, atol=1e-4)
+    result = run("eval", path, "--data", "heldout", "--seq-len", "128", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["perplexity"] > 1
 
 
 @pytest.mark.parametrize(
@@ -360,21 +354,16 @@ def test_nothing_follows_quantization_and_a_quantized_model_is_not_requantized(m
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_cli_quantize_one_line_errors_and_report(model_dir, tmp_path):
-    src = model_dir("llama")
-    base = [sys.executable, "-m", "sparsify", "quantize", str(src), "--samples", "8", "--seq-len", "32"]
-    bad = subprocess.run(
-        [*base, "-o", str(tmp_path / "x"), "--scheme", "w4a16", "--group-size", "48"], capture_output=True, text=True
-    )
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not divide" in bad.stderr
-    steps = subprocess.run([*base, "-o", str(tmp_path / "y"), "--scheme", "w4a16", "--qat-steps", "0"],
-                           capture_output=True, text=True)  # fmt: skip
-    assert steps.returncode != 0 and len(steps.stderr.strip().splitlines()) == 1
-    ok = subprocess.run(
-        [*base, "-o", str(tmp_path / "ok"), "--scheme", "w4a16", "--group-size", "32", "--json"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
+@pytest.mark.parametrize("cli", CLI)
+def test_cli_quantize_one_line_errors_and_report(model_dir, tmp_path, cli):
+    sparsify = CLI[cli]
+    base = ["quantize", model_dir("llama"), "--samples", "8", "--seq-len", "32"]
+    bad = sparsify(*base, "-o", tmp_path / "x", "--scheme", "w4a16", "--group-size", "48")
+    assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "does not divide" in bad.stderr
+    steps = sparsify(*base, "-o", tmp_path / "y", "--scheme", "w4a16", "--qat-steps", "0")
+    assert steps.exit_code != 0 and len(steps.stderr.strip().splitlines()) == 1
+    ok = sparsify(*base, "-o", tmp_path / "ok", "--scheme", "w4a16", "--group-size", "32", "--json")
+    assert ok.exit_code == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["totals"]["quantized_linears"] == 14
     assert any(r[0] == "Linear weights" for r in report["summary"])
@@ -407,10 +396,12 @@ def test_data_free_runs_need_no_calibration_text_and_others_say_they_do(model_di
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("cli", CLI)
 @pytest.mark.parametrize("name", ["w8a8", "w4a16"])
-def test_reads_llmcompressor_outputs(name, tmp_path):
+def test_reads_llmcompressor_outputs(name, cli, tmp_path):
     """Checkpoints llmcompressor 0.14 wrote (tests/fixtures/llmcompressor): sparsify.load computes what
-    transformers + compressed-tensors compute, and sparsify eval measures them."""
+    transformers + compressed-tensors compute, and sparsify eval measures them (also in a process of its own, that
+    has not loaded them before)."""
     import shutil
     from pathlib import Path
 
@@ -422,11 +413,8 @@ def test_reads_llmcompressor_outputs(name, tmp_path):
     ours = sparsify.load(path, kernel="reference")  # the checkpoint's own numerics (auto may pick fbgemm)
     assert sum(isinstance(m, QuantizedLinear) for m in ours.modules()) == 14
     torch.testing.assert_close(_outputs(ours, ids), theirs, rtol=0, atol=1e-4)
-    result = subprocess.run(
-        [sys.executable, "-m", "sparsify", "eval", str(path), "--data", "heldout", "--seq-len", "128", "--json"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = CLI[cli]("eval", path, "--data", "heldout", "--seq-len", "128", "--json")
+    assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["perplexity"] > 1
 
 
