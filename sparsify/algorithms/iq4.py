@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants import EPS, QK_K, TIE, check_imp, fp16_block, silent_floor
+from sparsify.algorithms.kquants import EPS, QK_K, TIE, check_weight, fp16_block, silent_floor
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
 QK_IQ4 = 32  # weights per IQ4_NL block and per IQ4_XS sub-block
@@ -89,14 +89,7 @@ def _type(name: str) -> str:
 
 
 def _check(w: Tensor, name: str, imp: Tensor | None) -> None:
-    block = BLOCK[name]
-    if w.ndim != 2 or w.shape[1] % block:
-        raise ValueError(
-            f"{name.upper()} takes a weight (rows, cols) with cols a multiple of {block}, got {tuple(w.shape)}"
-        )
-    if not torch.isfinite(w).all():
-        raise ValueError(f"the weight holds inf or NaN: {name.upper()} needs finite values")
-    check_imp(imp, w.shape[1])
+    check_weight(w, imp, BLOCK[name], name.upper(), plural=False)
 
 
 def _grid(device: torch.device) -> tuple[Tensor, Tensor]:

@@ -118,12 +118,19 @@ def ktype(name: str) -> KType:
     return t
 
 
-def _check(w: Tensor, imp: Tensor | None) -> None:
-    if w.ndim != 2 or w.shape[1] % QK_K:
-        raise ValueError(f"K-quants take a weight (rows, cols) with cols a multiple of {QK_K}, got {tuple(w.shape)}")
+def check_weight(w: Tensor, imp: Tensor | None, block: int, who: str, plural: bool = True) -> None:
+    """Refuse what ``who`` (K-quants, legacy quants, IQ4_NL...) cannot quantize: a weight that is not ``(rows,
+    cols)`` with ``cols`` whole blocks of ``block``, non-finite values, an importance unlike :func:`check_imp`'s."""
+    take, need = ("take", "need") if plural else ("takes", "needs")
+    if w.ndim != 2 or w.shape[1] % block:
+        raise ValueError(f"{who} {take} a weight (rows, cols) with cols a multiple of {block}, got {tuple(w.shape)}")
     if not torch.isfinite(w).all():
-        raise ValueError("the weight holds inf or NaN: K-quants need finite values")
+        raise ValueError(f"the weight holds inf or NaN: {who} {need} finite values")
     check_imp(imp, w.shape[1])
+
+
+def _check(w: Tensor, imp: Tensor | None) -> None:
+    check_weight(w, imp, QK_K, "K-quants")
 
 
 def check_imp(imp: Tensor | None, cols: int) -> None:

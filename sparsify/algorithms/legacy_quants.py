@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants import check_imp, fit_affine, fit_symmetric, fp16_block, silent_floor
+from sparsify.algorithms.kquants import check_weight, fit_affine, fit_symmetric, fp16_block, silent_floor
 
 F64 = torch.float64
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
@@ -87,13 +87,7 @@ def legacy_type(name: str) -> LegacyType:
 
 
 def _check_legacy(w: Tensor, imp: Tensor | None) -> None:
-    if w.ndim != 2 or w.shape[1] % QK_LEGACY:
-        raise ValueError(
-            f"legacy quants take a weight (rows, cols) with cols a multiple of {QK_LEGACY}, got {tuple(w.shape)}"
-        )
-    if not torch.isfinite(w).all():
-        raise ValueError("the weight holds inf or NaN: legacy quants need finite values")
-    check_imp(imp, w.shape[1])
+    check_weight(w, imp, QK_LEGACY, "legacy quants")
 
 
 def legacy_weights(w: Tensor, imp: Tensor) -> Tensor:
