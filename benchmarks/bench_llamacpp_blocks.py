@@ -14,6 +14,12 @@ writes the same folder. For every matrix held in the same type by both files:
   error each minimises, `sum_j imp_j (w_ij - q_ij)^2`, compared.
 
 Results print as a table and append to bench-out/llamacpp-blocks.jsonl.
+
+    B=... python benchmarks/bench_llamacpp_blocks.py --model FOLDER [--mixes q4_k_m q3_k_m ...]
+
+compares whole files instead: the model rounded to float16 (so both tools start from the same values), exported
+F16, `llama-quantize` (no `--pure`, no imatrix) at each named type beside `sparsify export gguf --type T
+--importance none`; for every tensor, whether it has the same type and the same bytes.
 """
 
 from __future__ import annotations
@@ -62,9 +68,22 @@ def sparsify_export(model: Path, out: Path, ttype: str) -> Path:
     return out
 
 
-def llama_quantize(bin_dir: Path, f16: Path, out: Path, ttype: str, imatrix: Path | None = None) -> Path:
+def half_copy(model: Path, root: Path) -> Path:
+    """``model`` with its weights rounded to float16."""
+    import transformers as T
+
+    out = root / f"{model.name}-f16"
+    if not (out / "config.json").exists():
+        T.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float16).save_pretrained(out)
+        T.AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
+def llama_quantize(
+    bin_dir: Path, f16: Path, out: Path, ttype: str, imatrix: Path | None = None, pure: bool = True
+) -> Path:
     if not out.exists():
-        cmd = [str(bin_dir / "llama-quantize"), "--pure"]
+        cmd = [str(bin_dir / "llama-quantize")] + (["--pure"] if pure else [])
         cmd += ["--imatrix", str(imatrix)] if imatrix else []
         cmd += [str(f16), str(out), ttype.upper(), "2"]
         subprocess.run(cmd, check=True, capture_output=True)
@@ -146,11 +165,42 @@ def compare(ttype: str, f16: dict, ours: dict, theirs: dict, imp: dict | None, t
     return row
 
 
+def whole_files(bin_dir: Path, model: Path, mixes: list[str]) -> None:
+    """Every tensor of llama-quantize's file beside ours at each named type, without an importance."""
+    root = OUT / "llamacpp-files"
+    root.mkdir(parents=True, exist_ok=True)
+    half = half_copy(model, root)
+    f16_path = sparsify_export(half, root / f"{model.name}-f16.gguf", "f16")
+    print(f"CPU: {cpu_flags()}")
+    print("| type | tensors | same type | same bytes | file bytes, llama-quantize / ours |")
+    print("|---|---:|---:|---:|---:|")
+    for mix in mixes:
+        ours_path = sparsify_export(half, root / f"{model.name}-ours-{mix}.gguf", mix)
+        theirs_path = llama_quantize(bin_dir, f16_path, root / f"{model.name}-llama-{mix}.gguf", mix, pure=False)
+        ours, theirs = tensors(ours_path), tensors(theirs_path)
+        same_type = [n for n, t in theirs.items() if n in ours and ours[n].tensor_type == t.tensor_type]
+        same_bytes = [n for n in same_type if np.array_equal(np.asarray(ours[n].data), np.asarray(theirs[n].data))]
+        row = {"model": model.name, "type": mix, "tensors": len(theirs), "same_type": len(same_type),
+               "same_bytes": len(same_bytes), "bytes_llama": theirs_path.stat().st_size,
+               "bytes_ours": ours_path.stat().st_size, "cpu_flags": cpu_flags()}  # fmt: skip
+        with open(OUT / "llamacpp-files.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"| {mix} | {len(theirs)} | {len(same_type)} | {len(same_bytes)} | "
+              f"{row['bytes_llama']:,} / {row['bytes_ours']:,} |")  # fmt: skip
+        for n in sorted(set(same_type) - set(same_bytes)):
+            print(f"  differs: {n} ({theirs[n].tensor_type.name})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    ap.add_argument("--model", type=Path, help="a float model folder: compare whole files at --mixes")
+    ap.add_argument("--mixes", nargs="+", default=["q3_k_m", "q4_k_m", "q5_k_m", "q4_0", "q6_k"])
     args = ap.parse_args()
     bin_dir = Path(os.environ["B"])
+    if args.model is not None:
+        whole_files(bin_dir, args.model, args.mixes)
+        return
     root = OUT / "llamacpp-blocks"
     root.mkdir(parents=True, exist_ok=True)
     model = folder(root)

@@ -291,15 +291,7 @@ def _fp16(v: float) -> float:
 def _loop_element_weights(x, imp, name):
     """llama.cpp's rules for one super-block ``x`` (256 floats) and its columns' importance (or None)."""
     if imp is None:
-        if name == "q2_k":
-            return [abs(a) for a in x]
-        if name in ("q3_k", "q6_k"):
-            return [a * a for a in x]
-        out = []
-        for k in range(0, QK_K, 32):
-            rms = math.sqrt(sum(a * a for a in x[k : k + 32]) / 32)
-            out += [rms + abs(a) for a in x[k : k + 32]]
-        return out
+        return [1.0] * len(x)
     if name == "q6_k":
         return list(imp)
     s2 = sum(a * a for a in x) / QK_K * (1 if name == "q2_k" else 2)
@@ -345,8 +337,9 @@ def test_vectorised_choice_equals_a_block_by_block_loop(name, with_imp):
     t = KTYPES[name]
     w = _weights(7, rows=8, cols=512)[[3, 2, 7, 5]]  # outliers, a constant, a plain row, a half-zero row
     imp = _skewed_importance(512, 7) if with_imp else None
-    kq = quantize_k(w, name, imp)
-    v = element_weights(w, name, imp)
+    rule = "llama" if with_imp else "plain"  # without, rule "llama" is llama.cpp's reference (test_kquants_ref.py)
+    kq = quantize_k(w, name, imp, rule)
+    v = element_weights(w, name, imp, rule)
     for r in range(w.shape[0]):
         for b in range(w.shape[1] // QK_K):
             cols = slice(b * QK_K, (b + 1) * QK_K)

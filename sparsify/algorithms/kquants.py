@@ -21,11 +21,10 @@ scales the file holds.
 
 The error minimised is ``sum_ij v_ij * (w_ij - ŵ_ij) ** 2`` with per-element weights from :func:`element_weights`:
 with a per-column importance ``imp`` (the diagonal of ``X^T X``, llama.cpp's imatrix) llama.cpp's imatrix rule,
-without it llama.cpp's rule for no imatrix. Where this differs from llama.cpp:
+without it llama.cpp's rule for no imatrix. Without an importance (and ``rule="llama"``) :func:`quantize_k` gives llama.cpp's own bytes instead: its
+reference routines (``quantize_row_q*_K_ref``), operation for operation, in :mod:`sparsify.algorithms.kquants_ref`.
+With one, where this differs from llama.cpp:
 
-- without an imatrix llama.cpp runs older routines (``quantize_row_q*_K_ref``: a coarser search, sub-block scales
-  rounded against the largest, Q2_K fitted to absolute errors, Q3_K by ``make_q3_quants``); here the imatrix path
-  runs with the no-imatrix weights;
 - the affine search sweeps its candidates twice (llama.cpp: once), Q3_K's and Q6_K's codes get 5 sweeps of
   coordinate descent (llama.cpp: none on that path), and a candidate must win by a relative 1e-12 (ties go to
   the first, whatever the last bits of a sum);
@@ -33,9 +32,7 @@ without it llama.cpp's rule for no imatrix. Where this differs from llama.cpp:
   columns that were never active count a little (see :func:`element_weights`).
 
 Against ggml's own ``ggml_quantize_chunk`` on the same Gaussian, Student-t and SmolLM2 matrices: with the same
-importance the weighted error comes out 0-5% lower (Q6_K and Q3_K gain most, from the descent); without, the RMSE
-is 0-5% lower except Q3_K's, 1-2% higher (llama.cpp weights Q3_K's errors by ``w**2`` there and so do we; we fit
-that objective 13-16% better, which costs plain RMSE). The float32 values of :func:`dequantize_k` are bit for bit
+importance the weighted error comes out 0-5% lower (Q6_K and Q3_K gain most, from the descent). The float32 values of :func:`dequantize_k` are bit for bit
 what ggml (and ``gguf.quants``) decode from the packed blocks (``sparsify.export.kquant_blocks``).
 
 The fits (:func:`fit_affine`, :func:`fit_symmetric`) and the checks of an importance are shared with the legacy
@@ -49,6 +46,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from sparsify.algorithms.kquants_ref import quantize_k_ref
 
 QK_K = 256  # weights per super-block, in every K type
 EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a (sub-)block whose largest value is below this is all zeros
@@ -153,9 +152,9 @@ def element_weights(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule 
     """The per-element weights ``v: (rows, cols)`` float64 of the error each K type minimises.
 
     ``rule="llama"``, with ``imp`` (llama.cpp's imatrix rule): ``imp_j * sqrt(s2 + w_ij**2)`` with ``s2`` the
-    super-block's mean square (twice it for Q3_K..Q5_K), and plain ``imp_j`` for Q6_K; without (llama.cpp's rule
-    for no imatrix): ``|w|`` for Q2_K, ``w**2`` for Q3_K and Q6_K, the sub-block's RMS plus ``|w|`` for Q4_K and
-    Q5_K. ``rule="plain"``: ``imp_j`` (1 without ``imp``), exactly the diagonal proxy of the output error
+    super-block's mean square (twice it for Q3_K..Q5_K), and plain ``imp_j`` for Q6_K. Without ``imp``, 1 (with
+    ``rule="llama"`` :func:`quantize_k` runs llama.cpp's reference routines instead,
+    :mod:`sparsify.algorithms.kquants_ref`). ``rule="plain"``: ``imp_j``, exactly the diagonal proxy of the output error
     (:func:`weighted_error`), which it lowers by 1-12% more than llama.cpp's rule at 2-4 bits on heavy-tailed test
     weights (at 5 bits either may win; Q6_K's rules are the same); which gives the better model is for perplexity
     to tell. Columns of ``imp`` below ``1e-6`` of its mean (never active in calibration) count as that much, so
@@ -169,17 +168,11 @@ def element_weights(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule 
     rows, cols = x.shape
     if imp is not None:
         imp = silent_floor(imp.to(device=x.device, dtype=F64))  # (cols,)
-    if rule == "plain":
-        return torch.ones_like(x) if imp is None else imp.expand(rows, cols).clone()
     if imp is None:
-        if t.name == "q2_k":
-            return x.abs()
-        if t.name in ("q3_k", "q6_k"):
-            return x * x
-        xs = x.reshape(rows, -1, t.sub)  # (rows, cols // sub, sub)
-        rms = xs.square().mean(-1, keepdim=True).sqrt()  # (rows, cols // sub, 1)
-        return (rms + xs.abs()).reshape(rows, cols)
+        return torch.ones_like(x)
     v = imp.expand(rows, cols)  # (rows, cols)
+    if rule == "plain":
+        return v.clone()
     if t.name == "q6_k":
         return v.clone()
     xb = x.reshape(rows, -1, QK_K)  # (rows, super-blocks, 256)
@@ -396,10 +389,15 @@ def quantize_k(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule = "ll
     """Quantize ``w: (rows, cols)`` (cols a multiple of 256) to the K type ``name`` (``"q4_k"``...).
 
     ``imp: (cols,)`` is a per-column importance (the diagonal of ``X^T X`` over calibration inputs, llama.cpp's
-    imatrix); ``None`` uses llama.cpp's weighting for no imatrix; ``rule`` as :func:`element_weights`. Runs on
-    ``w``'s device in float64, :data:`CHUNK` super-blocks at a time.
+    imatrix); ``None`` gives llama.cpp's reference rounding (``llama-quantize`` without ``--imatrix``, its bytes);
+    ``rule`` as :func:`element_weights`. The search runs on ``w``'s device in float64, :data:`CHUNK` super-blocks
+    at a time; the reference rounding in float32 on the CPU.
     """
     t = ktype(name)
+    if imp is None and rule == "llama":  # llama-quantize's own rounding without an imatrix: its very bytes
+        _check(w, imp)
+        q, sc, mc, d, dmin = quantize_k_ref(w, t.name)
+        return KQuant(t.name, q.to(torch.int8), sc.to(torch.int16), None if mc is None else mc.to(torch.int16), d, dmin)
     v = element_weights(w, t.name, imp, rule)  # (rows, cols), checks w and imp
     rows, cols = w.shape
     x = w.to(F64).reshape(-1, t.subs, t.sub)  # (rows * cols // 256, S, n): super-blocks in row order
