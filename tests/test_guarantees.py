@@ -169,6 +169,142 @@ def test_two_overlapping_runs_into_one_output_end_with_exactly_one_success(deep,
     T.AutoModelForCausalLM.from_pretrained(out)
 
 
+# Two overlapping runs, each step of the claim forced into the interleaving that once made one of them fail
+# with a traceback (FileNotFoundError) instead of a one-line refusal; in-process: flock conflicts between two
+# descriptors of one process as between two processes.
+
+
+def _live_run(folder: Path) -> int:
+    """Make ``folder`` a work folder that a live run holds (as :func:`~sparsify.checkpoint.output._create` does);
+    the descriptor of its lock."""
+    from sparsify.checkpoint import output
+
+    folder.mkdir()
+    fd = output._lock(folder)
+    assert fd is not None and fd >= 0
+    (folder / output.STATE_DIR).mkdir()
+    return fd
+
+
+def test_a_claim_never_sweeps_nor_trips_on_a_staging_folder_that_another_run_renames_meanwhile(tmp_path, monkeypatch):
+    from sparsify.checkpoint import output
+    from sparsify.errors import SparsifyError
+
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.partial-new-abcd1234"  # the other run, in _create: locked, before its rename
+    fd = _live_run(staging)
+    is_ours = output._is_ours
+
+    def renamed_after_the_listing(folder):  # the sweep listed it, then the other run claimed .out.partial
+        ours = is_ours(folder)
+        if folder == staging and staging.exists():
+            assert output.rename_noreplace(staging, tmp_path / ".out.partial")
+        return ours
+
+    monkeypatch.setattr(output, "_is_ours", renamed_after_the_listing)
+    try:
+        with (
+            pytest.raises(SparsifyError, match="another sparsify run"),
+            output.partial_output(output.check_output(out, [], None, False)),
+        ):
+            pass
+        assert (
+            _leftovers(tmp_path, out) == [".out.partial"] and (tmp_path / ".out.partial" / ".sparsify-state").is_dir()
+        )
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("when", ["before-open", "before-flock"])
+def test_a_claim_that_finds_the_work_folder_of_a_run_that_then_finishes_is_refused_in_one_line(
+    tmp_path, monkeypatch, when
+):
+    from sparsify.checkpoint import output
+    from sparsify.errors import SparsifyError
+
+    out = tmp_path / "out"
+    target = output.check_output(out, [], None, False)
+    held = [_live_run(tmp_path / ".out.partial")]
+
+    def other_run_finishes():  # renames its work folder into place and ends (its lock goes with it)
+        if held:
+            os.rename(tmp_path / ".out.partial", out)
+            os.close(held.pop())
+
+    if when == "before-open":
+        lock = output._lock
+        monkeypatch.setattr(output, "_lock", lambda folder: (other_run_finishes(), lock(folder))[1])
+    else:
+        flock = output.fcntl.flock
+
+        class Fcntl:
+            LOCK_EX, LOCK_NB = output.fcntl.LOCK_EX, output.fcntl.LOCK_NB
+
+            @staticmethod
+            def flock(fd, op):  # this run opened the folder; the other finished before the lock was taken
+                other_run_finishes()
+                return flock(fd, op)
+
+        monkeypatch.setattr(output, "fcntl", Fcntl)
+    with pytest.raises(SparsifyError, match="out exists; pass --overwrite"), output.partial_output(target):
+        pass
+    assert not held and (out / output.STATE_DIR).is_dir() and _leftovers(tmp_path, out) == []
+
+
+def test_a_run_that_claims_while_another_swaps_in_and_removes_the_old_output_is_refused(tmp_path, monkeypatch):
+    from sparsify.checkpoint import atomic, output
+    from sparsify.errors import SparsifyError
+
+    probe = [tmp_path / "a", tmp_path / "b"]
+    for d in probe:
+        d.mkdir()
+    if not atomic.renameat2(probe[0], probe[1], atomic.RENAME_EXCHANGE):
+        pytest.skip("no renameat2 RENAME_EXCHANGE here")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / output.REPORT_MARKER).write_text("{}")  # an earlier output, replaced with --overwrite
+    target = output.check_output(out, [], None, True)
+    remove_work, claims = output._remove_work, []
+
+    def another_run_claims(folder):  # while the old output, swapped to .out.partial, is removed
+        if folder == target.partial and not claims:
+            claims.append("claimed")
+            try:
+                output._claim(target, True, False, [])  # it would have removed .out.partial, then made its own
+            except SparsifyError as e:
+                claims[0] = str(e)
+        remove_work(folder)
+
+    with output.partial_output(target, overwrite=True) as work:
+        work.begin({"run": "first"}, True)
+        (work.dir / output.REPORT_MARKER).write_text('{"new": true}')
+        monkeypatch.setattr(output, "_remove_work", another_run_claims)
+    assert len(claims) == 1 and "another sparsify run" in claims[0], claims
+    assert (out / output.REPORT_MARKER).read_text() == '{"new": true}' and _leftovers(tmp_path, out) == []
+
+
+def test_a_claim_makes_again_the_parent_folders_that_another_run_removed_as_it_ended(tmp_path, monkeypatch):
+    from sparsify.checkpoint import output
+
+    out = tmp_path / "new" / "deeper" / "out"
+    target = output.check_output(out, [], None, False)
+    sweep_new = output._sweep_new
+
+    def other_run_ends(o, protect):  # it made new/deeper first and removed them as it ended, both empty
+        (tmp_path / "new" / "deeper").rmdir()
+        (tmp_path / "new").rmdir()
+        sweep_new(o, protect)
+
+    monkeypatch.setattr(output, "_sweep_new", other_run_ends)
+    with pytest.raises(RuntimeError), output.partial_output(target):
+        raise RuntimeError("this run fails too")
+    assert not (tmp_path / "new").exists()  # made again by this run: removed as it ended
+    (tmp_path / "new" / "deeper").mkdir(parents=True)  # the same again, for a run that succeeds
+    with output.partial_output(target) as work:
+        work.begin({"run": "second"}, False)
+    assert out.is_dir() and not (out / output.STATE_DIR).exists()
+
+
 @pytest.mark.slow
 def test_an_unfinished_run_left_by_a_hard_death_is_kept_until_resumed_or_discarded(deep, tmp_path):
     out = tmp_path / "out"

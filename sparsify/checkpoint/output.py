@@ -23,6 +23,7 @@ Rules (docs/guarantees.md says how each is tested):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -143,6 +144,25 @@ def _lock(folder: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    return fd
+
+
+def _lock_in_place(folder: Path) -> int | None:
+    """:func:`_lock` of a folder another run may rename or remove at any moment (the lock is only good while the
+    folder is still where it was looked at): FileNotFoundError where it went before the lock was taken, or while
+    it was taken (its holder renamed it into place, or removed it, then let go: the descriptor would lock a folder
+    that is no longer at ``folder``)."""
+    fd = _lock(folder)  # FileNotFoundError where it is already gone
+    if fd is None or fd < 0:
+        return fd
+    try:
+        here, held = os.stat(folder), os.fstat(fd)
+    except FileNotFoundError:
+        os.close(fd)
+        raise
+    if (here.st_dev, here.st_ino) != (held.st_dev, held.st_ino):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "moved or removed while it was locked", str(folder))
     return fd
 
 
@@ -268,16 +288,23 @@ class Partial:
             if not dst.is_dir() or dst.is_symlink():
                 raise SparsifyError(f"{out.shown} appeared during the run and is not a folder; not replaced")
             check_replaceable(dst, out.shown)
-            swapped = atomic.renameat2(self.dir, dst, atomic.RENAME_EXCHANGE)
-            if swapped:
-                self.finished = True
-                # The work folder now holds the old output: marked ours (not complete) before it is removed, so
-                # that a hard death while removing it leaves a folder the next run discards.
-                (self.state / FINISHED).unlink(missing_ok=True)
-                self.state.mkdir(exist_ok=True)
-                shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
-                _remove_work(self.dir)
-                return
+            # The old output, locked before the swap brings it to the work folder's name: until it is removed
+            # there, another run into OUT is told that this one is still writing (it is), and it neither mistakes
+            # it for a user's folder nor discards it at the same time.
+            old_lock = _lock(dst)
+            try:
+                swapped = atomic.renameat2(self.dir, dst, atomic.RENAME_EXCHANGE)
+                if swapped:
+                    self.finished = True
+                    # The work folder now holds the old output: marked ours (not complete) before it is removed, so
+                    # that a hard death while removing it leaves a folder the next run discards.
+                    (self.state / FINISHED).unlink(missing_ok=True)
+                    self.state.mkdir(exist_ok=True)
+                    shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
+                    _remove_work(self.dir)
+                    return
+            finally:
+                Partial(dst, old_lock, {}).release()
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.rename(dst, old)
             try:
@@ -363,7 +390,10 @@ def _sweep(out: OutputPath, pattern: str, protect: list[Path]) -> None:
     for p in out.path.parent.glob(pattern):
         if not _is_ours(p) or _protected(p, protect):
             continue
-        fd = _lock(p)
+        try:
+            fd = _lock_in_place(p)
+        except FileNotFoundError:  # its run renamed it into place or removed it since the listing: not stale
+            continue
         if fd is not None:
             _remove_work(p)
             Partial(p, fd, {}).release()
@@ -380,8 +410,18 @@ def _sweep_new(out: OutputPath, protect: list[Path]) -> None:
     _sweep(out, f".{out.path.name}.partial-new-*", protect)
 
 
-def _create(out: OutputPath) -> Partial | None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.path.name}.partial-new-", dir=out.path.parent))
+def _create(out: OutputPath, made: list[Path] | None = None) -> Partial | None:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.path.name}.partial-new-", dir=out.path.parent))
+    except FileNotFoundError:
+        if out.path.parent.is_dir():
+            raise
+        # Another run that made OUT's parent folders removed them as it ended (they were empty then): made again,
+        # and counted as this run's to remove as it ends.
+        again = _make_parents(out.path.parent)
+        if made is not None:
+            made[:] = sorted({*made, *again}, key=lambda d: len(d.parts))
+        return None
     fd = None
     try:
         umask = os.umask(0)
@@ -401,19 +441,32 @@ def _create(out: OutputPath) -> Partial | None:
     return None
 
 
-def _claim(out: OutputPath, overwrite: bool, resume: bool, protect: list[Path]) -> Partial:
-    """Lock OUT's work folder for this run: a new one, or (``resume``) an unfinished run's, checked later."""
+def _claim(
+    out: OutputPath, overwrite: bool, resume: bool, protect: list[Path], made: list[Path] | None = None
+) -> Partial:
+    """Lock OUT's work folder for this run: a new one, or (``resume``) an unfinished run's, checked later.
+    ``made``: the parent folders this run created (any it has to make again are added)."""
     _sweep_new(out, protect)
     for _ in range(5):
         existing = out.partial
         if not (existing.exists() or existing.is_symlink()):
-            created = _create(out)
+            if not overwrite and (out.path.exists() or out.path.is_symlink()):  # the run whose folder it was is done
+                raise SparsifyError(f"{out.shown} exists; pass --overwrite to replace it")
+            created = _create(out, made)
             if created is not None:
                 return created
             continue  # another run claimed it first: look at theirs
-        if not _is_ours(existing):
+        # Another run may rename the folder into place or remove it at any moment until it is locked here: a folder
+        # that went is looked at again, and one locked by its holder is that run's, whatever it holds right now
+        # (it may be removing it, or have just swapped the old output in to remove it).
+        if not existing.is_dir() or existing.is_symlink():
+            if not (existing.exists() or existing.is_symlink()):
+                continue
             raise SparsifyError(f"{existing} is in the way and is not a sparsify work folder; remove or rename it")
-        fd = _lock(existing)
+        try:
+            fd = _lock_in_place(existing)
+        except FileNotFoundError:
+            continue
         if fd is None:
             holder = _holder(existing)
             pid = f" (pid {holder})" if holder is not None else ""
@@ -421,6 +474,9 @@ def _claim(out: OutputPath, overwrite: bool, resume: bool, protect: list[Path]) 
                 f"another sparsify run{pid} is writing {out.shown} (its work is in {existing}); wait for it or"
                 " choose another output"
             )
+        if not _is_ours(existing):
+            Partial(existing, fd, {}).release()
+            raise SparsifyError(f"{existing} is in the way and is not a sparsify work folder; remove or rename it")
         partial = Partial(existing, fd, {})
         partial.hold()
         if resume:
@@ -467,7 +523,7 @@ def partial_output(
     created = _make_parents(out.path.parent)
     partial: Partial | None = None
     try:
-        partial = _claim(out, overwrite, resume, protect or [])
+        partial = _claim(out, overwrite, resume, protect or [], created)
         yield partial
         interrupts.check()
         partial.finish(out, overwrite)
