@@ -186,17 +186,15 @@ def test_every_gguf_type_is_documented_and_its_blocks_tested(name):
 
     export_doc = (ROOT / "docs" / "export.md").read_text()
     assert re.search(rf"--type [\w|]*(?<![\w-]){re.escape(name)}(?![\w-])", export_doc), f"--type {name}: no docs"
-    from sparsify.export.mixes import MIXES
+    from sparsify.export.mixes import MIXES, TYPE_RULES, Facts
 
     blocks = {*test_kquants.TYPES, *test_legacy_quants.LEGACY, *test_iq4.TYPES, "f32", "f16", "bf16"}
-    if name in MIXES:  # a named mix: each type it gives is one of the above (tests/test_gguf_mixes.py: which where)
-        mix = MIXES[name]
-        given = {mix.base, "q6_k"} | {
-            r(i, n) or mix.base for r in mix.rules.values() for n in range(1, 65) for i in range(n)
-        }
-        assert given <= blocks, f"--type {name}: no test checks the blocks of {sorted(given - blocks)}"
-    else:
-        assert name in blocks, f"--type {name}: no test checks its blocks"
+    # a named mix, or a type with llama-quantize's rules: each type it gives is one of the above
+    # (tests/test_gguf_mixes.py: which where)
+    base, rules = (MIXES[name].base, MIXES[name].rules) if name in MIXES else (name, TYPE_RULES.get(name, {}))
+    facts = [Facts(i, n, gqa, im) for n in range(1, 65) for i in range(n) for gqa in (1, 4) for im in (False, True)]
+    given = {base, *(("q6_k",) if name in MIXES else ())} | {r(f) or base for r in rules.values() for f in facts}
+    assert given <= blocks, f"--type {name}: no test checks the blocks of {sorted(given - blocks)}"
 
 
 def test_contributing_names_files_that_exist():

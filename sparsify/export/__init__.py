@@ -43,8 +43,10 @@ class GgufConfig(StrictModel):
         "calibration",
         description="K types, iq4_nl/iq4_xs and q4_0/q4_1/q5_0/q5_1: each block's scales fitted to the weights'"
         " importance: measured on calibration text (calibration: the mean square of each input, as llama-imatrix"
-        " measures it), read from a llama-imatrix file (FILE.gguf, as llama-quantize --imatrix), or unweighted"
-        " (none, as llama-quantize without --imatrix)",
+        " measures it), read from a llama-imatrix file (FILE.gguf, as llama-quantize --imatrix), or none"
+        " (llama-quantize's rounding without --imatrix: its very bytes for the K and legacy types); with an"
+        " importance, q4_0/q5_0 write the first eighth of the ffn_down matrices in q4_1/q5_1 (as llama-quantize"
+        " --imatrix), and without one, iq4_nl/iq4_xs write them in q5_k (as llama-quantize)",
         json_schema_extra={"flag": "--importance", "metavar": "calibration|none|FILE.gguf"},
     )
     calib: str | None = Field(

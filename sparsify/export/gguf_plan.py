@@ -7,7 +7,8 @@ is written (:func:`plan`; the writing is :mod:`.gguf`).
 - Types (:func:`_choose`): 1-D tensors and routers in F32; int4 symmetric in groups of 32 → Q4_0, int4
   asymmetric in groups of 32 → Q4_1, int8 symmetric in groups of 32 → Q8_0, as stored (scales to fp16, a
   note when one changes); other quantized layouts rounded again to the nearest block type, with a note;
-  float matrices in ``--type`` (a named mix: each matrix in the type :mod:`.mixes` gives it), with
+  float matrices in ``--type`` (a named mix: each matrix in the type :mod:`.mixes` gives it; q4_0, q5_0, iq4_nl,
+  iq4_xs: the few matrices llama-quantize's rules for them give more bits, ``mixes.TYPE_RULES``), with
   llama-quantize's fallback where rows are not whole blocks.
 - Refusals: an architecture, a configuration or a quantization llama.cpp would run differently.
 """
@@ -36,8 +37,8 @@ _EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<index>\d+)\.(?P<linear>[^.]+)
 _QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale")
 _KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers stay in F32, as llama.cpp's converter keeps them
 _ONE_ROW = ("ffn_gate_inp_shexp",)  # a (1, hidden) Linear that llama.cpp reads as a vector
-# with 4-bit --type, the embeddings and the output head take more bits, as llama.cpp's quantizer gives them (Q8_0 for
-# the legacy types, Q6_K for the K and IQ4 types); a tied embedding is also the output head
+# the embeddings and the output head of a K or IQ4 --type take Q6_K; a legacy --type's output head (and a tied
+# embedding, which is also the output head) as llama-quantize gives it (_legacy_head)
 _WIDE = ("token_embd", "output")
 _ROPE_TYPES = (None, "default", "linear")
 # what llama-quantize writes for a K type (or IQ4_XS) where a tensor's rows are not whole super-blocks of 256
@@ -75,7 +76,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     layouts: dict[str, Layout] = field(default_factory=dict)  # the quantized checkpoint weights
     budget: dict[str, Any] | None = None  # --target-size/--target-bpw's allocation (:mod:`.budget`)
-    file_type: str | None = None  # a named mix's gguf.LlamaFileType member (else the most common type's)
+    file_type: str | None = None  # a named mix's or IQ4 type's gguf.LlamaFileType member (else the most common type's)
 
 
 def _entries(source, cfg: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], Layout | None]]:
@@ -116,17 +117,31 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
             f" has experts; give a K type (--type {mix.base}) or a size (--target-size)"
         )
     tied = "output.weight" not in tensors
+    weighted = config.importance != "none" and not layouts  # blocks fitted to an importance: llama-quantize's imatrix
+    layers, gqa = int(cfg.num_hidden_layers), _gqa(cfg)
     for t in tensors.values():
         _shape_and_transform(t, cfg, fam, norm_offset)
         parts = [layouts[s] for s in t.sources if s in layouts]
         want = config.tensor_type
         if mix is not None and len(t.shape) > 1:  # the type llama-quantize gives this matrix in the named mix
-            want = mixes.tensor_type(config.tensor_type, t.name, int(cfg.num_hidden_layers), tied)
+            want = mixes.tensor_type(want, t.name, layers, tied, gqa, weighted)
+        elif len(t.shape) > 1:  # q4_0, q5_0, iq4_nl, iq4_xs: llama-quantize's rules for them (mixes.TYPE_RULES)
+            want = mixes.type_of(want, t.name, layers, gqa, weighted)
         dtype = _float_dtype(model_dir, t)
-        t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), want, dtype, wide=mix is None)
+        t.qtype, t.how = _choose(t, parts, len(parts) == len(t.sources), want, dtype, wide=mix is None, tied=tied)
     notes += vocab.notes + _type_notes(list(tensors.values()), layouts, config.tensor_type)
-    file_type = None if mix is None else mix.file_type
+    file_type = mix.file_type if mix is not None else None
+    if config.tensor_type in IQ4_TYPES:  # llama-quantize writes the file type asked for, whatever the fallbacks
+        file_type = f"MOSTLY_{config.tensor_type.upper()}"
     return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts, file_type=file_type)
+
+
+def _gqa(cfg) -> int:
+    """llama.cpp's ``n_gqa()``: attention heads per key/value head, in integers (0 where there are none)."""
+    heads = int(cfg.num_attention_heads)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    kv = heads if kv is None else int(kv)
+    return heads // kv if kv else 0
 
 
 def _family(model_type: str) -> tuple[GgufArch, float]:
@@ -209,11 +224,18 @@ def _float_dtype(model_dir, t: Planned) -> torch.dtype:
 
 
 def _choose(
-    t: Planned, parts: list[Layout], quantized: bool, want: str, dtype: torch.dtype, wide: bool = True
+    t: Planned,
+    parts: list[Layout],
+    quantized: bool,
+    want: str,
+    dtype: torch.dtype,
+    wide: bool = True,
+    tied: bool = False,
 ) -> tuple[Any, str]:
     """``(GGUF type, how)`` for one tensor; see the module docstring. ``parts``: the layouts of its quantized
     sources (one, or one per expert; ``quantized``: all of them are); ``wide``: the embeddings and output head of a
-    K or IQ4 ``want`` take Q6_K (a named mix has given them their type already)."""
+    K or IQ4 ``want`` take Q6_K (a named mix has given them their type already); ``tied``: the token embedding is
+    also the output head."""
     from gguf import GGMLQuantizationType as Q
 
     floats = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
@@ -239,10 +261,19 @@ def _choose(
     if want in floats:
         return floats[want], "float"
     if want in quants and fits:
-        return (Q.Q8_0 if kind in _WIDE and want.startswith("q4") else quants[want]), "quantized"
+        return Q[_legacy_head(kind, want, t.shape[-1], tied).upper()], "quantized"
     if want in quants:
         return Q.F16, "float"
     return (Q.BF16 if dtype == torch.bfloat16 else Q.F16), "float"
+
+
+def _legacy_head(kind: str, want: str, cols: int, tied: bool) -> str:
+    """The type llama-quantize gives a float matrix of kind ``kind`` in a ``want`` (Q4_0..Q5_1, Q8_0) file: the
+    output head, and a token embedding tied to it, in Q6_K where its rows are whole super-blocks of 256, else in
+    Q8_0; every other matrix (an untied embedding too) and every matrix of a Q8_0 file in ``want``."""
+    if want == "q8_0" or not (kind == "output" or (tied and kind == "token_embd")):
+        return want
+    return "q6_k" if cols % QK_K == 0 else "q8_0"
 
 
 def _choose_k(t: Planned, want: str, quantized: bool, wide: bool = True) -> tuple[Any, str]:
