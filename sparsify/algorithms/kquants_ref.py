@@ -91,7 +91,7 @@ def make_qkx2(
         return err
 
     iscale = _f32(nmax) / span  # (B,)
-    scale = 1 / iscale
+    scale = _f32(1.0) / iscale  # one rounded division (torch runs 1 / t as reciprocal(t) * 1)
     L = codes(iscale)  # (n, B)
     best = error(scale, mn, L)
     for step in range(nstep + 1):
@@ -265,7 +265,7 @@ def _symmetric(x: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
     codes = nearest_int(iscale[:, None] * scale)  # (N, 16)
     sc = codes.clamp(smin, -smin - 1) if name == "q3_k" else codes.clamp(max=-smin - 1)
     sc = torch.where(live[:, None], sc, (empty.to(torch.int32) - 32)[:, None] if name == "q3_k" else 0)
-    d = _fp16(torch.where(live, 1 / torch.where(live, iscale, 1.0), 0.0), "scale")
+    d = _fp16(torch.where(live, _f32(1.0) / torch.where(live, iscale, 1.0), 0.0), "scale")
     if name == "q6_k":  # the memset block: its codes are 0, that is -32
         L = torch.where(live[:, None, None], L, float(-nmax))
     dl = d.to(F32)[:, None] * sc.to(F32)  # (N, 16)
