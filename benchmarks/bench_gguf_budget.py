@@ -115,6 +115,7 @@ def main() -> None:
                     help="the same-mix files fitted to llama-imatrix's file (--importance FILE), not to sparsify's"
                          " measurement; llama.cpp's own files not scored again")  # fmt: skip
     ap.add_argument("--dither", action="store_true", help="SmolLM2 with its weights moved off the release's grid")
+    ap.add_argument("--budget-only", action="store_true", help="only the --target-size runs (the other files scored)")
     args = ap.parse_args()
     b, work = args.llama_bin, OUT / ("gguf-budget-dither" if args.dither else "gguf-budget")
     work.mkdir(parents=True, exist_ok=True)
@@ -150,16 +151,17 @@ def main() -> None:
         t0 = time.perf_counter()
         if not theirs.exists():
             _run([b / "llama-quantize", "--imatrix", imatrix, f16, theirs, mix])
-        if not args.llama_imatrix:
+        if not args.llama_imatrix and not args.budget_only:
             record({"tool": "llama.cpp imatrix", "setting": mix, "file": str(theirs),
                     "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         imp = {"importance": str(imatrix)} if args.llama_imatrix else {"calib": str(calib), "samples": args.samples}
         same = work / f"sparsify-{mix.lower()}-same-mix{'-llama-imatrix' if args.llama_imatrix else ''}.gguf"
         t0 = time.perf_counter()
-        summary = export(model, same, "gguf", overwrite=True, tensor_type=mix.lower(), **imp)
-        setting = f"--type {mix.lower()}" + (" --importance <llama-imatrix's file>" if args.llama_imatrix else "")
-        record({"tool": "sparsify", "setting": setting, "file": str(same), "types": summary["types"],
-                "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        if not args.budget_only:
+            summary = export(model, same, "gguf", overwrite=True, tensor_type=mix.lower(), **imp)
+            setting = f"--type {mix.lower()}" + (" --importance <llama-imatrix's file>" if args.llama_imatrix else "")
+            record({"tool": "sparsify", "setting": setting, "file": str(same), "types": summary["types"],
+                    "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
         if args.no_budget or mix in ("Q4_0", "IQ4_XS"):
             continue
         for grid in ("whole menu",) if args.dither else ("whole menu", "no release grid"):

@@ -147,7 +147,8 @@ def test_a_budget_that_cannot_be_met_is_one_line_before_any_work(model, tmp_path
 
 def test_the_fisher_is_each_tokens_output_gradient_times_its_input_squared(model, calib):
     """The hooks' one matrix product per batch equals the definition, token by token: for a Linear
-    ``sum_t (g_t x_t^T)^2 / N``; for the embedding, each token's squared output gradient on its row."""
+    ``sum_t (g_t x_t^T)^2 / N``; for the embedding, each token's squared output gradient on its row; ``g_t`` the
+    gradient of the log-likelihood of a label drawn from the model's own prediction (the model's Fisher, seeded)."""
     from sparsify.checkpoint import open_model
     from sparsify.export.sensitivity import weight_fisher
 
@@ -169,9 +170,10 @@ def test_the_fisher_is_each_tokens_output_gradient_times_its_input_squared(model
     m.model.embed_tokens.register_forward_hook(keep("embed"))
     m.model.layers[1].mlp.down_proj.register_forward_hook(keep("down"))
     logits = m(input_ids=ids).logits[:, :-1]  # (3, 15, vocab)
-    torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-    ).backward()
+    flat = logits.reshape(-1, logits.shape[-1])  # (45, vocab)
+    drawn = torch.multinomial(flat.detach().softmax(-1), 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    assert not torch.equal(drawn, ids[:, 1:].reshape(-1))  # not the text's next tokens
+    torch.nn.functional.cross_entropy(flat, drawn, reduction="sum").backward()
     n = ids[:, 1:].numel()
     x, out = seen["down"]
     want = torch.zeros_like(m.model.layers[1].mlp.down_proj.weight)
