@@ -20,10 +20,10 @@ super-block's fp16 scale, weighted by each sub-block's total weight (:func:`fit_
 scales the file holds.
 
 The error minimised is ``sum_ij v_ij * (w_ij - ŵ_ij) ** 2`` with per-element weights from :func:`element_weights`:
-with a per-column importance ``imp`` (the diagonal of ``X^T X``, llama.cpp's imatrix) llama.cpp's imatrix rule,
-without it llama.cpp's rule for no imatrix. Without an importance (and ``rule="llama"``) :func:`quantize_k` gives llama.cpp's own bytes instead: its
-reference routines (``quantize_row_q*_K_ref``), operation for operation, in :mod:`sparsify.algorithms.kquants_ref`.
-With one, where this differs from llama.cpp:
+with a per-column importance ``imp`` (the diagonal of ``X^T X``, llama.cpp's imatrix) llama.cpp's imatrix rule.
+Without an importance (and ``rule="llama"``) :func:`quantize_k` gives llama.cpp's own bytes instead: its reference
+routines (``quantize_row_q*_K_ref``), operation for operation, in :mod:`sparsify.algorithms.kquants_ref`. With one,
+where this differs from llama.cpp:
 
 - the affine search sweeps its candidates twice (llama.cpp: once), Q3_K's and Q6_K's codes get 5 sweeps of
   coordinate descent (llama.cpp: none on that path), and a candidate must win by a relative 1e-12 (ties go to
@@ -32,8 +32,9 @@ With one, where this differs from llama.cpp:
   columns that were never active count a little (see :func:`element_weights`).
 
 Against ggml's own ``ggml_quantize_chunk`` on the same Gaussian, Student-t and SmolLM2 matrices: with the same
-importance the weighted error comes out 0-5% lower (Q6_K and Q3_K gain most, from the descent). The float32 values of :func:`dequantize_k` are bit for bit
-what ggml (and ``gguf.quants``) decode from the packed blocks (``sparsify.export.kquant_blocks``).
+importance the weighted error comes out 0-5% lower (Q6_K and Q3_K gain most, from the descent). The float32
+values of :func:`dequantize_k` are bit for bit what ggml (and ``gguf.quants``) decode from the packed blocks
+(``sparsify.export.kquant_blocks``).
 
 The fits (:func:`fit_affine`, :func:`fit_symmetric`) and the checks of an importance are shared with the legacy
 block types Q4_0..Q8_0 (:mod:`sparsify.algorithms.legacy_quants`) and IQ4_NL, IQ4_XS (:mod:`sparsify.algorithms.iq4`).
@@ -47,7 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sparsify.algorithms.kquants_ref import quantize_k_ref
+from sparsify.algorithms.kquants_ref import fp16_scale, quantize_k_ref
 
 QK_K = 256  # weights per super-block, in every K type
 EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a (sub-)block whose largest value is below this is all zeros
@@ -154,8 +155,8 @@ def element_weights(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule 
     ``rule="llama"``, with ``imp`` (llama.cpp's imatrix rule): ``imp_j * sqrt(s2 + w_ij**2)`` with ``s2`` the
     super-block's mean square (twice it for Q3_K..Q5_K), and plain ``imp_j`` for Q6_K. Without ``imp``, 1 (with
     ``rule="llama"`` :func:`quantize_k` runs llama.cpp's reference routines instead,
-    :mod:`sparsify.algorithms.kquants_ref`). ``rule="plain"``: ``imp_j``, exactly the diagonal proxy of the output error
-    (:func:`weighted_error`), which it lowers by 1-12% more than llama.cpp's rule at 2-4 bits on heavy-tailed test
+    :mod:`sparsify.algorithms.kquants_ref`). ``rule="plain"``: ``imp_j``, exactly the diagonal proxy of the output
+    error (:func:`weighted_error`), which it lowers by 1-12% more than llama.cpp's rule at 2-4 bits on heavy-tailed test
     weights (at 5 bits either may win; Q6_K's rules are the same); which gives the better model is for perplexity
     to tell. Columns of ``imp`` below ``1e-6`` of its mean (never active in calibration) count as that much, so
     that a super-block whose columns were all silent is still fitted (llama.cpp would write it as zeros).
@@ -166,14 +167,10 @@ def element_weights(w: Tensor, name: str, imp: Tensor | None = None, rule: Rule 
         raise ValueError(f"rule must be 'llama' or 'plain', got {rule!r}")
     x = w.to(F64)  # (rows, cols)
     rows, cols = x.shape
-    if imp is not None:
-        imp = silent_floor(imp.to(device=x.device, dtype=F64))  # (cols,)
     if imp is None:
         return torch.ones_like(x)
-    v = imp.expand(rows, cols)  # (rows, cols)
-    if rule == "plain":
-        return v.clone()
-    if t.name == "q6_k":
+    v = silent_floor(imp.to(device=x.device, dtype=F64)).expand(rows, cols)  # (rows, cols)
+    if rule == "plain" or t.name == "q6_k":
         return v.clone()
     xb = x.reshape(rows, -1, QK_K)  # (rows, super-blocks, 256)
     s2 = xb.square().mean(-1, keepdim=True) * (1 if t.name == "q2_k" else 2)  # (rows, super-blocks, 1)
@@ -331,13 +328,6 @@ def fit_symmetric(x: Tensor, v: Tensor, nmax: int, sweeps: int = 0) -> tuple[Ten
 # ---- whole tensors ----------------------------------------------------------------------------------------------------
 
 
-def _fp16(x: Tensor, what: str) -> Tensor:
-    h = x.to(torch.float16)
-    if not torch.isfinite(h).all():
-        raise ValueError(f"a super-block {what} ({float(x.abs().max()):.3g}) overflows fp16: the weights are too large")
-    return h
-
-
 def fp16_block(x: Tensor, what: str) -> Tensor:
     """``x`` rounded to the fp16 a (legacy or IQ4) block holds; refused where it overflows."""
     h = x.to(torch.float16)
@@ -365,7 +355,7 @@ def _quantize_blocks(x: Tensor, v: Tensor, t: KType) -> tuple[Tensor, Tensor, Te
         scale, the_min, _ = fit_affine(x.reshape(-1, n), v.reshape(-1, n), t.qmax)  # (N * S,) each
         d, sc = fit_levels(scale.reshape(N, S), sw, t.smax)  # (N,), (N, S)
         dm, mc = fit_levels(the_min.reshape(N, S), sw, t.smax)
-        d, dmin = _fp16(d, "scale"), _fp16(dm, "minimum scale")
+        d, dmin = fp16_scale(d, "scale"), fp16_scale(dm, "minimum scale")
         q = _round_to(x, d.to(F64)[:, None] * sc, dmin.to(F64)[:, None] * mc, t)  # (N, S, n)
         return q, sc, mc, d, dmin
     scale, _ = fit_symmetric(x.reshape(-1, n), v.reshape(-1, n), -t.qmin, sweeps=5)  # (N * S,)
@@ -378,7 +368,7 @@ def _quantize_blocks(x: Tensor, v: Tensor, t: KType) -> tuple[Tensor, Tensor, Te
         isc = torch.where(zero, 0.0, t.smin / torch.where(zero, 1.0, ext))  # (N,)
         d = torch.where(zero, 0.0, 1 / torch.where(zero, 1.0, isc))
         sc = (isc[:, None] * scale).round().clamp(t.smin, t.smax)  # (N, S)
-    d = _fp16(d, "scale")
+    d = fp16_scale(d, "scale")
     return _round_to(x, d.to(F64)[:, None] * sc, None, t), sc, None, d, None
 
 

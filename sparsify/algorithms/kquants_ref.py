@@ -192,7 +192,8 @@ def make_qx(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     return torch.where(zero, 0.0, scale), torch.where(zero[None, :], 0.0, L + nmax).t()
 
 
-def _fp16(x: Tensor, what: str) -> Tensor:
+def fp16_scale(x: Tensor, what: str) -> Tensor:
+    """``x`` rounded to the fp16 a super-block holds (its ``d`` or ``dmin``); refused where it overflows."""
     h = x.to(torch.float16)
     if not torch.isfinite(h).all():
         raise ValueError(f"a super-block {what} ({float(x.abs().max()):.3g}) overflows fp16: the weights are too large")
@@ -241,7 +242,7 @@ def _affine(x: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tenso
     else:
         sc, mc = sc.clamp(max=63), mc.clamp(max=63)
         d, dmin = _div(max_scale, levels), _div(max_min, levels)
-    d, dmin = _fp16(d, "scale"), _fp16(dmin, "minimum scale")
+    d, dmin = fp16_scale(d, "scale"), fp16_scale(dmin, "minimum scale")
     dl = d.to(F32)[:, None] * sc.to(F32)  # (N, S)
     ml = dmin.to(F32)[:, None] * mc.to(F32)
     q = _requantize(x.reshape(N, S, sub), L, dl, ml, 0, nmax)
@@ -255,17 +256,13 @@ def _symmetric(x: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
     scale, L = (make_q3 if name == "q3_k" else make_qx)(x.reshape(-1, 16), nmax)  # (N * 16,), (N * 16, 16)
     scale, L = scale.reshape(N, 16), L.reshape(N, 16, 16) - nmax  # signed codes
     amax, max_scale = _extreme(scale)  # (N,)
-    if name == "q3_k":
-        live = max_scale != 0
-        empty = torch.zeros_like(max_scale)  # memset: every scale byte 0, which decodes to -32
-    else:
-        live = amax >= _EPS
-        empty = torch.full_like(max_scale, 32.0)  # the whole block memset to 0: scale 0
+    # a block with no scale is written as zero bytes: Q3_K's scale byte 0 decodes to -32, Q6_K's to 0
+    live, blank = (max_scale != 0, -32) if name == "q3_k" else (amax >= _EPS, 0)  # (N,)
     iscale = torch.where(live, _f32(smin) / torch.where(live, max_scale, 1.0), 0.0)  # (N,)
     codes = nearest_int(iscale[:, None] * scale)  # (N, 16)
     sc = codes.clamp(smin, -smin - 1) if name == "q3_k" else codes.clamp(max=-smin - 1)
-    sc = torch.where(live[:, None], sc, (empty.to(torch.int32) - 32)[:, None] if name == "q3_k" else 0)
-    d = _fp16(torch.where(live, _f32(1.0) / torch.where(live, iscale, 1.0), 0.0), "scale")
+    sc = torch.where(live[:, None], sc, blank)
+    d = fp16_scale(torch.where(live, _f32(1.0) / torch.where(live, iscale, 1.0), 0.0), "scale")
     if name == "q6_k":  # the memset block: its codes are 0, that is -32
         L = torch.where(live[:, None, None], L, float(-nmax))
     dl = d.to(F32)[:, None] * sc.to(F32)  # (N, 16)

@@ -7,10 +7,10 @@ unsure, and with it the budget lost to llama.cpp's Q5_K_M mix at its bytes (KL 0
 SmolLM2, docs/benchmarks.md §8), where with the model's Fisher it wins (0.0264).
 
 For a Linear ``y_t = W x_t`` at token ``t``, with ``g_t = dS/dy_t`` the gradient of the windows' summed negative
-log-likelihood ``S`` of the drawn labels at its output, token ``t`` contributes ``g_t x_t^T`` to ``dS/dW``; the per-token Fisher
-diagonal is ``F = sum_t (g_t^2)(x_t^2)^T / N`` over the ``N`` predicted tokens (one matrix product per Linear and
-batch, from a forward and a backward hook: no per-window backward pass, no weight gradients). An embedding row
-``v`` gathers ``(dS/de_t)^2`` over the tokens ``t`` that are ``v``; a tied output head adds its Linear's share to
+log-likelihood ``S`` of the drawn labels at its output, token ``t`` contributes ``g_t x_t^T`` to ``dS/dW``; the
+per-token Fisher diagonal is ``F = sum_t (g_t^2)(x_t^2)^T / N`` over the ``N`` predicted tokens (one matrix product
+per Linear and batch, from a forward and a backward hook: no per-window backward pass, no weight gradients). An
+embedding row ``v`` gathers ``(dS/de_t)^2`` over the tokens ``t`` that are ``v``; a tied output head adds its Linear's share to
 the same matrix. A small change ``dW`` moves the model's predictions by a KL divergence of about
 ``0.5 * sum(F * dW**2)`` per token (the Fisher is the KL divergence's curvature at the model):
 :mod:`sparsify.export.budget` predicts each tensor's damage at each type with it, as SqueezeLLM and HAWQ-style
