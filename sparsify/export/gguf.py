@@ -38,7 +38,7 @@ from sparsify.algorithms.legacy_quants import LEGACY, quantize_legacy
 from sparsify.errors import SparsifyError
 from sparsify.export import GgufConfig, budget, kquant_blocks
 from sparsify.export import ggml_blocks as blocks
-from sparsify.export.gguf_plan import Plan, Planned, ScaleChanges, plan, rope_parameters
+from sparsify.export.gguf_plan import Plan, Planned, ScaleChanges, kv_heads, plan, rope_parameters
 from sparsify.export.gguf_vocab import Vocab, chat_template, merges
 from sparsify.export.gguf_weights import Stored, read_quantized, stack
 from sparsify.interrupts import Interrupted, check, deferred
@@ -311,7 +311,7 @@ def _metadata(w, p: Plan, md) -> None:
     w.add_block_count(int(cfg.num_hidden_layers))
     w.add_feed_forward_length(int(cfg.intermediate_size))
     w.add_head_count(heads)
-    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or heads))
+    w.add_head_count_kv(kv_heads(cfg))
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))

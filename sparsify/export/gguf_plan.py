@@ -136,12 +136,14 @@ def plan(model_dir, out: Path, config: GgufConfig) -> Plan:
     return Plan(out, fam, cfg, list(tensors.values()), vocab, notes, layouts, file_type=file_type)
 
 
+def kv_heads(cfg) -> int:
+    """The key/value heads the file states (``head_count_kv``): the config's, or one per attention head."""
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
 def _gqa(cfg) -> int:
-    """llama.cpp's ``n_gqa()``: attention heads per key/value head, in integers (0 where there are none)."""
-    heads = int(cfg.num_attention_heads)
-    kv = getattr(cfg, "num_key_value_heads", None)
-    kv = heads if kv is None else int(kv)
-    return heads // kv if kv else 0
+    """llama.cpp's ``n_gqa()`` of the file written: attention heads per key/value head, in integers."""
+    return int(cfg.num_attention_heads) // kv_heads(cfg)
 
 
 def _family(model_type: str) -> tuple[GgufArch, float]:
